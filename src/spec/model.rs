@@ -1,0 +1,449 @@
+//! The validated spec: defaults applied, per-host overrides merged, paths and secrets resolved.
+//!
+//! This is what every other module receives. Each host remembers its place in the document
+//! (`group_index`, `host_index`) so later checks can point at the field that caused a problem.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::diagnostic::{Diagnostic, FieldPath};
+use super::raw::{
+    Install, RawCredential, RawSecret, RawSpec, RawSyncMode, ServiceKind, SyncModeName,
+};
+use super::secret::{Secret, SecretSource};
+
+pub use super::raw::{Install as InstallMode, ServiceKind as Service};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Spec {
+    /// The spec file, as given on the command line.
+    pub file: PathBuf,
+    pub api_version: String,
+    pub cluster: String,
+    pub etcd: EtcdSpec,
+    pub postgres: PostgresSpec,
+    pub citus: CitusSpec,
+    pub ha: HaSpec,
+    pub agent: AgentSpec,
+    pub groups: Vec<GroupSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdSpec {
+    pub endpoints: Vec<String>,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PostgresSpec {
+    pub version: u32,
+    pub install: Install,
+    pub bin_dir: String,
+    pub superuser: Credential,
+    pub replication: Credential,
+    /// Extra parameters as postgresql.conf spells their values.
+    pub parameters: BTreeMap<String, String>,
+    pub pg_hba: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Credential {
+    pub username: String,
+    pub password: Secret,
+    pub password_source: SecretSource,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CitusSpec {
+    pub database: String,
+    pub authinfo: AuthInfoSpec,
+    pub secondaries: bool,
+    pub package: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthInfoSpec {
+    pub password: bool,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    Off,
+    On,
+    Strict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HaSpec {
+    pub ttl: u32,
+    pub loop_wait: u32,
+    pub retry_timeout: u32,
+    pub synchronous_mode: SyncMode,
+    pub maximum_lag_on_failover: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentSpec {
+    pub service: ServiceKind,
+    pub api_auth: Option<Credential>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupSpec {
+    pub id: u32,
+    pub hosts: Vec<HostSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SshSpec {
+    pub user: String,
+    pub port: u16,
+    pub identity_file: Option<PathBuf>,
+    pub known_hosts: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Tags {
+    pub nofailover: bool,
+    pub noloadbalance: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSpec {
+    pub name: String,
+    pub address: String,
+    pub group: u32,
+    pub ssh: SshSpec,
+    pub pg_port: u16,
+    pub data_dir: String,
+    pub api_port: u16,
+    pub install_dir: String,
+    pub tags: Tags,
+    /// Position in the document, for diagnostics.
+    #[serde(skip)]
+    pub group_index: usize,
+    #[serde(skip)]
+    pub host_index: usize,
+    /// Whether these were set on the host (rather than inherited), for diagnostics.
+    #[serde(skip)]
+    pub overrides: HostOverrides,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HostOverrides {
+    pub pg_port: bool,
+    pub data_dir: bool,
+    pub api_port: bool,
+    pub install_dir: bool,
+}
+
+impl HostSpec {
+    pub fn path(&self) -> FieldPath {
+        FieldPath::root()
+            .key("groups")
+            .index(self.group_index)
+            .key("hosts")
+            .index(self.host_index)
+    }
+    /// Folder for the unix socket of this member's PostgreSQL.
+    pub fn socket_dir(&self) -> String {
+        format!("{}/run", self.install_dir)
+    }
+}
+
+impl Spec {
+    pub fn hosts(&self) -> impl Iterator<Item = &HostSpec> {
+        self.groups.iter().flat_map(|g| g.hosts.iter())
+    }
+    pub fn host(&self, name: &str) -> Option<&HostSpec> {
+        self.hosts().find(|h| h.name == name)
+    }
+    pub fn group(&self, id: u32) -> Option<&GroupSpec> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+    /// etcd key prefix of one group: `{namespace}/{cluster}/{group}/`.
+    pub fn group_prefix(&self, group: u32) -> String {
+        format!(
+            "{}/{}/{}/",
+            self.etcd.namespace.trim_end_matches('/'),
+            self.cluster,
+            group
+        )
+    }
+}
+
+/// What building the model may look up outside the document. Abstracted so tests need not
+/// touch the process environment or the file system.
+pub struct Context<'a> {
+    /// Folder of the spec file; relative paths resolve against it.
+    pub spec_dir: PathBuf,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
+    /// When false, secrets are not looked up (validation of shape only, e.g. in CI without them).
+    pub resolve_secrets: bool,
+}
+
+impl Context<'_> {
+    /// Expand `~/` and resolve relative paths against the spec's folder.
+    pub fn local_path(&self, p: &str) -> PathBuf {
+        if let Some(rest) = p.strip_prefix("~/") {
+            if let Some(home) = (self.env)("HOME") {
+                return Path::new(&home).join(rest);
+            }
+        }
+        let path = Path::new(p);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.spec_dir.join(path)
+        }
+    }
+}
+
+/// Build the validated model. Secret problems are returned as diagnostics; everything else
+/// the document can express has a value here, and `rules` judges it.
+pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let version = raw.postgres.version;
+    let mut credential = |c: &RawCredential, path: FieldPath| -> Credential {
+        let (password, password_source) =
+            resolve_secret(&c.password, &path.key("password"), ctx, &mut diags);
+        Credential {
+            username: c.username.clone(),
+            password,
+            password_source,
+        }
+    };
+    let superuser = credential(
+        &raw.postgres.superuser,
+        FieldPath::root().key("postgres").key("superuser"),
+    );
+    let replication = credential(
+        &raw.postgres.replication,
+        FieldPath::root().key("postgres").key("replication"),
+    );
+    let api_auth = raw
+        .agent
+        .api_auth
+        .as_ref()
+        .map(|c| credential(c, FieldPath::root().key("agent").key("api_auth")));
+
+    let expand = |template: &str, member: &str| {
+        template
+            .replace("{version}", &version.to_string())
+            .replace("{cluster}", &raw.cluster)
+            .replace("{member}", member)
+    };
+    let default_data_dir = raw
+        .postgres
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/postgresql/{version}/{cluster}/{member}".into());
+    let default_install_dir = raw
+        .agent
+        .install_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/citus-reconcile/{cluster}/{member}".into());
+
+    let mut groups = Vec::new();
+    for (gi, g) in raw.groups.iter().enumerate() {
+        let mut hosts = Vec::new();
+        for (hi, h) in g.hosts.iter().enumerate() {
+            let ssh_o = h.ssh.clone().unwrap_or_default();
+            let pg_o = h.postgres.clone().unwrap_or_default();
+            let agent_o = h.agent.clone().unwrap_or_default();
+            let tags = h.tags.clone().unwrap_or_default();
+            let identity = ssh_o
+                .identity_file
+                .as_ref()
+                .or(raw.ssh.identity_file.as_ref());
+            hosts.push(HostSpec {
+                name: h.name.clone(),
+                address: h.address.clone(),
+                group: g.group,
+                ssh: SshSpec {
+                    user: ssh_o.user.unwrap_or_else(|| raw.ssh.user.clone()),
+                    port: ssh_o.port.unwrap_or(raw.ssh.port),
+                    identity_file: identity.map(|p| ctx.local_path(p)),
+                    known_hosts: ctx
+                        .local_path(ssh_o.known_hosts.as_ref().unwrap_or(&raw.ssh.known_hosts)),
+                },
+                pg_port: pg_o.port.unwrap_or(raw.postgres.port),
+                data_dir: expand(pg_o.data_dir.as_ref().unwrap_or(&default_data_dir), &h.name),
+                api_port: agent_o.api_port.unwrap_or(raw.agent.api_port),
+                install_dir: expand(
+                    agent_o.install_dir.as_ref().unwrap_or(&default_install_dir),
+                    &h.name,
+                ),
+                tags: Tags {
+                    nofailover: tags.nofailover,
+                    noloadbalance: tags.noloadbalance,
+                },
+                group_index: gi,
+                host_index: hi,
+                overrides: HostOverrides {
+                    pg_port: pg_o.port.is_some(),
+                    data_dir: pg_o.data_dir.is_some(),
+                    api_port: agent_o.api_port.is_some(),
+                    install_dir: agent_o.install_dir.is_some(),
+                },
+            });
+        }
+        groups.push(GroupSpec { id: g.group, hosts });
+    }
+
+    let synchronous_mode = match raw.ha.synchronous_mode {
+        RawSyncMode::Bool(false) | RawSyncMode::Named(SyncModeName::Off) => SyncMode::Off,
+        RawSyncMode::Bool(true) | RawSyncMode::Named(SyncModeName::On) => SyncMode::On,
+        RawSyncMode::Named(SyncModeName::Strict) => SyncMode::Strict,
+    };
+
+    let spec = Spec {
+        file: file.to_path_buf(),
+        api_version: raw.api_version.clone(),
+        cluster: raw.cluster.clone(),
+        etcd: EtcdSpec {
+            endpoints: raw.etcd.endpoints.clone(),
+            namespace: raw.etcd.namespace.clone(),
+        },
+        postgres: PostgresSpec {
+            version,
+            install: raw.postgres.install,
+            bin_dir: raw
+                .postgres
+                .bin_dir
+                .clone()
+                .unwrap_or_else(|| format!("/usr/lib/postgresql/{version}/bin")),
+            superuser,
+            replication,
+            parameters: raw
+                .postgres
+                .parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_conf()))
+                .collect(),
+            pg_hba: raw.postgres.pg_hba.clone(),
+        },
+        citus: CitusSpec {
+            database: raw.citus.database.clone(),
+            authinfo: AuthInfoSpec {
+                password: raw.citus.authinfo.password,
+                sslcert: raw.citus.authinfo.sslcert.clone(),
+                sslkey: raw.citus.authinfo.sslkey.clone(),
+            },
+            secondaries: raw.citus.secondaries,
+            package: raw.citus.package.clone(),
+        },
+        ha: crate::spec::model::HaSpec {
+            ttl: raw.ha.ttl,
+            loop_wait: raw.ha.loop_wait,
+            retry_timeout: raw.ha.retry_timeout,
+            synchronous_mode,
+            maximum_lag_on_failover: raw.ha.maximum_lag_on_failover,
+        },
+        agent: AgentSpec {
+            service: raw.agent.service,
+            api_auth,
+        },
+        groups,
+    };
+    (spec, diags)
+}
+
+fn resolve_secret(
+    raw: &RawSecret,
+    path: &FieldPath,
+    ctx: &Context<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> (Secret, SecretSource) {
+    match raw {
+        RawSecret::Plain(value) => {
+            diags.push(
+                Diagnostic::warning(path.clone(), "password written in the spec in plain text")
+                    .with_hint("use {env: NAME} or {file: PATH} so the secret stays out of Git"),
+            );
+            if value.is_empty() {
+                diags.push(Diagnostic::error(path.clone(), "password is empty"));
+            }
+            (Secret::new(value.clone()), SecretSource::Inline)
+        }
+        RawSecret::Env(r) => {
+            let source = SecretSource::Env(r.env.clone());
+            if r.env.is_empty() || r.env.contains('=') || r.env.contains('\0') {
+                diags.push(Diagnostic::error(
+                    path.key("env"),
+                    format!("{:?} is not a valid environment variable name", r.env),
+                ));
+                return (Secret::default(), source);
+            }
+            if !ctx.resolve_secrets {
+                return (Secret::default(), source);
+            }
+            match (ctx.env)(&r.env) {
+                Some(v) if !v.is_empty() => (Secret::new(v), source),
+                Some(_) => {
+                    diags.push(Diagnostic::error(
+                        path.key("env"),
+                        format!("environment variable {} is empty", r.env),
+                    ));
+                    (Secret::default(), source)
+                }
+                None => {
+                    diags.push(
+                        Diagnostic::error(
+                            path.key("env"),
+                            format!("environment variable {} is not set", r.env),
+                        )
+                        .with_hint(format!("export {}=… before running citus-reconcile", r.env)),
+                    );
+                    (Secret::default(), source)
+                }
+            }
+        }
+        RawSecret::File(r) => {
+            let resolved = ctx.local_path(&r.file);
+            let source = SecretSource::File(resolved.display().to_string());
+            if !ctx.resolve_secrets {
+                return (Secret::default(), source);
+            }
+            match (ctx.read_file)(&resolved) {
+                Ok(text) => {
+                    let value = text.strip_suffix('\n').unwrap_or(&text);
+                    let value = value.strip_suffix('\r').unwrap_or(value);
+                    if value.is_empty() {
+                        diags.push(Diagnostic::error(
+                            path.key("file"),
+                            format!("secret file {} is empty", resolved.display()),
+                        ));
+                    }
+                    (Secret::new(value), source)
+                }
+                Err(e) => {
+                    // The error text names the path and the OS reason, never the content.
+                    diags.push(Diagnostic::error(
+                        path.key("file"),
+                        format!(
+                            "cannot read secret file {}: {}",
+                            resolved.display(),
+                            io_reason(&e)
+                        ),
+                    ));
+                    (Secret::default(), source)
+                }
+            }
+        }
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string().to_lowercase(),
+    }
+}
