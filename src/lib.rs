@@ -4,4 +4,5 @@
 //! - [`spec`]: the desired-state document, validated with positions.
 //! - [`cli`]: the command line that drives it.
 pub mod cli;
+pub mod lab;
 pub mod spec;

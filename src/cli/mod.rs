@@ -1,6 +1,7 @@
 //! The command line: argument types and dispatch. Each command lives in its own file and
 //! returns an exit code; errors are rendered once, here.
 
+mod lab;
 mod validate;
 
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ pub enum Command {
     },
     /// Print the JSON Schema of the spec format
     Schema,
+    /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -44,6 +48,7 @@ pub fn run(cli: Cli) -> ExitCode {
             format,
             skip_secrets,
         } => validate::run(&specs, format, skip_secrets),
+        Command::Lab(cmd) => lab::run(cmd),
         Command::Schema => {
             let schema = crate::spec::raw::json_schema();
             match serde_json::to_string_pretty(&schema) {
@@ -62,4 +67,14 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Load a spec for a command that acts on it; on problems, print them and return None.
+pub(crate) fn load_spec(
+    path: &std::path::Path,
+    resolve_secrets: bool,
+) -> miette::Result<Option<crate::spec::Spec>> {
+    let report = crate::spec::load_file(path, crate::spec::LoadOptions { resolve_secrets });
+    eprint!("{}", report.render());
+    Ok(report.spec)
 }

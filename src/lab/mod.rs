@@ -1,0 +1,389 @@
+//! The lab: the hosts and etcd endpoints a spec names, made real on one Linux machine with
+//! network namespaces, so that `apply` and the tests reach them as they would reach VMs, and
+//! faults (crash, partition) can be injected. Linux and root only.
+//!
+//! Everything a lab creates is named after its /24 (see `topology`), recorded in a state file,
+//! and removed by `down`: namespaces (and with them every process inside), the state folder,
+//! and the members' data and install folders. It never sends a packet to an address that is
+//! not routed to its own link.
+
+pub mod net;
+pub mod services;
+pub mod standin;
+pub mod sys;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::Spec;
+pub use standin::CitusInstall;
+pub use topology::Topology;
+
+/// Root-only folder holding every lab's state.
+pub const LAB_ROOT: &str = "/var/lib/citus-reconcile-lab";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root (network namespaces, sshd, iptables)")]
+    NotRoot,
+    #[error("this spec cannot be a lab: {0}")]
+    Spec(String),
+    #[error("{command}: {detail}")]
+    Command { command: String, detail: String },
+    #[error("{0}")]
+    Network(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("no lab node is called {0:?} (use a member name, an address or etcdN)")]
+    UnknownNode(String),
+    #[error("{0}")]
+    NotReady(String),
+}
+
+/// What the lab remembers between commands.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    cluster: String,
+    subnet: u8,
+    /// Pids the lab started, by namespace and service.
+    pids: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Client key files the lab generated (removed by `down`).
+    created_keys: Vec<PathBuf>,
+    /// known_hosts files the lab wrote lines into.
+    known_hosts: Vec<PathBuf>,
+}
+
+/// A lab for one spec.
+pub struct Lab {
+    pub spec: Spec,
+    pub topology: Topology,
+    state_dir: PathBuf,
+}
+
+/// One row of `lab status` / `lab up` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub namespace: String,
+    pub address: String,
+    pub exists: bool,
+    pub sshd: Option<bool>,
+    pub etcd: Option<bool>,
+    pub processes: usize,
+    pub partition: String,
+}
+
+impl Lab {
+    pub fn new(spec: &Spec) -> Result<Self, LabError> {
+        let topology = topology::of(spec).map_err(LabError::Spec)?;
+        let state_dir = Path::new(LAB_ROOT).join(format!("lab{}", topology.subnet));
+        Ok(Self {
+            spec: spec.clone(),
+            topology,
+            state_dir,
+        })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn load_state(&self) -> State {
+        fs::read_to_string(self.state_dir.join("lab.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_state(&self, state: &State) -> Result<(), LabError> {
+        let text = serde_json::to_string_pretty(state).map_err(|e| LabError::Io(e.to_string()))?;
+        services::write_private(&self.state_dir.join("lab.json"), &text, 0o600)
+    }
+
+    fn require_root() -> Result<(), LabError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(LabError::NotRoot);
+        }
+        Ok(())
+    }
+
+    /// Bring the lab up, or repair it: whatever exists and runs is left as it is.
+    pub fn up(&self) -> Result<CitusInstall, LabError> {
+        Self::require_root()?;
+        let t = &self.topology;
+        let mut state = self.load_state();
+        if !state.cluster.is_empty() && state.cluster != t.cluster {
+            return Err(LabError::Spec(format!(
+                "{} already belongs to the lab of cluster {:?}; run `lab down` on its spec first",
+                t.subnet_cidr(),
+                state.cluster
+            )));
+        }
+        state.cluster = t.cluster.clone();
+        state.subnet = t.subnet;
+        net::check_subnet_free(t)?;
+        fs::create_dir_all(&self.state_dir)
+            .map_err(|e| LabError::Io(format!("create {}: {e}", self.state_dir.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [Path::new(LAB_ROOT), self.state_dir.as_path()] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| LabError::Io(format!("chmod {}: {e}", dir.display())))?;
+        }
+        self.save_state(&state)?;
+
+        net::ensure_bridge(t)?;
+        for node in &t.nodes {
+            net::ensure_node(t, node)?;
+        }
+        net::verify_routes(t)?;
+
+        // Client keys at the paths the spec names, and the authorized_keys every sshd reads.
+        let mut authorized = Vec::new();
+        for h in self.spec.hosts() {
+            let Some(identity) = &h.ssh.identity_file else {
+                return Err(LabError::Spec(format!(
+                    "host {} has no ssh.identity_file; the lab writes its key there",
+                    h.name
+                )));
+            };
+            if !identity.exists() && !state.created_keys.contains(identity) {
+                state.created_keys.push(identity.clone());
+            }
+            let public =
+                services::ensure_keypair(identity, &format!("citus-reconcile lab {}", t.cluster))?;
+            if !authorized.contains(&public) {
+                authorized.push(public);
+            }
+        }
+        services::write_private(
+            &self.state_dir.join("authorized_keys"),
+            &(authorized.join("\n") + "\n"),
+            0o600,
+        )?;
+        self.save_state(&state)?;
+
+        for node in &t.nodes {
+            let pids = state.pids.entry(node.ns.clone()).or_default();
+            if !node.ssh_ports.is_empty() {
+                let pid = services::ensure_sshd(&self.state_dir, node, pids.get("sshd").copied())?;
+                pids.insert("sshd".into(), pid);
+            }
+            if let Some(member) = &node.etcd {
+                let pid = services::ensure_etcd(
+                    &self.state_dir,
+                    t,
+                    node,
+                    member,
+                    pids.get("etcd").copied(),
+                )?;
+                pids.insert("etcd".into(), pid);
+            }
+        }
+        self.save_state(&state)?;
+
+        // known_hosts with the real host keys, per known_hosts file the spec names.
+        let mut per_file: BTreeMap<PathBuf, Vec<(String, String)>> = BTreeMap::new();
+        for h in self.spec.hosts() {
+            let node = t
+                .node(&h.name)
+                .ok_or_else(|| LabError::UnknownNode(h.name.clone()))?;
+            let key = services::host_public_key(&self.state_dir, node)?;
+            let entry = (services::known_host_name(node, h.ssh.port), key);
+            let list = per_file.entry(h.ssh.known_hosts.clone()).or_default();
+            if !list.contains(&entry) {
+                list.push(entry);
+            }
+        }
+        for (file, entries) in &per_file {
+            services::write_known_hosts(file, entries)?;
+            if !state.known_hosts.contains(file) {
+                state.known_hosts.push(file.clone());
+            }
+        }
+        self.save_state(&state)?;
+
+        for node in t.nodes.iter().filter(|n| !n.ssh_ports.is_empty()) {
+            if !services::wait_sshd(node, Duration::from_secs(15)) {
+                return Err(LabError::NotReady(format!(
+                    "sshd on {} ({}) did not come up",
+                    node.address, node.ns
+                )));
+            }
+        }
+        self.wait_etcd(Duration::from_secs(30))?;
+        standin::ensure(&self.spec.postgres.bin_dir)
+    }
+
+    /// Wait until every etcd member that runs reports healthy.
+    pub fn wait_etcd(&self, timeout: Duration) -> Result<(), LabError> {
+        let deadline = std::time::Instant::now() + timeout;
+        for (node, member) in self.topology.etcd_nodes() {
+            while !services::etcd_healthy(node, member) {
+                if std::time::Instant::now() > deadline {
+                    return Err(LabError::NotReady(format!(
+                        "etcd member {} on {} is not healthy after {}s (log: {})",
+                        member.name,
+                        node.address,
+                        timeout.as_secs(),
+                        self.state_dir
+                            .join("etcd")
+                            .join(format!("{}.log", member.name))
+                            .display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove everything the lab made. Safe to run at any time, any number of times.
+    pub fn down(&self) -> Result<(), LabError> {
+        Self::require_root()?;
+        let t = &self.topology;
+        let state = self.load_state();
+        for ns in t.nodes.iter().map(|n| n.ns.clone()).chain([t.bridge_ns()]) {
+            if net::ns_exists(&ns) {
+                sys::kill_all_in(&ns)?;
+            }
+        }
+        net::remove(t)?;
+        // The members' disks: data and install folders of every host.
+        for h in self.spec.hosts() {
+            for dir in [&h.data_dir, &h.install_dir] {
+                if owned_by_member(dir, &self.spec.cluster, &h.name) {
+                    remove_dir(Path::new(dir))?;
+                    prune_empty_parents(Path::new(dir), 1);
+                }
+            }
+        }
+        let lab_addresses: Vec<String> = t
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.ssh_ports
+                    .iter()
+                    .map(move |p| services::known_host_name(n, *p))
+            })
+            .collect();
+        for file in &state.known_hosts {
+            services::forget_known_hosts(file, &lab_addresses)?;
+        }
+        for key in &state.created_keys {
+            let _ = fs::remove_file(key);
+            let _ = fs::remove_file(key.with_extension("pub"));
+            if let Some(parent) = key.parent() {
+                // Only if the lab's key folder is now empty.
+                let _ = fs::remove_dir(parent);
+            }
+        }
+        remove_dir(&self.state_dir)
+    }
+
+    fn node(&self, name: &str) -> Result<&topology::Node, LabError> {
+        self.topology
+            .node(name)
+            .ok_or_else(|| LabError::UnknownNode(name.to_string()))
+    }
+
+    /// Power-cut a node: SIGKILL every process in its namespace.
+    pub fn crash(&self, name: &str) -> Result<(), LabError> {
+        Self::require_root()?;
+        let node = self.node(name)?;
+        sys::kill_all_in(&node.ns)
+    }
+
+    pub fn partition(&self, name: &str, etcd_only: bool) -> Result<(), LabError> {
+        Self::require_root()?;
+        net::partition(&self.topology, self.node(name)?, etcd_only)
+    }
+
+    pub fn heal(&self, name: &str) -> Result<(), LabError> {
+        Self::require_root()?;
+        net::heal(self.node(name)?)
+    }
+
+    /// Run a command inside a node's namespace (tests use it to act from a host).
+    pub fn exec(&self, name: &str, program: &str, args: &[&str]) -> Result<String, LabError> {
+        sys::run_in(Some(&self.node(name)?.ns), program, args)
+    }
+
+    /// The namespace of a node, for callers that start their own processes in it.
+    pub fn namespace(&self, name: &str) -> Result<String, LabError> {
+        Ok(self.node(name)?.ns.clone())
+    }
+
+    pub fn status(&self) -> Vec<NodeStatus> {
+        let state = self.load_state();
+        self.topology
+            .nodes
+            .iter()
+            .map(|n| {
+                let exists = net::ns_exists(&n.ns);
+                let pid = |svc: &str| state.pids.get(&n.ns).and_then(|p| p.get(svc)).copied();
+                let sshd = (!n.ssh_ports.is_empty())
+                    .then(|| exists && pid("sshd").is_some_and(|p| sys::alive_in(p, &n.ns)));
+                let etcd = n
+                    .etcd
+                    .as_ref()
+                    .map(|m| exists && services::etcd_healthy(n, m));
+                let mut names = n.members.clone();
+                if let Some(e) = &n.etcd {
+                    names.push(e.name.clone());
+                }
+                NodeStatus {
+                    node: names.join(","),
+                    namespace: n.ns.clone(),
+                    address: n.address.to_string(),
+                    exists,
+                    sshd,
+                    etcd,
+                    processes: if exists { sys::pids_in(&n.ns).len() } else { 0 },
+                    partition: if exists {
+                        net::partition_state(n)
+                    } else {
+                        String::new()
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+/// A folder is the member's to delete only if its path names the cluster or the member, so a
+/// spec pointing `data_dir` at a shared place can never make `lab down` wipe it.
+fn owned_by_member(dir: &str, cluster: &str, member: &str) -> bool {
+    let path = Path::new(dir);
+    let deep_enough = path.components().count() >= 4;
+    let named = path.components().any(|c| {
+        c.as_os_str() == member
+            || c.as_os_str() == cluster
+            || c.as_os_str().to_string_lossy().contains(member)
+    });
+    deep_enough && named
+}
+
+fn remove_dir(dir: &Path) -> Result<(), LabError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LabError::Io(format!("remove {}: {e}", dir.display()))),
+    }
+}
+
+/// Remove now-empty parents (e.g. `/var/lib/postgresql/15/{cluster}`), at most `levels` up.
+fn prune_empty_parents(dir: &Path, levels: usize) {
+    let mut current = dir.parent();
+    for _ in 0..levels {
+        match current {
+            Some(p) if fs::remove_dir(p).is_ok() => current = p.parent(),
+            _ => break,
+        }
+    }
+}

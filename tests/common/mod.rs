@@ -1,0 +1,146 @@
+//! Test support shared by the integration tests: labs that tear themselves down, scratch
+//! PostgreSQL servers, and the switch that turns "skipped" into "failed" in CI.
+//!
+//! Each lab test owns one /24 (10.213.N.0/24) and one cluster name; the table below keeps them
+//! apart so every test can run in parallel with every other.
+//!
+//! | N   | test |
+//! |-----|------|
+//! | 100 | lab::lifecycle |
+//! | 101 | lab::faults |
+//! | 110–129 | apply tests |
+//! | 130–159 | HA tests |
+#![allow(dead_code)]
+
+pub mod pg;
+
+use std::path::{Path, PathBuf};
+
+use citus_reconcile::lab::Lab;
+use citus_reconcile::spec::{self, LoadOptions, Spec};
+
+/// Whether tests that need root, namespaces and the apt packages can run here. When they
+/// cannot, say so; with CITUS_RECONCILE_REQUIRE_LAB=1 (set by CI) that is a failure instead.
+pub fn lab_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["/usr/sbin/sshd", "/usr/bin/etcd", "/usr/sbin/ip"]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    if root && tools {
+        return true;
+    }
+    let why = if root {
+        "sshd, etcd or iproute2 is missing (run .ci/setup)"
+    } else {
+        "it needs root"
+    };
+    if std::env::var("CITUS_RECONCILE_REQUIRE_LAB").as_deref() == Ok("1") {
+        panic!("{test}: cannot run: {why}");
+    }
+    eprintln!("skipped {test}: {why}");
+    false
+}
+
+/// A lab built from a spec text in its own temporary folder; `down` runs on drop, also when
+/// the test fails.
+pub struct TestLab {
+    pub lab: Lab,
+    pub spec: Spec,
+    pub spec_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestLab {
+    /// Write the spec, clear leftovers of an earlier crashed run, and bring the lab up.
+    pub fn up(spec_text: &str) -> TestLab {
+        let t = Self::prepare(spec_text);
+        t.lab.up().unwrap_or_else(|e| panic!("lab up: {e}"));
+        t
+    }
+
+    /// Like `up` but without bringing anything up.
+    pub fn prepare(spec_text: &str) -> TestLab {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec_path = dir.path().join("spec.yaml");
+        std::fs::write(&spec_path, spec_text).expect("write spec");
+        let report = spec::load_file(&spec_path, LoadOptions::default());
+        let spec = report
+            .spec
+            .clone()
+            .unwrap_or_else(|| panic!("test spec invalid:\n{}", report.render()));
+        let lab = Lab::new(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let _ = lab.down();
+        TestLab {
+            lab,
+            spec,
+            spec_path,
+            dir,
+        }
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        // Debug aid: CR_KEEP_LAB=1 leaves a failed test's lab for inspection (`lab down` later).
+        if std::env::var("CR_KEEP_LAB").as_deref() == Ok("1") {
+            eprintln!(
+                "keeping lab {} (spec {})",
+                self.lab.topology.subnet_cidr(),
+                self.spec_path.display()
+            );
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("temp dir"),
+            ));
+            return;
+        }
+        if let Err(e) = self.lab.down() {
+            eprintln!("lab down failed: {e}");
+        }
+    }
+}
+
+/// A spec for a lab on 10.213.{subnet}.0/24 with the given groups (`[(group, n_hosts)]`) and
+/// `etcd` members. Host names are `g{group}m{i}`; addresses 10.213.N.{10*group+i+10}.
+pub fn lab_spec(
+    cluster: &str,
+    subnet: u8,
+    groups: &[(u32, usize)],
+    etcd: usize,
+    extra: &str,
+) -> String {
+    let endpoints: Vec<String> = (0..etcd)
+        .map(|i| format!("http://10.213.{subnet}.{}:2379", 2 + i))
+        .collect();
+    let mut text = format!(
+        "apiVersion: citus-reconcile/v1\ncluster: {cluster}\netcd:\n  endpoints: [{}]\n\
+         ssh: {{ identity_file: .lab/id_ed25519, known_hosts: .lab/known_hosts }}\n\
+         postgres:\n  install: none\n  superuser: {{ username: postgres, password: {{ env: CR_LAB_SUPERUSER }} }}\n\
+         \x20 replication: {{ username: replicator, password: {{ env: CR_LAB_REPLICATION }} }}\n\
+         \x20 parameters: {{ max_connections: 50, shared_buffers: 16MB }}\n\
+         \x20 pg_hba: [\"host all all 10.213.{subnet}.0/24 scram-sha-256\"]\n\
+         agent: {{ service: process }}\n{extra}groups:\n",
+        endpoints.join(", ")
+    );
+    for (g, n) in groups {
+        text.push_str(&format!("  - group: {g}\n    hosts:\n"));
+        for i in 0..*n {
+            text.push_str(&format!(
+                "      - {{ name: g{g}m{i}, address: 10.213.{subnet}.{} }}\n",
+                10 * g + i as u32 + 10
+            ));
+        }
+    }
+    text
+}
+
+/// Secrets the lab specs read, set once per test process.
+pub fn set_lab_secrets() {
+    // SAFETY: called before any thread of the test reads the environment concurrently
+    // (std's env lock serialises readers and writers within the process).
+    unsafe {
+        std::env::set_var("CR_LAB_SUPERUSER", "lab-superuser-pw");
+        std::env::set_var("CR_LAB_REPLICATION", "lab-replication-pw");
+    }
+}
