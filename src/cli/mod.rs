@@ -1,7 +1,9 @@
 //! The command line: argument types and dispatch. Each command lives in its own file and
 //! returns an exit code; errors are rendered once, here.
 
+mod agent;
 mod lab;
+mod reconcile;
 mod validate;
 
 use std::path::PathBuf;
@@ -36,12 +38,33 @@ pub enum Command {
     },
     /// Print the JSON Schema of the spec format
     Schema,
+    /// Show what apply would change, with diffs
+    Plan(reconcile::PlanArgs),
+    /// Print only the differences (configuration files, parameters, Citus metadata rows)
+    Diff(reconcile::RunArgs),
+    /// Bring the hosts to the spec: provision, start agents, wait for convergence
+    Apply(reconcile::ApplyArgs),
+    /// Members, roles, lag and pg_dist_node, like `patronictl list`
+    Status(reconcile::StatusArgs),
+    /// Run the per-host HA agent (started on every host by `apply`)
+    Agent(agent::AgentArgs),
     /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
     #[command(subcommand)]
     Lab(lab::LabCommand),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    if !matches!(cli.command, Command::Agent(_)) {
+        // Reconciler commands log only when asked (RUST_LOG=debug); output is for people.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .try_init();
+    }
     let result = match cli.command {
         Command::Validate {
             specs,
@@ -49,6 +72,11 @@ pub fn run(cli: Cli) -> ExitCode {
             skip_secrets,
         } => validate::run(&specs, format, skip_secrets),
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Agent(args) => agent::run(args),
+        Command::Plan(args) => reconcile::plan(args),
+        Command::Diff(args) => reconcile::diff(args),
+        Command::Apply(args) => reconcile::apply(args),
+        Command::Status(args) => reconcile::status(args),
         Command::Schema => {
             let schema = crate::spec::raw::json_schema();
             match serde_json::to_string_pretty(&schema) {

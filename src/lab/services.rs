@@ -79,7 +79,10 @@ pub fn ensure_sshd(state: &Path, node: &Node, known_pid: Option<u32>) -> Result<
         "{listen}HostKey {dir}/ssh_host_ed25519_key\nPidFile none\nAuthorizedKeysFile {state}/authorized_keys\n\
          PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
          UsePAM no\nPrintMotd no\nUseDNS no\nStrictModes yes\nMaxStartups 200:30:400\nMaxSessions 100\n\
-         Subsystem sftp internal-sftp\n",
+         Subsystem sftp internal-sftp\n\
+         # Lab hosts behave like fresh VMs, whose root .bashrc returns at once for non-interactive\n\
+         # shells; this machine's may not. With SHLVL set, bash skips .bashrc for ssh commands.\n\
+         SetEnv SHLVL=1\n",
         dir = dir.display(),
         state = state.display()
     );

@@ -20,6 +20,8 @@ pub use super::raw::{Install as InstallMode, ServiceKind as Service};
 pub struct Spec {
     /// The spec file, as given on the command line.
     pub file: PathBuf,
+    /// Top-level SSH settings (hosts may override them), for members no longer in the spec.
+    pub ssh_defaults: SshSpec,
     pub api_version: String,
     pub cluster: String,
     pub etcd: EtcdSpec,
@@ -91,6 +93,9 @@ pub struct HaSpec {
 pub struct AgentSpec {
     pub service: ServiceKind,
     pub api_auth: Option<Credential>,
+    /// `agent.install_dir` with `{cluster}`/`{version}` expanded and `{member}` left in, for
+    /// members that are no longer in the spec (they must still be found to be removed).
+    pub install_dir_template: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +170,13 @@ impl Spec {
     }
     pub fn group(&self, id: u32) -> Option<&GroupSpec> {
         self.groups.iter().find(|g| g.id == id)
+    }
+    /// Install folder of a member by name, also for members no longer in the spec.
+    pub fn install_dir_of(&self, member: &str) -> String {
+        match self.host(member) {
+            Some(h) => h.install_dir.clone(),
+            None => self.agent.install_dir_template.replace("{member}", member),
+        }
     }
     /// etcd key prefix of one group: `{namespace}/{cluster}/{group}/`.
     pub fn group_prefix(&self, group: u32) -> String {
@@ -305,6 +317,12 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
 
     let spec = Spec {
         file: file.to_path_buf(),
+        ssh_defaults: SshSpec {
+            user: raw.ssh.user.clone(),
+            port: raw.ssh.port,
+            identity_file: raw.ssh.identity_file.as_ref().map(|p| ctx.local_path(p)),
+            known_hosts: ctx.local_path(&raw.ssh.known_hosts),
+        },
         api_version: raw.api_version.clone(),
         cluster: raw.cluster.clone(),
         etcd: EtcdSpec {
@@ -349,6 +367,9 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         agent: AgentSpec {
             service: raw.agent.service,
             api_auth,
+            install_dir_template: default_install_dir
+                .replace("{version}", &version.to_string())
+                .replace("{cluster}", &raw.cluster),
         },
         groups,
     };

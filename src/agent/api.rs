@@ -1,0 +1,396 @@
+//! The agent's REST API, compatible with the way load balancers check Patroni:
+//! `GET/HEAD/OPTIONS /primary` (also `/`, `/master`, `/read-write`), `/replica` (`?lag=`),
+//! `/read-only`, `/leader`, `/health`, `/liveness`, `/readiness` answer 200 or 503;
+//! `/cluster` and `/status` (`/patroni`) return JSON; `/metrics` is Prometheus text.
+//!
+//! The answers come from what the loop last observed, except that `/primary` and `/leader`
+//! also require the lease to be valid *now*: a primary about to be fenced stops attracting
+//! writes before it is stopped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde::Serialize;
+
+use super::config::AgentConfig;
+use super::decide::{Dcs, Server};
+use super::lease::LeaseShared;
+use super::node::Node;
+use crate::dcs::MemberInfo;
+
+/// What the API serves, refreshed after every cycle of the loop.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub member: MemberInfo,
+    pub name: String,
+    pub group: u32,
+    pub cluster: String,
+    pub leader: Option<String>,
+    pub running: bool,
+    pub primary: bool,
+    pub streaming: bool,
+    pub noloadbalance: bool,
+    pub members: BTreeMap<String, MemberInfo>,
+    /// Bytes behind the leader (replicas), from the leader's published position.
+    pub lag: Option<u64>,
+    pub last_tick: Option<Instant>,
+    pub loop_seconds: f64,
+    pub leader_changes: u64,
+    pub ttl: Duration,
+}
+
+#[derive(Clone)]
+pub struct Handle {
+    view: Arc<Mutex<View>>,
+    lease: Arc<LeaseShared>,
+}
+
+impl Handle {
+    pub fn new(node: &Node) -> Handle {
+        let h = Handle {
+            view: Arc::new(Mutex::new(View::default())),
+            lease: node.lease.clone(),
+        };
+        HANDLE.with(|slot| *slot.borrow_mut() = Some(h.clone()));
+        h
+    }
+    fn view(&self) -> View {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+thread_local! {
+    // The agent is single-threaded: the loop and the API share one thread.
+    static HANDLE: std::cell::RefCell<Option<Handle>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Refresh the API's view from the node (called after each cycle).
+pub fn publish(node: &Node) {
+    HANDLE.with(|slot| {
+        let Some(h) = slot.borrow().clone() else {
+            return;
+        };
+        let Some(s) = node.last_snapshot.as_ref() else {
+            return;
+        };
+        let (leader, members) = match &s.dcs {
+            Dcs::Available(g) => (g.leader.clone(), g.members.clone()),
+            Dcs::Unavailable => (None, BTreeMap::new()),
+        };
+        let (running, primary, streaming, wal) = match &s.server {
+            Server::Running(r) => (true, r.primary, r.streaming, r.wal),
+            _ => (false, false, false, 0),
+        };
+        let leader_wal = leader
+            .as_ref()
+            .and_then(|l| members.get(l))
+            .map(|m| m.xlog_location);
+        let lag = (!primary && running).then(|| leader_wal.unwrap_or(wal).saturating_sub(wal));
+        if let Ok(mut v) = h.view.lock() {
+            let now = Instant::now();
+            v.loop_seconds = v
+                .last_tick
+                .map(|t| now.duration_since(t).as_secs_f64())
+                .unwrap_or(0.0);
+            *v = View {
+                member: node.member_info(),
+                name: node.cfg.member.clone(),
+                group: node.cfg.group,
+                cluster: node.cfg.cluster.clone(),
+                leader,
+                running,
+                primary,
+                streaming,
+                noloadbalance: node.cfg.tags.noloadbalance,
+                members,
+                lag,
+                last_tick: Some(now),
+                loop_seconds: v.loop_seconds,
+                leader_changes: node.leader_changes,
+                ttl: node.lease.timing.ttl,
+            };
+        }
+    });
+}
+
+fn code(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+#[derive(Serialize)]
+struct StatusBody<'a> {
+    state: &'a str,
+    role: &'a str,
+    name: &'a str,
+    group: u32,
+    scope: &'a str,
+    timeline: u32,
+    xlog_location: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag: Option<u64>,
+    leader: Option<&'a str>,
+    lease_valid: bool,
+    version: &'a str,
+}
+
+fn status_response(h: &Handle, ok: bool) -> Response {
+    let v = h.view();
+    let body = StatusBody {
+        state: &v.member.state,
+        role: &v.member.role,
+        name: &v.name,
+        group: v.group,
+        scope: &v.cluster,
+        timeline: v.member.timeline,
+        xlog_location: v.member.xlog_location,
+        lag: v.lag,
+        leader: v.leader.as_deref(),
+        lease_valid: h.lease.valid(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let json = serde_json::to_string(&body).unwrap_or_default();
+    (code(ok), [(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+fn is_primary(h: &Handle, v: &View) -> bool {
+    v.running && v.primary && v.leader.as_deref() == Some(v.name.as_str()) && h.lease.valid()
+}
+
+fn lag_ok(v: &View, q: &BTreeMap<String, String>) -> bool {
+    match q.get("lag").and_then(|l| parse_bytes(l)) {
+        Some(max) => v.lag.is_some_and(|lag| lag <= max),
+        None => true,
+    }
+}
+
+/// `1048576`, `16kB`, `10MB`, `1GB` → bytes (Patroni accepts the same units).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+async fn primary(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    status_response(&h, is_primary(&h, &v))
+}
+
+async fn leader(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    status_response(&h, is_primary(&h, &v))
+}
+
+async fn replica(State(h): State<Handle>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let v = h.view();
+    let ok = v.running && !v.primary && !v.noloadbalance && lag_ok(&v, &q);
+    status_response(&h, ok)
+}
+
+async fn read_only(State(h): State<Handle>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let v = h.view();
+    let ok = is_primary(&h, &v) || (v.running && !v.primary && !v.noloadbalance && lag_ok(&v, &q));
+    status_response(&h, ok)
+}
+
+async fn health(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    status_response(&h, v.running)
+}
+
+async fn liveness(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    let alive = v
+        .last_tick
+        .is_some_and(|t| t.elapsed() < v.ttl.max(Duration::from_secs(5)));
+    (code(alive), "").into_response()
+}
+
+async fn readiness(State(h): State<Handle>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let v = h.view();
+    let ok = is_primary(&h, &v) || (v.running && !v.primary && v.streaming && lag_ok(&v, &q));
+    (code(ok), "").into_response()
+}
+
+async fn status(State(h): State<Handle>) -> Response {
+    status_response(&h, true)
+}
+
+async fn cluster(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    let members: Vec<serde_json::Value> = v
+        .members
+        .iter()
+        .map(|(name, m)| {
+            let role = if v.leader.as_deref() == Some(name.as_str()) { "leader" } else { m.role.as_str() };
+            serde_json::json!({
+                "name": name, "role": role, "state": m.state, "host": m.host, "port": m.port,
+                "api_url": m.api_url, "timeline": m.timeline, "xlog_location": m.xlog_location, "tags": m.tags,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "scope": v.cluster, "group": v.group, "leader": v.leader, "members": members });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(h): State<Handle>) -> Response {
+    let v = h.view();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: String| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{cluster=\"{}\",group=\"{}\",member=\"{}\"}} {value}\n", v.cluster, v.group, v.name));
+    };
+    gauge(
+        "citus_reconcile_primary",
+        "1 when this member is the running primary holding the leader key",
+        u8::from(is_primary(&h, &v)).to_string(),
+    );
+    gauge(
+        "citus_reconcile_running",
+        "1 when PostgreSQL is running",
+        u8::from(v.running).to_string(),
+    );
+    gauge(
+        "citus_reconcile_timeline",
+        "PostgreSQL timeline",
+        v.member.timeline.to_string(),
+    );
+    gauge(
+        "citus_reconcile_xlog_location_bytes",
+        "WAL position",
+        v.member.xlog_location.to_string(),
+    );
+    gauge(
+        "citus_reconcile_replication_lag_bytes",
+        "bytes behind the leader (replicas)",
+        v.lag.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "citus_reconcile_loop_interval_seconds",
+        "time between the last two agent cycles",
+        format!("{:.3}", v.loop_seconds),
+    );
+    gauge(
+        "citus_reconcile_lease_valid",
+        "1 while the etcd lease is trusted",
+        u8::from(h.lease.valid()).to_string(),
+    );
+    let counter = |out: &mut String, name: &str, help: &str, value: String| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}{{cluster=\"{}\",group=\"{}\",member=\"{}\"}} {value}\n", v.cluster, v.group, v.name));
+    };
+    counter(
+        &mut out,
+        "citus_reconcile_leader_changes_total",
+        "leader changes seen by this member",
+        v.leader_changes.to_string(),
+    );
+    counter(
+        &mut out,
+        "citus_reconcile_lease_renewals_total",
+        "successful lease refreshes",
+        h.lease.renewals.load(Ordering::Relaxed).to_string(),
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}
+
+async fn options_ok(headers: HeaderMap) -> Response {
+    let _ = headers;
+    StatusCode::OK.into_response()
+}
+
+pub fn router(h: Handle) -> Router {
+    // `any` so HEAD and OPTIONS (what HAProxy's httpchk sends) get the same answer as GET.
+    Router::new()
+        .route("/", any(primary))
+        .route("/primary", any(primary))
+        .route("/master", any(primary))
+        .route("/read-write", any(primary))
+        .route("/leader", any(leader))
+        .route("/replica", any(replica))
+        .route("/read-only", any(read_only))
+        .route("/health", any(health))
+        .route("/liveness", any(liveness))
+        .route("/readiness", any(readiness))
+        .route("/status", get(status))
+        .route("/patroni", get(status))
+        .route("/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .fallback(options_ok_or_404)
+        .with_state(h)
+}
+
+async fn options_ok_or_404(method: axum::http::Method, headers: HeaderMap) -> Response {
+    if method == axum::http::Method::OPTIONS {
+        return options_ok(headers).await;
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
+
+/// Serve the API on `address:port`, binding in the background (retrying) so the HA loop
+/// never waits for it.
+pub async fn serve(cfg: &AgentConfig, handle: Handle) {
+    let addr = format!("{}:{}", cfg.address, cfg.api.port);
+    let app = router(handle);
+    tokio::spawn(async move {
+        loop {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "REST API listening");
+                    if let Err(e) = axum::serve(listener, app.clone()).await {
+                        tracing::error!(error = %e, "REST API stopped");
+                    }
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "cannot bind the REST API; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_units() {
+        for (s, n) in [
+            ("1048576", Some(1048576)),
+            ("16kB", Some(16384)),
+            ("10MB", Some(10 << 20)),
+            ("1gb", Some(1 << 30)),
+            ("x", None),
+            ("5 parsecs", None),
+        ] {
+            assert_eq!(parse_bytes(s), n, "{s}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The agent's configuration file: what `apply` uploads to each host (mode 0600, it holds
+//! secrets) and what `citus-reconcile agent --config FILE` reads. Pure: built from the spec,
+//! rendered to YAML with real secrets for the file or redacted for display.
+//!
+//! It holds only cluster-wide settings and the member's own identity, never the list of other
+//! members: adding a host to the spec changes that host's file and no other.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::model::SyncMode;
+use crate::spec::secret::{REDACTED, Secret, exposed};
+use crate::spec::{HostSpec, Spec};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub cluster: String,
+    pub group: u32,
+    pub member: String,
+    pub address: String,
+    pub install_dir: String,
+    pub etcd: EtcdConfig,
+    pub postgres: PgConfig,
+    pub citus: CitusConfig,
+    pub ha: HaConfig,
+    pub api: ApiConfig,
+    pub tags: TagsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub username: String,
+    #[serde(with = "exposed")]
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    pub version: u32,
+    pub bin_dir: String,
+    pub port: u16,
+    pub data_dir: String,
+    pub superuser: Credential,
+    pub replication: Credential,
+    pub parameters: BTreeMap<String, String>,
+    pub pg_hba: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CitusConfig {
+    pub database: String,
+    pub authinfo_password: bool,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+    pub secondaries: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    pub ttl: u32,
+    pub loop_wait: u32,
+    pub retry_timeout: u32,
+    pub synchronous_mode: SyncModeConfig,
+    pub maximum_lag_on_failover: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncModeConfig {
+    Off,
+    On,
+    Strict,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub port: u16,
+    pub auth: Option<Credential>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsConfig {
+    pub nofailover: bool,
+    pub noloadbalance: bool,
+}
+
+impl AgentConfig {
+    /// The configuration of one member of a validated spec.
+    pub fn for_host(spec: &Spec, host: &HostSpec) -> AgentConfig {
+        let cred = |c: &crate::spec::model::Credential| Credential {
+            username: c.username.clone(),
+            password: c.password.clone(),
+        };
+        AgentConfig {
+            cluster: spec.cluster.clone(),
+            group: host.group,
+            member: host.name.clone(),
+            address: host.address.clone(),
+            install_dir: host.install_dir.clone(),
+            etcd: EtcdConfig {
+                endpoints: spec.etcd.endpoints.clone(),
+                namespace: spec.etcd.namespace.clone(),
+            },
+            postgres: PgConfig {
+                version: spec.postgres.version,
+                bin_dir: spec.postgres.bin_dir.clone(),
+                port: host.pg_port,
+                data_dir: host.data_dir.clone(),
+                superuser: cred(&spec.postgres.superuser),
+                replication: cred(&spec.postgres.replication),
+                parameters: spec.postgres.parameters.clone(),
+                pg_hba: spec.postgres.pg_hba.clone(),
+            },
+            citus: CitusConfig {
+                database: spec.citus.database.clone(),
+                authinfo_password: spec.citus.authinfo.password,
+                sslcert: spec.citus.authinfo.sslcert.clone(),
+                sslkey: spec.citus.authinfo.sslkey.clone(),
+                secondaries: spec.citus.secondaries,
+            },
+            ha: HaConfig {
+                ttl: spec.ha.ttl,
+                loop_wait: spec.ha.loop_wait,
+                retry_timeout: spec.ha.retry_timeout,
+                synchronous_mode: match spec.ha.synchronous_mode {
+                    SyncMode::Off => SyncModeConfig::Off,
+                    SyncMode::On => SyncModeConfig::On,
+                    SyncMode::Strict => SyncModeConfig::Strict,
+                },
+                maximum_lag_on_failover: spec.ha.maximum_lag_on_failover,
+            },
+            api: ApiConfig {
+                port: host.api_port,
+                auth: spec.agent.api_auth.as_ref().map(cred),
+            },
+            tags: TagsConfig {
+                nofailover: host.tags.nofailover,
+                noloadbalance: host.tags.noloadbalance,
+            },
+        }
+    }
+
+    /// The file's text, with the real secrets.
+    pub fn render(&self) -> String {
+        let body = serde_yaml::to_string(self).unwrap_or_default();
+        format!(
+            "# citus-reconcile agent configuration; written by `citus-reconcile apply`, do not edit\n{body}"
+        )
+    }
+
+    /// The same text with every secret replaced, for plans and diffs.
+    pub fn render_redacted(&self) -> String {
+        let mut c = self.clone();
+        let hide = |cred: &mut Credential| cred.password = Secret::new(REDACTED);
+        hide(&mut c.postgres.superuser);
+        hide(&mut c.postgres.replication);
+        if let Some(a) = c.api.auth.as_mut() {
+            hide(a);
+        }
+        c.render()
+    }
+
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn is_coordinator(&self) -> bool {
+        self.group == 0
+    }
+}
+
+/// Where things live on a host, derived from the install folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub install_dir: String,
+}
+
+impl Paths {
+    pub fn new(install_dir: &str) -> Self {
+        Self {
+            install_dir: install_dir.trim_end_matches('/').to_string(),
+        }
+    }
+    pub fn binary(&self) -> String {
+        format!("{}/bin/citus-reconcile", self.install_dir)
+    }
+    pub fn config(&self) -> String {
+        format!("{}/agent.yaml", self.install_dir)
+    }
+    pub fn pid_file(&self) -> String {
+        format!("{}/agent.pid", self.install_dir)
+    }
+    pub fn log_file(&self) -> String {
+        format!("{}/agent.log", self.install_dir)
+    }
+    pub fn postgres_log(&self) -> String {
+        format!("{}/postgresql.log", self.install_dir)
+    }
+    pub fn socket_dir(&self) -> String {
+        format!("{}/run", self.install_dir)
+    }
+    pub fn pgpass(&self) -> String {
+        format!("{}/pgpass", self.install_dir)
+    }
+    /// systemd unit name for a member.
+    pub fn unit_name(cluster: &str, member: &str) -> String {
+        format!("citus-reconcile-{cluster}-{member}.service")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_every_password() {
+        let cred = |p: &str| Credential {
+            username: "u".into(),
+            password: Secret::new(p),
+        };
+        let cfg = AgentConfig {
+            cluster: "c".into(),
+            group: 1,
+            member: "m".into(),
+            address: "10.0.0.1".into(),
+            install_dir: "/x".into(),
+            etcd: EtcdConfig {
+                endpoints: vec!["http://e:2379".into()],
+                namespace: "/service".into(),
+            },
+            postgres: PgConfig {
+                version: 15,
+                bin_dir: "/b".into(),
+                port: 5432,
+                data_dir: "/d".into(),
+                superuser: cred("su-secret"),
+                replication: cred("repl-secret"),
+                parameters: BTreeMap::new(),
+                pg_hba: vec![],
+            },
+            citus: CitusConfig {
+                database: "citus".into(),
+                authinfo_password: true,
+                sslcert: None,
+                sslkey: None,
+                secondaries: false,
+            },
+            ha: HaConfig {
+                ttl: 30,
+                loop_wait: 10,
+                retry_timeout: 10,
+                synchronous_mode: SyncModeConfig::Off,
+                maximum_lag_on_failover: 1,
+            },
+            api: ApiConfig {
+                port: 8008,
+                auth: Some(cred("api-secret")),
+            },
+            tags: TagsConfig::default(),
+        };
+        let full = cfg.render();
+        for s in ["su-secret", "repl-secret", "api-secret"] {
+            assert!(full.contains(s));
+        }
+        let shown = cfg.render_redacted();
+        for s in ["su-secret", "repl-secret", "api-secret"] {
+            assert!(!shown.contains(s), "{s} leaked:\n{shown}");
+        }
+        assert_eq!(AgentConfig::parse(&full).as_ref(), Ok(&cfg));
+    }
+}

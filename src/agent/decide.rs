@@ -1,0 +1,733 @@
+//! The agent's brain: `decide(snapshot) -> actions`. Pure — a snapshot of local PostgreSQL,
+//! the group's keys in etcd and the lease goes in, an ordered list of actions comes out. The
+//! executor (`node.rs`) performs them and stops at the first that fails.
+//!
+//! Safety rules encoded here (design.md):
+//! - a member promotes only after winning the leader key by compare-and-set (`AcquireLeader`
+//!   always precedes `Promote`), and only when its WAL is within `maximum_lag_on_failover` of
+//!   the last known leader position and no healthier eligible member exists;
+//! - a primary whose lease is no longer valid, or that sees another leader, stops accepting
+//!   writes at once (`Demote { immediate: true }`); the fence task enforces the same deadline
+//!   independently of this loop;
+//! - in synchronous mode only the recorded synchronous standby may promote.
+
+use crate::agent::config::SyncModeConfig;
+use crate::dcs::keys::{FailoverRequest, MemberInfo, SyncState};
+
+/// Where the data directory stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: this member has never been initialised.
+    Empty,
+    Initialized {
+        sysid: String,
+        /// pg_control says the last run was a primary ("in production" or "shut down").
+        was_primary: bool,
+    },
+}
+
+/// The local PostgreSQL server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Server {
+    Stopped,
+    /// Started but not yet accepting connections.
+    Starting,
+    Running(Running),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub primary: bool,
+    pub timeline: u32,
+    /// Current WAL position (primary) or last replayed one (replica).
+    pub wal: u64,
+    /// The member this replica is configured to follow (None: no upstream).
+    pub upstream: Option<String>,
+    /// Whether a WAL receiver is streaming.
+    pub streaming: bool,
+}
+
+/// What etcd says about the group, or that etcd could not be read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dcs {
+    Unavailable,
+    Available(Box<GroupView>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupView {
+    pub leader: Option<String>,
+    pub initialize: Option<String>,
+    pub members: std::collections::BTreeMap<String, MemberInfo>,
+    /// Last WAL position the leader published (`status` key), kept across leader loss.
+    pub last_leader_wal: Option<u64>,
+    pub sync: Option<SyncState>,
+    pub failover: Option<FailoverRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub me: String,
+    pub nofailover: bool,
+    pub maximum_lag_on_failover: u64,
+    pub synchronous_mode: SyncModeConfig,
+    /// The lease can still be trusted (refreshed recently enough that no one else can have
+    /// won the leader key yet).
+    pub lease_valid: bool,
+    pub data: DataDir,
+    pub server: Server,
+    pub dcs: Dcs,
+    /// Set after a failed or slow start as leader: stop trying in place, let another member lead.
+    pub give_up_leading: bool,
+    /// A replica that cannot follow its leader's timeline (detected by the executor).
+    pub diverged: bool,
+    /// Roles, database, extension and authinfo are in place for the current configuration.
+    pub setup_done: bool,
+    pub coordinator: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create the `initialize` key (compare-and-set); the executor stops here if it loses.
+    ClaimInitialize,
+    /// initdb, configuration, start as a primary (bootstrap of a new group).
+    Initdb,
+    /// Create the leader key with our lease (compare-and-set); the executor stops if it loses.
+    AcquireLeader,
+    /// Roles, database, extension, authinfo; then record the system identifier in `initialize`.
+    FinishBootstrap,
+    /// Copy the leader's data with pg_basebackup and configure a standby.
+    Clone {
+        from: String,
+    },
+    StartPrimary,
+    StartReplica {
+        upstream: Option<String>,
+    },
+    /// Point a running replica at another upstream.
+    Follow {
+        upstream: String,
+    },
+    Promote,
+    /// Stop the server (immediate: at once; otherwise a fast shutdown).
+    Demote {
+        immediate: bool,
+    },
+    /// pg_rewind against the leader (server must be stopped).
+    Rewind {
+        from: String,
+    },
+    ReleaseLeader,
+    /// Roles, passwords, extension, authinfo for the current configuration (primary only).
+    EnsureSetup,
+    /// Bring the coordinator's pg_dist_node in line with the group leaders.
+    SyncCitus,
+    /// Publish the last known WAL position of the leader (`status` key).
+    PublishOptime,
+    Wait(String),
+}
+
+use Action::*;
+
+/// Pick the next actions.
+pub fn decide(s: &Snapshot) -> Vec<Action> {
+    let g = match &s.dcs {
+        Dcs::Unavailable => return without_dcs(s),
+        Dcs::Available(g) => g,
+    };
+    let me = s.me.as_str();
+    let leader = g.leader.as_deref();
+    let i_lead = leader == Some(me);
+    let other_leader = leader.filter(|l| *l != me);
+
+    let sysid = match &s.data {
+        DataDir::Empty => return uninitialized(s, g, other_leader, i_lead),
+        DataDir::Initialized { sysid, .. } => sysid,
+    };
+    if let Some(expected) = g.initialize.as_deref().filter(|v| !v.is_empty()) {
+        if expected != sysid {
+            return vec![Wait(format!(
+                "the data directory belongs to another cluster (system identifier {sysid}, the group's is {expected}); reinitialize this member"
+            ))];
+        }
+    }
+
+    match &s.server {
+        Server::Starting => vec![Wait("PostgreSQL is starting".into())],
+        Server::Stopped => stopped(s, g, other_leader, i_lead),
+        Server::Running(r) if r.primary => running_primary(s, g, other_leader, i_lead),
+        Server::Running(r) => running_replica(s, g, r, other_leader, i_lead),
+    }
+}
+
+/// etcd cannot be read: a primary keeps writing only while its lease is surely valid.
+fn without_dcs(s: &Snapshot) -> Vec<Action> {
+    match &s.server {
+        Server::Running(r) if r.primary && !s.lease_valid => vec![Demote { immediate: true }],
+        Server::Running(r) if r.primary => vec![Wait(
+            "etcd unreachable; keeping the primary while the lease is valid".into(),
+        )],
+        _ => vec![Wait("etcd unreachable".into())],
+    }
+}
+
+fn uninitialized(
+    s: &Snapshot,
+    g: &GroupView,
+    other_leader: Option<&str>,
+    i_lead: bool,
+) -> Vec<Action> {
+    if let Some(l) = other_leader {
+        let ready = g
+            .members
+            .get(l)
+            .is_some_and(|m| m.role == "primary" && !m.host.is_empty());
+        return if ready {
+            vec![Clone {
+                from: l.to_string(),
+            }]
+        } else {
+            vec![Wait(format!(
+                "waiting for leader {l} to be ready to clone from"
+            ))]
+        };
+    }
+    if i_lead {
+        // A leader key of ours without data: a previous life of this member; let it go.
+        return vec![ReleaseLeader];
+    }
+    if g.initialize.is_none() {
+        if s.nofailover {
+            return vec![Wait(
+                "no leader yet; nofailover members never bootstrap".into(),
+            )];
+        }
+        return vec![ClaimInitialize, Initdb, AcquireLeader, FinishBootstrap];
+    }
+    vec![Wait("another member is bootstrapping the group".into())]
+}
+
+fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool) -> Vec<Action> {
+    let was_primary = matches!(
+        s.data,
+        DataDir::Initialized {
+            was_primary: true,
+            ..
+        }
+    );
+    if i_lead {
+        if s.lease_valid && !s.give_up_leading {
+            // PostgreSQL went down under a live leader: restart in place, keeping the key.
+            return vec![StartPrimary];
+        }
+        return vec![ReleaseLeader];
+    }
+    if let Some(l) = other_leader {
+        if was_primary {
+            // We were a primary and someone else leads now: our timeline may have forked.
+            return vec![
+                Rewind {
+                    from: l.to_string(),
+                },
+                StartReplica {
+                    upstream: Some(l.to_string()),
+                },
+            ];
+        }
+        return vec![StartReplica {
+            upstream: Some(l.to_string()),
+        }];
+    }
+    let _ = g;
+    // No leader: come up as a standby without upstream, then compete from there.
+    vec![StartReplica { upstream: None }]
+}
+
+fn running_primary(
+    s: &Snapshot,
+    g: &GroupView,
+    other_leader: Option<&str>,
+    i_lead: bool,
+) -> Vec<Action> {
+    if other_leader.is_some() {
+        // Another member holds the key: it may already accept writes. Stop now.
+        return vec![Demote { immediate: true }];
+    }
+    if !s.lease_valid {
+        return vec![Demote { immediate: true }];
+    }
+    if !i_lead {
+        // The key is gone while our lease is still valid (deleted by hand, or released):
+        // take it back; if someone else wins, the next cycle demotes us.
+        let mut a = vec![AcquireLeader];
+        a.extend(leader_duties(s));
+        return a;
+    }
+    let _ = g;
+    leader_duties(s)
+}
+
+fn leader_duties(s: &Snapshot) -> Vec<Action> {
+    let mut a = Vec::new();
+    if !s.setup_done {
+        a.push(EnsureSetup);
+    }
+    if s.coordinator {
+        a.push(SyncCitus);
+    }
+    a.push(PublishOptime);
+    a
+}
+
+fn running_replica(
+    s: &Snapshot,
+    g: &GroupView,
+    r: &Running,
+    other_leader: Option<&str>,
+    i_lead: bool,
+) -> Vec<Action> {
+    if i_lead {
+        if s.lease_valid {
+            return vec![Promote];
+        }
+        return vec![Wait("leader key is ours but the lease is not valid".into())];
+    }
+    if let Some(l) = other_leader {
+        if s.diverged {
+            return vec![
+                Demote { immediate: false },
+                Rewind {
+                    from: l.to_string(),
+                },
+                StartReplica {
+                    upstream: Some(l.to_string()),
+                },
+            ];
+        }
+        if r.upstream.as_deref() != Some(l) {
+            return vec![Follow {
+                upstream: l.to_string(),
+            }];
+        }
+        return Vec::new();
+    }
+    // No leader: race for it if we are fit to lead.
+    match unfit_to_lead(s, g, r) {
+        Some(reason) => vec![Wait(reason)],
+        None => vec![AcquireLeader, Promote],
+    }
+}
+
+/// Why this replica must not try to become the leader now, if it must not.
+pub fn unfit_to_lead(s: &Snapshot, g: &GroupView, r: &Running) -> Option<String> {
+    if s.nofailover {
+        return Some("no leader; this member is tagged nofailover".into());
+    }
+    if s.synchronous_mode != SyncModeConfig::Off {
+        if let Some(sync) = &g.sync {
+            if sync.sync_standby.as_deref() != Some(s.me.as_str()) {
+                return Some(format!(
+                    "no leader; only the synchronous standby ({}) may promote",
+                    sync.sync_standby.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+    }
+    if let Some(leader_wal) = g.last_leader_wal {
+        let behind = leader_wal.saturating_sub(r.wal);
+        if behind > s.maximum_lag_on_failover {
+            return Some(format!(
+                "no leader; {behind} bytes behind the last leader position, more than maximum_lag_on_failover ({})",
+                s.maximum_lag_on_failover
+            ));
+        }
+    }
+    // A healthier eligible member (more WAL; ties go to the smaller name) should win instead.
+    let better = g.members.iter().find(|(name, m)| {
+        name.as_str() != s.me
+            && m.role == "replica"
+            && (m.state == "running" || m.state == "streaming")
+            && !m.nofailover()
+            && (m.xlog_location > r.wal
+                || (m.xlog_location == r.wal && name.as_str() < s.me.as_str()))
+            && sync_allows(s, g, name)
+    });
+    if let Some((name, m)) = better {
+        return Some(format!(
+            "no leader; {name} is healthier (WAL {} vs {})",
+            m.xlog_location, r.wal
+        ));
+    }
+    None
+}
+
+fn sync_allows(s: &Snapshot, g: &GroupView, name: &str) -> bool {
+    if s.synchronous_mode == SyncModeConfig::Off {
+        return true;
+    }
+    match &g.sync {
+        Some(sync) => sync.sync_standby.as_deref() == Some(name),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Snapshot {
+        Snapshot {
+            me: "m1".into(),
+            nofailover: false,
+            maximum_lag_on_failover: 1000,
+            synchronous_mode: SyncModeConfig::Off,
+            lease_valid: true,
+            data: DataDir::Initialized {
+                sysid: "42".into(),
+                was_primary: false,
+            },
+            server: Server::Stopped,
+            dcs: Dcs::Available(Box::new(GroupView {
+                initialize: Some("42".into()),
+                ..Default::default()
+            })),
+            give_up_leading: false,
+            diverged: false,
+            setup_done: true,
+            coordinator: false,
+        }
+    }
+
+    fn group(s: &mut Snapshot) -> &mut GroupView {
+        match &mut s.dcs {
+            Dcs::Available(g) => g,
+            Dcs::Unavailable => unreachable!("test snapshot has etcd"),
+        }
+    }
+
+    fn member(role: &str, state: &str, wal: u64) -> MemberInfo {
+        MemberInfo {
+            role: role.into(),
+            state: state.into(),
+            xlog_location: wal,
+            host: "10.0.0.9".into(),
+            port: 5432,
+            ..Default::default()
+        }
+    }
+
+    fn running(primary: bool, wal: u64, upstream: Option<&str>) -> Server {
+        Server::Running(Running {
+            primary,
+            timeline: 1,
+            wal,
+            upstream: upstream.map(str::to_string),
+            streaming: upstream.is_some(),
+        })
+    }
+
+    /// One row of the table: a name, a snapshot, the expected actions (Wait compared by kind).
+    fn check(name: &str, s: Snapshot, expected: &[Action]) {
+        let got = decide(&s);
+        let norm = |a: &[Action]| -> Vec<Action> {
+            a.iter()
+                .map(|x| {
+                    if let Wait(_) = x {
+                        Wait(String::new())
+                    } else {
+                        x.clone()
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(norm(&got), norm(expected), "case {name:?}: got {got:?}");
+    }
+
+    fn w() -> Action {
+        Wait(String::new())
+    }
+
+    #[test]
+    fn bootstrap_and_clone() {
+        let mut s = base();
+        s.data = DataDir::Empty;
+        group(&mut s).initialize = None;
+        check(
+            "first member of a new group bootstraps",
+            s.clone(),
+            &[ClaimInitialize, Initdb, AcquireLeader, FinishBootstrap],
+        );
+
+        let mut t = s.clone();
+        t.nofailover = true;
+        check("nofailover never bootstraps", t, &[w()]);
+
+        let mut t = s.clone();
+        group(&mut t).initialize = Some(String::new());
+        check("someone else is bootstrapping", t, &[w()]);
+
+        let mut t = s.clone();
+        group(&mut t).leader = Some("m2".into());
+        group(&mut t).initialize = Some("42".into());
+        check("leader not published yet", t.clone(), &[w()]);
+        group(&mut t)
+            .members
+            .insert("m2".into(), member("primary", "running", 10));
+        check(
+            "clone from a ready leader",
+            t,
+            &[Clone { from: "m2".into() }],
+        );
+
+        let mut t = s;
+        group(&mut t).leader = Some("m1".into());
+        check(
+            "stale own key without data is released",
+            t,
+            &[ReleaseLeader],
+        );
+    }
+
+    #[test]
+    fn foreign_data_is_never_touched() {
+        let mut s = base();
+        group(&mut s).initialize = Some("99".into());
+        check("system identifier mismatch", s, &[w()]);
+    }
+
+    #[test]
+    fn stopped_server() {
+        let mut s = base();
+        group(&mut s).leader = Some("m1".into());
+        check(
+            "leader restarts in place while its lease holds",
+            s.clone(),
+            &[StartPrimary],
+        );
+        let mut t = s.clone();
+        t.give_up_leading = true;
+        check(
+            "leader that cannot restart quickly releases the key",
+            t,
+            &[ReleaseLeader],
+        );
+        let mut t = s.clone();
+        t.lease_valid = false;
+        check("leader with an expired lease releases", t, &[ReleaseLeader]);
+
+        let mut t = base();
+        group(&mut t).leader = Some("m2".into());
+        check(
+            "replica starts following the leader",
+            t.clone(),
+            &[StartReplica {
+                upstream: Some("m2".into()),
+            }],
+        );
+        t.data = DataDir::Initialized {
+            sysid: "42".into(),
+            was_primary: true,
+        };
+        check(
+            "former primary rewinds first",
+            t,
+            &[
+                Rewind { from: "m2".into() },
+                StartReplica {
+                    upstream: Some("m2".into()),
+                },
+            ],
+        );
+
+        check(
+            "no leader: start as a standby and compete",
+            base(),
+            &[StartReplica { upstream: None }],
+        );
+    }
+
+    #[test]
+    fn primary_keeps_or_loses_leadership() {
+        let mut s = base();
+        s.server = running(true, 100, None);
+        group(&mut s).leader = Some("m1".into());
+        check("steady leader", s.clone(), &[PublishOptime]);
+
+        let mut t = s.clone();
+        t.coordinator = true;
+        t.setup_done = false;
+        check(
+            "coordinator leader: setup and citus sync",
+            t,
+            &[EnsureSetup, SyncCitus, PublishOptime],
+        );
+
+        let mut t = s.clone();
+        t.lease_valid = false;
+        check(
+            "lease no longer valid: demote at once",
+            t,
+            &[Demote { immediate: true }],
+        );
+
+        let mut t = s.clone();
+        group(&mut t).leader = Some("m2".into());
+        check(
+            "another leader: demote at once",
+            t,
+            &[Demote { immediate: true }],
+        );
+
+        let mut t = s.clone();
+        group(&mut t).leader = None;
+        check(
+            "key vanished, lease valid: take it back",
+            t.clone(),
+            &[AcquireLeader, PublishOptime],
+        );
+        t.lease_valid = false;
+        check(
+            "key vanished, lease gone: demote",
+            t,
+            &[Demote { immediate: true }],
+        );
+
+        let mut t = s;
+        t.dcs = Dcs::Unavailable;
+        check(
+            "etcd unreachable, lease valid: keep writing",
+            t.clone(),
+            &[w()],
+        );
+        t.lease_valid = false;
+        check(
+            "etcd unreachable, lease expired: demote",
+            t,
+            &[Demote { immediate: true }],
+        );
+    }
+
+    #[test]
+    fn replica_follows_and_races() {
+        let mut s = base();
+        s.server = running(false, 100, Some("m2"));
+        group(&mut s).leader = Some("m2".into());
+        check("following the leader", s.clone(), &[]);
+
+        let mut t = s.clone();
+        group(&mut t).leader = Some("m3".into());
+        check(
+            "new leader: follow it",
+            t,
+            &[Follow {
+                upstream: "m3".into(),
+            }],
+        );
+
+        let mut t = s.clone();
+        t.diverged = true;
+        check(
+            "diverged timeline: rewind",
+            t,
+            &[
+                Demote { immediate: false },
+                Rewind { from: "m2".into() },
+                StartReplica {
+                    upstream: Some("m2".into()),
+                },
+            ],
+        );
+
+        let mut t = s.clone();
+        group(&mut t).leader = Some("m1".into());
+        check("won the key: promote", t.clone(), &[Promote]);
+        t.lease_valid = false;
+        check("won the key but lease invalid: wait", t, &[w()]);
+
+        // Leader gone.
+        let mut t = s.clone();
+        group(&mut t).leader = None;
+        check(
+            "sole healthy replica races",
+            t.clone(),
+            &[AcquireLeader, Promote],
+        );
+
+        let mut u = t.clone();
+        u.nofailover = true;
+        check("nofailover never races", u, &[w()]);
+
+        let mut u = t.clone();
+        group(&mut u).last_leader_wal = Some(5000);
+        check("too far behind the last leader position", u.clone(), &[w()]);
+        group(&mut u).last_leader_wal = Some(1100);
+        check(
+            "within maximum_lag_on_failover",
+            u,
+            &[AcquireLeader, Promote],
+        );
+
+        let mut u = t.clone();
+        group(&mut u)
+            .members
+            .insert("m3".into(), member("replica", "streaming", 200));
+        check("a healthier replica exists", u.clone(), &[w()]);
+        group(&mut u)
+            .members
+            .insert("m3".into(), member("replica", "stopped", 200));
+        check(
+            "a stopped replica does not count",
+            u.clone(),
+            &[AcquireLeader, Promote],
+        );
+        let mut tagged = member("replica", "streaming", 200);
+        tagged
+            .tags
+            .insert("nofailover".into(), serde_json::json!(true));
+        group(&mut u).members.insert("m3".into(), tagged);
+        check(
+            "a nofailover replica does not count",
+            u,
+            &[AcquireLeader, Promote],
+        );
+
+        let mut u = t.clone();
+        group(&mut u)
+            .members
+            .insert("m0".into(), member("replica", "streaming", 100));
+        check("equal WAL: the smaller name wins", u, &[w()]);
+        let mut u = t.clone();
+        group(&mut u)
+            .members
+            .insert("m9".into(), member("replica", "streaming", 100));
+        check(
+            "equal WAL: we have the smaller name",
+            u,
+            &[AcquireLeader, Promote],
+        );
+    }
+
+    #[test]
+    fn synchronous_mode_restricts_promotion() {
+        let mut s = base();
+        s.server = running(false, 100, Some("m2"));
+        s.synchronous_mode = SyncModeConfig::On;
+        group(&mut s).sync = Some(SyncState {
+            leader: Some("m2".into()),
+            sync_standby: Some("m3".into()),
+        });
+        check("not the synchronous standby", s.clone(), &[w()]);
+        group(&mut s).sync = Some(SyncState {
+            leader: Some("m2".into()),
+            sync_standby: Some("m1".into()),
+        });
+        group(&mut s)
+            .members
+            .insert("m3".into(), member("replica", "streaming", 500));
+        check(
+            "the sync standby promotes even if an async one has more WAL",
+            s,
+            &[AcquireLeader, Promote],
+        );
+    }
+}

@@ -1,0 +1,757 @@
+//! One member at work: reads the local server and the group's keys into a `Snapshot`, runs the
+//! actions `decide` picks, and publishes the member key. All I/O of the agent's loop is here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::config::{AgentConfig, Paths};
+use super::decide::{self, Action, DataDir, Dcs as DcsView, GroupView, Running, Server, Snapshot};
+use super::lease::LeaseShared;
+use crate::citus::metadata::{self, AuthinfoRow, GroupMembers};
+use crate::dcs::{Dcs, GroupState, MemberInfo, Status};
+use crate::postgres::conf::Role;
+use crate::postgres::process::{Pg, Postmaster, StopMode};
+use crate::postgres::sql;
+
+/// What the member is doing, as published in its member key.
+fn state_label(server: &Server, busy: Option<&str>) -> (String, String) {
+    if let Some(b) = busy {
+        return ("uninitialized".into(), b.into());
+    }
+    match server {
+        Server::Stopped => ("uninitialized".into(), "stopped".into()),
+        Server::Starting => ("replica".into(), "starting".into()),
+        Server::Running(r) if r.primary => ("primary".into(), "running".into()),
+        Server::Running(r) if r.streaming => ("replica".into(), "streaming".into()),
+        Server::Running(_) => ("replica".into(), "running".into()),
+    }
+}
+
+pub struct Node {
+    pub cfg: AgentConfig,
+    pub pg: Pg,
+    pub dcs: Dcs,
+    pub lease: Arc<LeaseShared>,
+    pub postmaster: Option<Postmaster>,
+    client: Option<tokio_postgres::Client>,
+    /// The member this server was configured to follow.
+    upstream: Option<String>,
+    setup_done: bool,
+    give_up_leading: bool,
+    /// When the current attempt to run as leader started (for "restart in place if quick").
+    leader_start: Option<Instant>,
+    not_streaming_since: Option<Instant>,
+    busy: Option<String>,
+    last_published: Option<(MemberInfo, Instant)>,
+    last_optime: Option<(u64, Instant)>,
+    /// All groups as last read (the coordinator needs every leader).
+    pub cluster: BTreeMap<u32, GroupState>,
+    pub last_snapshot: Option<Snapshot>,
+    pub last_actions: Vec<Action>,
+    pub leader_changes: u64,
+    pub last_probe: Option<sql::Probe>,
+}
+
+fn call_timeout(cfg: &AgentConfig) -> Duration {
+    Duration::from_secs(u64::from(cfg.ha.retry_timeout.max(1)))
+}
+
+impl Node {
+    pub fn new(cfg: AgentConfig, pg: Pg, dcs: Dcs, lease: Arc<LeaseShared>) -> Node {
+        Node {
+            cfg,
+            pg,
+            dcs,
+            lease,
+            postmaster: None,
+            client: None,
+            upstream: None,
+            setup_done: false,
+            give_up_leading: false,
+            leader_start: None,
+            not_streaming_since: None,
+            busy: None,
+            last_published: None,
+            last_optime: None,
+            cluster: BTreeMap::new(),
+            last_snapshot: None,
+            last_actions: Vec::new(),
+            leader_changes: 0,
+            last_probe: None,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        call_timeout(&self.cfg)
+    }
+
+    fn keys(&self) -> &crate::dcs::ClusterKeys {
+        &self.dcs.keys
+    }
+
+    /// One cycle: observe, decide, act, publish.
+    pub async fn tick(&mut self) {
+        let snapshot = self.observe().await;
+        let actions = decide::decide(&snapshot);
+        if actions != self.last_actions {
+            tracing::info!(actions = ?actions, "decided");
+        }
+        self.last_actions = actions.clone();
+        self.last_snapshot = Some(snapshot.clone());
+        for action in actions {
+            let label = format!("{action:?}");
+            match self.execute(action, &snapshot).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(action = %label, error = %e, "action failed");
+                    break;
+                }
+            }
+        }
+        self.publish().await;
+    }
+
+    // ---------------------------------------------------------------- observation
+
+    async fn observe(&mut self) -> Snapshot {
+        let server = self.observe_server().await;
+        let data = match &server {
+            Server::Stopped => match self.pg.controldata().await {
+                Ok(Some(c)) => DataDir::Initialized {
+                    was_primary: c.was_primary(),
+                    sysid: c.sysid,
+                },
+                Ok(None) => DataDir::Empty,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read pg_control");
+                    DataDir::Initialized {
+                        sysid: String::new(),
+                        was_primary: false,
+                    }
+                }
+            },
+            _ => {
+                let sysid = self.sysid().await.unwrap_or_default();
+                DataDir::Initialized {
+                    sysid,
+                    was_primary: false,
+                }
+            }
+        };
+        let dcs = match self.dcs.read_cluster().await {
+            Ok((kvs, _)) => {
+                self.cluster = crate::dcs::keys::parse_cluster(self.keys(), &kvs);
+                let g = self
+                    .cluster
+                    .get(&self.cfg.group)
+                    .cloned()
+                    .unwrap_or_default();
+                let previous_leader = self.last_snapshot.as_ref().and_then(|s| match &s.dcs {
+                    DcsView::Available(v) => v.leader.clone(),
+                    DcsView::Unavailable => None,
+                });
+                let leader = g.leader.as_ref().map(|l| l.name.clone());
+                if leader != previous_leader {
+                    self.leader_changes += 1;
+                }
+                DcsView::Available(Box::new(GroupView {
+                    leader,
+                    initialize: g.initialize.clone(),
+                    members: g.members.clone(),
+                    last_leader_wal: g.optime,
+                    sync: g.sync.clone(),
+                    failover: g.failover.clone(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read etcd");
+                DcsView::Unavailable
+            }
+        };
+        let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str()));
+        if !i_lead {
+            self.give_up_leading = false;
+            self.leader_start = None;
+        }
+        let diverged = self.detect_divergence(&server, &dcs);
+        Snapshot {
+            me: self.cfg.member.clone(),
+            nofailover: self.cfg.tags.nofailover,
+            maximum_lag_on_failover: self.cfg.ha.maximum_lag_on_failover,
+            synchronous_mode: self.cfg.ha.synchronous_mode,
+            lease_valid: self.lease.valid(),
+            data,
+            server,
+            dcs,
+            give_up_leading: self.give_up_leading,
+            diverged,
+            setup_done: self.setup_done,
+            coordinator: self.cfg.is_coordinator(),
+        }
+    }
+
+    async fn sysid(&mut self) -> Option<String> {
+        let c = self.client.as_ref()?;
+        let row = sql::bounded(
+            "system identifier",
+            self.timeout(),
+            c.query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            ),
+        )
+        .await
+        .ok()?;
+        Some(row.get(0))
+    }
+
+    async fn observe_server(&mut self) -> Server {
+        let Some(pm) = self.postmaster.as_mut() else {
+            self.client = None;
+            return Server::Stopped;
+        };
+        if let Some(status) = pm.exited() {
+            tracing::warn!(%status, "PostgreSQL exited");
+            self.postmaster = None;
+            self.client = None;
+            self.lease.primary_pid.store(0, Ordering::SeqCst);
+            if self.leader_start.is_none() {
+                self.leader_start = Some(Instant::now());
+            }
+            return Server::Stopped;
+        }
+        match self.pg.pid_file_status().as_deref() {
+            Some("ready") | Some("standby") => {}
+            _ => return Server::Starting,
+        }
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
+                .await
+                .ok();
+        }
+        let Some(c) = self.client.as_ref() else {
+            return Server::Starting;
+        };
+        match sql::probe(c, self.timeout()).await {
+            Ok(p) => {
+                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                // The fence guards only a primary.
+                self.lease
+                    .primary_pid
+                    .store(if p.in_recovery { 0 } else { pid }, Ordering::SeqCst);
+                let running = Running {
+                    primary: !p.in_recovery,
+                    timeline: p.timeline,
+                    wal: p.wal.max(p.receive.unwrap_or(0)),
+                    upstream: if p.in_recovery {
+                        self.upstream.clone()
+                    } else {
+                        None
+                    },
+                    streaming: p.streaming,
+                };
+                self.last_probe = Some(p);
+                Server::Running(running)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot probe PostgreSQL");
+                self.client = None;
+                Server::Starting
+            }
+        }
+    }
+
+    /// A replica that has an upstream but has not streamed for a while, on an older timeline
+    /// than its leader: its history forked and it needs pg_rewind.
+    fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
+        let (Server::Running(r), DcsView::Available(g)) = (server, dcs) else {
+            self.not_streaming_since = None;
+            return false;
+        };
+        if r.primary || r.streaming || r.upstream.is_none() {
+            self.not_streaming_since = None;
+            return false;
+        }
+        let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
+        let leader_tl = g
+            .leader
+            .as_ref()
+            .and_then(|l| g.members.get(l))
+            .map(|m| m.timeline)
+            .unwrap_or(0);
+        let patience = Duration::from_secs(u64::from(self.cfg.ha.loop_wait).max(5));
+        since.elapsed() > patience && leader_tl > r.timeline
+    }
+
+    // ---------------------------------------------------------------- actions
+
+    /// Run one action. Ok(false) means "stop here this cycle" (a compare-and-set was lost).
+    async fn execute(&mut self, action: Action, s: &Snapshot) -> Result<bool, String> {
+        let t = self.timeout();
+        let keys = self.keys().clone();
+        let g = self.cfg.group;
+        let me = self.cfg.member.clone();
+        match action {
+            Action::Wait(reason) => {
+                tracing::debug!(%reason, "waiting");
+                Ok(true)
+            }
+            Action::ClaimInitialize => {
+                let won = self
+                    .dcs
+                    .create(&keys.initialize(g), b"", None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if won {
+                    tracing::info!("won the initialize key: bootstrapping the group");
+                }
+                Ok(won)
+            }
+            Action::Initdb => {
+                self.busy = Some("initializing new cluster".into());
+                self.publish().await;
+                let result = self.bootstrap_server().await;
+                self.busy = None;
+                if let Err(e) = &result {
+                    // Let another member try: give back the initialize key.
+                    let _ = self.dcs.delete_if(&keys.initialize(g), b"").await;
+                    tracing::error!(error = %e, "bootstrap failed; released the initialize key");
+                }
+                result.map(|_| true)
+            }
+            Action::AcquireLeader => {
+                let Some(lease) = self.lease.lease_id() else {
+                    return Ok(false);
+                };
+                if !self.lease.valid() {
+                    return Ok(false);
+                }
+                let won = self
+                    .dcs
+                    .create(&keys.leader(g), me.as_bytes(), Some(lease))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if won {
+                    tracing::info!("acquired the leader key");
+                    self.leader_start = Some(Instant::now());
+                } else {
+                    tracing::info!("another member won the leader key");
+                }
+                Ok(won)
+            }
+            Action::FinishBootstrap => {
+                self.ensure_setup().await?;
+                let sysid = self
+                    .sysid()
+                    .await
+                    .ok_or("cannot read the system identifier")?;
+                self.dcs
+                    .put(&keys.initialize(g), sysid.as_bytes(), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(%sysid, "bootstrap complete");
+                Ok(true)
+            }
+            Action::Clone { from } => {
+                let (host, port) = self
+                    .member_address(&from)
+                    .ok_or(format!("no address published by {from}"))?;
+                self.busy = Some("creating replica".into());
+                self.publish().await;
+                let result = async {
+                    self.pg.prepare_host_files().map_err(|e| e.to_string())?;
+                    self.pg
+                        .basebackup(&host, port)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.start(
+                        Role::Replica {
+                            upstream: Some((host.clone(), port)),
+                        },
+                        Some(from.clone()),
+                    )
+                    .await
+                }
+                .await;
+                self.busy = None;
+                result.map(|_| true)
+            }
+            Action::StartPrimary => {
+                let started = self
+                    .start(
+                        Role::Primary {
+                            synchronous_standby_names: String::new(),
+                        },
+                        None,
+                    )
+                    .await;
+                let quick = self
+                    .leader_start
+                    .map(|t0| t0.elapsed() < self.lease.timing.ttl / 2)
+                    .unwrap_or(true);
+                if started.is_err() || !quick {
+                    self.give_up_leading = true;
+                }
+                started.map(|_| true)
+            }
+            Action::StartReplica { upstream } => {
+                let addr = upstream.as_ref().and_then(|u| self.member_address(u));
+                if upstream.is_some() && addr.is_none() {
+                    return Err(format!(
+                        "no address published by {}",
+                        upstream.unwrap_or_default()
+                    ));
+                }
+                self.start(Role::Replica { upstream: addr }, upstream)
+                    .await
+                    .map(|_| true)
+            }
+            Action::Follow { upstream } => {
+                let addr = self
+                    .member_address(&upstream)
+                    .ok_or(format!("no address published by {upstream}"))?;
+                self.pg
+                    .write_conf(&Role::Replica {
+                        upstream: Some(addr),
+                    })
+                    .map_err(|e| e.to_string())?;
+                if let Some(c) = self.client.as_ref() {
+                    sql::reload(c, t).await.map_err(|e| e.to_string())?;
+                }
+                tracing::info!(%upstream, "following a new upstream");
+                self.upstream = Some(upstream);
+                Ok(true)
+            }
+            Action::Promote => {
+                let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+                let started = Instant::now();
+                sql::promote(c, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.pg
+                    .write_conf(&Role::Primary {
+                        synchronous_standby_names: String::new(),
+                    })
+                    .map_err(|e| e.to_string())?;
+                if let Some(c) = self.client.as_ref() {
+                    let _ = sql::reload(c, t).await;
+                }
+                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                self.lease.primary_pid.store(pid, Ordering::SeqCst);
+                self.upstream = None;
+                self.setup_done = false;
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "promoted to primary"
+                );
+                Ok(true)
+            }
+            Action::Demote { immediate } => {
+                self.stop(if immediate {
+                    StopMode::Immediate
+                } else {
+                    StopMode::Fast
+                })
+                .await;
+                if let DcsView::Available(v) = &s.dcs {
+                    if v.leader.as_deref() == Some(me.as_str()) {
+                        let _ = self.dcs.delete_if(&keys.leader(g), me.as_bytes()).await;
+                    }
+                }
+                tracing::warn!(immediate, "demoted: PostgreSQL stopped");
+                Ok(true)
+            }
+            Action::Rewind { from } => {
+                let (host, port) = self
+                    .member_address(&from)
+                    .ok_or(format!("no address published by {from}"))?;
+                self.busy = Some("rewinding".into());
+                self.publish().await;
+                let result = self.pg.rewind(&host, port).await;
+                self.busy = None;
+                match result {
+                    Ok(()) => {
+                        tracing::info!(%from, "pg_rewind done");
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        // Rewind cannot work: keep the old data aside and clone afresh.
+                        tracing::error!(error = %e, "pg_rewind failed; the data directory is set aside and the member will be cloned again");
+                        self.set_aside("rewind-failed")?;
+                        Ok(false)
+                    }
+                }
+            }
+            Action::ReleaseLeader => {
+                self.dcs
+                    .delete_if(&keys.leader(g), me.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::warn!("released the leader key");
+                Ok(true)
+            }
+            Action::EnsureSetup => self.ensure_setup().await.map(|_| true),
+            Action::SyncCitus => self.sync_citus().await.map(|_| true),
+            Action::PublishOptime => {
+                if let Server::Running(r) = &s.server {
+                    let fresh = self.last_optime.as_ref().is_some_and(|(w, at)| {
+                        *w == r.wal || at.elapsed() < Duration::from_millis(500)
+                    });
+                    if !fresh {
+                        let body =
+                            serde_json::to_vec(&Status { optime: r.wal }).unwrap_or_default();
+                        self.dcs
+                            .put(&keys.status(g), &body, None)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        self.last_optime = Some((r.wal, Instant::now()));
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn set_aside(&self, why: &str) -> Result<(), String> {
+        let dir = self.pg.data_dir();
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = format!("{}.{why}-{secs}", dir.display());
+        std::fs::rename(&dir, &aside).map_err(|e| format!("set aside {}: {e}", dir.display()))
+    }
+
+    /// host and port a member published.
+    fn member_address(&self, name: &str) -> Option<(String, u16)> {
+        let m = self.cluster.get(&self.cfg.group)?.members.get(name)?;
+        (!m.host.is_empty() && m.port != 0).then(|| (m.host.clone(), m.port))
+    }
+
+    async fn bootstrap_server(&mut self) -> Result<(), String> {
+        self.pg.prepare_host_files().map_err(|e| e.to_string())?;
+        self.pg.initdb().await.map_err(|e| e.to_string())?;
+        self.start(
+            Role::Primary {
+                synchronous_standby_names: String::new(),
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Write the configuration for `role` and start the server; wait (bounded) until it accepts
+    /// connections.
+    async fn start(&mut self, role: Role, upstream: Option<String>) -> Result<(), String> {
+        if self.postmaster.is_some() {
+            self.stop(StopMode::Fast).await;
+        }
+        self.pg.write_conf(&role).map_err(|e| e.to_string())?;
+        let pm = self.pg.start().map_err(|e| e.to_string())?;
+        tracing::info!(pid = pm.pid, ?role, "PostgreSQL started");
+        self.postmaster = Some(pm);
+        self.upstream = upstream;
+        self.lease.fenced.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(pm) = self.postmaster.as_mut() {
+                if let Some(status) = pm.exited() {
+                    self.postmaster = None;
+                    return Err(format!(
+                        "PostgreSQL exited during start ({status}); see {}",
+                        Paths::new(&self.cfg.install_dir).postgres_log()
+                    ));
+                }
+            }
+            if matches!(
+                self.pg.pid_file_status().as_deref(),
+                Some("ready") | Some("standby")
+            ) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("PostgreSQL did not become ready within 120s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
+            .await
+            .ok();
+        if matches!(role, Role::Primary { .. }) {
+            let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+            self.lease.primary_pid.store(pid, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    pub async fn stop(&mut self, mode: StopMode) {
+        self.lease.primary_pid.store(0, Ordering::SeqCst);
+        self.client = None;
+        if let Some(mut pm) = self.postmaster.take() {
+            pm.stop(mode, Duration::from_secs(60)).await;
+            tracing::info!(?mode, "PostgreSQL stopped");
+        }
+    }
+
+    /// Roles, passwords, database, extension and authinfo on this primary.
+    async fn ensure_setup(&mut self) -> Result<(), String> {
+        let t = self.timeout();
+        sql::ensure_roles_and_database(&self.cfg, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        let c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        let desired = metadata::authinfo_string(
+            self.cfg
+                .citus
+                .authinfo_password
+                .then_some(&self.cfg.postgres.superuser.password),
+            self.cfg.citus.sslcert.as_deref(),
+            self.cfg.citus.sslkey.as_deref(),
+        )
+        .map(|authinfo| AuthinfoRow {
+            nodeid: 0,
+            rolename: self.cfg.postgres.superuser.username.clone(),
+            authinfo,
+        });
+        let observed = crate::citus::sql::authinfo(&c, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        for change in metadata::diff_authinfo(
+            desired.as_ref(),
+            &observed,
+            &self.cfg.postgres.superuser.username,
+        ) {
+            crate::citus::sql::apply_authinfo_change(&c, &change, t)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.setup_done = true;
+        Ok(())
+    }
+
+    /// Coordinator primary: keep pg_dist_node pointing at every group's current leader.
+    async fn sync_citus(&mut self) -> Result<(), String> {
+        let t = self.timeout();
+        let groups = group_members(&self.cluster, &self.cfg);
+        let desired = metadata::desired_nodes(&groups, self.cfg.citus.secondaries);
+        let c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        let observed = crate::citus::sql::nodes(&c, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The coordinator knows only the groups that exist in etcd; it never removes a primary.
+        let known: Vec<u32> = self.cluster.keys().copied().collect();
+        for change in metadata::diff_nodes(&desired, &observed, &known)
+            .into_iter()
+            .filter(|c| c.is_automatic())
+        {
+            tracing::info!(?change, "updating pg_dist_node");
+            crate::citus::sql::apply_node_change(&c, &change, t)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- publishing
+
+    pub fn member_info(&self) -> MemberInfo {
+        let server = self
+            .last_snapshot
+            .as_ref()
+            .map(|s| s.server.clone())
+            .unwrap_or(Server::Stopped);
+        let (role, state) = state_label(&server, self.busy.as_deref());
+        let (timeline, wal) = match &server {
+            Server::Running(r) => (r.timeline, r.wal),
+            _ => (0, 0),
+        };
+        let mut tags = BTreeMap::new();
+        if self.cfg.tags.nofailover {
+            tags.insert("nofailover".to_string(), serde_json::json!(true));
+        }
+        if self.cfg.tags.noloadbalance {
+            tags.insert("noloadbalance".to_string(), serde_json::json!(true));
+        }
+        MemberInfo {
+            conn_url: format!(
+                "postgres://{}:{}/{}",
+                self.cfg.address, self.cfg.postgres.port, self.cfg.citus.database
+            ),
+            api_url: format!("http://{}:{}/patroni", self.cfg.address, self.cfg.api.port),
+            state,
+            role,
+            timeline,
+            xlog_location: wal,
+            receive_lsn: self.last_probe.as_ref().and_then(|p| p.receive),
+            tags,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: self.cfg.address.clone(),
+            port: self.cfg.postgres.port,
+            upstream: self.upstream.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Put the member key (on our lease) when it changed or has not been refreshed for a while.
+    pub async fn publish(&mut self) {
+        let Some(lease) = self.lease.lease_id() else {
+            return;
+        };
+        let info = self.member_info();
+        let refresh = Duration::from_secs(u64::from(self.cfg.ha.loop_wait.max(1)));
+        if let Some((last, at)) = &self.last_published {
+            if *last == info && at.elapsed() < refresh {
+                return;
+            }
+        }
+        let body = serde_json::to_vec(&info).unwrap_or_default();
+        let key = self.keys().member(self.cfg.group, &self.cfg.member);
+        match self.dcs.put(&key, &body, Some(lease)).await {
+            Ok(()) => self.last_published = Some((info, Instant::now())),
+            Err(e) => tracing::warn!(error = %e, "cannot publish the member key"),
+        }
+    }
+
+    /// A graceful stop: PostgreSQL down, leadership and member key handed back at once so the
+    /// group does not wait for the lease to run out.
+    pub async fn shutdown(&mut self) {
+        self.stop(StopMode::Fast).await;
+        let keys = self.keys().clone();
+        let _ = self
+            .dcs
+            .delete_if(&keys.leader(self.cfg.group), self.cfg.member.as_bytes())
+            .await;
+        if let Some(id) = self.lease.lease_id() {
+            let _ = self.dcs.revoke(id).await;
+        }
+    }
+
+    pub fn data_dir_exists(&self) -> bool {
+        Path::new(&self.cfg.postgres.data_dir).exists()
+    }
+}
+
+/// Leaders and streaming replicas of every group, with addresses, from the members' keys.
+pub fn group_members(
+    cluster: &BTreeMap<u32, GroupState>,
+    _cfg: &AgentConfig,
+) -> BTreeMap<u32, GroupMembers> {
+    cluster
+        .iter()
+        .filter_map(|(g, state)| {
+            metadata::group_members(
+                state.leader.as_ref().map(|l| l.name.as_str()),
+                state.initialize.as_deref(),
+                &state.members,
+            )
+            .map(|m| (*g, m))
+        })
+        .collect()
+}

@@ -1,0 +1,233 @@
+//! The agent process: `citus-reconcile agent --config FILE`. Starts the lease keeper, the
+//! fence and the etcd watch, then runs `Node::tick` whenever something happened (a watch event,
+//! PostgreSQL exiting, the lease changing, a signal) or `loop_wait` passed.
+//!
+//! Single-threaded on purpose: the postmaster's parent-death signal is tied to the thread that
+//! spawned it, and one thread keeps the agent small.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+use super::config::AgentConfig;
+use super::lease::{self, LeaseShared, Timing};
+use super::node::Node;
+use crate::dcs::{ClusterKeys, Dcs};
+use crate::postgres::process::Pg;
+
+pub fn load_config(path: &Path) -> Result<AgentConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    AgentConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Connect to etcd, retrying (bounded per attempt) until it answers or we are told to stop.
+async fn connect_dcs(cfg: &AgentConfig, timeout: Duration) -> Dcs {
+    let keys = ClusterKeys::new(&cfg.etcd.namespace, &cfg.cluster);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match Dcs::connect(&cfg.etcd.endpoints, keys.clone(), timeout).await {
+            Ok(d) => return d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach etcd; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Which watch events should wake this member.
+fn relevant(key: &str, keys: &ClusterKeys, cfg: &AgentConfig) -> bool {
+    let own = keys.member(cfg.group, &cfg.member);
+    if key == own || key.ends_with("/status") {
+        return false;
+    }
+    key.starts_with(&keys.group(cfg.group))
+        || (cfg.is_coordinator() && key.starts_with(&keys.prefix))
+}
+
+async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>) {
+    let keys = dcs.keys.clone();
+    loop {
+        let rev = match dcs.read_cluster().await {
+            Ok((_, rev)) => rev,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        match dcs.watch(&keys.prefix, rev + 1).await {
+            Ok((_watcher, mut stream)) => {
+                while let Ok(Some(resp)) = stream.message().await {
+                    if resp.canceled() {
+                        break;
+                    }
+                    let hit = resp.events().iter().any(|ev| {
+                        ev.kv()
+                            .map(|kv| relevant(&String::from_utf8_lossy(kv.key()), &keys, &cfg))
+                            .unwrap_or(false)
+                    });
+                    if hit {
+                        wake.notify_one();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        // Something may have changed while the watch was down.
+        wake.notify_one();
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub fn run(config: &Path) -> Result<(), String> {
+    let cfg = load_config(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(run_async(cfg, config.to_path_buf()))
+}
+
+async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<(), String> {
+    let timing = Timing::new(cfg.ha.ttl, cfg.ha.loop_wait, cfg.ha.retry_timeout);
+    tracing::info!(cluster = %cfg.cluster, group = cfg.group, member = %cfg.member, ?timing, "agent starting");
+    let pg = Pg::new(&cfg).map_err(|e| e.to_string())?;
+    pg.prepare_host_files().map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+
+    let dcs = tokio::select! {
+        d = connect_dcs(&cfg, timing.call_timeout.max(Duration::from_secs(1))) => d,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
+    let wake = Arc::new(Notify::new());
+    let shared = LeaseShared::new(timing, wake.clone());
+    tokio::spawn(lease::keep_alive(dcs.clone(), shared.clone()));
+    tokio::spawn(lease::fence(shared.clone()));
+    tokio::spawn(watch(dcs.clone(), cfg.clone(), wake.clone()));
+    let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
+    super::api::serve(&cfg, node_state_channel(&node)).await;
+
+    let loop_wait = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
+    loop {
+        node.tick().await;
+        super::api::publish(&node);
+        let postmaster_exit = async {
+            match node.postmaster.as_mut() {
+                Some(pm) => {
+                    let _ = pm.child.wait().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(loop_wait) => {}
+            _ = wake.notified() => {}
+            _ = postmaster_exit => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match load_config(&config_path) {
+                    Ok(new) if new == node.cfg => {}
+                    Ok(_) => {
+                        // Any change is applied by a fresh start (the supervisor restarts us):
+                        // simpler and always correct. Leadership is handed over cleanly.
+                        tracing::info!("configuration changed; restarting");
+                        node.shutdown().await;
+                        std::process::exit(75);
+                    }
+                    Err(e) => tracing::error!(error = %e, "new configuration unreadable; keeping the old one"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn node_state_channel(node: &Node) -> super::api::Handle {
+    super::api::Handle::new(node)
+}
+
+/// `agent --supervise`: keep an agent child running; restart it whenever it exits, with
+/// backoff; forward SIGTERM/SIGHUP; write the pid file.
+pub fn supervise(config: &Path, pid_file: Option<&Path>, extra: &[String]) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        if let Some(p) = pid_file {
+            std::fs::write(p, format!("{}\n", std::process::id()))
+                .map_err(|e| format!("write {}: {e}", p.display()))?;
+        }
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("agent").arg("--config").arg(config).args(extra);
+            // SAFETY: prctl is async-signal-safe: if the supervisor dies, the agent stops cleanly.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start the agent: {e}"))?;
+            let pid = child.id().unwrap_or(0) as libc::pid_t;
+            let started = std::time::Instant::now();
+            let forward = |sig| {
+                // SAFETY: kill(2) on our own child.
+                unsafe {
+                    libc::kill(pid, sig);
+                }
+            };
+            let stop = loop {
+                tokio::select! {
+                    status = child.wait() => {
+                        tracing::warn!(status = ?status.ok(), "agent exited; restarting");
+                        break false;
+                    }
+                    _ = hup.recv() => forward(libc::SIGHUP),
+                    _ = term.recv() => break true,
+                    _ = int.recv() => break true,
+                }
+            };
+            if stop {
+                forward(libc::SIGTERM);
+                if tokio::time::timeout(Duration::from_secs(90), child.wait())
+                    .await
+                    .is_err()
+                {
+                    forward(libc::SIGKILL);
+                    let _ = child.wait().await;
+                }
+                if let Some(p) = pid_file {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    })
+}

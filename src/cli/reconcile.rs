@@ -1,0 +1,247 @@
+//! `plan`, `diff`, `apply` and `status`: the reconciler's commands.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::load_spec;
+use crate::plan::render;
+use crate::reconcile::{Options, Run, apply, progress::Progress, status};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The spec file
+    pub spec: PathBuf,
+    /// Hosts worked on at once
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub parallelism: u16,
+    /// Record host keys of hosts not yet in known_hosts (a changed key is always refused)
+    #[arg(long)]
+    pub accept_new_host_keys: bool,
+    /// Upload this binary as the agent instead of the running executable
+    #[arg(long, value_name = "PATH")]
+    pub agent_binary: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the plan as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 0 when there is nothing to do, 2 when there are changes, 1 on errors
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    pub auto_approve: bool,
+    /// Allow removing members and worker groups that left the spec (groups are drained first)
+    #[arg(long)]
+    pub allow_destroy: bool,
+    /// Seconds to wait for the agents to converge
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn options(run: &RunArgs, timeout: u64, allow_destroy: bool) -> miette::Result<Options> {
+    let agent_binary = match &run.agent_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| miette::miette!("cannot locate this executable: {e}"))?,
+    };
+    Ok(Options {
+        parallelism: usize::from(run.parallelism),
+        accept_new_host_keys: run.accept_new_host_keys,
+        agent_binary,
+        timeout: Duration::from_secs(timeout),
+        allow_destroy,
+    })
+}
+
+fn runtime() -> miette::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| miette::miette!("cannot start the runtime: {e}"))
+}
+
+/// Open a run and observe; None (after printing why) when the spec is invalid.
+async fn open(
+    args: &RunArgs,
+    opts: Options,
+) -> miette::Result<Option<(Run, crate::plan::Observed)>> {
+    let Some(spec) = load_spec(&args.spec, true)? else {
+        return Ok(None);
+    };
+    let run = Run::open(&spec, opts)
+        .await
+        .map_err(|e| miette::miette!("{e}"))?;
+    let observed = run.observe().await;
+    Ok(Some((run, observed)))
+}
+
+pub fn plan(args: PlanArgs) -> miette::Result<ExitCode> {
+    let started = Instant::now();
+    runtime()?.block_on(async {
+        let Some((run, observed)) = open(&args.run, options(&args.run, 300, false)?).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let plan = run.plan(&observed);
+        run.close().await;
+        if args.json {
+            println!("{}", render::json(&plan));
+        } else {
+            print!("{}", render::text(&plan, &run.desired));
+            eprintln!("(planned in {:.2}s)", started.elapsed().as_secs_f64());
+        }
+        Ok(
+            match (
+                plan.errors.is_empty(),
+                plan.is_empty(),
+                args.detailed_exitcode,
+            ) {
+                (false, _, _) => ExitCode::FAILURE,
+                (true, false, true) => ExitCode::from(2),
+                _ => ExitCode::SUCCESS,
+            },
+        )
+    })
+}
+
+/// `diff`: exit 0 without differences, 1 with differences, 2 on errors (as `kubectl diff`).
+pub fn diff(args: RunArgs) -> miette::Result<ExitCode> {
+    let result = runtime()?.block_on(async {
+        let Some((run, observed)) = open(&args, options(&args, 300, false)?).await? else {
+            return Ok(ExitCode::from(2));
+        };
+        let plan = run.plan(&observed);
+        run.close().await;
+        for e in &plan.errors {
+            eprintln!("error: {e}");
+        }
+        print!("{}", render::diff_only(&plan));
+        Ok(match (plan.errors.is_empty(), plan.is_empty()) {
+            (false, _) => ExitCode::from(2),
+            (true, true) => ExitCode::SUCCESS,
+            (true, false) => ExitCode::from(1),
+        })
+    });
+    result.or_else(|e: miette::Report| {
+        eprintln!("{e:?}");
+        Ok(ExitCode::from(2))
+    })
+}
+
+fn confirm() -> Result<bool, String> {
+    if !std::io::stdin().is_terminal() {
+        return Err("refusing to wait for confirmation: stdin is not a terminal; review the plan and pass --auto-approve".into());
+    }
+    print!("\nApply these changes? Only 'yes' is accepted: ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim() == "yes")
+}
+
+pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
+    let started = Instant::now();
+    runtime()?.block_on(async {
+        let Some((run, observed)) = open(&args.run, options(&args.run, args.timeout, args.allow_destroy)?).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let plan = run.plan(&observed);
+        print!("{}", render::text(&plan, &run.desired));
+        if !plan.errors.is_empty() {
+            run.close().await;
+            return Err(miette::miette!("nothing was changed: fix the errors above and run again"));
+        }
+        if plan.is_empty() {
+            run.close().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if plan.has_destroys() && !args.allow_destroy {
+            run.close().await;
+            return Err(miette::miette!(
+                "nothing was changed: the plan destroys {} thing(s); rerun with --allow-destroy once you have reviewed it",
+                plan.summary.destroy
+            ));
+        }
+        if !args.auto_approve {
+            match confirm() {
+                Ok(true) => {}
+                Ok(false) => {
+                    run.close().await;
+                    println!("Apply cancelled; nothing was changed.");
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    run.close().await;
+                    return Err(miette::miette!("{e}"));
+                }
+            }
+        }
+        let hosts: Vec<String> = run.spec.hosts().map(|h| h.name.clone()).collect();
+        let progress = Arc::new(Progress::new(&hosts));
+        let result = apply::apply(&run, &plan, &observed, &progress).await;
+        progress.finish();
+        run.close().await;
+        match result {
+            Ok(final_state) => {
+                let after = run.plan(&final_state);
+                print!("{}", status::text(&status::of(&run.spec, &final_state)));
+                println!(
+                    "Apply complete in {:.1}s: {} added, {} changed, {} destroyed.",
+                    started.elapsed().as_secs_f64(),
+                    plan.summary.add,
+                    plan.summary.change,
+                    plan.summary.destroy
+                );
+                if !after.is_empty() {
+                    println!("note: the cluster drifted again while applying; `plan` shows what is left.");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Err(miette::miette!("apply failed: {e}\nThe steps before it were completed; run apply again to continue.")),
+        }
+    })
+}
+
+pub fn status(args: StatusArgs) -> miette::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let Some((run, observed)) = open(&args.run, options(&args.run, 300, false)?).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        run.close().await;
+        let s = status::of(&run.spec, &observed);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        } else {
+            print!("{}", status::text(&s));
+        }
+        Ok(if s.problems.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

@@ -1,0 +1,271 @@
+//! The etcd key layout (Patroni's, so Patroni tooling and operators can read it) and the values
+//! stored there. Pure: parsing and formatting only.
+//!
+//! `{namespace}/{cluster}/{group}/` holds `leader` (member name, on the leader's lease),
+//! `members/{name}` (JSON, on the member's lease), `initialize` (system identifier),
+//! `config`, `sync`, `failover`, `status` and `history`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Key names of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterKeys {
+    /// `{namespace}/{cluster}/`
+    pub prefix: String,
+    namespace: String,
+    cluster: String,
+}
+
+impl ClusterKeys {
+    pub fn new(namespace: &str, cluster: &str) -> Self {
+        let ns = namespace.trim_end_matches('/');
+        Self {
+            prefix: format!("{ns}/{cluster}/"),
+            namespace: ns.to_string(),
+            cluster: cluster.to_string(),
+        }
+    }
+    pub fn group(&self, group: u32) -> String {
+        format!("{}{group}/", self.prefix)
+    }
+    pub fn leader(&self, group: u32) -> String {
+        format!("{}leader", self.group(group))
+    }
+    pub fn member(&self, group: u32, name: &str) -> String {
+        format!("{}members/{name}", self.group(group))
+    }
+    pub fn members(&self, group: u32) -> String {
+        format!("{}members/", self.group(group))
+    }
+    pub fn initialize(&self, group: u32) -> String {
+        format!("{}initialize", self.group(group))
+    }
+    pub fn sync(&self, group: u32) -> String {
+        format!("{}sync", self.group(group))
+    }
+    pub fn failover(&self, group: u32) -> String {
+        format!("{}failover", self.group(group))
+    }
+    pub fn history(&self, group: u32) -> String {
+        format!("{}history", self.group(group))
+    }
+    pub fn status(&self, group: u32) -> String {
+        format!("{}status", self.group(group))
+    }
+    /// Outside the cluster's own tree, so Patroni tools that list groups never see it.
+    pub fn apply_lock(&self) -> String {
+        format!(
+            "{}/.citus-reconcile/{}/apply-lock",
+            self.namespace, self.cluster
+        )
+    }
+}
+
+/// What a member publishes about itself (Patroni's field names, plus a few of ours).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    #[serde(default)]
+    pub conn_url: String,
+    #[serde(default)]
+    pub api_url: String,
+    /// `running`, `streaming`, `starting`, `stopped`, `crashed`, `initializing`, `cloning`…
+    #[serde(default)]
+    pub state: String,
+    /// `primary`, `replica` or `uninitialized`.
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub timeline: u32,
+    /// WAL position: the current position on a primary, the replayed one on a replica.
+    #[serde(default)]
+    pub xlog_location: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_lsn: Option<u64>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Host and port, for Citus and for cloning.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port: u16,
+    /// Name of the member this replica streams from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub upstream: String,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
+}
+
+impl MemberInfo {
+    pub fn nofailover(&self) -> bool {
+        self.tags
+            .get("nofailover")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+}
+
+/// The `sync` key: who leads and which standby is synchronous.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    #[serde(default)]
+    pub leader: Option<String>,
+    #[serde(default)]
+    pub sync_standby: Option<String>,
+}
+
+/// The `failover` key: a requested switchover (with `leader`) or failover.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub name: String,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// Everything etcd holds about one group.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupState {
+    pub leader: Option<LeaderKey>,
+    pub members: BTreeMap<String, MemberInfo>,
+    /// Present once bootstrap started; the system identifier once it finished.
+    pub initialize: Option<String>,
+    pub sync: Option<SyncState>,
+    pub failover: Option<FailoverRequest>,
+    pub config: Option<serde_json::Value>,
+    /// The last WAL position the leader published (`status` key); it outlives the leader.
+    pub optime: Option<u64>,
+}
+
+/// The `status` key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub optime: u64,
+}
+
+/// One key-value pair as read from etcd.
+#[derive(Debug, Clone)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// Sort a cluster's keys into groups. Unparseable values are skipped: one member with a
+/// corrupt key must not blind everyone else.
+pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupState> {
+    let mut groups: BTreeMap<u32, GroupState> = BTreeMap::new();
+    for kv in kvs {
+        let Some(rest) = kv.key.strip_prefix(&keys.prefix) else {
+            continue;
+        };
+        let Some((group, name)) = rest.split_once('/') else {
+            continue;
+        };
+        let Ok(group) = group.parse::<u32>() else {
+            continue;
+        };
+        let g = groups.entry(group).or_default();
+        let text = String::from_utf8_lossy(&kv.value).into_owned();
+        match name {
+            "leader" => {
+                g.leader = Some(LeaderKey {
+                    name: text,
+                    mod_revision: kv.mod_revision,
+                    lease: kv.lease,
+                });
+            }
+            "initialize" => g.initialize = Some(text),
+            "sync" => g.sync = serde_json::from_str(&text).ok(),
+            "failover" => g.failover = serde_json::from_str(&text).ok(),
+            "config" => g.config = serde_json::from_str(&text).ok(),
+            "status" => g.optime = serde_json::from_str::<Status>(&text).ok().map(|s| s.optime),
+            other => {
+                if let Some(member) = other.strip_prefix("members/") {
+                    if let Ok(info) = serde_json::from_str::<MemberInfo>(&text) {
+                        g.members.insert(member.to_string(), info);
+                    }
+                }
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> RawKv {
+        RawKv {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 7,
+            lease: 42,
+        }
+    }
+
+    #[test]
+    fn layout_is_patronis() {
+        let k = ClusterKeys::new("/service/", "demo");
+        assert_eq!(k.leader(1), "/service/demo/1/leader");
+        assert_eq!(k.member(0, "coord1"), "/service/demo/0/members/coord1");
+        assert_eq!(k.initialize(2), "/service/demo/2/initialize");
+        assert!(!k.apply_lock().starts_with(&k.prefix));
+    }
+
+    #[test]
+    fn parses_groups_and_skips_garbage() {
+        let k = ClusterKeys::new("/service", "demo");
+        let groups = parse_cluster(
+            &k,
+            &[
+                kv("/service/demo/0/leader", "coord1"),
+                kv("/service/demo/0/initialize", "7310"),
+                kv(
+                    "/service/demo/0/members/coord1",
+                    r#"{"role":"primary","state":"running","timeline":2,"xlog_location":100}"#,
+                ),
+                kv("/service/demo/0/members/broken", "{not json"),
+                kv(
+                    "/service/demo/1/sync",
+                    r#"{"leader":"w1","sync_standby":"w2"}"#,
+                ),
+                kv("/service/demo/x/leader", "ignored"),
+                kv("/service/other/0/leader", "ignored"),
+            ],
+        );
+        assert_eq!(groups.len(), 2);
+        let g0 = &groups[&0];
+        assert_eq!(
+            g0.leader.as_ref().map(|l| (l.name.as_str(), l.lease)),
+            Some(("coord1", 42))
+        );
+        assert_eq!(g0.initialize.as_deref(), Some("7310"));
+        assert_eq!(g0.members.len(), 1);
+        assert_eq!(g0.members["coord1"].timeline, 2);
+        assert_eq!(
+            groups[&1]
+                .sync
+                .as_ref()
+                .and_then(|s| s.sync_standby.as_deref()),
+            Some("w2")
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! Observe what is really there and fill the plain `plan::Observed` value: each host over SSH
+//! (one probe command per host), etcd, and the Citus metadata on each group's primary through
+//! an SSH tunnel. Bounded parallelism, every call with a timeout; a host that cannot be
+//! reached is reported, never guessed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::agent::config::{AgentConfig, Paths};
+use crate::citus;
+use crate::dcs::{ClusterKeys, Dcs, keys};
+use crate::plan::{DataDirState, EtcdObserved, GroupObserved, HostFacts, HostObserved, Observed};
+use crate::spec::model::Service;
+use crate::spec::{HostSpec, Spec};
+use crate::ssh::{self, Session, Target, shell_quote};
+
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const SQL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SSH sessions to the spec's hosts (by member name), and why the others failed.
+#[derive(Default, Clone)]
+pub struct Sessions {
+    pub ok: BTreeMap<String, Arc<Session>>,
+    pub failed: BTreeMap<String, String>,
+}
+
+impl Sessions {
+    /// Connect to every host (members sharing an address share nothing: one session each).
+    pub async fn connect(spec: &Spec, options: ssh::Options, parallelism: usize) -> Sessions {
+        let sem = Arc::new(Semaphore::new(parallelism.max(1)));
+        let mut set = JoinSet::new();
+        for h in spec.hosts() {
+            let target = Target::of(h);
+            let sem = sem.clone();
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let r = Session::connect(&target, options).await;
+                (target.name.clone(), r)
+            });
+        }
+        let mut out = Sessions::default();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((name, Ok(s))) => {
+                    out.ok.insert(name, Arc::new(s));
+                }
+                Ok((name, Err(e))) => {
+                    out.failed.insert(name, e.to_string());
+                }
+                Err(e) => tracing::error!(error = %e, "connection task failed"),
+            }
+        }
+        out
+    }
+
+    pub async fn close(&self) {
+        for s in self.ok.values() {
+            s.close().await;
+        }
+    }
+}
+
+/// The shell probe: prints `key=value` lines about PostgreSQL, Citus, the data directory and
+/// the agent. File contents travel base64-encoded.
+pub fn probe_script(spec: &Spec, h: &HostSpec) -> String {
+    let p = Paths::new(&h.install_dir);
+    let bin = shell_quote(&spec.postgres.bin_dir);
+    let data = shell_quote(&h.data_dir);
+    let binary = shell_quote(&p.binary());
+    let config = shell_quote(&p.config());
+    let pid_file = shell_quote(&p.pid_file());
+    let unit = shell_quote(&format!(
+        "/etc/systemd/system/{}",
+        Paths::unit_name(&spec.cluster, &h.name)
+    ));
+    let version = spec.postgres.version;
+    format!(
+        r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${{ID:-unknown}}-${{VERSION_ID:-}})"
+echo "user=$(id -un)"
+command -v apt-get >/dev/null 2>&1 && echo apt=yes
+if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
+share=$({bin}/pg_config --sharedir 2>/dev/null || echo /usr/share/postgresql/{version})
+[ -f "$share/extension/citus.control" ] && echo citus=yes
+if [ -f {data}/global/pg_control ]; then echo data=initialized
+elif [ -d {data} ] && [ -n "$(ls -A {data} 2>/dev/null)" ]; then echo data=partial
+else echo data=absent; fi
+if [ -f {binary} ]; then
+  if [ -f {binary}.sha256 ] && [ "$(stat -c %s.%Y {binary})" = "$(sed -n 2p {binary}.sha256)" ]; then echo "binary_sha=$(sed -n 1p {binary}.sha256)"
+  else echo "binary_sha=$(sha256sum {binary} | cut -d' ' -f1)"; fi
+fi
+if [ -f {config} ]; then echo "config_sha=$(sha256sum {config} | cut -d' ' -f1)"; echo "config_b64=$(base64 -w0 {config})"; fi
+[ -f {data}/postgresql.conf ] && echo "pgconf_b64=$(base64 -w0 {data}/postgresql.conf)"
+if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -q -- "--config {config_raw}"; then echo agent_pid=$pid; fi; fi
+[ -f {unit} ] && echo unit=yes
+true
+"#,
+        config_raw = p.config(),
+    )
+}
+
+/// Parse the probe's output into facts.
+pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) -> HostFacts {
+    let mut f = HostFacts::default();
+    let b64 = |v: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.trim())
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    for line in output.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "os" => f.os = v.to_string(),
+            "user" => f.login_user = v.to_string(),
+            "apt" => f.apt = true,
+            "pg" => f.postgres_version = Some(v.to_string()),
+            "citus" => f.citus_available = true,
+            "data" => {
+                f.data_dir = match v {
+                    "initialized" => DataDirState::Initialized,
+                    "partial" => DataDirState::Partial,
+                    _ => DataDirState::Absent,
+                }
+            }
+            "binary_sha" => f.agent_binary_sha256 = Some(v.to_string()),
+            "config_sha" => f.agent_config_sha256 = Some(v.to_string()),
+            "config_b64" => {
+                f.agent_config_redacted = Some(match b64(v).map(|t| AgentConfig::parse(&t)) {
+                    Some(Ok(cfg)) => cfg.render_redacted(),
+                    // Never echo an unparseable file: it may hold secrets in unknown places.
+                    _ => "# (unreadable agent configuration; it will be replaced)\n".to_string(),
+                })
+            }
+            "pgconf_b64" => f.postgresql_conf = b64(v),
+            "agent_pid" => f.agent_pid = v.trim().parse().ok(),
+            "unit" => f.unit_installed = true,
+            _ => {}
+        }
+    }
+    if service == Service::Systemd {
+        f.agent_pid = systemd_active;
+    }
+    f
+}
+
+async fn host_facts(spec: &Spec, h: &HostSpec, s: &Session) -> Result<HostFacts, String> {
+    let out = s
+        .run("probe", &probe_script(spec, h), PROBE_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let systemd = if spec.agent.service == Service::Systemd {
+        let unit = Paths::unit_name(&spec.cluster, &h.name);
+        let cmd = format!(
+            "systemctl show -p MainPID --value {} 2>/dev/null || true",
+            shell_quote(&unit)
+        );
+        s.run("systemctl show", &cmd, PROBE_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|o| o.trim().parse::<u32>().ok())
+            .filter(|p| *p != 0)
+    } else {
+        None
+    };
+    Ok(parse_probe(&out, spec.agent.service, systemd))
+}
+
+/// Connect to etcd (bounded); the error is part of the observation.
+pub async fn connect_etcd(spec: &Spec) -> Result<Dcs, String> {
+    let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
+    Dcs::connect(&spec.etcd.endpoints, keys, ETCD_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn etcd_state(dcs: &Dcs) -> EtcdObserved {
+    match dcs.read_cluster().await {
+        Ok((kvs, _)) => EtcdObserved {
+            error: None,
+            groups: keys::parse_cluster(&dcs.keys, &kvs)
+                .into_iter()
+                .map(|(g, s)| {
+                    (
+                        g,
+                        GroupObserved {
+                            leader: s.leader.map(|l| l.name),
+                            initialize: s.initialize,
+                            members: s.members,
+                        },
+                    )
+                })
+                .collect(),
+        },
+        Err(e) => EtcdObserved {
+            error: Some(e.to_string()),
+            groups: BTreeMap::new(),
+        },
+    }
+}
+
+/// A SQL connection to a member's PostgreSQL through its SSH session, as the superuser.
+pub async fn sql_through(
+    spec: &Spec,
+    h: &HostSpec,
+    s: &Session,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let stream = s
+        .forward(&h.address, h.pg_port, SQL_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(&spec.postgres.superuser.username)
+        .password(spec.postgres.superuser.password.expose())
+        .dbname(dbname)
+        .application_name("citus-reconcile");
+    let connect = cfg.connect_raw(stream, tokio_postgres::NoTls);
+    let (client, conn) = match tokio::time::timeout(SQL_TIMEOUT, connect).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "{}: SQL connection: {}",
+                h.name,
+                crate::postgres::sql::db_message(&e)
+            ));
+        }
+        Err(_) => return Err(format!("{}: SQL connection timed out", h.name)),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// pg_dist_node from the coordinator's primary and pg_dist_authinfo from every group primary.
+async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut Observed) {
+    for (g, group) in &etcd.groups {
+        let Some(leader) = &group.leader else {
+            continue;
+        };
+        let running = group
+            .members
+            .get(leader)
+            .is_some_and(|m| m.role == "primary" && m.state == "running");
+        let (Some(h), Some(s)) = (spec.host(leader), sessions.ok.get(leader)) else {
+            continue;
+        };
+        if !running || spec.group(*g).is_none() {
+            continue;
+        }
+        let client = match sql_through(spec, h, s, &spec.citus.database).await {
+            Ok(c) => c,
+            Err(e) => {
+                o.metadata_error = Some(e);
+                continue;
+            }
+        };
+        match citus::sql::extension_installed(&client, SQL_TIMEOUT).await {
+            Ok(true) => {}
+            _ => continue,
+        }
+        match citus::sql::authinfo(&client, SQL_TIMEOUT).await {
+            Ok(rows) => {
+                o.authinfo.insert(*g, rows);
+            }
+            Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
+        }
+        if *g == 0 {
+            match citus::sql::nodes(&client, SQL_TIMEOUT).await {
+                Ok(rows) => o.nodes = Some(rows),
+                Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
+            }
+        }
+    }
+}
+
+/// Observe everything the plan needs.
+pub async fn observe(
+    spec: &Spec,
+    sessions: &Sessions,
+    dcs: Option<&Dcs>,
+    parallelism: usize,
+) -> Observed {
+    let mut o = Observed::default();
+    for (name, err) in &sessions.failed {
+        o.hosts.insert(
+            name.clone(),
+            HostObserved::Unreachable { error: err.clone() },
+        );
+    }
+    let sem = Arc::new(Semaphore::new(parallelism.max(1)));
+    let mut set = JoinSet::new();
+    for (name, s) in &sessions.ok {
+        let Some(h) = spec.host(name).cloned() else {
+            continue;
+        };
+        let (spec, s, sem) = (spec.clone(), s.clone(), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            (h.name.clone(), host_facts(&spec, &h, &s).await)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        if let Ok((name, r)) = joined {
+            let entry = match r {
+                Ok(f) => HostObserved::Reachable(f),
+                Err(error) => HostObserved::Unreachable { error },
+            };
+            o.hosts.insert(name, entry);
+        }
+    }
+    tracing::debug!("hosts probed");
+    o.etcd = match dcs {
+        Some(d) => etcd_state(d).await,
+        None => EtcdObserved {
+            error: Some("not connected".into()),
+            groups: BTreeMap::new(),
+        },
+    };
+    tracing::debug!("etcd read");
+    if o.etcd.error.is_none() {
+        let etcd = o.etcd.clone();
+        metadata(spec, sessions, &etcd, &mut o).await;
+    }
+    tracing::debug!("metadata read");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_output_parses() {
+        let cfg = "cluster: c\n";
+        let enc = base64::engine::general_purpose::STANDARD.encode("max_connections = '100'\n");
+        let out = format!(
+            "os=debian-12\nuser=root\napt=yes\npg=postgres (PostgreSQL) 15.18\ncitus=yes\ndata=initialized\nbinary_sha=abc\nconfig_sha=def\nconfig_b64={}\npgconf_b64={enc}\nagent_pid=42\n",
+            base64::engine::general_purpose::STANDARD.encode(cfg)
+        );
+        let f = parse_probe(&out, Service::Process, None);
+        assert_eq!(f.os, "debian-12");
+        assert!(f.apt && f.citus_available);
+        assert_eq!(f.data_dir, DataDirState::Initialized);
+        assert_eq!(f.agent_pid, Some(42));
+        assert_eq!(
+            f.postgresql_conf.as_deref(),
+            Some("max_connections = '100'\n")
+        );
+        // An agent.yaml that does not parse is never shown (it may hold secrets).
+        assert_eq!(
+            f.agent_config_redacted.as_deref(),
+            Some("# (unreadable agent configuration; it will be replaced)\n")
+        );
+        let f = parse_probe("data=partial\n", Service::Systemd, Some(7));
+        assert_eq!((f.data_dir, f.agent_pid), (DataDirState::Partial, Some(7)));
+    }
+}

@@ -1,0 +1,504 @@
+//! `diff(desired, observed) -> Plan`: pure. Every rule that decides what `apply` will do
+//! lives here, so it is tested with tables of values, without hosts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use similar::TextDiff;
+
+use super::model::{DataDirState, Desired, HostDesired, HostFacts, HostObserved, Observed};
+use super::{Action, Change, FORMAT_VERSION, Kind, Phase, Plan, Summary, Target};
+use crate::citus::metadata::{self, AuthinfoChange, NodeChange};
+use crate::spec::model::{InstallMode, Service};
+
+/// A unified diff of two texts, or None when equal.
+pub fn unified(old: &str, new: &str, old_name: &str, new_name: &str) -> Option<String> {
+    if old == new {
+        return None;
+    }
+    Some(
+        TextDiff::from_lines(old, new)
+            .unified_diff()
+            .context_radius(2)
+            .header(old_name, new_name)
+            .to_string(),
+    )
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+pub fn diff(d: &Desired, o: &Observed) -> Plan {
+    let mut actions = Vec::new();
+    let mut errors = Vec::new();
+    if let Some(e) = &o.etcd.error {
+        errors.push(format!("etcd: {e}"));
+    }
+    for (name, hd) in &d.hosts {
+        match o.hosts.get(name) {
+            None => errors.push(format!("{name}: not observed")),
+            Some(HostObserved::Unreachable { error }) => errors.push(error.clone()),
+            Some(HostObserved::Reachable(f)) => {
+                // PostgreSQL drift only counts for a member that is up: while an agent creates
+                // or starts its server, the files are in flux.
+                let up = o
+                    .etcd
+                    .groups
+                    .get(&hd.group)
+                    .and_then(|g| g.members.get(name))
+                    .is_some_and(running);
+                host_actions(d, hd, f, up, &mut actions, &mut errors)
+            }
+        }
+    }
+    if o.etcd.error.is_none() {
+        convergence(d, o, &mut actions);
+        metadata_actions(d, o, &mut actions);
+        destroy_actions(d, o, &mut actions);
+    }
+    actions.sort_by(|a, b| (a.phase, &a.target).cmp(&(b.phase, &b.target)));
+    let mut summary = Summary::default();
+    for a in &actions {
+        match a.change {
+            Change::Add => summary.add += 1,
+            Change::Change => summary.change += 1,
+            Change::Destroy => summary.destroy += 1,
+        }
+    }
+    Plan {
+        format_version: FORMAT_VERSION,
+        cluster: d.cluster.clone(),
+        actions,
+        errors,
+        summary,
+    }
+}
+
+fn act(phase: Phase, target: Target, change: Change, kind: Kind, summary: String) -> Action {
+    Action {
+        phase,
+        target,
+        change,
+        kind,
+        summary,
+        diff: None,
+    }
+}
+
+fn host_actions(
+    d: &Desired,
+    h: &HostDesired,
+    f: &HostFacts,
+    member_up: bool,
+    out: &mut Vec<Action>,
+    errors: &mut Vec<String>,
+) {
+    let target = || Target::Host(h.name.clone());
+    // Software.
+    let mut packages = Vec::new();
+    if f.postgres_version.is_none() {
+        match h.install {
+            InstallMode::Apt => packages.extend(h.packages.iter().cloned()),
+            InstallMode::None => errors.push(format!(
+                "{}: no PostgreSQL binaries in the spec's bin_dir (install: none)",
+                h.name
+            )),
+        }
+    }
+    if !f.citus_available {
+        match (&h.citus_package, h.install) {
+            (Some(pkg), InstallMode::Apt) => packages.push(pkg.clone()),
+            _ if f.postgres_version.is_some() || h.install == InstallMode::None => errors.push(format!(
+                "{}: the Citus extension is not installed (no citus.control); install it or set citus.package with install: apt",
+                h.name
+            )),
+            _ => {}
+        }
+    }
+    if !packages.is_empty() {
+        if f.apt {
+            out.push(act(
+                Phase::Prepare,
+                target(),
+                Change::Add,
+                Kind::InstallPackages {
+                    packages: packages.clone(),
+                },
+                format!("install packages: {}", packages.join(" ")),
+            ));
+        } else {
+            errors.push(format!(
+                "{}: packages {} are needed but apt-get is not available",
+                h.name,
+                packages.join(" ")
+            ));
+        }
+    }
+
+    // The agent.
+    let first_install = f.agent_binary_sha256.is_none() && f.agent_config_sha256.is_none();
+    let binary_changed = f.agent_binary_sha256.as_deref() != Some(d.binary_sha256.as_str());
+    if binary_changed {
+        let (change, summary) = match &f.agent_binary_sha256 {
+            None => (
+                Change::Add,
+                format!("upload agent binary (sha256 {})", short(&d.binary_sha256)),
+            ),
+            Some(old) => (
+                Change::Change,
+                format!(
+                    "replace agent binary (sha256 {} → {})",
+                    short(old),
+                    short(&d.binary_sha256)
+                ),
+            ),
+        };
+        out.push(act(
+            Phase::Install,
+            target(),
+            change,
+            Kind::UploadAgentBinary {
+                sha256: d.binary_sha256.clone(),
+            },
+            summary,
+        ));
+    }
+    let config_changed = f.agent_config_sha256.as_deref() != Some(h.agent_config_sha256.as_str());
+    if config_changed {
+        let old = f.agent_config_redacted.clone().unwrap_or_default();
+        let mut a = act(
+            Phase::Install,
+            target(),
+            if f.agent_config_sha256.is_none() {
+                Change::Add
+            } else {
+                Change::Change
+            },
+            Kind::WriteAgentConfig,
+            if f.agent_config_sha256.is_none() {
+                "write agent configuration".into()
+            } else {
+                "update agent configuration".into()
+            },
+        );
+        a.diff = unified(
+            &old,
+            &h.agent_config_redacted,
+            "agent.yaml (current)",
+            "agent.yaml (desired)",
+        );
+        if a.diff.is_none() {
+            a.summary = "update agent configuration (secret values changed; not shown)".into();
+        }
+        out.push(a);
+    }
+    if h.service == Service::Systemd && !f.unit_installed {
+        out.push(act(
+            Phase::Install,
+            target(),
+            Change::Add,
+            Kind::InstallService,
+            "install the systemd unit".into(),
+        ));
+    }
+    match f.agent_pid {
+        None => out.push(act(
+            Phase::Start,
+            target(),
+            if first_install {
+                Change::Add
+            } else {
+                Change::Change
+            },
+            Kind::StartAgent,
+            if first_install {
+                "start the agent".into()
+            } else {
+                "start the agent (not running)".into()
+            },
+        )),
+        Some(_) if binary_changed || config_changed => {
+            let reason = match (binary_changed, config_changed) {
+                (true, true) => "new binary and configuration",
+                (true, false) => "new binary",
+                _ => "new configuration",
+            };
+            out.push(act(
+                Phase::Start,
+                target(),
+                Change::Change,
+                Kind::RestartAgent {
+                    reason: reason.into(),
+                },
+                format!("restart the agent ({reason})"),
+            ));
+        }
+        Some(_) => {}
+    }
+    // postgresql.conf drift (the agent rewrites it whenever it starts PostgreSQL).
+    if f.data_dir == DataDirState::Initialized && member_up {
+        if let Some(current) = &f.postgresql_conf {
+            if let Some(text) = unified(
+                current,
+                &h.postgresql_conf,
+                "postgresql.conf (current)",
+                "postgresql.conf (desired)",
+            ) {
+                let mut a = act(
+                    Phase::Converge,
+                    target(),
+                    Change::Change,
+                    Kind::PostgresConf,
+                    "PostgreSQL parameters".into(),
+                );
+                a.diff = Some(text);
+                out.push(a);
+                let restarting = out.iter().any(|x| {
+                    x.target == target()
+                        && matches!(x.kind, Kind::RestartAgent { .. } | Kind::StartAgent)
+                });
+                if !restarting && f.agent_pid.is_some() {
+                    out.push(act(
+                        Phase::Start,
+                        target(),
+                        Change::Change,
+                        Kind::RestartAgent {
+                            reason: "postgresql.conf drifted".into(),
+                        },
+                        "restart the agent (postgresql.conf drifted)".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn running(m: &crate::dcs::keys::MemberInfo) -> bool {
+    (m.role == "primary" || m.role == "replica") && (m.state == "running" || m.state == "streaming")
+}
+
+/// What the agents will do once running: bootstrap groups and bring members up.
+fn convergence(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    for (g, members) in &d.groups {
+        let obs = o.etcd.groups.get(g);
+        if obs.and_then(|x| x.initialize.as_ref()).is_none() {
+            out.push(act(
+                Phase::Converge,
+                Target::Group(*g),
+                Change::Add,
+                Kind::BootstrapGroup,
+                format!(
+                    "group {g}: initialize (the first agent to win the initialize key runs initdb)"
+                ),
+            ));
+        }
+        for name in members {
+            let up = obs.and_then(|x| x.members.get(name)).is_some_and(running);
+            if !up {
+                let fresh = matches!(o.hosts.get(name), Some(HostObserved::Reachable(f)) if f.data_dir != DataDirState::Initialized);
+                out.push(act(
+                    Phase::Converge,
+                    Target::Host(name.clone()),
+                    if fresh { Change::Add } else { Change::Change },
+                    Kind::BringUpMember,
+                    if fresh {
+                        "PostgreSQL: created by the agent (initdb or clone of the leader)".into()
+                    } else {
+                        "PostgreSQL: started by the agent".into()
+                    },
+                ));
+            }
+        }
+    }
+}
+
+fn node_summary(c: &NodeChange) -> (Change, String) {
+    match c {
+        NodeChange::SetCoordinator { host, port } => (
+            Change::Add,
+            format!("pg_dist_node: + coordinator {host}:{port} (group 0)"),
+        ),
+        NodeChange::AddPrimary { group, host, port } => (
+            Change::Add,
+            format!("pg_dist_node: + group {group} primary {host}:{port}"),
+        ),
+        NodeChange::AddSecondary {
+            group, host, port, ..
+        } => (
+            Change::Add,
+            format!("pg_dist_node: + group {group} secondary {host}:{port}"),
+        ),
+        NodeChange::Move {
+            nodeid,
+            group,
+            from_host,
+            from_port,
+            host,
+            port,
+        } => (
+            Change::Change,
+            format!(
+                "pg_dist_node: ~ node {nodeid} (group {group}) {from_host}:{from_port} → {host}:{port}"
+            ),
+        ),
+        NodeChange::Remove {
+            nodeid,
+            group,
+            host,
+            port,
+            role,
+        } => (
+            Change::Change,
+            format!("pg_dist_node: - node {nodeid} (group {group} {role}) {host}:{port}"),
+        ),
+    }
+}
+
+fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    let mut groups = BTreeMap::new();
+    for (g, obs) in &o.etcd.groups {
+        if let Some(m) = metadata::group_members(
+            obs.leader.as_deref(),
+            obs.initialize.as_deref(),
+            &obs.members,
+        ) {
+            groups.insert(*g, m);
+        }
+    }
+    let desired_rows = metadata::desired_nodes(&groups, d.secondaries);
+    let known: Vec<u32> = d.groups.keys().copied().collect();
+    let observed_rows = o.nodes.clone().unwrap_or_default();
+    if o.nodes.is_some() {
+        for change in metadata::diff_nodes(&desired_rows, &observed_rows, &known) {
+            if matches!(&change, NodeChange::Remove { role, .. } if role == "primary") {
+                continue; // reported as RemoveGroup
+            }
+            let (kind_change, summary) = node_summary(&change);
+            let target = match &change {
+                NodeChange::SetCoordinator { .. } => Target::Group(0),
+                NodeChange::AddPrimary { group, .. }
+                | NodeChange::AddSecondary { group, .. }
+                | NodeChange::Move { group, .. } => Target::Group(*group),
+                NodeChange::Remove { group, .. } => Target::Group((*group).max(0) as u32),
+            };
+            out.push(act(
+                Phase::Converge,
+                target,
+                kind_change,
+                Kind::Node { change },
+                summary,
+            ));
+        }
+    }
+    // Groups whose row cannot be written yet (no leader, or no coordinator to write it).
+    for g in d.groups.keys() {
+        let has_row = observed_rows
+            .iter()
+            .any(|r| r.groupid == *g as i32 && r.noderole == "primary");
+        let planned = out
+            .iter()
+            .any(|a| a.target == Target::Group(*g) && matches!(a.kind, Kind::Node { .. }));
+        if !has_row && !planned {
+            let what = if *g == 0 {
+                "coordinator".to_string()
+            } else {
+                format!("group {g} primary")
+            };
+            out.push(act(
+                Phase::Converge,
+                Target::Group(*g),
+                Change::Add,
+                Kind::NodePending { group: *g },
+                format!("pg_dist_node: + {what} (at its leader, once elected)"),
+            ));
+        }
+    }
+    // pg_dist_authinfo on every group primary that could be read.
+    for (g, rows) in &o.authinfo {
+        for change in metadata::diff_authinfo(d.authinfo.as_ref(), rows, &d.superuser) {
+            let (c, text) = match &change {
+                AuthinfoChange::Add { row } => (
+                    Change::Add,
+                    format!(
+                        "pg_dist_authinfo: + ({}, {}) {}",
+                        row.nodeid,
+                        row.rolename,
+                        row.redacted()
+                    ),
+                ),
+                AuthinfoChange::Change { row, previous } => {
+                    let (old, new) = (previous.redacted(), row.redacted());
+                    let what = if old == new {
+                        "password changed".to_string()
+                    } else {
+                        format!("{old} → {new}")
+                    };
+                    (
+                        Change::Change,
+                        format!(
+                            "pg_dist_authinfo: ~ ({}, {}) {what}",
+                            row.nodeid, row.rolename
+                        ),
+                    )
+                }
+                AuthinfoChange::Remove { row } => (
+                    Change::Change,
+                    format!("pg_dist_authinfo: - ({}, {})", row.nodeid, row.rolename),
+                ),
+            };
+            out.push(act(
+                Phase::Converge,
+                Target::Group(*g),
+                c,
+                Kind::Authinfo { group: *g, change },
+                text,
+            ));
+        }
+    }
+}
+
+fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    let spec_groups: BTreeSet<u32> = d.groups.keys().copied().collect();
+    let mut gone_groups: BTreeSet<u32> = o
+        .etcd
+        .groups
+        .keys()
+        .filter(|g| !spec_groups.contains(g))
+        .copied()
+        .collect();
+    if let Some(rows) = &o.nodes {
+        gone_groups.extend(
+            rows.iter()
+                .filter(|r| r.groupid > 0 && !spec_groups.contains(&(r.groupid as u32)))
+                .map(|r| r.groupid as u32),
+        );
+    }
+    for g in &gone_groups {
+        out.push(act(
+            Phase::Destroy,
+            Target::Group(*g),
+            Change::Destroy,
+            Kind::RemoveGroup { group: *g },
+            format!("group {g}: drain its shards (citus_drain_node), remove it from pg_dist_node, stop its agents, delete its etcd keys"),
+        ));
+    }
+    for (g, obs) in &o.etcd.groups {
+        if gone_groups.contains(g) {
+            continue;
+        }
+        for (name, m) in &obs.members {
+            if !d.hosts.contains_key(name) {
+                out.push(act(
+                    Phase::Destroy,
+                    Target::Group(*g),
+                    Change::Destroy,
+                    Kind::RemoveMember { member: name.clone(), address: m.host.clone() },
+                    format!("member {name} ({}): stop its agent and delete its etcd keys (data directory kept)", m.host),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,437 @@
+//! Table tests of `diff`: a desired state, an observed state, the expected action lines.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::citus::metadata::{AuthinfoRow, NodeRow};
+use crate::dcs::keys::MemberInfo;
+use crate::plan::model::{EtcdObserved, GroupObserved};
+use crate::spec::secret::Secret;
+
+const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+fn host(name: &str, group: u32, address: &str) -> HostDesired {
+    HostDesired {
+        name: name.into(),
+        group,
+        address: address.into(),
+        pg_port: 5432,
+        install: InstallMode::None,
+        packages: vec!["postgresql-15".into()],
+        citus_package: None,
+        service: Service::Process,
+        agent_config_sha256: format!("cfg-{name}"),
+        agent_config_redacted: format!("member: {name}\npassword: <redacted>\n"),
+        postgresql_conf: "port = '5432'\n".into(),
+    }
+}
+
+/// Two groups: coordinator c1 (+ c2), worker w1.
+fn desired() -> Desired {
+    let hosts = [
+        host("c1", 0, "10.0.0.11"),
+        host("c2", 0, "10.0.0.12"),
+        host("w1", 1, "10.0.0.21"),
+    ];
+    Desired {
+        cluster: "t".into(),
+        groups: BTreeMap::from([(0, vec!["c1".into(), "c2".into()]), (1, vec!["w1".into()])]),
+        hosts: hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
+        binary_sha256: SHA.into(),
+        secondaries: false,
+        superuser: "postgres".into(),
+        authinfo: Some(AuthinfoRow {
+            nodeid: 0,
+            rolename: "postgres".into(),
+            authinfo: Secret::new("password=s3cret"),
+        }),
+    }
+}
+
+/// A host as it is after a successful apply.
+fn converged_facts(d: &Desired, name: &str) -> HostFacts {
+    let h = &d.hosts[name];
+    HostFacts {
+        os: "debian-12".into(),
+        login_user: "root".into(),
+        apt: true,
+        postgres_version: Some("postgres (PostgreSQL) 15.18".into()),
+        citus_available: true,
+        data_dir: DataDirState::Initialized,
+        agent_binary_sha256: Some(SHA.into()),
+        agent_config_sha256: Some(h.agent_config_sha256.clone()),
+        agent_config_redacted: Some(h.agent_config_redacted.clone()),
+        postgresql_conf: Some(h.postgresql_conf.clone()),
+        agent_pid: Some(100),
+        unit_installed: false,
+    }
+}
+
+fn member(role: &str, state: &str, host: &str) -> MemberInfo {
+    MemberInfo {
+        role: role.into(),
+        state: state.into(),
+        host: host.into(),
+        port: 5432,
+        ..Default::default()
+    }
+}
+
+fn node(id: i32, g: i32, host: &str) -> NodeRow {
+    NodeRow {
+        nodeid: id,
+        groupid: g,
+        nodename: host.into(),
+        nodeport: 5432,
+        noderole: "primary".into(),
+        isactive: true,
+        shouldhaveshards: g != 0,
+    }
+}
+
+fn converged(d: &Desired) -> Observed {
+    let hosts = d
+        .hosts
+        .keys()
+        .map(|n| (n.clone(), HostObserved::Reachable(converged_facts(d, n))))
+        .collect();
+    let g0 = GroupObserved {
+        leader: Some("c1".into()),
+        initialize: Some("1".into()),
+        members: BTreeMap::from([
+            ("c1".into(), member("primary", "running", "10.0.0.11")),
+            ("c2".into(), member("replica", "streaming", "10.0.0.12")),
+        ]),
+    };
+    let g1 = GroupObserved {
+        leader: Some("w1".into()),
+        initialize: Some("2".into()),
+        members: BTreeMap::from([("w1".into(), member("primary", "running", "10.0.0.21"))]),
+    };
+    let auth = vec![AuthinfoRow {
+        nodeid: 0,
+        rolename: "postgres".into(),
+        authinfo: Secret::new("password=s3cret"),
+    }];
+    Observed {
+        hosts,
+        etcd: EtcdObserved {
+            error: None,
+            groups: BTreeMap::from([(0, g0), (1, g1)]),
+        },
+        nodes: Some(vec![node(1, 0, "10.0.0.11"), node(2, 1, "10.0.0.21")]),
+        authinfo: BTreeMap::from([(0, auth.clone()), (1, auth)]),
+        metadata_error: None,
+    }
+}
+
+fn bare(d: &Desired) -> Observed {
+    let hosts = d
+        .hosts
+        .keys()
+        .map(|n| {
+            let f = HostFacts {
+                postgres_version: Some("15".into()),
+                citus_available: true,
+                apt: true,
+                ..Default::default()
+            };
+            (n.clone(), HostObserved::Reachable(f))
+        })
+        .collect();
+    Observed {
+        hosts,
+        ..Default::default()
+    }
+}
+
+/// Lines like "+ c1 upload agent binary (…)".
+fn lines(plan: &Plan) -> Vec<String> {
+    let mut v: Vec<String> = plan
+        .actions
+        .iter()
+        .map(|a| {
+            let t = match &a.target {
+                Target::Host(h) => h.clone(),
+                Target::Group(g) => format!("g{g}"),
+                Target::Cluster => "cluster".into(),
+            };
+            let c = match a.change {
+                Change::Add => "+",
+                Change::Change => "~",
+                Change::Destroy => "-",
+            };
+            format!("{c} {t} {}", a.summary)
+        })
+        .collect();
+    v.extend(plan.errors.iter().map(|e| format!("! {e}")));
+    v
+}
+
+fn check(d: &Desired, o: &Observed, expected: &[&str]) {
+    let plan = diff(d, o);
+    let got = lines(&plan);
+    assert_eq!(got, expected, "\ngot:\n{}", got.join("\n"));
+    let (add, change, destroy) =
+        expected
+            .iter()
+            .filter(|l| !l.starts_with('!'))
+            .fold((0, 0, 0), |(a, c, x), l| match &l[..1] {
+                "+" => (a + 1, c, x),
+                "~" => (a, c + 1, x),
+                _ => (a, c, x + 1),
+            });
+    assert_eq!(
+        (plan.summary.add, plan.summary.change, plan.summary.destroy),
+        (add, change, destroy)
+    );
+}
+
+#[test]
+fn converged_cluster_has_an_empty_plan() {
+    let d = desired();
+    check(&d, &converged(&d), &[]);
+}
+
+#[test]
+fn bare_hosts_get_everything() {
+    let d = desired();
+    check(
+        &d,
+        &bare(&d),
+        &[
+            "+ c1 upload agent binary (sha256 aaaaaaaaaaaa)",
+            "+ c1 write agent configuration",
+            "+ c2 upload agent binary (sha256 aaaaaaaaaaaa)",
+            "+ c2 write agent configuration",
+            "+ w1 upload agent binary (sha256 aaaaaaaaaaaa)",
+            "+ w1 write agent configuration",
+            "+ c1 start the agent",
+            "+ c2 start the agent",
+            "+ w1 start the agent",
+            "+ c1 PostgreSQL: created by the agent (initdb or clone of the leader)",
+            "+ c2 PostgreSQL: created by the agent (initdb or clone of the leader)",
+            "+ w1 PostgreSQL: created by the agent (initdb or clone of the leader)",
+            "+ g0 group 0: initialize (the first agent to win the initialize key runs initdb)",
+            "+ g0 pg_dist_node: + coordinator (at its leader, once elected)",
+            "+ g1 group 1: initialize (the first agent to win the initialize key runs initdb)",
+            "+ g1 pg_dist_node: + group 1 primary (at its leader, once elected)",
+        ],
+    );
+}
+
+#[test]
+fn adding_a_standby_touches_only_that_host() {
+    let mut d = desired();
+    let w2 = host("w2", 1, "10.0.0.22");
+    d.hosts.insert("w2".into(), w2);
+    if let Some(g) = d.groups.get_mut(&1) {
+        g.push("w2".into());
+    }
+    let mut o = converged(&d);
+    o.hosts.insert(
+        "w2".into(),
+        bare(&d)
+            .hosts
+            .remove("w2")
+            .unwrap_or(HostObserved::Unreachable {
+                error: String::new(),
+            }),
+    );
+    check(
+        &d,
+        &o,
+        &[
+            "+ w2 upload agent binary (sha256 aaaaaaaaaaaa)",
+            "+ w2 write agent configuration",
+            "+ w2 start the agent",
+            "+ w2 PostgreSQL: created by the agent (initdb or clone of the leader)",
+        ],
+    );
+}
+
+#[test]
+fn changes_restart_agents_and_show_diffs() {
+    let mut d = desired();
+    d.binary_sha256 = "b".repeat(64);
+    if let Some(h) = d.hosts.get_mut("w1") {
+        h.agent_config_sha256 = "cfg-w1-new".into();
+        h.agent_config_redacted = "member: w1\npassword: <redacted>\nmax_connections: 300\n".into();
+        h.postgresql_conf = "port = '5432'\nmax_connections = '300'\n".into();
+    }
+    let plan = diff(&d, &converged(&desired()));
+    let got = lines(&plan);
+    assert!(
+        got.contains(&"~ c1 replace agent binary (sha256 aaaaaaaaaaaa → bbbbbbbbbbbb)".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"~ c1 restart the agent (new binary)".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"~ w1 restart the agent (new binary and configuration)".to_string()),
+        "{got:?}"
+    );
+    let cfg = plan
+        .actions
+        .iter()
+        .find(|a| a.kind == Kind::WriteAgentConfig)
+        .and_then(|a| a.diff.clone())
+        .unwrap_or_default();
+    assert!(cfg.contains("+max_connections: 300"), "{cfg}");
+    let conf = plan
+        .actions
+        .iter()
+        .find(|a| a.kind == Kind::PostgresConf)
+        .and_then(|a| a.diff.clone())
+        .unwrap_or_default();
+    assert!(conf.contains("+max_connections = '300'"), "{conf}");
+}
+
+#[test]
+fn secret_only_changes_say_so_without_showing_them() {
+    let mut d = desired();
+    if let Some(h) = d.hosts.get_mut("c2") {
+        h.agent_config_sha256 = "rotated".into();
+    }
+    check(
+        &d,
+        &converged(&desired()),
+        &[
+            "~ c2 update agent configuration (secret values changed; not shown)",
+            "~ c2 restart the agent (new configuration)",
+        ],
+    );
+    let mut d = desired();
+    d.authinfo = Some(AuthinfoRow {
+        nodeid: 0,
+        rolename: "postgres".into(),
+        authinfo: Secret::new("password=rotated"),
+    });
+    let plan = diff(&d, &converged(&desired()));
+    let text = format!("{:?}{}", lines(&plan), super::super::render::json(&plan));
+    assert!(
+        !text.contains("rotated") && !text.contains("s3cret"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pg_dist_authinfo: ~ (0, postgres) password changed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn failover_moves_the_worker_row_and_stopped_members_come_up() {
+    let d = desired();
+    let mut o = converged(&d);
+    if let Some(g1) = o.etcd.groups.get_mut(&1) {
+        g1.leader = None;
+    }
+    // No leader in group 1: its row stays; nothing is proposed until there is one.
+    check(&d, &o, &[]);
+    let mut o = converged(&d);
+    if let Some(g0) = o.etcd.groups.get_mut(&0) {
+        g0.leader = Some("c2".into());
+        g0.members
+            .insert("c2".into(), member("primary", "running", "10.0.0.12"));
+        g0.members
+            .insert("c1".into(), member("replica", "stopped", "10.0.0.11"));
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "~ c1 PostgreSQL: started by the agent",
+            "~ g0 pg_dist_node: ~ node 1 (group 0) 10.0.0.11:5432 → 10.0.0.12:5432",
+        ],
+    );
+}
+
+#[test]
+fn removed_hosts_and_groups_are_destroys() {
+    let mut d = desired();
+    d.hosts.remove("c2");
+    d.groups.insert(0, vec!["c1".into()]);
+    d.hosts.remove("w1");
+    d.groups.remove(&1);
+    let mut o = converged(&desired());
+    o.hosts.remove("c2");
+    o.hosts.remove("w1");
+    o.authinfo.remove(&1);
+    check(
+        &d,
+        &o,
+        &[
+            "- g0 member c2 (10.0.0.12): stop its agent and delete its etcd keys (data directory kept)",
+            "- g1 group 1: drain its shards (citus_drain_node), remove it from pg_dist_node, stop its agents, delete its etcd keys",
+        ],
+    );
+}
+
+#[test]
+fn blockers_are_errors() {
+    let d = desired();
+    let mut o = converged(&d);
+    o.hosts.insert(
+        "c2".into(),
+        HostObserved::Unreachable {
+            error: "c2: cannot connect to 10.0.0.12:22: timed out".into(),
+        },
+    );
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.postgres_version = None;
+        f.citus_available = false;
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "! c2: cannot connect to 10.0.0.12:22: timed out",
+            "! w1: no PostgreSQL binaries in the spec's bin_dir (install: none)",
+            "! w1: the Citus extension is not installed (no citus.control); install it or set citus.package with install: apt",
+        ],
+    );
+    let mut o = converged(&d);
+    o.etcd.error = Some("timed out".into());
+    check(&d, &o, &["! etcd: timed out"]);
+}
+
+#[test]
+fn apt_installs_what_is_missing() {
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.install = InstallMode::Apt;
+        h.citus_package = Some("postgresql-15-citus-13.2".into());
+    }
+    let mut o = converged(&d);
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.postgres_version = None;
+        f.citus_available = false;
+    }
+    check(
+        &d,
+        &o,
+        &["+ w1 install packages: postgresql-15 postgresql-15-citus-13.2"],
+    );
+}
+
+#[test]
+fn plan_text_snapshot() {
+    let d = desired();
+    console::set_colors_enabled(false);
+    let mut o = converged(&d);
+    if let Some(g0) = o.etcd.groups.get_mut(&0) {
+        g0.leader = Some("c2".into());
+        g0.members
+            .insert("c2".into(), member("primary", "running", "10.0.0.12"));
+    }
+    let mut d2 = desired();
+    if let Some(h) = d2.hosts.get_mut("c1") {
+        h.agent_config_sha256 = "new".into();
+        h.agent_config_redacted = "member: c1\npassword: <redacted>\nttl: 20\n".into();
+    }
+    let plan = diff(&d2, &o);
+    insta::assert_snapshot!(super::super::render::text(&plan, &d2));
+    insta::assert_snapshot!("diff_only", super::super::render::diff_only(&plan));
+}

@@ -1,0 +1,140 @@
+//! The plan: the ordered actions that turn what is observed into what the spec wants, with
+//! diffs. `diff(desired, observed)` is pure; `render` turns a plan into text or JSON.
+//! Nothing here reaches a host, etcd or PostgreSQL.
+
+pub mod diff;
+pub mod model;
+pub mod render;
+
+use serde::Serialize;
+
+pub use diff::diff;
+pub use model::{
+    DataDirState, Desired, EtcdObserved, GroupObserved, HostDesired, HostFacts, HostObserved,
+    Observed,
+};
+
+/// Version of the JSON plan format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// When an action happens; phases run in this order, actions inside one in parallel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Packages and folders.
+    Prepare,
+    /// Agent binary, configuration, service.
+    Install,
+    /// Start or restart agents.
+    Start,
+    /// What the agents do once running: bootstrap, clone, Citus metadata.
+    Converge,
+    /// Removals (only with --allow-destroy).
+    Destroy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Add,
+    Change,
+    Destroy,
+}
+
+/// What an action acts on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum Target {
+    Host(String),
+    Group(u32),
+    Cluster,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Kind {
+    InstallPackages {
+        packages: Vec<String>,
+    },
+    CreateDirectories,
+    UploadAgentBinary {
+        sha256: String,
+    },
+    WriteAgentConfig,
+    InstallService,
+    StartAgent,
+    RestartAgent {
+        reason: String,
+    },
+    /// Bootstrap a new group (the first agent to win the initialize key).
+    BootstrapGroup,
+    /// The agent brings this member's PostgreSQL up (clone or start).
+    BringUpMember,
+    /// A row of the coordinator's pg_dist_node.
+    Node {
+        change: crate::citus::metadata::NodeChange,
+    },
+    /// A row that will be added once the group has a leader.
+    NodePending {
+        group: u32,
+    },
+    Authinfo {
+        group: u32,
+        change: crate::citus::metadata::AuthinfoChange,
+    },
+    /// postgresql.conf differs from what the agent will write.
+    PostgresConf,
+    /// A member in etcd that the spec no longer has.
+    RemoveMember {
+        member: String,
+        address: String,
+    },
+    /// A worker group that the spec no longer has: drain, then remove.
+    RemoveGroup {
+        group: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Action {
+    pub phase: Phase,
+    pub target: Target,
+    pub change: Change,
+    #[serde(flatten)]
+    pub kind: Kind,
+    /// One line for humans.
+    pub summary: String,
+    /// A unified diff (secrets redacted), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub add: usize,
+    pub change: usize,
+    pub destroy: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub format_version: u32,
+    pub cluster: String,
+    pub actions: Vec<Action>,
+    /// Problems that prevent applying (unreachable hosts, missing binaries…).
+    pub errors: Vec<String>,
+    pub summary: Summary,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+    pub fn has_destroys(&self) -> bool {
+        self.summary.destroy > 0
+    }
+    /// Actions of one phase.
+    pub fn phase(&self, phase: Phase) -> impl Iterator<Item = &Action> {
+        self.actions.iter().filter(move |a| a.phase == phase)
+    }
+}

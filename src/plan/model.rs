@@ -1,0 +1,103 @@
+//! The values `plan` works on: what is wanted (`Desired`, built by `reconcile` from the spec)
+//! and what is there (`Observed`, filled by `observe`). Plain data, no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::citus::metadata::{AuthinfoRow, NodeRow};
+use crate::dcs::keys::MemberInfo;
+use crate::spec::model::{InstallMode, Service};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Desired {
+    pub cluster: String,
+    /// Group id → member names, in spec order.
+    pub groups: BTreeMap<u32, Vec<String>>,
+    pub hosts: BTreeMap<String, HostDesired>,
+    /// SHA-256 of the agent binary that would be uploaded.
+    pub binary_sha256: String,
+    pub secondaries: bool,
+    pub superuser: String,
+    /// The (0, superuser) row every primary's pg_dist_authinfo should hold.
+    pub authinfo: Option<AuthinfoRow>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostDesired {
+    pub name: String,
+    pub group: u32,
+    pub address: String,
+    pub pg_port: u16,
+    pub install: InstallMode,
+    /// apt packages to install (empty with `install: none`).
+    pub packages: Vec<String>,
+    pub citus_package: Option<String>,
+    pub service: Service,
+    pub agent_config_sha256: String,
+    pub agent_config_redacted: String,
+    pub postgresql_conf: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Observed {
+    pub hosts: BTreeMap<String, HostObserved>,
+    pub etcd: EtcdObserved,
+    /// pg_dist_node as the coordinator's primary sees it (None: no coordinator primary yet,
+    /// or it could not be read — see `metadata_error`).
+    pub nodes: Option<Vec<NodeRow>>,
+    /// pg_dist_authinfo of each group's primary.
+    pub authinfo: BTreeMap<u32, Vec<AuthinfoRow>>,
+    pub metadata_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "reachable", rename_all = "lowercase")]
+pub enum HostObserved {
+    #[serde(rename = "no")]
+    Unreachable { error: String },
+    #[serde(rename = "yes")]
+    Reachable(HostFacts),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostFacts {
+    pub os: String,
+    pub login_user: String,
+    pub apt: bool,
+    /// `postgres --version` output, when the binaries are present.
+    pub postgres_version: Option<String>,
+    pub citus_available: bool,
+    pub data_dir: DataDirState,
+    pub agent_binary_sha256: Option<String>,
+    pub agent_config_sha256: Option<String>,
+    /// The config on the host with secrets replaced (None when absent or unreadable).
+    pub agent_config_redacted: Option<String>,
+    pub postgresql_conf: Option<String>,
+    pub agent_pid: Option<u32>,
+    pub unit_installed: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataDirState {
+    #[default]
+    Absent,
+    /// Files but no pg_control: an interrupted clone.
+    Partial,
+    Initialized,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EtcdObserved {
+    pub error: Option<String>,
+    pub groups: BTreeMap<u32, GroupObserved>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupObserved {
+    pub leader: Option<String>,
+    /// Present once bootstrap started; the system identifier once it finished.
+    pub initialize: Option<String>,
+    pub members: BTreeMap<String, MemberInfo>,
+}

@@ -1,0 +1,188 @@
+//! PostgreSQL configuration text the agent writes: `postgresql.conf` (role-independent),
+//! `citus-reconcile.role.conf` (what differs between primary and replica), `pg_hba.conf`,
+//! the passfile, and libpq connection strings. Pure.
+
+use std::collections::BTreeMap;
+
+use crate::agent::config::{AgentConfig, Paths};
+
+/// The file that holds role-dependent settings, included by postgresql.conf.
+pub const ROLE_CONF: &str = "citus-reconcile.role.conf";
+
+/// Quote a value for postgresql.conf.
+pub fn quote_conf(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Quote a value for a libpq keyword/value string.
+pub fn quote_libpq(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:@".contains(c))
+    {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// Settings of postgresql.conf: citus-reconcile's own, then the spec's on top.
+pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
+    let user = &cfg.postgres.parameters;
+    let paths = Paths::new(&cfg.install_dir);
+    let max_connections: u64 = user
+        .get("max_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut p: BTreeMap<String, String> = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    set("listen_addresses", cfg.address.clone());
+    set("port", cfg.postgres.port.to_string());
+    set("unix_socket_directories", paths.socket_dir());
+    set("unix_socket_permissions", "0700".into());
+    set("cluster_name", format!("{}-{}", cfg.cluster, cfg.member));
+    set("max_connections", max_connections.to_string());
+    set(
+        "max_prepared_transactions",
+        (2 * max_connections).to_string(),
+    );
+    set("wal_level", "logical".into());
+    set("wal_log_hints", "on".into());
+    set("hot_standby", "on".into());
+    set("max_wal_senders", "10".into());
+    set("max_replication_slots", "10".into());
+    set("wal_keep_size", "512MB".into());
+    set("password_encryption", "scram-sha-256".into());
+    set("logging_collector", "off".into());
+    for (k, v) in user {
+        if k != "shared_preload_libraries" {
+            set(k, v.clone());
+        }
+    }
+    // citus must come first in shared_preload_libraries.
+    let mut libs = vec!["citus".to_string()];
+    if let Some(extra) = user.get("shared_preload_libraries") {
+        for lib in extra
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && *l != "citus")
+        {
+            libs.push(lib.to_string());
+        }
+    }
+    set("shared_preload_libraries", libs.join(","));
+    p
+}
+
+/// postgresql.conf: the same on every member of the cluster but for identity and ports.
+pub fn render_postgresql_conf(cfg: &AgentConfig) -> String {
+    let mut out = String::from(
+        "# Managed by citus-reconcile; edits are overwritten. Set parameters in the spec (postgres.parameters).\n",
+    );
+    for (k, v) in parameters(cfg) {
+        out.push_str(&format!("{k} = {}\n", quote_conf(&v)));
+    }
+    out.push_str(&format!("include_if_exists = {}\n", quote_conf(ROLE_CONF)));
+    out
+}
+
+/// Where a member stands, for the role-dependent settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Primary {
+        synchronous_standby_names: String,
+    },
+    /// A standby; `upstream` is `(host, port, application_name)` or None while no leader is known.
+    Replica {
+        upstream: Option<(String, u16)>,
+    },
+}
+
+pub fn render_role_conf(cfg: &AgentConfig, role: &Role) -> String {
+    let mut out = String::from("# Managed by citus-reconcile: role-dependent settings.\n");
+    match role {
+        Role::Primary {
+            synchronous_standby_names,
+        } => {
+            out.push_str(&format!(
+                "synchronous_standby_names = {}\n",
+                quote_conf(synchronous_standby_names)
+            ));
+        }
+        Role::Replica { upstream } => {
+            if let Some((host, port)) = upstream {
+                let conninfo = replication_conninfo(cfg, host, *port);
+                out.push_str(&format!("primary_conninfo = {}\n", quote_conf(&conninfo)));
+            }
+            out.push_str("recovery_target_timeline = 'latest'\n");
+        }
+    }
+    out
+}
+
+/// How a standby connects to its upstream: the replication role, password from the passfile.
+pub fn replication_conninfo(cfg: &AgentConfig, host: &str, port: u16) -> String {
+    let paths = Paths::new(&cfg.install_dir);
+    format!(
+        "host={} port={port} user={} passfile={} application_name={} sslmode=prefer connect_timeout=3 keepalives_idle=5 keepalives_interval=2 keepalives_count=3",
+        quote_libpq(host),
+        quote_libpq(&cfg.postgres.replication.username),
+        quote_libpq(&paths.pgpass()),
+        quote_libpq(&cfg.member),
+    )
+}
+
+/// pg_hba.conf: local socket trusted (its folder is 0700, reachable by root and postgres
+/// only), then the spec's rules, then replication and the superuser (for Citus between nodes),
+/// both with SCRAM passwords.
+pub fn render_hba(cfg: &AgentConfig) -> String {
+    let mut out = String::from(
+        "# Managed by citus-reconcile; edits are overwritten. Add rules in the spec (postgres.pg_hba).\n",
+    );
+    out.push_str("local all all trust\n");
+    for line in &cfg.postgres.pg_hba {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "host replication {} all scram-sha-256\n",
+        cfg.postgres.replication.username
+    ));
+    out.push_str(&format!(
+        "host all {} all scram-sha-256\n",
+        cfg.postgres.superuser.username
+    ));
+    out
+}
+
+fn pgpass_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// The passfile (mode 0600, owned by postgres) for replication and Citus connections.
+pub fn render_pgpass(cfg: &AgentConfig) -> String {
+    let mut out = String::new();
+    for c in [&cfg.postgres.replication, &cfg.postgres.superuser] {
+        out.push_str(&format!(
+            "*:*:*:{}:{}\n",
+            pgpass_escape(&c.username),
+            pgpass_escape(c.password.expose())
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_conf("it's"), "'it''s'");
+        assert_eq!(quote_libpq("10.0.0.1"), "10.0.0.1");
+        assert_eq!(quote_libpq("a b'c"), "'a b\\'c'");
+        assert_eq!(pgpass_escape("a:b\\c"), "a\\:b\\\\c");
+    }
+}

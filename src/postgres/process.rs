@@ -1,0 +1,464 @@
+//! The PostgreSQL server and its tools on this host: initdb, pg_basebackup, pg_rewind,
+//! pg_controldata, and the postmaster itself — always as the `postgres` OS user, always with a
+//! timeout.
+//!
+//! The postmaster is the agent's child and gets SIGQUIT (immediate shutdown) if the agent
+//! dies (`PR_SET_PDEATHSIG`): a primary can never outlive the process that holds its lease.
+//! The agent runs a single-threaded runtime, so the thread that spawned it lives as long as
+//! the agent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::conf::{self, Role};
+use crate::agent::config::{AgentConfig, Paths};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{step}: {detail}")]
+    Failed { step: String, detail: String },
+    #[error("{step}: timed out after {secs}s")]
+    Timeout { step: String, secs: u64 },
+}
+
+fn failed(step: &str, detail: impl std::fmt::Display) -> PgError {
+    PgError::Failed {
+        step: step.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// What pg_controldata reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub sysid: String,
+    /// "in production", "shut down", "shut down in recovery", "in archive recovery"…
+    pub state: String,
+    pub timeline: u32,
+}
+
+impl Control {
+    pub fn was_primary(&self) -> bool {
+        self.state == "in production" || self.state == "shut down"
+    }
+}
+
+/// The `postgres` OS user.
+#[derive(Debug, Clone, Copy)]
+pub struct OsUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl OsUser {
+    pub fn postgres() -> Result<OsUser, PgError> {
+        let passwd =
+            std::fs::read_to_string("/etc/passwd").map_err(|e| failed("read /etc/passwd", e))?;
+        passwd
+            .lines()
+            .find(|l| l.starts_with("postgres:"))
+            .and_then(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some(OsUser {
+                    uid: f.get(2)?.parse().ok()?,
+                    gid: f.get(3)?.parse().ok()?,
+                })
+            })
+            .ok_or_else(|| {
+                failed(
+                    "find the postgres user",
+                    "no `postgres` OS user on this host (is PostgreSQL installed?)",
+                )
+            })
+    }
+}
+
+/// PostgreSQL of one member.
+#[derive(Debug, Clone)]
+pub struct Pg {
+    pub cfg: AgentConfig,
+    pub paths: Paths,
+    pub user: OsUser,
+}
+
+impl Pg {
+    pub fn new(cfg: &AgentConfig) -> Result<Pg, PgError> {
+        Ok(Pg {
+            cfg: cfg.clone(),
+            paths: Paths::new(&cfg.install_dir),
+            user: OsUser::postgres()?,
+        })
+    }
+
+    fn bin(&self, tool: &str) -> String {
+        format!("{}/{tool}", self.cfg.postgres.bin_dir)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(&self.cfg.postgres.data_dir)
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut c = Command::new(self.bin(tool));
+        c.uid(self.user.uid)
+            .gid(self.user.gid)
+            .current_dir("/")
+            .env("PGPASSFILE", self.paths.pgpass())
+            .env("PGCONNECT_TIMEOUT", "5")
+            .env("LC_ALL", "C.UTF-8")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Run a tool to completion as postgres; error carries the last lines of its output.
+    async fn run(
+        &self,
+        step: &str,
+        mut cmd: Command,
+        timeout: Duration,
+    ) -> Result<String, PgError> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .map_err(|e| failed(step, format!("cannot start: {e}")))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Err(_) => Err(PgError::Timeout {
+                step: step.to_string(),
+                secs: timeout.as_secs(),
+            }),
+            Ok(Err(e)) => Err(failed(step, e)),
+            Ok(Ok(out)) if out.status.success() => {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(Ok(out)) => {
+                let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                    + &String::from_utf8_lossy(&out.stdout);
+                let tail: Vec<&str> = text.lines().rev().take(4).collect();
+                Err(failed(
+                    step,
+                    format!(
+                        "{}: {}",
+                        out.status,
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Write a file atomically, owned by postgres.
+    pub fn write_owned(&self, path: &Path, content: &str, mode: u32) -> Result<(), PgError> {
+        let step = format!("write {}", path.display());
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        std::fs::write(&tmp, content).map_err(|e| failed(&step, e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| failed(&step, e))?;
+        std::os::unix::fs::chown(&tmp, Some(self.user.uid), Some(self.user.gid))
+            .map_err(|e| failed(&step, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| failed(&step, e))
+    }
+
+    /// A folder owned by postgres with the given mode.
+    pub fn ensure_dir(&self, path: &Path, mode: u32) -> Result<(), PgError> {
+        let step = format!("create {}", path.display());
+        std::fs::create_dir_all(path).map_err(|e| failed(&step, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| failed(&step, e))?;
+        std::os::unix::fs::chown(path, Some(self.user.uid), Some(self.user.gid))
+            .map_err(|e| failed(&step, e))
+    }
+
+    /// The socket folder and the passfile, needed before any server or tool runs.
+    pub fn prepare_host_files(&self) -> Result<(), PgError> {
+        self.ensure_dir(Path::new(&self.paths.socket_dir()), 0o700)?;
+        self.write_owned(
+            Path::new(&self.paths.pgpass()),
+            &conf::render_pgpass(&self.cfg),
+            0o600,
+        )
+    }
+
+    /// pg_control of the data directory; None when there is no complete data directory.
+    pub async fn controldata(&self) -> Result<Option<Control>, PgError> {
+        if !self.data_dir().join("global/pg_control").exists() {
+            return Ok(None);
+        }
+        let mut cmd = self.command("pg_controldata");
+        cmd.arg("-D").arg(self.data_dir());
+        let out = self
+            .run("pg_controldata", cmd, Duration::from_secs(10))
+            .await?;
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)
+                        .map(|v| v.trim_start_matches(':').trim().to_string())
+                })
+                .unwrap_or_default()
+        };
+        Ok(Some(Control {
+            sysid: field("Database system identifier"),
+            state: field("Database cluster state"),
+            timeline: field("Latest checkpoint's TimeLineID").parse().unwrap_or(0),
+        }))
+    }
+
+    /// Move an incomplete data directory (a failed clone) out of the way. Never deletes one.
+    pub fn set_aside_incomplete(&self) -> Result<(), PgError> {
+        let dir = self.data_dir();
+        let has_content = std::fs::read_dir(&dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if has_content && !dir.join("global/pg_control").exists() {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = PathBuf::from(format!("{}.incomplete-{secs}", dir.display()));
+            std::fs::rename(&dir, &aside)
+                .map_err(|e| failed("set aside an incomplete data directory", e))?;
+            tracing::warn!(from = %dir.display(), to = %aside.display(), "moved an incomplete data directory aside");
+        }
+        Ok(())
+    }
+
+    fn ensure_parent(&self) -> Result<(), PgError> {
+        let dir = self.data_dir();
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| failed("create the data directory's parent", e))?;
+            std::os::unix::fs::chown(parent, Some(self.user.uid), Some(self.user.gid))
+                .map_err(|e| failed("chown data parent", e))?;
+        }
+        Ok(())
+    }
+
+    /// initdb with Citus-ready settings; the superuser gets its password at once.
+    pub async fn initdb(&self) -> Result<(), PgError> {
+        self.set_aside_incomplete()?;
+        self.ensure_parent()?;
+        self.ensure_dir(&self.data_dir(), 0o700)?;
+        let pwfile = PathBuf::from(format!("{}/.initdb-pw", self.paths.install_dir));
+        self.write_owned(
+            &pwfile,
+            self.cfg.postgres.superuser.password.expose(),
+            0o600,
+        )?;
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-U", &self.cfg.postgres.superuser.username])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args([
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--data-checksums",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+            ]);
+        let result = self.run("initdb", cmd, Duration::from_secs(120)).await;
+        let _ = std::fs::remove_file(&pwfile);
+        result.map(|_| ())
+    }
+
+    /// Copy the leader with pg_basebackup (fast checkpoint: no waiting for a spread one).
+    pub async fn basebackup(&self, host: &str, port: u16) -> Result<(), PgError> {
+        self.set_aside_incomplete()?;
+        self.ensure_parent()?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args([
+                "-h",
+                host,
+                "-p",
+                &port.to_string(),
+                "-U",
+                &self.cfg.postgres.replication.username,
+            ])
+            .args(["-X", "stream", "-c", "fast", "-w", "--no-password"])
+            .env("PGAPPNAME", &self.cfg.member);
+        self.run("pg_basebackup", cmd, Duration::from_secs(3600))
+            .await
+            .map(|_| ())
+    }
+
+    /// pg_rewind against the leader (which also finishes crash recovery first, PG 13+).
+    pub async fn rewind(&self, host: &str, port: u16) -> Result<(), PgError> {
+        let source = format!(
+            "host={} port={port} user={} dbname=postgres passfile={} connect_timeout=5",
+            conf::quote_libpq(host),
+            conf::quote_libpq(&self.cfg.postgres.superuser.username),
+            conf::quote_libpq(&self.paths.pgpass())
+        );
+        // Its config must be ours while it runs crash recovery in single-user mode.
+        self.write_conf(&Role::Replica { upstream: None })?;
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg(format!("--source-server={source}"));
+        self.run("pg_rewind", cmd, Duration::from_secs(3600))
+            .await
+            .map(|_| ())
+    }
+
+    /// Write postgresql.conf, the role file, pg_hba.conf and the standby signal.
+    pub fn write_conf(&self, role: &Role) -> Result<(), PgError> {
+        let d = self.data_dir();
+        self.write_owned(
+            &d.join("postgresql.conf"),
+            &conf::render_postgresql_conf(&self.cfg),
+            0o600,
+        )?;
+        self.write_owned(
+            &d.join(conf::ROLE_CONF),
+            &conf::render_role_conf(&self.cfg, role),
+            0o600,
+        )?;
+        self.write_owned(&d.join("pg_hba.conf"), &conf::render_hba(&self.cfg), 0o600)?;
+        let signal = d.join("standby.signal");
+        match role {
+            Role::Replica { .. } => self.write_owned(&signal, "", 0o600)?,
+            Role::Primary { .. } => {
+                if signal.exists() {
+                    std::fs::remove_file(&signal)
+                        .map_err(|e| failed("remove standby.signal", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start the postmaster as the agent's child.
+    pub fn start(&self) -> Result<Postmaster, PgError> {
+        self.prepare_host_files()?;
+        self.remove_stale_pid_file();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.paths.postgres_log())
+            .map_err(|e| failed("open the PostgreSQL log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| failed("open the PostgreSQL log", e))?;
+        let mut cmd = Command::new(self.bin("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .uid(self.user.uid)
+            .gid(self.user.gid)
+            .current_dir("/");
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a Ctrl-C aimed at the agent is the agent's to handle.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| failed("start postgres", e))?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Postmaster { child, pid })
+    }
+
+    /// A postmaster.pid left by a killed server can name a pid that now belongs to another
+    /// process; PostgreSQL would then refuse to start. Remove it when its pid is not a postgres.
+    fn remove_stale_pid_file(&self) {
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(&pid_file) else {
+            return;
+        };
+        let pid: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        let alive_postgres = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("postgres"))
+            .unwrap_or(false);
+        if pid == 0 || !alive_postgres {
+            let _ = std::fs::remove_file(&pid_file);
+        }
+    }
+
+    /// The status word in postmaster.pid: "starting", "ready", "standby", "stopping".
+    pub fn pid_file_status(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().nth(7).map(|s| s.trim().to_string())
+    }
+}
+
+/// The running server process.
+pub struct Postmaster {
+    pub child: Child,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// SIGINT: roll back sessions, checkpoint, exit.
+    Fast,
+    /// SIGQUIT: exit at once; crash recovery on the next start.
+    Immediate,
+}
+
+impl Postmaster {
+    /// Exited already? Returns the exit description.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        if self.pid > 0 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, sig);
+            }
+        }
+    }
+
+    /// Stop the server and wait (bounded), escalating to immediate and then SIGKILL.
+    pub async fn stop(&mut self, mode: StopMode, timeout: Duration) {
+        let first = match mode {
+            StopMode::Fast => libc::SIGINT,
+            StopMode::Immediate => libc::SIGQUIT,
+        };
+        self.signal(first);
+        if tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::warn!(
+            pid = self.pid,
+            "PostgreSQL did not stop in time; immediate shutdown"
+        );
+        self.signal(libc::SIGQUIT);
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        self.signal(libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}

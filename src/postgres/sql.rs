@@ -1,0 +1,205 @@
+//! SQL the agent runs on its own server over the unix socket: a state probe, promotion,
+//! reload, and the setup of roles, database and Citus extension. Every call has a timeout.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::agent::config::{AgentConfig, Paths};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("{what}: {detail}")]
+    Failed { what: String, detail: String },
+    #[error("{what}: timed out after {ms} ms")]
+    Timeout { what: String, ms: u128 },
+}
+
+/// Run one SQL future with a deadline.
+pub async fn bounded<T>(
+    what: &str,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, SqlError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(SqlError::Failed {
+            what: what.into(),
+            detail: db_message(&e),
+        }),
+        Err(_) => Err(SqlError::Timeout {
+            what: what.into(),
+            ms: timeout.as_millis(),
+        }),
+    }
+}
+
+/// The server's message without the Rust wrapper noise.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Connect to this member's server over its unix socket as the superuser.
+pub async fn connect_local(
+    cfg: &AgentConfig,
+    dbname: &str,
+    timeout: Duration,
+) -> Result<Client, SqlError> {
+    let mut c = tokio_postgres::Config::new();
+    c.host_path(Paths::new(&cfg.install_dir).socket_dir())
+        .port(cfg.postgres.port)
+        .user(&cfg.postgres.superuser.username)
+        .dbname(dbname)
+        .application_name("citus-reconcile-agent")
+        .connect_timeout(timeout);
+    let (client, conn) = bounded("connect", timeout, c.connect(NoTls)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// What one probe of a running server reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub in_recovery: bool,
+    pub timeline: u32,
+    pub wal: u64,
+    pub receive: Option<u64>,
+    pub streaming: bool,
+    /// `host` of the WAL receiver's connection, if any.
+    pub sender_host: Option<String>,
+}
+
+const PROBE: &str = "
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery()
+            THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint()))
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+       (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END - '0/0')::bigint,
+       (pg_last_wal_receive_lsn() - '0/0')::bigint,
+       COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false),
+       (SELECT sender_host FROM pg_stat_wal_receiver)";
+
+pub async fn probe(client: &Client, timeout: Duration) -> Result<Probe, SqlError> {
+    let row = bounded("probe", timeout, client.query_one(PROBE, &[])).await?;
+    Ok(Probe {
+        in_recovery: row.get(0),
+        timeline: row.get::<_, Option<i32>>(1).unwrap_or(0).max(0) as u32,
+        wal: row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64,
+        receive: row.get::<_, Option<i64>>(3).map(|v| v.max(0) as u64),
+        streaming: row.get(4),
+        sender_host: row.get(5),
+    })
+}
+
+/// Quote an identifier.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quote a string literal.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Roles (with their passwords), the Citus database and extension, on a primary. Idempotent.
+pub async fn ensure_roles_and_database(
+    cfg: &AgentConfig,
+    timeout: Duration,
+) -> Result<(), SqlError> {
+    let c = connect_local(cfg, "postgres", timeout).await?;
+    let su = &cfg.postgres.superuser;
+    let repl = &cfg.postgres.replication;
+    // Statements carry passwords: they are never logged, and errors quote only the server's text.
+    let exists: bool = bounded(
+        "check roles",
+        timeout,
+        c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&repl.username],
+        ),
+    )
+    .await?
+    .get(0);
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    let stmt = format!(
+        "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+        ident(&repl.username),
+        literal(repl.password.expose())
+    );
+    bounded("set the replication role", timeout, c.batch_execute(&stmt)).await?;
+    let stmt = format!(
+        "ALTER ROLE {} WITH PASSWORD {}",
+        ident(&su.username),
+        literal(su.password.expose())
+    );
+    bounded(
+        "set the superuser password",
+        timeout,
+        c.batch_execute(&stmt),
+    )
+    .await?;
+    let db = &cfg.citus.database;
+    let has_db: bool = bounded(
+        "check database",
+        timeout,
+        c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[db],
+        ),
+    )
+    .await?
+    .get(0);
+    if !has_db {
+        bounded(
+            "create the Citus database",
+            Duration::from_secs(120),
+            c.batch_execute(&format!("CREATE DATABASE {}", ident(db))),
+        )
+        .await?;
+    }
+    let d = connect_local(cfg, db, timeout).await?;
+    bounded(
+        "create extension citus",
+        Duration::from_secs(120),
+        d.batch_execute("CREATE EXTENSION IF NOT EXISTS citus"),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn promote(client: &Client, timeout: Duration) -> Result<(), SqlError> {
+    let secs = timeout.as_secs().max(1) as i32;
+    let ok: bool = bounded(
+        "promote",
+        timeout + Duration::from_secs(1),
+        client.query_one("SELECT pg_promote(true, $1)", &[&secs]),
+    )
+    .await?
+    .get(0);
+    if ok {
+        Ok(())
+    } else {
+        Err(SqlError::Failed {
+            what: "promote".into(),
+            detail: "pg_promote returned false".into(),
+        })
+    }
+}
+
+pub async fn reload(client: &Client, timeout: Duration) -> Result<(), SqlError> {
+    bounded(
+        "reload",
+        timeout,
+        client.batch_execute("SELECT pg_reload_conf()"),
+    )
+    .await
+}
+
+pub async fn checkpoint(client: &Client, timeout: Duration) -> Result<(), SqlError> {
+    bounded("checkpoint", timeout, client.batch_execute("CHECKPOINT")).await
+}

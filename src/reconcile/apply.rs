@@ -1,0 +1,456 @@
+//! Executing a plan: under an etcd lock, phase by phase (prepare, install, start), in parallel
+//! across hosts within a phase (bounded), then waiting for the agents to converge, then — only
+//! with `--allow-destroy` — removals. Every step is idempotent: after a failure, a rerun plans
+//! again from what is there and continues.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::progress::Progress;
+use super::{ReconcileError, Run};
+use crate::agent::config::{AgentConfig, Paths};
+use crate::citus::metadata::NodeChange;
+use crate::dcs::Dcs;
+use crate::observe::{self, SQL_TIMEOUT};
+use crate::plan::{Action, Kind, Observed, Phase, Plan, Target};
+use crate::provision;
+use crate::ssh::{self, Session};
+
+/// The apply lock: one etcd key on a lease, so two pipelines never apply at once.
+pub struct Lock {
+    dcs: Dcs,
+    lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Lock {
+    pub async fn take(dcs: &Dcs) -> Result<Lock, ReconcileError> {
+        let key = dcs.keys.apply_lock();
+        let lease = dcs
+            .grant(30)
+            .await
+            .map_err(|e| ReconcileError::Lock(format!("cannot take the apply lock: {e}")))?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let holder = serde_json::json!({
+            "host": host.trim(),
+            "pid": std::process::id(),
+            "since_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        })
+        .to_string();
+        let won = dcs
+            .create(&key, holder.as_bytes(), Some(lease))
+            .await
+            .map_err(|e| ReconcileError::Lock(e.to_string()))?;
+        if !won {
+            let _ = dcs.revoke(lease).await;
+            let current = dcs
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                .unwrap_or_default();
+            return Err(ReconcileError::Lock(format!(
+                "another apply is running ({current}); try again when it is done"
+            )));
+        }
+        let keeper_dcs = dcs.clone();
+        let keeper = tokio::spawn(async move {
+            let Ok(mut r) = keeper_dcs.keeper(lease).await else {
+                return;
+            };
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if r.refresh(Duration::from_secs(5)).await.is_err() {
+                    if let Ok(n) = keeper_dcs.keeper(lease).await {
+                        r = n;
+                    }
+                }
+            }
+        });
+        Ok(Lock {
+            dcs: dcs.clone(),
+            lease,
+            keeper,
+        })
+    }
+
+    pub async fn release(self) {
+        self.keeper.abort();
+        let _ = self.dcs.revoke(self.lease).await;
+    }
+}
+
+fn host_of(a: &Action) -> Option<&str> {
+    match &a.target {
+        Target::Host(h) => Some(h),
+        _ => None,
+    }
+}
+
+/// Run the per-host actions of some phases, one task per host, bounded.
+async fn run_host_actions(
+    run: &Run,
+    actions: &[Action],
+    progress: &Arc<Progress>,
+    binary: &Option<Arc<Vec<u8>>>,
+) -> Result<(), ReconcileError> {
+    let mut per_host: BTreeMap<String, Vec<Action>> = BTreeMap::new();
+    for a in actions {
+        if let Some(h) = host_of(a) {
+            per_host.entry(h.to_string()).or_default().push(a.clone());
+        }
+    }
+    let sem = Arc::new(Semaphore::new(run.options.parallelism.max(1)));
+    let mut set = JoinSet::new();
+    for (host, list) in per_host {
+        let Some(session) = run.sessions.ok.get(&host).cloned() else {
+            return Err(ReconcileError::Step {
+                host,
+                step: "connect".into(),
+                detail: "no SSH session".into(),
+            });
+        };
+        let Some(h) = run.spec.host(&host).cloned() else {
+            continue;
+        };
+        let cfg = AgentConfig::for_host(&run.spec, &h);
+        let (sem, binary, service, cluster) = (
+            sem.clone(),
+            binary.clone(),
+            run.spec.agent.service,
+            run.spec.cluster.clone(),
+        );
+        let progress = progress.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let paths = Paths::new(&h.install_dir);
+            for a in list {
+                progress.step(&host, &a.summary);
+                let t0 = Instant::now();
+                let r = match &a.kind {
+                    Kind::InstallPackages { packages } => {
+                        provision::install_packages(&session, packages).await
+                    }
+                    Kind::UploadAgentBinary { sha256 } => match &binary {
+                        Some(b) => provision::upload_binary(&session, &paths, b, sha256).await,
+                        None => Ok(()),
+                    },
+                    Kind::WriteAgentConfig => {
+                        provision::write_config(&session, &paths, &cfg.render()).await
+                    }
+                    Kind::InstallService => {
+                        provision::install_unit(&session, &paths, &cluster, &h.name).await
+                    }
+                    Kind::StartAgent => {
+                        provision::start_agent(&session, service, &paths, &cluster, &h.name).await
+                    }
+                    Kind::RestartAgent { .. } => {
+                        provision::restart_agent(&session, service, &paths, &cluster, &h.name).await
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    progress.done(&host, &format!("failed: {}", a.summary));
+                    return Err(step_error(&host, &a.summary, e));
+                }
+                progress.step(
+                    &host,
+                    &format!("{} ({:.1}s)", a.summary, t0.elapsed().as_secs_f64()),
+                );
+            }
+            Ok(host)
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(ReconcileError::Step {
+                    host: "?".into(),
+                    step: "task".into(),
+                    detail: e.to_string(),
+                });
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn step_error(host: &str, step: &str, e: ssh::SshError) -> ReconcileError {
+    ReconcileError::Step {
+        host: host.into(),
+        step: step.into(),
+        detail: e.to_string(),
+    }
+}
+
+/// Execute the prepare/install/start phases of a plan. Restarts go to replicas before leaders.
+async fn execute_host_phases(
+    run: &Run,
+    plan: &Plan,
+    observed: &Observed,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let needs_binary = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a.kind, Kind::UploadAgentBinary { .. }));
+    let binary = if needs_binary {
+        Some(Arc::new(run.binary.bytes()?))
+    } else {
+        None
+    };
+    let phase = |p: Phase| plan.phase(p).cloned().collect::<Vec<_>>();
+    run_host_actions(run, &phase(Phase::Prepare), progress, &binary).await?;
+    run_host_actions(run, &phase(Phase::Install), progress, &binary).await?;
+    let leaders: BTreeSet<String> = observed
+        .etcd
+        .groups
+        .values()
+        .filter_map(|g| g.leader.clone())
+        .collect();
+    let (lead, rest): (Vec<Action>, Vec<Action>) = phase(Phase::Start).into_iter().partition(|a| {
+        matches!(a.kind, Kind::RestartAgent { .. })
+            && host_of(a).is_some_and(|h| leaders.contains(h))
+    });
+    run_host_actions(run, &rest, progress, &binary).await?;
+    run_host_actions(run, &lead, progress, &binary).await
+}
+
+/// Apply a plan that the caller has shown and had confirmed.
+pub async fn apply(
+    run: &Run,
+    plan: &Plan,
+    observed: &Observed,
+    progress: &Arc<Progress>,
+) -> Result<Observed, ReconcileError> {
+    if !plan.errors.is_empty() {
+        return Err(ReconcileError::Blocked(format!(
+            "cannot apply: {}",
+            plan.errors.join("; ")
+        )));
+    }
+    if plan.has_destroys() && !run.options.allow_destroy {
+        return Err(ReconcileError::Blocked(format!(
+            "the plan destroys {} thing(s); review it and rerun with --allow-destroy",
+            plan.summary.destroy
+        )));
+    }
+    let dcs = run
+        .dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    let lock = Lock::take(dcs).await?;
+    let result = apply_locked(run, plan, observed, progress).await;
+    lock.release().await;
+    result
+}
+
+async fn apply_locked(
+    run: &Run,
+    plan: &Plan,
+    observed: &Observed,
+    progress: &Arc<Progress>,
+) -> Result<Observed, ReconcileError> {
+    execute_host_phases(run, plan, observed, progress).await?;
+    let mut converged = converge(run, progress).await?;
+    if plan.has_destroys() {
+        destroy(run, &run.plan(&converged), progress).await?;
+        converged = run.observe().await;
+    }
+    Ok(converged)
+}
+
+/// Wait until only removals are left in the plan (the agents bootstrap, clone and register
+/// on their own). Host-level work that reappears (an agent that died) is done again, a few
+/// times at most.
+async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, ReconcileError> {
+    let deadline = Instant::now() + run.options.timeout;
+    let mut redo = 0;
+    let mut last_pending = String::new();
+    loop {
+        let o = run.observe().await;
+        let p = run.plan(&o);
+        let pending: Vec<&Action> = p
+            .actions
+            .iter()
+            .filter(|a| a.phase != Phase::Destroy)
+            .collect();
+        if p.errors.is_empty() && pending.is_empty() {
+            return Ok(o);
+        }
+        let host_work = pending.iter().any(|a| a.phase < Phase::Converge);
+        if host_work && redo < 3 && p.errors.is_empty() {
+            redo += 1;
+            progress.note("host-level work reappeared while converging; doing it again");
+            execute_host_phases(run, &p, &o, progress).await?;
+            continue;
+        }
+        let text: String = pending
+            .iter()
+            .map(|a| format!("{:?}: {}", a.target, a.summary))
+            .chain(p.errors.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("\n  ");
+        if Instant::now() > deadline {
+            return Err(ReconcileError::Timeout(format!(
+                "not converged after {}s; still pending:\n  {text}",
+                run.options.timeout.as_secs()
+            )));
+        }
+        if text != last_pending {
+            progress.note(&format!(
+                "waiting for the agents: {} item(s) pending",
+                pending.len() + p.errors.len()
+            ));
+            last_pending = text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removals: worker groups (drain first) and members no longer in the spec.
+async fn destroy(run: &Run, plan: &Plan, progress: &Arc<Progress>) -> Result<(), ReconcileError> {
+    let observed = run.observe().await;
+    let dcs = run
+        .dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    for a in plan.phase(Phase::Destroy) {
+        progress.note(&format!("destroy: {}", a.summary));
+        match &a.kind {
+            Kind::RemoveGroup { group } => {
+                remove_group_from_citus(run, &observed, *group).await?;
+                if let Some(g) = observed.etcd.groups.get(group) {
+                    for (member, m) in &g.members {
+                        stop_removed_member(run, member, &m.host, progress).await;
+                    }
+                }
+                dcs.delete_prefix(&dcs.keys.group(*group))
+                    .await
+                    .map_err(|e| ReconcileError::Blocked(e.to_string()))?;
+            }
+            Kind::RemoveMember { member, address } => {
+                let group = match &a.target {
+                    Target::Group(g) => *g,
+                    _ => continue,
+                };
+                stop_removed_member(run, member, address, progress).await;
+                let _ = dcs
+                    .delete_if(&dcs.keys.leader(group), member.as_bytes())
+                    .await;
+                dcs.delete(&dcs.keys.member(group, member))
+                    .await
+                    .map_err(|e| ReconcileError::Blocked(e.to_string()))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Drain a worker group's primary (its shards move away) and remove its rows.
+async fn remove_group_from_citus(
+    run: &Run,
+    observed: &Observed,
+    group: u32,
+) -> Result<(), ReconcileError> {
+    let Some(rows) = &observed.nodes else {
+        return Ok(());
+    };
+    let coordinator = observed.etcd.groups.get(&0).and_then(|g| g.leader.clone());
+    let Some(coordinator) = coordinator else {
+        return Err(ReconcileError::Blocked(
+            "no coordinator primary to drain the group through".into(),
+        ));
+    };
+    let (Some(h), Some(s)) = (
+        run.spec.host(&coordinator),
+        run.sessions.ok.get(&coordinator),
+    ) else {
+        return Err(ReconcileError::Blocked(format!(
+            "no SSH session to the coordinator primary {coordinator}"
+        )));
+    };
+    let client = observe::sql_through(&run.spec, h, s, &run.spec.citus.database)
+        .await
+        .map_err(ReconcileError::Blocked)?;
+    for r in rows.iter().filter(|r| r.groupid == group as i32) {
+        let fail = |e: crate::postgres::sql::SqlError| ReconcileError::Step {
+            host: coordinator.clone(),
+            step: format!("remove group {group}"),
+            detail: e.to_string(),
+        };
+        if r.noderole == "primary" {
+            crate::citus::sql::drain(
+                &client,
+                &r.nodename,
+                r.nodeport,
+                Duration::from_secs(24 * 3600),
+            )
+            .await
+            .map_err(fail)?;
+        }
+        let change = NodeChange::Remove {
+            nodeid: r.nodeid,
+            group: r.groupid,
+            host: r.nodename.clone(),
+            port: r.nodeport,
+            role: r.noderole.clone(),
+        };
+        crate::citus::sql::apply_node_change(&client, &change, SQL_TIMEOUT)
+            .await
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Stop the agent of a member that left the spec, reached with the spec's default SSH
+/// settings. A host that is gone is only reported: its etcd keys are removed regardless.
+async fn stop_removed_member(run: &Run, member: &str, address: &str, progress: &Arc<Progress>) {
+    let d = &run.spec.ssh_defaults;
+    let target = ssh::Target {
+        name: member.to_string(),
+        address: address.to_string(),
+        port: d.port,
+        user: d.user.clone(),
+        identity_file: d.identity_file.clone(),
+        known_hosts: d.known_hosts.clone(),
+    };
+    let options = ssh::Options {
+        accept_new_host_keys: run.options.accept_new_host_keys,
+        ..Default::default()
+    };
+    match Session::connect(&target, options).await {
+        Ok(s) => {
+            let paths = Paths::new(&run.spec.install_dir_of(member));
+            if let Err(e) = provision::stop_agent(
+                &s,
+                run.spec.agent.service,
+                &paths,
+                &run.spec.cluster,
+                member,
+            )
+            .await
+            {
+                progress.note(&format!("{member}: could not stop its agent: {e}"));
+            }
+            s.close().await;
+        }
+        Err(e) => progress.note(&format!(
+            "{member}: not reachable ({e}); removing its keys anyway"
+        )),
+    }
+}

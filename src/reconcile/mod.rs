@@ -1,0 +1,207 @@
+//! observe → plan → apply: the reconciler an operator or CI runs. `Run` holds one run's
+//! connections (SSH sessions, etcd) and the desired state; `apply` executes a plan phase by
+//! phase; `status` summarises the cluster like `patronictl list`.
+
+pub mod apply;
+pub mod progress;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::agent::config::AgentConfig;
+use crate::citus::metadata::{self, AuthinfoRow};
+use crate::dcs::Dcs;
+use crate::observe::{self, Sessions};
+use crate::plan::{self, Desired, HostDesired, Observed, Plan};
+use crate::postgres::conf;
+use crate::spec::Spec;
+use crate::spec::model::InstallMode;
+use crate::ssh;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub parallelism: usize,
+    pub accept_new_host_keys: bool,
+    /// The binary uploaded as the agent (default: this executable).
+    pub agent_binary: PathBuf,
+    /// How long `apply` waits for the agents to converge.
+    pub timeout: Duration,
+    pub allow_destroy: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("cannot read the agent binary {path}: {detail}")]
+    Binary { path: String, detail: String },
+    #[error("{0}")]
+    Blocked(String),
+    #[error("{host}: {step}: {detail}")]
+    Step {
+        host: String,
+        step: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    Lock(String),
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// The agent binary to install: its bytes are read only when an upload is needed.
+#[derive(Debug, Clone)]
+pub struct AgentBinary {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+impl AgentBinary {
+    pub fn open(path: &std::path::Path) -> Result<AgentBinary, ReconcileError> {
+        let bytes = std::fs::read(path).map_err(|e| ReconcileError::Binary {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(AgentBinary {
+            path: path.to_path_buf(),
+            sha256: sha256_hex(&bytes),
+        })
+    }
+    pub fn bytes(&self) -> Result<Vec<u8>, ReconcileError> {
+        std::fs::read(&self.path).map_err(|e| ReconcileError::Binary {
+            path: self.path.display().to_string(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the spec asks for, as plain values for `plan::diff`.
+pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
+    let mut hosts = BTreeMap::new();
+    for h in spec.hosts() {
+        let cfg = AgentConfig::for_host(spec, h);
+        let rendered = cfg.render();
+        hosts.insert(
+            h.name.clone(),
+            HostDesired {
+                name: h.name.clone(),
+                group: h.group,
+                address: h.address.clone(),
+                pg_port: h.pg_port,
+                install: spec.postgres.install,
+                packages: match spec.postgres.install {
+                    InstallMode::Apt => vec![format!("postgresql-{}", spec.postgres.version)],
+                    InstallMode::None => vec![],
+                },
+                citus_package: spec.citus.package.clone(),
+                service: spec.agent.service,
+                agent_config_sha256: sha256_hex(rendered.as_bytes()),
+                agent_config_redacted: cfg.render_redacted(),
+                postgresql_conf: conf::render_postgresql_conf(&cfg),
+            },
+        );
+    }
+    let authinfo = metadata::authinfo_string(
+        spec.citus
+            .authinfo
+            .password
+            .then_some(&spec.postgres.superuser.password),
+        spec.citus.authinfo.sslcert.as_deref(),
+        spec.citus.authinfo.sslkey.as_deref(),
+    )
+    .map(|authinfo| AuthinfoRow {
+        nodeid: 0,
+        rolename: spec.postgres.superuser.username.clone(),
+        authinfo,
+    });
+    Desired {
+        cluster: spec.cluster.clone(),
+        groups: spec
+            .groups
+            .iter()
+            .map(|g| (g.id, g.hosts.iter().map(|h| h.name.clone()).collect()))
+            .collect(),
+        hosts,
+        binary_sha256: binary_sha256.to_string(),
+        secondaries: spec.citus.secondaries,
+        superuser: spec.postgres.superuser.username.clone(),
+        authinfo,
+    }
+}
+
+/// One run's connections and targets.
+pub struct Run {
+    pub spec: Spec,
+    pub options: Options,
+    pub binary: AgentBinary,
+    pub desired: Desired,
+    pub sessions: Sessions,
+    pub dcs: Option<Dcs>,
+    pub etcd_error: Option<String>,
+}
+
+impl Run {
+    pub async fn open(spec: &Spec, options: Options) -> Result<Run, ReconcileError> {
+        let t0 = std::time::Instant::now();
+        let binary = AgentBinary::open(&options.agent_binary)?;
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "hashed the agent binary"
+        );
+        let ssh_options = ssh::Options {
+            accept_new_host_keys: options.accept_new_host_keys,
+            ..Default::default()
+        };
+        let (sessions, dcs) = tokio::join!(
+            Sessions::connect(spec, ssh_options, options.parallelism),
+            observe::connect_etcd(spec)
+        );
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "connected");
+        let (dcs, etcd_error) = match dcs {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(e)),
+        };
+        Ok(Run {
+            desired: desired(spec, &binary.sha256),
+            spec: spec.clone(),
+            options,
+            binary,
+            sessions,
+            dcs,
+            etcd_error,
+        })
+    }
+
+    pub async fn observe(&self) -> Observed {
+        let t0 = std::time::Instant::now();
+        let mut o = observe::observe(
+            &self.spec,
+            &self.sessions,
+            self.dcs.as_ref(),
+            self.options.parallelism,
+        )
+        .await;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "observed");
+        if let Some(e) = &self.etcd_error {
+            o.etcd.error = Some(e.clone());
+        }
+        o
+    }
+
+    pub fn plan(&self, observed: &Observed) -> Plan {
+        plan::diff(&self.desired, observed)
+    }
+
+    pub async fn close(&self) {
+        self.sessions.close().await;
+    }
+}

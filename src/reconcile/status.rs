@@ -1,0 +1,149 @@
+//! `status`: the cluster at a glance, like `patronictl list` — every member's role, state,
+//! timeline and lag — and the coordinator's view of pg_dist_node.
+
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+
+use crate::citus::metadata::NodeRow;
+use crate::plan::Observed;
+use crate::spec::Spec;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub group: u32,
+    pub member: String,
+    pub host: String,
+    pub role: String,
+    pub state: String,
+    pub timeline: Option<u32>,
+    pub lag_mb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub cluster: String,
+    pub members: Vec<MemberStatus>,
+    pub pg_dist_node: Option<Vec<NodeRow>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+pub fn of(spec: &Spec, o: &Observed) -> Status {
+    let mut members = Vec::new();
+    let mut problems: Vec<String> = o.etcd.error.iter().map(|e| format!("etcd: {e}")).collect();
+    problems.extend(o.metadata_error.iter().cloned());
+    for g in &spec.groups {
+        let obs = o.etcd.groups.get(&g.id);
+        let leader = obs.and_then(|x| x.leader.clone());
+        let leader_wal = leader
+            .as_ref()
+            .and_then(|l| obs.and_then(|x| x.members.get(l)))
+            .map(|m| m.xlog_location);
+        let mut names: Vec<String> = g.hosts.iter().map(|h| h.name.clone()).collect();
+        if let Some(x) = obs {
+            let extra: Vec<String> = x
+                .members
+                .keys()
+                .filter(|k| !names.contains(k))
+                .cloned()
+                .collect();
+            names.extend(extra);
+        }
+        for name in names {
+            let m = obs.and_then(|x| x.members.get(&name));
+            let host = spec
+                .host(&name)
+                .map(|h| format!("{}:{}", h.address, h.pg_port))
+                .or_else(|| m.map(|m| format!("{}:{}", m.host, m.port)))
+                .unwrap_or_default();
+            let is_leader = leader.as_deref() == Some(name.as_str());
+            let role = match m {
+                None => "-".to_string(),
+                Some(_) if is_leader => "Leader".to_string(),
+                Some(m) if m.role == "replica" => "Replica".to_string(),
+                Some(m) => m.role.clone(),
+            };
+            let lag_mb = match (m, leader_wal, is_leader) {
+                (Some(m), Some(lw), false) if m.role == "replica" => {
+                    Some(lw.saturating_sub(m.xlog_location) as f64 / 1_048_576.0)
+                }
+                _ => None,
+            };
+            members.push(MemberStatus {
+                group: g.id,
+                member: name.clone(),
+                host,
+                role,
+                state: m
+                    .map(|m| m.state.clone())
+                    .unwrap_or_else(|| "not running".into()),
+                timeline: m.map(|m| m.timeline).filter(|t| *t > 0),
+                lag_mb,
+            });
+        }
+    }
+    Status {
+        cluster: spec.cluster.clone(),
+        members,
+        pg_dist_node: o.nodes.clone(),
+        problems,
+    }
+}
+
+pub fn text(s: &Status) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "Group",
+        "Member",
+        "Host",
+        "Role",
+        "State",
+        "TL",
+        "Lag in MB",
+    ]);
+    for m in &s.members {
+        t.add_row([
+            m.group.to_string(),
+            m.member.clone(),
+            m.host.clone(),
+            m.role.clone(),
+            m.state.clone(),
+            m.timeline.map(|x| x.to_string()).unwrap_or_default(),
+            m.lag_mb.map(|x| format!("{x:.1}")).unwrap_or_default(),
+        ]);
+    }
+    let mut out = format!("Cluster: {}\n{t}\n", s.cluster);
+    match &s.pg_dist_node {
+        Some(rows) => {
+            let mut n = Table::new();
+            n.load_preset(UTF8_FULL_CONDENSED);
+            n.set_header([
+                "nodeid",
+                "groupid",
+                "nodename",
+                "nodeport",
+                "noderole",
+                "isactive",
+                "shouldhaveshards",
+            ]);
+            for r in rows {
+                n.add_row([
+                    r.nodeid.to_string(),
+                    r.groupid.to_string(),
+                    r.nodename.clone(),
+                    r.nodeport.to_string(),
+                    r.noderole.clone(),
+                    r.isactive.to_string(),
+                    r.shouldhaveshards.to_string(),
+                ]);
+            }
+            out.push_str(&format!("pg_dist_node (coordinator primary):\n{n}\n"));
+        }
+        None => out.push_str("pg_dist_node: not available (no coordinator primary yet)\n"),
+    }
+    for p in &s.problems {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out
+}
