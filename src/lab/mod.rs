@@ -56,6 +56,9 @@ struct State {
     created_keys: Vec<PathBuf>,
     /// known_hosts files the lab wrote lines into.
     known_hosts: Vec<PathBuf>,
+    /// Members' data and install folders ever seen by `up` (a later spec may have fewer).
+    #[serde(default)]
+    member_dirs: Vec<PathBuf>,
 }
 
 /// A lab for one spec.
@@ -127,6 +130,16 @@ impl Lab {
         }
         state.cluster = t.cluster.clone();
         state.subnet = t.subnet;
+        for h in self.spec.hosts() {
+            for dir in [&h.data_dir, &h.install_dir] {
+                let p = PathBuf::from(dir);
+                if owned_by_member(dir, &self.spec.cluster, &h.name)
+                    && !state.member_dirs.contains(&p)
+                {
+                    state.member_dirs.push(p);
+                }
+            }
+        }
         net::check_subnet_free(t)?;
         fs::create_dir_all(&self.state_dir)
             .map_err(|e| LabError::Io(format!("create {}: {e}", self.state_dir.display())))?;
@@ -248,20 +261,31 @@ impl Lab {
         Self::require_root()?;
         let t = &self.topology;
         let state = self.load_state();
+        // Every namespace named after this lab's /24, also those of hosts a later spec dropped.
+        let mut namespaces = net::namespaces_with_prefix(&format!("crl{}-", t.subnet));
         for ns in t.nodes.iter().map(|n| n.ns.clone()).chain([t.bridge_ns()]) {
-            if net::ns_exists(&ns) {
-                sys::kill_all_in(&ns)?;
+            if !namespaces.contains(&ns) {
+                namespaces.push(ns);
             }
         }
-        net::remove(t)?;
-        // The members' disks: data and install folders of every host.
+        for ns in &namespaces {
+            if net::ns_exists(ns) {
+                sys::kill_all_in(ns)?;
+            }
+        }
+        net::remove(t, &namespaces)?;
+        // The members' disks: data and install folders of every host, now and ever.
+        let mut dirs: Vec<PathBuf> = state.member_dirs.clone();
         for h in self.spec.hosts() {
             for dir in [&h.data_dir, &h.install_dir] {
                 if owned_by_member(dir, &self.spec.cluster, &h.name) {
-                    remove_dir(Path::new(dir))?;
-                    prune_empty_parents(Path::new(dir), 1);
+                    dirs.push(PathBuf::from(dir));
                 }
             }
+        }
+        for dir in &dirs {
+            remove_dir(dir)?;
+            prune_empty_parents(dir, 1);
         }
         let lab_addresses: Vec<String> = t
             .nodes

@@ -157,11 +157,23 @@ pub fn verify_routes(t: &Topology) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Remove every namespace of the lab (links die with them).
-pub fn remove(t: &Topology) -> Result<(), LabError> {
-    for ns in t.nodes.iter().map(|n| n.ns.clone()).chain([t.bridge_ns()]) {
-        if ns_exists(&ns) {
-            run("ip", &["netns", "del", &ns])?;
+/// Names of existing namespaces that start with `prefix`.
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Remove the lab's namespaces (links die with them) and its link from the machine.
+pub fn remove(t: &Topology, namespaces: &[String]) -> Result<(), LabError> {
+    for ns in namespaces {
+        if ns_exists(ns) {
+            run("ip", &["netns", "del", ns])?;
         }
     }
     if link_exists(None, &t.root_if()) {

@@ -39,6 +39,22 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
             None => errors.push(format!("{name}: not observed")),
             Some(HostObserved::Unreachable { error }) => errors.push(error.clone()),
             Some(HostObserved::Reachable(f)) => {
+                // Never let an agent start on data of another cluster.
+                let expected = o
+                    .etcd
+                    .groups
+                    .get(&hd.group)
+                    .and_then(|g| g.initialize.clone())
+                    .filter(|s| !s.is_empty());
+                if let (Some(found), Some(expected)) = (&f.sysid, &expected) {
+                    if found != expected {
+                        errors.push(format!(
+                            "{name}: the data directory belongs to another cluster (system identifier {found}, group {} has {expected}); move it away to let the member be cloned",
+                            hd.group
+                        ));
+                        continue;
+                    }
+                }
                 // PostgreSQL drift only counts for a member that is up: while an agent creates
                 // or starts its server, the files are in flux.
                 let up = o
@@ -273,8 +289,9 @@ fn host_actions(
     }
 }
 
+/// A member is converged when it runs as primary, or as a replica that streams.
 fn running(m: &crate::dcs::keys::MemberInfo) -> bool {
-    (m.role == "primary" || m.role == "replica") && (m.state == "running" || m.state == "streaming")
+    (m.role == "primary" && m.state == "running") || (m.role == "replica" && m.state == "streaming")
 }
 
 /// What the agents will do once running: bootstrap groups and bring members up.
@@ -293,7 +310,18 @@ fn convergence(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
             ));
         }
         for name in members {
-            let up = obs.and_then(|x| x.members.get(name)).is_some_and(running);
+            let member = obs.and_then(|x| x.members.get(name));
+            if member.is_some_and(|m| m.role == "replica" && m.state == "running") {
+                out.push(act(
+                    Phase::Converge,
+                    Target::Host(name.clone()),
+                    Change::Change,
+                    Kind::BringUpMember,
+                    "replica: not streaming from the leader yet (the agent follows it)".into(),
+                ));
+                continue;
+            }
+            let up = member.is_some_and(running);
             if !up {
                 let fresh = matches!(o.hosts.get(name), Some(HostObserved::Reachable(f)) if f.data_dir != DataDirState::Initialized);
                 out.push(act(

@@ -69,6 +69,8 @@ pub struct HostFacts {
     pub postgres_version: Option<String>,
     pub citus_available: bool,
     pub data_dir: DataDirState,
+    /// The data directory's system identifier (from pg_controldata).
+    pub sysid: Option<String>,
     pub agent_binary_sha256: Option<String>,
     pub agent_config_sha256: Option<String>,
     /// The config on the host with secrets replaced (None when absent or unreadable).

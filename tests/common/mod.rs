@@ -8,7 +8,9 @@
 //! |-----|------|
 //! | 100 | lab::lifecycle |
 //! | 101 | lab::faults |
-//! | 110–129 | apply tests |
+//! | 110 | apply::bare_hosts… (the seed topology) |
+//! | 111 | apply::host_keys… |
+//! | 112 | apply::apply_restarts… |
 //! | 130–159 | HA tests |
 #![allow(dead_code)]
 

@@ -58,6 +58,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         postgres_version: Some("postgres (PostgreSQL) 15.18".into()),
         citus_available: true,
         data_dir: DataDirState::Initialized,
+        sysid: None,
         agent_binary_sha256: Some(SHA.into()),
         agent_config_sha256: Some(h.agent_config_sha256.clone()),
         agent_config_redacted: Some(h.agent_config_redacted.clone()),
@@ -395,6 +396,17 @@ fn blockers_are_errors() {
     let mut o = converged(&d);
     o.etcd.error = Some("timed out".into());
     check(&d, &o, &["! etcd: timed out"]);
+    let mut o = converged(&d);
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.sysid = Some("999".into());
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "! w1: the data directory belongs to another cluster (system identifier 999, group 1 has 2); move it away to let the member be cloned",
+        ],
+    );
 }
 
 #[test]

@@ -1,0 +1,392 @@
+//! `apply`, `plan` and `status` end to end in the lab: bare hosts to a replicated Citus
+//! cluster, an empty plan afterwards, adding a standby, and the SSH host-key policy.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use common::{TestLab, lab_available, lab_spec, set_lab_secrets};
+
+fn cli(t: &TestLab, args: &[&str]) -> Output {
+    Command::cargo_bin("citus-reconcile")
+        .expect("binary")
+        .args(args)
+        .arg(&t.spec_path)
+        .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
+        .env("CR_LAB_REPLICATION", "lab-replication-pw")
+        .timeout(Duration::from_secs(300))
+        .output()
+        .expect("citus-reconcile runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn psql(t: &TestLab, member: &str, sql: &str) -> String {
+    let h = t.spec.host(member).expect("member");
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            &h.address,
+            "-p",
+            &h.pg_port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "citus",
+            "-XAtc",
+            sql,
+        ])
+        .env("PGPASSWORD", "lab-superuser-pw")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql on {member}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn bare_hosts_to_converged_cluster_then_an_empty_plan_and_a_new_standby() {
+    if !lab_available("apply from bare hosts") {
+        return;
+    }
+    set_lab_secrets();
+    // The reference topology: 3 coordinators, two worker groups of two, a 3-member etcd.
+    let spec = lab_spec(
+        "applyseed",
+        110,
+        &[(0, 3), (1, 2), (2, 2)],
+        3,
+        "ha: { ttl: 10, loop_wait: 2, retry_timeout: 4 }\n",
+    );
+    let mut t = TestLab::up(&spec);
+
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    assert!(
+        text(&plan).contains("Plan: 34 to add, 0 to change, 0 to destroy."),
+        "{}",
+        text(&plan)
+    );
+
+    let apply = cli(&t, &["apply", "--auto-approve"]);
+    let out = text(&apply);
+    assert!(apply.status.success(), "{out}");
+    assert!(out.contains("Apply complete"), "{out}");
+    assert!(
+        !out.contains("lab-superuser-pw") && !out.contains("lab-replication-pw"),
+        "a secret was printed:\n{out}"
+    );
+
+    // status: one leader and streaming replicas in each group.
+    let status = cli(&t, &["status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let members = s["members"].as_array().expect("members");
+    assert_eq!(members.len(), 7);
+    let mut leaders = std::collections::BTreeMap::new();
+    for m in members {
+        match m["role"].as_str() {
+            Some("Leader") => {
+                assert_eq!(m["state"], "running", "{m}");
+                leaders.insert(
+                    m["group"].as_u64().unwrap_or(99),
+                    m["host"].as_str().unwrap_or("").to_string(),
+                );
+            }
+            Some("Replica") => assert_eq!(m["state"], "streaming", "{m}"),
+            other => panic!("unexpected role {other:?}: {m}"),
+        }
+    }
+    assert_eq!(leaders.len(), 3, "{leaders:?}");
+
+    // pg_dist_node on the coordinator primary: the coordinator and one primary per worker
+    // group, at the leaders' addresses.
+    let coordinator = members
+        .iter()
+        .find(|m| m["group"] == 0 && m["role"] == "Leader")
+        .and_then(|m| m["member"].as_str())
+        .expect("coordinator leader");
+    let rows = psql(
+        &t,
+        coordinator,
+        "SELECT groupid, nodename || ':' || nodeport, noderole FROM pg_dist_node ORDER BY groupid",
+    );
+    let expected: Vec<String> = leaders
+        .iter()
+        .map(|(g, host)| format!("{g}|{host}|primary"))
+        .collect();
+    assert_eq!(rows.lines().collect::<Vec<_>>(), expected);
+    // pg_dist_authinfo matches the spec on every group primary.
+    for (g, host) in &leaders {
+        let member = members
+            .iter()
+            .find(|m| m["host"] == host.as_str())
+            .and_then(|m| m["member"].as_str())
+            .expect("member");
+        let auth = psql(
+            &t,
+            member,
+            "SELECT nodeid, rolename, authinfo FROM pg_dist_authinfo",
+        );
+        assert_eq!(auth, "0|postgres|password=lab-superuser-pw", "group {g}");
+    }
+
+    // Converged: the plan is empty and a second apply changes nothing.
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    let again = cli(&t, &["apply", "--auto-approve"]);
+    assert!(
+        again.status.success() && text(&again).contains("No changes."),
+        "{}",
+        text(&again)
+    );
+
+    // With the real Citus extension, a distributed table takes writes and reads.
+    if matches!(
+        citus_reconcile::lab::standin::detect("/usr/lib/postgresql/15/bin"),
+        Ok(Some(citus_reconcile::lab::CitusInstall::Real { .. }))
+    ) {
+        psql(
+            &t,
+            coordinator,
+            "CREATE TABLE t (id int primary key, v text); SELECT create_distributed_table('t', 'id'); INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g;",
+        );
+        assert_eq!(psql(&t, coordinator, "SELECT count(*) FROM t"), "100");
+    } else {
+        eprintln!(
+            "skipped distributed-table check: needs the real Citus extension (the stand-in routes no queries)"
+        );
+    }
+
+    // Adding a standby to group 1: the plan touches exactly that host; apply converges.
+    let grown = spec.replace(
+        "      - { name: g1m1, address: 10.213.110.21 }\n",
+        "      - { name: g1m1, address: 10.213.110.21 }\n      - { name: g1m2, address: 10.213.110.22 }\n",
+    );
+    assert_ne!(grown, spec);
+    std::fs::write(&t.spec_path, &grown).expect("write spec");
+    let grown_lab = citus_reconcile::lab::Lab::new(
+        &citus_reconcile::spec::load_file(&t.spec_path, Default::default())
+            .spec
+            .expect("valid grown spec"),
+    )
+    .expect("lab");
+    grown_lab.up().expect("lab up with the new host");
+    // From now on the guard tears down the grown lab, new member included.
+    t.lab = grown_lab;
+    let plan = cli(&t, &["plan", "--json"]);
+    let p: serde_json::Value =
+        serde_json::from_slice(&plan.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&plan)));
+    let targets: std::collections::BTreeSet<String> = p["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .map(|a| a["target"].to_string())
+        .collect();
+    assert_eq!(
+        targets.into_iter().collect::<Vec<_>>(),
+        vec![r#"{"kind":"host","name":"g1m2"}"#.to_string()],
+        "{}",
+        text(&plan)
+    );
+    assert_eq!(p["summary"]["change"], 0, "{}", text(&plan));
+    assert_eq!(p["summary"]["destroy"], 0);
+    let apply = cli(&t, &["apply", "--auto-approve"]);
+    assert!(apply.status.success(), "{}", text(&apply));
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    // The new member streams from its group's leader.
+    let status = cli(&t, &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let new = s["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["member"] == "g1m2").cloned())
+        .expect("g1m2");
+    assert_eq!(
+        (new["role"].as_str(), new["state"].as_str()),
+        (Some("Replica"), Some("streaming")),
+        "{new}"
+    );
+}
+
+#[test]
+fn host_keys_are_verified_and_bad_input_touches_nothing() {
+    if !lab_available("host key policy") {
+        return;
+    }
+    set_lab_secrets();
+    let t = TestLab::up(&lab_spec("applykeys", 111, &[(0, 1)], 1, ""));
+    let known = t.dir.path().join(".lab/known_hosts");
+    let original = std::fs::read_to_string(&known).expect("known_hosts");
+
+    // A changed key is always refused, even with --accept-new-host-keys.
+    let other =
+        citus_reconcile::lab::services::ensure_keypair(&t.dir.path().join("other_key"), "x")
+            .expect("another key");
+    let forged: String = other
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&known, format!("10.213.111.10 {forged}\n")).expect("forge known_hosts");
+    for extra in [&[][..], &["--accept-new-host-keys"][..]] {
+        let mut args = vec!["plan"];
+        args.extend_from_slice(extra);
+        let out = cli(&t, &args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains("HOST KEY CHANGED"), "{}", text(&out));
+    }
+
+    // An unknown host is refused with a hint, and recorded with --accept-new-host-keys.
+    std::fs::write(&known, "").expect("empty known_hosts");
+    let out = cli(&t, &["plan"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("unknown host key") && text(&out).contains("--accept-new-host-keys"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&t, &["plan", "--accept-new-host-keys"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let learned = std::fs::read_to_string(&known).expect("known_hosts");
+    let key = |s: &str| s.split_whitespace().nth(2).map(str::to_string);
+    assert_eq!(
+        learned.lines().filter_map(key).collect::<Vec<_>>(),
+        original.lines().filter_map(key).collect::<Vec<_>>()
+    );
+
+    // apply does not wait on a prompt when stdin is not a terminal, and changes nothing.
+    let out = cli(&t, &["apply"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("stdin is not a terminal"),
+        "{}",
+        text(&out)
+    );
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "apply without approval changed something:\n{}",
+        text(&plan)
+    );
+
+    // An invalid spec: a located error, exit 1, nothing touched.
+    let good = std::fs::read_to_string(&t.spec_path).expect("spec");
+    std::fs::write(
+        &t.spec_path,
+        good.replace("cluster: applykeys", "cluster: Bad_Name"),
+    )
+    .expect("break spec");
+    let out = cli(&t, &["apply", "--auto-approve"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("spec.yaml:2:10: cluster: invalid cluster name"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(&t.spec_path, &good).expect("restore spec");
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+
+    // ssh-agent authentication: no identity_file in the spec, the key held by an agent.
+    let agent_dir = t.dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let sock = agent_dir.join("sock");
+    let agent = std::process::Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    let mut added = false;
+    for _ in 0..50 {
+        let ok = std::process::Command::new("ssh-add")
+            .arg(t.dir.path().join(".lab/id_ed25519"))
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            added = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(added, "ssh-add failed");
+    let agent_spec = t.dir.path().join("agent-spec.yaml");
+    std::fs::write(
+        &agent_spec,
+        good.replace("identity_file: .lab/id_ed25519, ", ""),
+    )
+    .expect("spec without identity_file");
+    let out = Command::cargo_bin("citus-reconcile")
+        .expect("binary")
+        .args(["plan", "--detailed-exitcode"])
+        .arg(&agent_spec)
+        .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
+        .env("CR_LAB_REPLICATION", "lab-replication-pw")
+        .env("SSH_AUTH_SOCK", &sock)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .expect("plan runs");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "plan through ssh-agent: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn apply_restarts_what_should_run_after_a_reboot() {
+    if !lab_available("apply after a reboot") {
+        return;
+    }
+    set_lab_secrets();
+    let t = TestLab::up(&lab_spec(
+        "applyboot",
+        112,
+        &[(0, 1), (1, 1)],
+        1,
+        "ha: { ttl: 10, loop_wait: 2, retry_timeout: 4 }\n",
+    ));
+    let apply = cli(&t, &["apply", "--auto-approve"]);
+    assert!(apply.status.success(), "{}", text(&apply));
+    // A power cut and a reboot: sshd comes back, nothing else.
+    t.lab.crash("g1m0").expect("crash");
+    t.lab.up().expect("reboot");
+    let plan = cli(&t, &["plan"]);
+    assert!(
+        text(&plan).contains("start the agent (not running)"),
+        "{}",
+        text(&plan)
+    );
+    let apply = cli(&t, &["apply", "--auto-approve"]);
+    assert!(apply.status.success(), "{}", text(&apply));
+    let plan = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    // The worker's data survived the crash: same system identifier, no re-initialisation.
+    let status = cli(&t, &["status"]);
+    assert!(text(&status).contains("Leader"), "{}", text(&status));
+}
