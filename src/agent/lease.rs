@@ -128,6 +128,10 @@ pub async fn keep_alive(dcs: Dcs, shared: Arc<LeaseShared>) {
         if refresher.is_none() {
             match dcs.keeper(id).await {
                 Ok(r) => refresher = Some(r),
+                Err(e) if lease_gone(&e) => {
+                    lost(&shared, id);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the lease keep-alive stream");
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -164,6 +168,23 @@ pub async fn keep_alive(dcs: Dcs, shared: Arc<LeaseShared>) {
             }
         }
     }
+}
+
+/// etcd says the lease no longer exists (it expired while we could not refresh it).
+fn lease_gone(e: &crate::dcs::DcsError) -> bool {
+    e.to_string().contains("lease not found")
+}
+
+/// The lease is gone: keys attached to it (leader, member) were deleted by etcd. Forget it so
+/// a new one is granted, and wake the loop to act on the loss.
+fn lost(shared: &LeaseShared, id: i64) {
+    tracing::warn!(
+        lease = id,
+        "the etcd lease expired; keys attached to it are gone"
+    );
+    shared.set_valid_until(None);
+    shared.id.store(0, Ordering::SeqCst);
+    shared.wake.notify_one();
 }
 
 /// Stop a primary the moment its lease can no longer be trusted.

@@ -53,6 +53,59 @@ async fn bounded<T>(
     }
 }
 
+/// Whether an error means the request never reached a working member (a dead endpoint, a
+/// broken connection): then another attempt, likely on another endpoint, is worth it.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                && !s.message().contains("etcdserver:")
+        }
+        _ => false,
+    }
+}
+
+/// Like [`bounded`], retrying transient failures until the deadline. With one etcd member
+/// down, the client's balancer still sends some requests to it; they fail at once and the
+/// retry goes elsewhere. Only for calls that are safe to repeat (reads, puts, and
+/// compare-and-sets whose outcome the caller verifies).
+async fn retried<T, F, Fut>(op: &str, timeout: Duration, mut f: F) -> Result<T, DcsError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(DcsError::Timeout {
+                op: op.to_string(),
+                ms: timeout.as_millis(),
+            });
+        }
+        match tokio::time::timeout(remaining, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && remaining > Duration::from_millis(60) => {
+                tracing::debug!(op, error = %e, "transient etcd error; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Err(e)) => {
+                return Err(DcsError::Failed {
+                    op: op.to_string(),
+                    detail: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(DcsError::Timeout {
+                    op: op.to_string(),
+                    ms: timeout.as_millis(),
+                });
+            }
+        }
+    }
+}
+
 impl Dcs {
     /// Connect to the endpoints (any reachable one will do). `timeout` bounds every call.
     pub async fn connect(
@@ -112,8 +165,12 @@ impl Dcs {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<RawKv>, DcsError> {
-        let mut c = self.client.clone();
-        let resp = bounded("get", self.timeout, c.get(key, None)).await?;
+        let resp = retried("get", self.timeout, || {
+            let mut c = self.client.clone();
+            let key = key.to_string();
+            async move { c.get(key, None).await }
+        })
+        .await?;
         Ok(resp.kvs().first().map(|kv| RawKv {
             key: key.to_string(),
             value: kv.value().to_vec(),

@@ -301,8 +301,12 @@ impl Pg {
             conf::quote_libpq(&self.cfg.postgres.superuser.username),
             conf::quote_libpq(&self.paths.pgpass())
         );
-        // Its config must be ours while it runs crash recovery in single-user mode.
-        self.write_conf(&Role::Replica { upstream: None })?;
+        // Its config must be ours while it runs crash recovery in single-user mode, and without
+        // standby.signal: single-user mode refuses standby mode. The caller writes the
+        // replica configuration before the next start.
+        self.write_conf(&Role::Primary {
+            synchronous_standby_names: String::new(),
+        })?;
         let mut cmd = self.command("pg_rewind");
         cmd.arg("-D")
             .arg(self.data_dir())

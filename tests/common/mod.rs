@@ -11,10 +11,17 @@
 //! | 110 | apply::bare_hosts… (the seed topology) |
 //! | 111 | apply::host_keys… |
 //! | 112 | apply::apply_restarts… |
-//! | 130–159 | HA tests |
+//! | 130 | ha::host_crash… |
+//! | 131 | ha::postgres_crash… |
+//! | 132 | ha::etcd_partition… |
+//! | 133 | ha::losing_one_etcd… |
+//! | 134–139 | more HA tests |
+//! | 200 | benches/apply.rs |
+//! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod prober;
 
 use std::path::{Path, PathBuf};
 
@@ -145,4 +152,82 @@ pub fn set_lab_secrets() {
         std::env::set_var("CR_LAB_SUPERUSER", "lab-superuser-pw");
         std::env::set_var("CR_LAB_REPLICATION", "lab-replication-pw");
     }
+}
+
+/// Run the CLI on a lab's spec; panics with its output on failure when `must` is set.
+pub fn cli(t: &TestLab, args: &[&str]) -> std::process::Output {
+    assert_cmd::Command::cargo_bin("citus-reconcile")
+        .expect("binary")
+        .args(args)
+        .arg(&t.spec_path)
+        .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
+        .env("CR_LAB_REPLICATION", "lab-replication-pw")
+        .timeout(std::time::Duration::from_secs(300))
+        .output()
+        .expect("citus-reconcile runs")
+}
+
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `status --json` of a lab's cluster.
+pub fn status(t: &TestLab) -> serde_json::Value {
+    let o = cli(t, &["status", "--json"]);
+    serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The leader of a group according to etcd (via `status`), if any.
+pub fn leader(t: &TestLab, group: u64) -> Option<String> {
+    status(t)["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["group"] == group && m["role"] == "Leader" && m["state"] == "running")
+        .and_then(|m| m["member"].as_str().map(str::to_string))
+}
+
+/// (name, address, port) of every member of a group in the spec.
+pub fn members(t: &TestLab, group: u32) -> Vec<(String, String, u16)> {
+    t.spec
+        .group(group)
+        .map(|g| {
+            g.hosts
+                .iter()
+                .map(|h| (h.name.clone(), h.address.clone(), h.pg_port))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Poll `cond` until it returns Some, or give up after `timeout` (a liveness guard, not a
+/// performance assertion).
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what} after {timeout:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Bring a lab up and apply its spec.
+pub fn cluster(spec: &str) -> TestLab {
+    set_lab_secrets();
+    let t = TestLab::up(spec);
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "apply failed:\n{}", output_text(&o));
+    t
 }
