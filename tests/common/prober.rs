@@ -198,7 +198,7 @@ pub fn assert_no_split_brain(attempts: &[Attempt]) {
             }
         }
     }
-    assert!(s.len() >= 1, "no member ever accepted a write");
+    assert!(!s.is_empty(), "no member ever accepted a write");
 }
 
 /// The longest time with no accepted write at all, after the first accepted write and before
