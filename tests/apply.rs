@@ -16,7 +16,7 @@ fn cli(t: &TestLab, args: &[&str]) -> Output {
         .arg(&t.spec_path)
         .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
         .env("CR_LAB_REPLICATION", "lab-replication-pw")
-        .timeout(Duration::from_secs(300))
+        .timeout(Duration::from_secs(420))
         .output()
         .expect("citus-reconcile runs")
 }

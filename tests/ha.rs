@@ -251,3 +251,258 @@ fn losing_one_etcd_member_of_three_is_no_disruption() {
         prober::longest_gap(&log)
     );
 }
+
+#[test]
+fn switchover_under_write_load_then_back_through_the_rest_api() {
+    if !lab_available("switchover") {
+        return;
+    }
+    let t = worker_cluster("haswitch", 134);
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let candidate = members(&t, 1)
+        .into_iter()
+        .map(|m| m.0)
+        .find(|m| *m != old)
+        .expect("a replica");
+    let data_dir = t
+        .spec
+        .host(&old)
+        .map(|h| h.data_dir.clone())
+        .unwrap_or_default();
+    let inode =
+        |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("data dir"));
+    let before = inode(&data_dir);
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let o = cli(
+        &t,
+        &[
+            "switchover",
+            "--group",
+            "1",
+            "--candidate",
+            &candidate,
+            "--force",
+        ],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert_eq!(leader(&t, 1).as_deref(), Some(candidate.as_str()));
+    let new_addr = address(&t, &candidate);
+    wait_for("pg_dist_node to follow", Duration::from_secs(30), || {
+        coordinator_row(&t, 1).filter(|h| *h == new_addr)
+    });
+    // The old primary follows the new one without a rebuild.
+    wait_for(
+        "the old primary to stream from the new one",
+        Duration::from_secs(60),
+        || {
+            (member_state(&t, &old) == ("Replica".to_string(), "streaming".to_string()))
+                .then_some(())
+        },
+    );
+    assert_eq!(inode(&data_dir), before, "the old primary was re-cloned");
+
+    // Back, through the REST API: refused without credentials, done with them.
+    let api = format!("{}:8008", address(&t, &candidate));
+    let body = format!(r#"{{"leader": "{candidate}", "candidate": "{old}"}}"#);
+    let (code, _) = common::http("POST", &api, "/switchover", None, &body);
+    assert_eq!(code, 401);
+    let (code, _) = common::http("POST", &api, "/switchover", Some(("admin", "wrong")), &body);
+    assert_eq!(code, 401);
+    let (code, text) = common::http(
+        "POST",
+        &api,
+        "/switchover",
+        Some(("admin", "lab-superuser-pw")),
+        &body,
+    );
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(leader(&t, 1).as_deref(), Some(old.as_str()));
+    std::thread::sleep(Duration::from_secs(1));
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    eprintln!(
+        "longest write gap across two switchovers: {:?}",
+        prober::longest_gap(&log)
+    );
+}
+
+#[test]
+fn manual_failover_promotes_the_chosen_member_of_a_leaderless_group() {
+    if !lab_available("manual failover") {
+        return;
+    }
+    let t = worker_cluster("hafail", 135);
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    // Choose the replica an automatic election would not (it prefers the smaller name on a tie).
+    let mut replicas: Vec<String> = members(&t, 1)
+        .into_iter()
+        .map(|m| m.0)
+        .filter(|m| *m != old)
+        .collect();
+    replicas.sort();
+    let chosen = replicas.last().cloned().expect("a replica");
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    t.lab.crash(&old).expect("crash the leader");
+    let o = cli(
+        &t,
+        &[
+            "failover",
+            "--group",
+            "1",
+            "--candidate",
+            &chosen,
+            "--force",
+        ],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert_eq!(leader(&t, 1).as_deref(), Some(chosen.as_str()));
+    std::thread::sleep(Duration::from_secs(1));
+    prober::assert_no_split_brain(&p.stop());
+}
+
+#[test]
+fn haproxy_checked_like_patroni_follows_switchover_and_crash() {
+    if !lab_available("haproxy") || !std::path::Path::new("/usr/sbin/haproxy").exists() {
+        return;
+    }
+    let t = worker_cluster("hahap", 136);
+    let l = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let port = common::pg::free_port();
+    let stats = t.dir.path().join("haproxy.sock");
+    let servers: String = members(&t, 1)
+        .iter()
+        .map(|(n, a, p)| format!("    server {n} {a}:{p} check port 8008\n"))
+        .collect();
+    let cfg = format!(
+        "global\n    stats socket {}\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30m\n    timeout server 30m\n\
+         listen primary\n    bind 127.0.0.1:{port}\n    option httpchk OPTIONS /primary\n    http-check expect status 200\n\
+         \x20   default-server inter 200ms fall 2 rise 1 on-marked-down shutdown-sessions\n{servers}",
+        stats.display()
+    );
+    let cfg_path = t.dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg_path, cfg).expect("haproxy.cfg");
+    let mut haproxy = std::process::Command::new("/usr/sbin/haproxy")
+        .arg("-f")
+        .arg(&cfg_path)
+        .arg("-db")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut haproxy);
+    let p = probe_group(&t, 1);
+    let through = vec![("haproxy".to_string(), "127.0.0.1".to_string(), port)];
+    let client = Prober::start(&through, Duration::from_millis(10));
+    let up_server = || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo 'show servers state primary' | socat - UNIX-CONNECT:{} 2>/dev/null || true",
+                stats.display()
+            ))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // Fields: be_id be_name srv_id srv_name srv_addr srv_op_state (2 = running) …
+        let up: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 5 && f[5] == "2").then(|| f[3].to_string())
+            })
+            .collect();
+        (up.len() == 1).then(|| up[0].clone())
+    };
+    let socat = std::path::Path::new("/usr/bin/socat").exists();
+    wait_for("writes through haproxy", Duration::from_secs(30), || {
+        client.log.lock().ok()?.iter().any(|a| a.ok).then_some(())
+    });
+    if socat {
+        assert_eq!(
+            wait_for(
+                "haproxy to see one primary",
+                Duration::from_secs(10),
+                up_server
+            ),
+            l
+        );
+    }
+    // A switchover, then a crash of the new primary; the client keeps writing through haproxy.
+    let other = members(&t, 1)
+        .into_iter()
+        .map(|m| m.0)
+        .find(|m| *m != l)
+        .expect("replica");
+    let o = cli(
+        &t,
+        &[
+            "switchover",
+            "--group",
+            "1",
+            "--candidate",
+            &other,
+            "--force",
+        ],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    let mark = client.t0.elapsed();
+    wait_for(
+        "writes through haproxy after the switchover",
+        Duration::from_secs(30),
+        || {
+            client
+                .log
+                .lock()
+                .ok()?
+                .iter()
+                .any(|a| a.ok && a.started > mark)
+                .then_some(())
+        },
+    );
+    t.lab.crash(&other).expect("crash the new primary");
+    let third = wait_for("a leader after the crash", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|x| *x != other)
+    });
+    let mark = client.t0.elapsed();
+    wait_for(
+        "writes through haproxy after the crash",
+        Duration::from_secs(30),
+        || {
+            client
+                .log
+                .lock()
+                .ok()?
+                .iter()
+                .any(|a| a.ok && a.started > mark)
+                .then_some(())
+        },
+    );
+    if socat {
+        assert_eq!(
+            wait_for(
+                "haproxy's view to match status",
+                Duration::from_secs(10),
+                up_server
+            ),
+            third
+        );
+    } else {
+        eprintln!("socat not installed: HAProxy's server states not compared");
+    }
+    let through_log = client.stop();
+    prober::assert_no_split_brain(&p.stop());
+    eprintln!(
+        "client through haproxy: longest gap {:?}",
+        prober::longest_gap(&through_log)
+    );
+}

@@ -16,14 +16,16 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use serde::Serialize;
 
 use super::config::AgentConfig;
 use super::decide::{Dcs, Server};
 use super::lease::LeaseShared;
-use super::node::Node;
+use super::node::{Node, Request};
 use crate::dcs::MemberInfo;
+use crate::dcs::handover::{self, Outcome};
+use crate::dcs::keys::FailoverRequest;
 
 /// What the API serves, refreshed after every cycle of the loop.
 #[derive(Debug, Clone, Default)]
@@ -50,33 +52,30 @@ pub struct View {
 pub struct Handle {
     view: Arc<Mutex<View>>,
     lease: Arc<LeaseShared>,
+    dcs: crate::dcs::Dcs,
+    auth: Option<super::config::Credential>,
+    group: u32,
+    requests: Arc<Mutex<std::collections::VecDeque<Request>>>,
 }
 
 impl Handle {
     pub fn new(node: &Node) -> Handle {
-        let h = Handle {
+        Handle {
             view: Arc::new(Mutex::new(View::default())),
             lease: node.lease.clone(),
-        };
-        HANDLE.with(|slot| *slot.borrow_mut() = Some(h.clone()));
-        h
+            dcs: node.dcs.clone(),
+            auth: node.cfg.api.auth.clone(),
+            group: node.cfg.group,
+            requests: node.requests.clone(),
+        }
     }
+
     fn view(&self) -> View {
         self.view.lock().map(|v| v.clone()).unwrap_or_default()
     }
-}
 
-thread_local! {
-    // The agent is single-threaded: the loop and the API share one thread.
-    static HANDLE: std::cell::RefCell<Option<Handle>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Refresh the API's view from the node (called after each cycle).
-pub fn publish(node: &Node) {
-    HANDLE.with(|slot| {
-        let Some(h) = slot.borrow().clone() else {
-            return;
-        };
+    /// Refresh what the API serves from the node (called after each cycle).
+    pub fn publish(&self, node: &Node) {
         let Some(s) = node.last_snapshot.as_ref() else {
             return;
         };
@@ -93,9 +92,9 @@ pub fn publish(node: &Node) {
             .and_then(|l| members.get(l))
             .map(|m| m.xlog_location);
         let lag = (!primary && running).then(|| leader_wal.unwrap_or(wal).saturating_sub(wal));
-        if let Ok(mut v) = h.view.lock() {
+        if let Ok(mut v) = self.view.lock() {
             let now = Instant::now();
-            v.loop_seconds = v
+            let loop_seconds = v
                 .last_tick
                 .map(|t| now.duration_since(t).as_secs_f64())
                 .unwrap_or(0.0);
@@ -112,12 +111,12 @@ pub fn publish(node: &Node) {
                 members,
                 lag,
                 last_tick: Some(now),
-                loop_seconds: v.loop_seconds,
+                loop_seconds,
                 leader_changes: node.leader_changes,
                 ttl: node.lease.timing.ttl,
             };
         }
-    });
+    }
 }
 
 fn code(ok: bool) -> StatusCode {
@@ -322,6 +321,177 @@ async fn metrics(State(h): State<Handle>) -> Response {
         .into_response()
 }
 
+/// Basic auth against `agent.api_auth`; without it, write endpoints are off.
+fn authorized(h: &Handle, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    use base64::Engine;
+    let Some(cred) = &h.auth else {
+        let denied = (
+            StatusCode::FORBIDDEN,
+            "write endpoints are disabled: set agent.api_auth in the spec\n",
+        );
+        return Err(Box::new(denied.into_response()));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .unwrap_or_default();
+    let expected = format!("{}:{}", cred.username, cred.password.expose()).into_bytes();
+    // Compare without an early exit, so timing says nothing about the password.
+    let same = given.len() == expected.len()
+        && given
+            .iter()
+            .zip(&expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        let challenge = [(header::WWW_AUTHENTICATE, "Basic realm=\"citus-reconcile\"")];
+        Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                challenge,
+                "authentication required\n",
+            )
+                .into_response(),
+        ))
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct HandoverBody {
+    leader: Option<String>,
+    candidate: Option<String>,
+    scheduled_at: Option<String>,
+}
+
+fn handover_response(r: Result<Outcome, String>) -> Response {
+    match r {
+        Ok(Outcome::Done { leader, after }) => (
+            StatusCode::OK,
+            format!(
+                "Successfully switched over to \"{leader}\" ({:.2}s)\n",
+                after.as_secs_f64()
+            ),
+        )
+            .into_response(),
+        Ok(Outcome::Scheduled) => (StatusCode::ACCEPTED, "Switchover scheduled\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn switchover(
+    State(h): State<Handle>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorized(&h, &headers) {
+        return *r;
+    }
+    let b: HandoverBody = serde_json::from_slice(&body).unwrap_or_default();
+    let v = h.view();
+    let Some(leader) = v.leader.clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the group has no leader; use /failover\n",
+        )
+            .into_response();
+    };
+    if b.leader.as_deref().is_some_and(|l| l != leader) {
+        return (
+            StatusCode::PRECONDITION_FAILED,
+            format!("leader name does not match: the leader is {leader}\n"),
+        )
+            .into_response();
+    }
+    if b.scheduled_at
+        .as_deref()
+        .is_some_and(|t| crate::dcs::keys::parse_rfc3339(t).is_none())
+    {
+        return (StatusCode::BAD_REQUEST, "scheduled_at: expected RFC 3339\n").into_response();
+    }
+    let req = FailoverRequest {
+        leader: Some(leader),
+        member: b.candidate.clone(),
+        scheduled_at: b.scheduled_at,
+    };
+    handover_response(
+        handover::request(
+            &h.dcs,
+            h.group,
+            &req,
+            b.candidate.as_deref(),
+            Duration::from_secs(30),
+        )
+        .await,
+    )
+}
+
+async fn failover(
+    State(h): State<Handle>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorized(&h, &headers) {
+        return *r;
+    }
+    let b: HandoverBody = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(candidate) = b.candidate else {
+        return (StatusCode::BAD_REQUEST, "failover needs a candidate\n").into_response();
+    };
+    let req = FailoverRequest {
+        leader: h.view().leader,
+        member: Some(candidate.clone()),
+        scheduled_at: None,
+    };
+    handover_response(
+        handover::request(
+            &h.dcs,
+            h.group,
+            &req,
+            Some(&candidate),
+            Duration::from_secs(30),
+        )
+        .await,
+    )
+}
+
+fn enqueue(h: &Handle, r: Request) {
+    if let Ok(mut q) = h.requests.lock() {
+        q.push_back(r);
+    }
+    h.lease.wake.notify_one();
+}
+
+async fn restart(State(h): State<Handle>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&h, &headers) {
+        return *r;
+    }
+    enqueue(&h, Request::Restart);
+    (StatusCode::ACCEPTED, "restart scheduled\n").into_response()
+}
+
+async fn reinit(State(h): State<Handle>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&h, &headers) {
+        return *r;
+    }
+    if h.view().primary {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "refusing to reinitialize the primary\n",
+        )
+            .into_response();
+    }
+    enqueue(&h, Request::Reinit);
+    (StatusCode::ACCEPTED, "reinitialize scheduled\n").into_response()
+}
+
 async fn options_ok(headers: HeaderMap) -> Response {
     let _ = headers;
     StatusCode::OK.into_response()
@@ -344,6 +514,10 @@ pub fn router(h: Handle) -> Router {
         .route("/patroni", get(status))
         .route("/cluster", get(cluster))
         .route("/metrics", get(metrics))
+        .route("/switchover", post(switchover))
+        .route("/failover", post(failover))
+        .route("/restart", post(restart))
+        .route("/reinit", post(reinit))
         .fallback(options_ok_or_404)
         .with_state(h)
 }

@@ -84,6 +84,11 @@ pub struct Snapshot {
     /// Roles, database, extension and authinfo are in place for the current configuration.
     pub setup_done: bool,
     pub coordinator: bool,
+    /// This member stopped as primary cleanly to hand over (switchover): its WAL is all on the
+    /// new leader, so it follows without pg_rewind.
+    pub clean_handoff: bool,
+    /// Wall-clock time, seconds since the Unix epoch (for scheduled switchovers).
+    pub now_unix: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +129,15 @@ pub enum Action {
     SyncCitus,
     /// Publish the last known WAL position of the leader (`status` key).
     PublishOptime,
+    /// Planned handover to `to`: checkpoint, clean stop, publish the final WAL position,
+    /// release the leader key.
+    Switchover {
+        to: String,
+    },
+    /// Delete the `failover` key (done, stale or impossible).
+    ClearFailover {
+        reason: String,
+    },
     Wait(String),
 }
 
@@ -223,7 +237,7 @@ fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool
         return vec![ReleaseLeader];
     }
     if let Some(l) = other_leader {
-        if was_primary {
+        if was_primary && !s.clean_handoff {
             // We were a primary and someone else leads now: our timeline may have forked.
             return vec![
                 Rewind {
@@ -263,8 +277,69 @@ fn running_primary(
         a.extend(leader_duties(s));
         return a;
     }
-    let _ = g;
+    if let Some(f) = &g.failover {
+        match switchover_target(s, g, f) {
+            Handover::Now(to) => return vec![Switchover { to }],
+            Handover::Later => {}
+            Handover::Reject(reason) => {
+                let mut a = vec![ClearFailover { reason }];
+                a.extend(leader_duties(s));
+                return a;
+            }
+        }
+    }
     leader_duties(s)
+}
+
+enum Handover {
+    Now(String),
+    Later,
+    Reject(String),
+}
+
+/// What the leader does with a `failover` key.
+fn switchover_target(s: &Snapshot, g: &GroupView, f: &FailoverRequest) -> Handover {
+    if f.member.as_deref() == Some(s.me.as_str()) {
+        // We are the requested candidate and already lead: done.
+        return Handover::Reject("switchover done: the candidate leads".into());
+    }
+    if let Some(l) = f.leader.as_deref() {
+        if l != s.me {
+            return Handover::Reject(format!("requested for leader {l}, but {} leads", s.me));
+        }
+    }
+    if let Some(at) = f.scheduled_at.as_deref() {
+        match f.scheduled_unix() {
+            Some(t) if t > s.now_unix => return Handover::Later,
+            Some(_) => {}
+            None => return Handover::Reject(format!("unreadable scheduled_at {at:?}")),
+        }
+    }
+    let eligible = |name: &str, m: &MemberInfo| {
+        name != s.me
+            && m.role == "replica"
+            && m.state == "streaming"
+            && !m.nofailover()
+            && sync_allows(s, g, name)
+    };
+    match f.member.as_deref() {
+        Some(c) => match g.members.get(c) {
+            Some(m) if eligible(c, m) => Handover::Now(c.to_string()),
+            Some(_) => {
+                Handover::Reject(format!("candidate {c} is not a healthy, eligible replica"))
+            }
+            None => Handover::Reject(format!("candidate {c} is not a member of the group")),
+        },
+        None => match g
+            .members
+            .iter()
+            .filter(|(n, m)| eligible(n, m))
+            .max_by_key(|(n, m)| (m.xlog_location, std::cmp::Reverse(n.as_str())))
+        {
+            Some((n, _)) => Handover::Now(n.clone()),
+            None => Handover::Reject("no healthy replica to hand over to".into()),
+        },
+    }
 }
 
 fn leader_duties(s: &Snapshot) -> Vec<Action> {
@@ -310,6 +385,35 @@ fn running_replica(
             }];
         }
         return Vec::new();
+    }
+    // No leader, and a switchover or manual failover names a candidate: only it races, once it
+    // has replayed everything the old leader wrote.
+    if let Some(c) = g.failover.as_ref().and_then(|f| f.member.clone()) {
+        let candidate_alive = g.members.get(&c).is_some_and(|m| m.role == "replica");
+        if c == s.me {
+            if let Some(final_wal) = g.last_leader_wal {
+                if r.wal < final_wal && g.failover.as_ref().is_some_and(|f| f.leader.is_some()) {
+                    return vec![Wait(format!(
+                        "switchover: replaying up to the old leader's last position ({} of {final_wal})",
+                        r.wal
+                    ))];
+                }
+            }
+            if s.nofailover {
+                return vec![Wait("named as candidate but tagged nofailover".into())];
+            }
+            if let Some(leader_wal) = g.last_leader_wal {
+                if leader_wal.saturating_sub(r.wal) > s.maximum_lag_on_failover {
+                    return vec![Wait(
+                        "named as candidate but too far behind the last leader position".into(),
+                    )];
+                }
+            }
+            return vec![AcquireLeader, Promote];
+        }
+        if candidate_alive {
+            return vec![Wait(format!("{c} is taking over (switchover)"))];
+        }
     }
     // No leader: race for it if we are fit to lead.
     match unfit_to_lead(s, g, r) {
@@ -395,6 +499,8 @@ mod tests {
             diverged: false,
             setup_done: true,
             coordinator: false,
+            clean_handoff: false,
+            now_unix: 1_000_000,
         }
     }
 
@@ -431,12 +537,12 @@ mod tests {
         let got = decide(&s);
         let norm = |a: &[Action]| -> Vec<Action> {
             a.iter()
-                .map(|x| {
-                    if let Wait(_) = x {
-                        Wait(String::new())
-                    } else {
-                        x.clone()
-                    }
+                .map(|x| match x {
+                    Wait(_) => Wait(String::new()),
+                    ClearFailover { .. } => ClearFailover {
+                        reason: String::new(),
+                    },
+                    other => other.clone(),
                 })
                 .collect()
         };
@@ -704,6 +810,142 @@ mod tests {
             "equal WAL: we have the smaller name",
             u,
             &[AcquireLeader, Promote],
+        );
+    }
+
+    #[test]
+    fn switchover() {
+        let mut s = base();
+        s.server = running(true, 500, None);
+        group(&mut s).leader = Some("m1".into());
+        group(&mut s)
+            .members
+            .insert("m2".into(), member("replica", "streaming", 480));
+        group(&mut s)
+            .members
+            .insert("m3".into(), member("replica", "streaming", 490));
+        let req = |leader: Option<&str>, member: Option<&str>, at: Option<&str>| FailoverRequest {
+            leader: leader.map(str::to_string),
+            member: member.map(str::to_string),
+            scheduled_at: at.map(str::to_string),
+        };
+        let with = |s: &Snapshot, f: FailoverRequest| {
+            let mut t = s.clone();
+            group(&mut t).failover = Some(f);
+            t
+        };
+        check(
+            "to the named candidate",
+            with(&s, req(Some("m1"), Some("m2"), None)),
+            &[Switchover { to: "m2".into() }],
+        );
+        check(
+            "to the healthiest when none is named",
+            with(&s, req(Some("m1"), None, None)),
+            &[Switchover { to: "m3".into() }],
+        );
+        check(
+            "not yet: scheduled later",
+            with(
+                &s,
+                req(Some("m1"), Some("m2"), Some("2099-01-01T00:00:00Z")),
+            ),
+            &[PublishOptime],
+        );
+        check(
+            "due: scheduled in the past",
+            with(
+                &s,
+                req(Some("m1"), Some("m2"), Some("1970-01-02T00:00:00Z")),
+            ),
+            &[Switchover { to: "m2".into() }],
+        );
+        check(
+            "for another leader: rejected",
+            with(&s, req(Some("m9"), Some("m2"), None)),
+            &[
+                ClearFailover {
+                    reason: String::new(),
+                },
+                PublishOptime,
+            ],
+        );
+        check(
+            "to a stranger: rejected",
+            with(&s, req(Some("m1"), Some("m7"), None)),
+            &[
+                ClearFailover {
+                    reason: String::new(),
+                },
+                PublishOptime,
+            ],
+        );
+        let mut t = with(&s, req(Some("m1"), Some("m2"), None));
+        group(&mut t)
+            .members
+            .insert("m2".into(), member("replica", "running", 480));
+        check(
+            "to a replica that does not stream: rejected",
+            t,
+            &[
+                ClearFailover {
+                    reason: String::new(),
+                },
+                PublishOptime,
+            ],
+        );
+        let mut t = s.clone();
+        t.me = "m2".into();
+        group(&mut t).leader = Some("m2".into());
+        group(&mut t).failover = Some(req(Some("m1"), Some("m2"), None));
+        check(
+            "the new leader clears the key",
+            t,
+            &[
+                ClearFailover {
+                    reason: String::new(),
+                },
+                PublishOptime,
+            ],
+        );
+
+        // The candidate, once the old leader let go.
+        let mut c = base();
+        c.me = "m2".into();
+        c.server = running(false, 500, Some("m1"));
+        group(&mut c).failover = Some(req(Some("m1"), Some("m2"), None));
+        group(&mut c)
+            .members
+            .insert("m2".into(), member("replica", "streaming", 500));
+        group(&mut c)
+            .members
+            .insert("m3".into(), member("replica", "streaming", 900));
+        group(&mut c).last_leader_wal = Some(600);
+        check("candidate waits to replay everything", c.clone(), &[w()]);
+        group(&mut c).last_leader_wal = Some(500);
+        check(
+            "candidate takes over, even if another has more WAL",
+            c.clone(),
+            &[AcquireLeader, Promote],
+        );
+        let mut o = c.clone();
+        o.me = "m3".into();
+        check("the others wait for the candidate", o, &[w()]);
+
+        // The old leader, stopped cleanly, follows without pg_rewind.
+        let mut old = base();
+        old.data = DataDir::Initialized {
+            sysid: "42".into(),
+            was_primary: true,
+        };
+        old.clean_handoff = true;
+        group(&mut old).leader = Some("m2".into());
+        check(
+            "clean handoff: follow at once",
+            old,
+            &[StartReplica {
+                upstream: Some("m2".into()),
+            }],
         );
     }
 

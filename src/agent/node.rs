@@ -53,6 +53,20 @@ pub struct Node {
     pub last_actions: Vec<Action>,
     pub leader_changes: u64,
     pub last_probe: Option<sql::Probe>,
+    /// Set when this member stopped as primary to hand over; cleared once it runs again.
+    clean_handoff: bool,
+    handoff_started: Option<Instant>,
+    /// Operator requests from the REST API, run at the start of the next cycle.
+    pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
+}
+
+/// What the REST API asks the loop to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Restart PostgreSQL in place (same role).
+    Restart,
+    /// Throw this replica's data away and clone it again.
+    Reinit,
 }
 
 fn call_timeout(cfg: &AgentConfig) -> Duration {
@@ -81,6 +95,9 @@ impl Node {
             last_actions: Vec::new(),
             leader_changes: 0,
             last_probe: None,
+            clean_handoff: false,
+            handoff_started: None,
+            requests: Default::default(),
         }
     }
 
@@ -92,8 +109,15 @@ impl Node {
         &self.dcs.keys
     }
 
-    /// One cycle: observe, decide, act, publish.
+    /// One cycle: operator requests, then observe, decide, act, publish.
     pub async fn tick(&mut self) {
+        loop {
+            let next = self.requests.lock().ok().and_then(|mut q| q.pop_front());
+            let Some(r) = next else { break };
+            if let Err(e) = self.handle_request(&r).await {
+                tracing::warn!(request = ?r, error = %e, "request failed");
+            }
+        }
         let snapshot = self.observe().await;
         let actions = decide::decide(&snapshot);
         if actions != self.last_actions {
@@ -172,6 +196,19 @@ impl Node {
                 DcsView::Unavailable
             }
         };
+        if let (Some(t0), DcsView::Available(g)) = (self.handoff_started, &dcs) {
+            let taken = g.leader.is_some();
+            if taken {
+                self.handoff_started = None;
+            } else if t0.elapsed() > self.lease.timing.ttl && g.failover.is_some() {
+                // The candidate did not take over: drop the request so a normal election runs.
+                tracing::warn!(
+                    "the switchover candidate did not take over in time; clearing the request"
+                );
+                let _ = self.dcs.delete(&self.keys().failover(self.cfg.group)).await;
+                self.handoff_started = None;
+            }
+        }
         let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str()));
         if !i_lead {
             self.give_up_leading = false;
@@ -191,6 +228,42 @@ impl Node {
             diverged,
             setup_done: self.setup_done,
             coordinator: self.cfg.is_coordinator(),
+            clean_handoff: self.clean_handoff,
+            now_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        }
+    }
+
+    async fn handle_request(&mut self, r: &Request) -> Result<(), String> {
+        match r {
+            Request::Restart => {
+                let primary = matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary);
+                let role = if primary {
+                    Role::Primary {
+                        synchronous_standby_names: String::new(),
+                    }
+                } else {
+                    let up = self.upstream.clone().and_then(|u| self.member_address(&u));
+                    Role::Replica { upstream: up }
+                };
+                let upstream = self.upstream.clone();
+                tracing::info!("restarting PostgreSQL on request");
+                self.start(role, upstream).await
+            }
+            Request::Reinit => {
+                let primary = matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary);
+                if primary {
+                    return Err("refusing to reinitialize the primary".into());
+                }
+                self.stop(StopMode::Fast).await;
+                self.set_aside("reinit")?;
+                tracing::warn!(
+                    "data directory set aside on request; the member will be cloned again"
+                );
+                Ok(())
+            }
         }
     }
 
@@ -301,9 +374,15 @@ impl Node {
                 Ok(true)
             }
             Action::ClaimInitialize => {
+                // The claim lives on our lease: only the lease id proves it is ours (every
+                // member claims with the same empty value), and if we die while bootstrapping
+                // it expires, so another member can try.
+                let Some(lease) = self.lease.lease_id() else {
+                    return Ok(false);
+                };
                 let won = self
                     .dcs
-                    .create(&keys.initialize(g), b"", None)
+                    .create(&keys.initialize(g), b"", Some(lease))
                     .await
                     .map_err(|e| e.to_string())?;
                 if won {
@@ -496,6 +575,15 @@ impl Node {
             }
             Action::EnsureSetup => self.ensure_setup().await.map(|_| true),
             Action::SyncCitus => self.sync_citus().await.map(|_| true),
+            Action::Switchover { to } => self.switchover(&to).await.map(|_| true),
+            Action::ClearFailover { reason } => {
+                tracing::info!(%reason, "clearing the failover key");
+                self.dcs
+                    .delete(&keys.failover(g))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(true)
+            }
             Action::PublishOptime => {
                 if let Server::Running(r) = &s.server {
                     let fresh = self.last_optime.as_ref().is_some_and(|(w, at)| {
@@ -514,6 +602,50 @@ impl Node {
                 Ok(true)
             }
         }
+    }
+
+    /// Planned handover: checkpoint while still serving (so the shutdown checkpoint is short),
+    /// stop cleanly (WAL senders flush everything to the standbys before the server exits),
+    /// publish the final WAL position, then release the leader key. The candidate, woken by
+    /// the key's deletion, promotes once it has replayed up to that position.
+    async fn switchover(&mut self, to: &str) -> Result<(), String> {
+        let t0 = Instant::now();
+        let keys = self.keys().clone();
+        if let Some(c) = self.client.as_ref() {
+            let _ = sql::checkpoint(c, Duration::from_secs(60)).await;
+        }
+        let checkpointed = t0.elapsed();
+        self.stop(StopMode::Fast).await;
+        let stopped = t0.elapsed();
+        let control = self
+            .pg
+            .controldata()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no pg_control after shutdown")?;
+        let body = serde_json::to_vec(&Status {
+            optime: control.checkpoint_lsn,
+        })
+        .unwrap_or_default();
+        self.dcs
+            .put(&keys.status(self.cfg.group), &body, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.dcs
+            .delete_if(&keys.leader(self.cfg.group), self.cfg.member.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.clean_handoff = true;
+        self.handoff_started = Some(Instant::now());
+        tracing::info!(
+            %to,
+            checkpoint_ms = checkpointed.as_millis() as u64,
+            stopped_ms = stopped.as_millis() as u64,
+            released_ms = t0.elapsed().as_millis() as u64,
+            final_lsn = control.checkpoint_lsn,
+            "switchover: primary stopped cleanly and released the leader key"
+        );
+        Ok(())
     }
 
     fn set_aside(&self, why: &str) -> Result<(), String> {

@@ -116,12 +116,13 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
     tokio::spawn(lease::fence(shared.clone()));
     tokio::spawn(watch(dcs.clone(), cfg.clone(), wake.clone()));
     let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
-    super::api::serve(&cfg, node_state_channel(&node)).await;
+    let api = super::api::Handle::new(&node);
+    super::api::serve(&cfg, api.clone()).await;
 
     let loop_wait = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
     loop {
         node.tick().await;
-        super::api::publish(&node);
+        api.publish(&node);
         let postmaster_exit = async {
             match node.postmaster.as_mut() {
                 Some(pm) => {
@@ -154,10 +155,6 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
-}
-
-fn node_state_channel(node: &Node) -> super::api::Handle {
-    super::api::Handle::new(node)
 }
 
 /// `agent --supervise`: keep an agent child running; restart it whenever it exits, with

@@ -4,6 +4,7 @@
 mod agent;
 mod lab;
 mod reconcile;
+mod switchover;
 mod validate;
 
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ pub enum Command {
     Apply(reconcile::ApplyArgs),
     /// Members, roles, lag and pg_dist_node, like `patronictl list`
     Status(reconcile::StatusArgs),
+    /// Hand a group's leadership to another member (planned, no lost commits)
+    Switchover(switchover::SwitchoverArgs),
+    /// Promote a chosen member of a group whose leader is gone
+    Failover(switchover::FailoverArgs),
     /// Run the per-host HA agent (started on every host by `apply`)
     Agent(agent::AgentArgs),
     /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
@@ -77,6 +82,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Diff(args) => reconcile::diff(args),
         Command::Apply(args) => reconcile::apply(args),
         Command::Status(args) => reconcile::status(args),
+        Command::Switchover(args) => switchover::switchover(args),
+        Command::Failover(args) => switchover::failover(args),
         Command::Schema => {
             let schema = crate::spec::raw::json_schema();
             match serde_json::to_string_pretty(&schema) {

@@ -131,6 +131,59 @@ pub struct FailoverRequest {
     pub scheduled_at: Option<String>,
 }
 
+impl FailoverRequest {
+    /// `scheduled_at` as seconds since the Unix epoch, when present and well-formed.
+    pub fn scheduled_unix(&self) -> Option<i64> {
+        self.scheduled_at.as_deref().and_then(parse_rfc3339)
+    }
+}
+
+/// Parse an RFC 3339 timestamp (`2026-11-25T20:00:00Z`, `…+02:00`, fractions ignored) into
+/// seconds since the Unix epoch.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (date, time) = s.split_once(['T', 't', ' '])?;
+    let mut d = date.split('-');
+    let (y, mo, da): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+        return None;
+    }
+    let (clock, offset) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else {
+        let i = time.rfind(['+', '-'])?;
+        let (c, o) = time.split_at(i);
+        let sign = if o.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = o[1..].split_once(':')?;
+        (
+            c,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
+    };
+    let clock = clock.split('.').next()?;
+    let mut c = clock.split(':');
+    let (h, mi, se): (i64, i64, i64) = (
+        c.next()?.parse().ok()?,
+        c.next()?.parse().ok()?,
+        c.next()?.parse().ok()?,
+    );
+    if h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + se - offset)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderKey {
     pub name: String,
@@ -218,6 +271,21 @@ mod tests {
             value: value.as_bytes().to_vec(),
             mod_revision: 7,
             lease: 42,
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        for (text, unix) in [
+            ("1970-01-01T00:00:00Z", Some(0)),
+            ("2026-11-25T20:00:00Z", Some(1_795_636_800)),
+            ("2026-11-25T22:00:00+02:00", Some(1_795_636_800)),
+            ("2026-11-25T20:00:00.123Z", Some(1_795_636_800)),
+            ("2024-02-29T12:00:00Z", Some(1_709_208_000)),
+            ("2026-13-01T00:00:00Z", None),
+            ("tomorrow", None),
+        ] {
+            assert_eq!(parse_rfc3339(text), unix, "{text}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! whose every call is bounded by a timeout, with the compare-and-set primitives leader
 //! election needs: create-if-absent, replace-if-unchanged, delete-if-mine, leases.
 
+pub mod handover;
 pub mod keys;
 
 use std::time::Duration;
@@ -27,14 +28,6 @@ pub enum DcsError {
     Tls(String),
 }
 
-/// A connection to etcd for one cluster.
-#[derive(Clone)]
-pub struct Dcs {
-    client: Client,
-    pub keys: ClusterKeys,
-    timeout: Duration,
-}
-
 async fn bounded<T>(
     op: &str,
     timeout: Duration,
@@ -54,7 +47,7 @@ async fn bounded<T>(
 }
 
 /// Whether an error means the request never reached a working member (a dead endpoint, a
-/// broken connection): then another attempt, likely on another endpoint, is worth it.
+/// broken connection): then another endpoint is worth a try.
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -66,29 +59,55 @@ fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Like [`bounded`], retrying transient failures until the deadline. With one etcd member
-/// down, the client's balancer still sends some requests to it; they fail at once and the
-/// retry goes elsewhere. Only for calls that are safe to repeat (reads, puts, and
-/// compare-and-sets whose outcome the caller verifies).
-async fn retried<T, F, Fut>(op: &str, timeout: Duration, mut f: F) -> Result<T, DcsError>
+/// Run `f` on the current endpoint's client until it succeeds, moving to the next endpoint
+/// when a call fails in transit or one attempt takes too long, all within `timeout`. Only for
+/// calls that are safe to repeat: reads, puts, and compare-and-sets whose outcome the caller
+/// verifies.
+async fn retried<T, F, Fut>(op: &str, timeout: Duration, dcs: &Dcs, mut f: F) -> Result<T, DcsError>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
+    // A partitioned endpoint drops packets: give each attempt a share of the time, not all.
+    let per_attempt = (timeout / 3).max(Duration::from_millis(300));
+    let mut last = String::new();
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Err(DcsError::Timeout {
-                op: op.to_string(),
-                ms: timeout.as_millis(),
+            return Err(if last.is_empty() {
+                DcsError::Timeout {
+                    op: op.to_string(),
+                    ms: timeout.as_millis(),
+                }
+            } else {
+                DcsError::Failed {
+                    op: op.to_string(),
+                    detail: last,
+                }
             });
         }
-        match tokio::time::timeout(remaining, f()).await {
+        let attempt = remaining.min(per_attempt);
+        let (i, client) = dcs.current(attempt).await;
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!(
+                    "{}: {e}",
+                    dcs.inner.urls.get(i).cloned().unwrap_or_default()
+                );
+                dcs.rotate(i);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        match tokio::time::timeout(attempt, f(client)).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if transient(&e) && remaining > Duration::from_millis(60) => {
-                tracing::debug!(op, error = %e, "transient etcd error; retrying");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Err(e)) if transient(&e) => {
+                tracing::debug!(op, endpoint = i, error = %e, "etcd endpoint failed; trying the next");
+                last = e.to_string();
+                dcs.rotate(i);
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Ok(Err(e)) => {
                 return Err(DcsError::Failed {
@@ -97,13 +116,30 @@ where
                 });
             }
             Err(_) => {
-                return Err(DcsError::Timeout {
-                    op: op.to_string(),
-                    ms: timeout.as_millis(),
-                });
+                tracing::debug!(op, endpoint = i, "etcd endpoint too slow; trying the next");
+                last = format!("no answer within {} ms", attempt.as_millis());
+                dcs.rotate(i);
             }
         }
     }
+}
+
+/// A connection to etcd for one cluster.
+///
+/// One client per endpoint, used one at a time: the current endpoint serves every call until
+/// it fails, then the next one takes over. (etcd-client's own balancer prefers the least
+/// loaded endpoint, and a dead endpoint that fails at once always looks least loaded.)
+#[derive(Clone)]
+pub struct Dcs {
+    inner: std::sync::Arc<Endpoints>,
+    pub keys: ClusterKeys,
+    timeout: Duration,
+}
+
+struct Endpoints {
+    urls: Vec<String>,
+    clients: Vec<tokio::sync::Mutex<Option<Client>>>,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl Dcs {
@@ -116,39 +152,90 @@ impl Dcs {
         if let Some(e) = endpoints.iter().find(|e| e.starts_with("https://")) {
             return Err(DcsError::Tls(e.clone()));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout)
-            .with_keep_alive_while_idle(true);
-        let client = bounded(
-            "connect",
-            timeout,
-            Client::connect(endpoints, Some(options)),
-        )
-        .await?;
-        Ok(Dcs {
-            client,
+        if endpoints.is_empty() {
+            return Err(DcsError::Failed {
+                op: "connect".into(),
+                detail: "no endpoints".into(),
+            });
+        }
+        let dcs = Dcs {
+            inner: std::sync::Arc::new(Endpoints {
+                urls: endpoints.to_vec(),
+                clients: endpoints
+                    .iter()
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+                current: std::sync::atomic::AtomicUsize::new(0),
+            }),
             keys,
             timeout,
-        })
+        };
+        // Prove that one endpoint answers; later calls fail over on their own.
+        retried(
+            "connect",
+            timeout,
+            &dcs,
+            |mut c| async move { c.status().await },
+        )
+        .await?;
+        Ok(dcs)
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
+    /// The client of the current endpoint, connecting it if needed.
+    async fn current(
+        &self,
+        connect_timeout: Duration,
+    ) -> (usize, Result<Client, etcd_client::Error>) {
+        let n = self.inner.urls.len();
+        let i = self.inner.current.load(std::sync::atomic::Ordering::SeqCst) % n;
+        let mut slot = self.inner.clients[i].lock().await;
+        if let Some(c) = slot.as_ref() {
+            return (i, Ok(c.clone()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(2), self.timeout)
+            .with_keep_alive_while_idle(true);
+        let url = self.inner.urls[i].clone();
+        match tokio::time::timeout(connect_timeout, Client::connect([url], Some(options))).await {
+            Ok(Ok(c)) => {
+                *slot = Some(c.clone());
+                (i, Ok(c))
+            }
+            Ok(Err(e)) => (i, Err(e)),
+            Err(_) => (
+                i,
+                Err(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))),
+            ),
+        }
+    }
+
+    /// Move on from endpoint `i` (unless another call already did).
+    fn rotate(&self, i: usize) {
+        let n = self.inner.urls.len();
+        let _ = self.inner.current.compare_exchange(
+            i,
+            (i + 1) % n,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
     /// Every key of the cluster, and the revision they were read at.
     pub async fn read_cluster(&self) -> Result<(Vec<RawKv>, i64), DcsError> {
-        let mut c = self.client.clone();
-        let resp = bounded(
-            "read",
-            self.timeout,
-            c.get(
-                self.keys.prefix.clone(),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
+        let prefix = self.keys.prefix.clone();
+        let resp = retried("read", self.timeout, self, |mut c| {
+            let prefix = prefix.clone();
+            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
         .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let kvs = resp
@@ -165,10 +252,9 @@ impl Dcs {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<RawKv>, DcsError> {
-        let resp = retried("get", self.timeout, || {
-            let mut c = self.client.clone();
-            let key = key.to_string();
-            async move { c.get(key, None).await }
+        let resp = retried("get", self.timeout, self, |mut c| {
+            let k = key.to_string();
+            async move { c.get(k, None).await }
         })
         .await?;
         Ok(resp.kvs().first().map(|kv| RawKv {
@@ -180,26 +266,29 @@ impl Dcs {
     }
 
     pub async fn grant(&self, ttl: i64) -> Result<i64, DcsError> {
-        let mut c = self.client.clone();
-        Ok(
-            bounded("lease grant", self.timeout, c.lease_grant(ttl, None))
-                .await?
-                .id(),
-        )
+        // An extra lease from a retried grant is harmless: it expires unused.
+        let resp = retried("lease grant", self.timeout, self, |mut c| async move {
+            c.lease_grant(ttl, None).await
+        })
+        .await?;
+        Ok(resp.id())
     }
 
     pub async fn revoke(&self, lease: i64) -> Result<(), DcsError> {
-        let mut c = self.client.clone();
-        bounded("lease revoke", self.timeout, c.lease_revoke(lease))
-            .await
-            .map(|_| ())
+        retried("lease revoke", self.timeout, self, |mut c| async move {
+            c.lease_revoke(lease).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Open a keep-alive stream for a lease.
     pub async fn keeper(&self, lease: i64) -> Result<LeaseRefresher, DcsError> {
-        let mut c = self.client.clone();
         let (keeper, stream) =
-            bounded("lease keep-alive", self.timeout, c.lease_keep_alive(lease)).await?;
+            retried("lease keep-alive", self.timeout, self, |mut c| async move {
+                c.lease_keep_alive(lease).await
+            })
+            .await?;
         Ok(LeaseRefresher {
             keeper,
             stream,
@@ -208,31 +297,45 @@ impl Dcs {
     }
 
     pub async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), DcsError> {
-        let mut c = self.client.clone();
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        bounded("put", self.timeout, c.put(key, value, opts))
-            .await
-            .map(|_| ())
+        retried("put", self.timeout, self, |mut c| {
+            let (key, value) = (key.to_string(), value.to_vec());
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            async move { c.put(key, value, opts).await }
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// Create `key` only if it does not exist. True when this call created it.
+    /// Create `key` only if it does not exist. True when this call created it — also when an
+    /// earlier attempt of this call did: then the key holds our value on our lease. Without a
+    /// lease that proof is only as unique as the value, so callers racing with equal values
+    /// must pass their lease.
     pub async fn create(
         &self,
         key: &str,
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([put]);
-        let mut c = self.client.clone();
-        Ok(bounded("create", self.timeout, c.txn(txn))
+        let succeeded = retried("create", self.timeout, self, |mut c| {
+            let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([put]);
+            async move { c.txn(txn).await }
+        })
+        .await?
+        .succeeded();
+        if succeeded {
+            return Ok(true);
+        }
+        Ok(self
+            .get(key)
             .await?
-            .succeeded())
+            .is_some_and(|kv| kv.value == value && lease.is_none_or(|l| kv.lease == l)))
     }
 
-    /// Replace `key` only if it still holds `expected`. True on success.
+    /// Replace `key` only if it still holds `expected`. True when it holds `value` afterwards
+    /// (by this call or an earlier attempt of it).
     pub async fn replace(
         &self,
         key: &str,
@@ -240,41 +343,51 @@ impl Dcs {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, expected)])
-            .and_then([put]);
-        let mut c = self.client.clone();
-        Ok(bounded("replace", self.timeout, c.txn(txn))
-            .await?
-            .succeeded())
+        let succeeded = retried("replace", self.timeout, self, |mut c| {
+            let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
+            let txn = Txn::new()
+                .when([Compare::value(key, CompareOp::Equal, expected)])
+                .and_then([put]);
+            async move { c.txn(txn).await }
+        })
+        .await?
+        .succeeded();
+        if succeeded {
+            return Ok(true);
+        }
+        Ok(self.get(key).await?.is_some_and(|kv| kv.value == value))
     }
 
-    /// Delete `key` only if it still holds `expected`. True when it was deleted.
+    /// Delete `key` only if it still holds `expected`. True when it is gone afterwards.
     pub async fn delete_if(&self, key: &str, expected: &[u8]) -> Result<bool, DcsError> {
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::delete(key, None)]);
-        let mut c = self.client.clone();
-        Ok(bounded("delete", self.timeout, c.txn(txn))
-            .await?
-            .succeeded())
+        let succeeded = retried("delete", self.timeout, self, |mut c| {
+            let txn = Txn::new()
+                .when([Compare::value(key, CompareOp::Equal, expected)])
+                .and_then([TxnOp::delete(key, None)]);
+            async move { c.txn(txn).await }
+        })
+        .await?
+        .succeeded();
+        Ok(succeeded || self.get(key).await?.is_none())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), DcsError> {
-        let mut c = self.client.clone();
-        bounded("delete", self.timeout, c.delete(key, None))
-            .await
-            .map(|_| ())
+        retried("delete", self.timeout, self, |mut c| {
+            let key = key.to_string();
+            async move { c.delete(key, None).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), DcsError> {
-        let mut c = self.client.clone();
-        bounded(
-            "delete",
-            self.timeout,
-            c.delete(prefix, Some(DeleteOptions::new().with_prefix())),
-        )
+        retried("delete", self.timeout, self, |mut c| {
+            let prefix = prefix.to_string();
+            async move {
+                c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                    .await
+            }
+        })
         .await
         .map(|_| ())
     }
@@ -285,11 +398,14 @@ impl Dcs {
         prefix: &str,
         revision: i64,
     ) -> Result<(Watcher, WatchStream), DcsError> {
-        let mut c = self.client.clone();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision);
-        bounded("watch", self.timeout, c.watch(prefix, Some(opts))).await
+        retried("watch", self.timeout, self, |mut c| {
+            let prefix = prefix.to_string();
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision);
+            async move { c.watch(prefix, Some(opts)).await }
+        })
+        .await
     }
 }
 

@@ -39,6 +39,15 @@ pub struct Control {
     /// "in production", "shut down", "shut down in recovery", "in archive recovery"…
     pub state: String,
     pub timeline: u32,
+    /// "Latest checkpoint location" as a byte position: after a clean shutdown, the last WAL
+    /// the server wrote.
+    pub checkpoint_lsn: u64,
+}
+
+/// Parse an LSN such as `0/3000060`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 impl Control {
@@ -210,6 +219,7 @@ impl Pg {
             sysid: field("Database system identifier"),
             state: field("Database cluster state"),
             timeline: field("Latest checkpoint's TimeLineID").parse().unwrap_or(0),
+            checkpoint_lsn: parse_lsn(&field("Latest checkpoint location")).unwrap_or(0),
         }))
     }
 

@@ -312,7 +312,7 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
         }
         if text != last_pending {
             progress.note(&format!(
-                "waiting for the agents: {} item(s) pending",
+                "waiting for the agents: {} item(s) pending:\n  {text}",
                 pending.len() + p.errors.len()
             ));
             last_pending = text;

@@ -15,7 +15,10 @@
 //! | 131 | ha::postgres_crash… |
 //! | 132 | ha::etcd_partition… |
 //! | 133 | ha::losing_one_etcd… |
-//! | 134–139 | more HA tests |
+//! | 134 | ha::switchover… |
+//! | 135 | ha::manual_failover… |
+//! | 136 | ha::haproxy… |
+//! | 137 | ha::synchronous… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
@@ -129,7 +132,7 @@ pub fn lab_spec(
          \x20 replication: {{ username: replicator, password: {{ env: CR_LAB_REPLICATION }} }}\n\
          \x20 parameters: {{ max_connections: 50, shared_buffers: 16MB }}\n\
          \x20 pg_hba: [\"host all all 10.213.{subnet}.0/24 scram-sha-256\"]\n\
-         agent: {{ service: process }}\n{extra}groups:\n",
+         agent: {{ service: process, api_auth: {{ username: admin, password: {{ env: CR_LAB_SUPERUSER }} }} }}\n{extra}groups:\n",
         endpoints.join(", ")
     );
     for (g, n) in groups {
@@ -162,7 +165,8 @@ pub fn cli(t: &TestLab, args: &[&str]) -> std::process::Output {
         .arg(&t.spec_path)
         .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
         .env("CR_LAB_REPLICATION", "lab-replication-pw")
-        .timeout(std::time::Duration::from_secs(300))
+        // Longer than apply's own convergence timeout, so its report is never cut off.
+        .timeout(std::time::Duration::from_secs(420))
         .output()
         .expect("citus-reconcile runs")
 }
@@ -230,4 +234,50 @@ pub fn cluster(spec: &str) -> TestLab {
     let o = cli(&t, &["apply", "--auto-approve"]);
     assert!(o.status.success(), "apply failed:\n{}", output_text(&o));
     t
+}
+
+/// A minimal HTTP/1.0 client for the agents' REST API: (status, body).
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+) -> (u16, String) {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("address"),
+        std::time::Duration::from_secs(2),
+    ) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+    let auth = auth
+        .map(|(u, p)| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        })
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

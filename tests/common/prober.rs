@@ -88,23 +88,31 @@ pub mod postgres_sync {
 impl Prober {
     /// Create the probe table through whichever member accepts it, then start one writer per member.
     pub fn start(members: &[(String, String, u16)], every: Duration) -> Prober {
+        // Retried for a while: a load balancer in front may not have marked a server up yet.
         let mut created = false;
-        for (_, addr, port) in members {
-            if let Some(mut c) = connect(addr, *port) {
-                if c.execute("CREATE TABLE IF NOT EXISTS probe (id bigint primary key, member text, at timestamptz default now())").is_ok() {
-                    created = true;
-                    break;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !created && Instant::now() < deadline {
+            for (_, addr, port) in members {
+                if let Some(mut c) = connect(addr, *port) {
+                    if c.execute("CREATE TABLE IF NOT EXISTS probe (id bigint primary key, member text, at timestamptz default now())").is_ok() {
+                        created = true;
+                        break;
+                    }
                 }
+            }
+            if !created {
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
         assert!(created, "no member accepted the probe table");
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let t0 = Instant::now();
-        let next_id = Arc::new(std::sync::atomic::AtomicI64::new(1));
+        // One id sequence for every prober of the process: two probers may share a table.
+        static NEXT_ID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
         let mut threads = Vec::new();
         for (name, addr, port) in members.iter().cloned() {
-            let (stop, log, next_id) = (stop.clone(), log.clone(), next_id.clone());
+            let (stop, log) = (stop.clone(), log.clone());
             threads.push(std::thread::spawn(move || {
                 let mut client = None;
                 while !stop.load(Ordering::SeqCst) {
@@ -112,7 +120,7 @@ impl Prober {
                     if client.is_none() {
                         client = connect(&addr, port);
                     }
-                    let id = next_id.fetch_add(1, Ordering::SeqCst);
+                    let id = NEXT_ID.fetch_add(1, Ordering::SeqCst);
                     let ok = match client.as_mut() {
                         Some(c) => match c.execute(&format!(
                             "INSERT INTO probe (id, member) VALUES ({id}, '{name}')"

@@ -1,0 +1,218 @@
+//! `switchover` and `failover`: planned handover of a group's leadership, and promotion of a
+//! chosen member when the leader is gone. Both write Patroni's `failover` key; the agents do
+//! the rest. Both confirm on a terminal unless `--force`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::load_spec;
+use crate::dcs::handover::{self, Outcome};
+use crate::dcs::keys::{FailoverRequest, parse_rfc3339};
+use crate::dcs::{ClusterKeys, Dcs};
+
+#[derive(Debug, clap::Args)]
+pub struct SwitchoverArgs {
+    pub spec: PathBuf,
+    /// The Citus group (0 is the coordinator)
+    #[arg(long)]
+    pub group: u32,
+    /// The member to hand over to (default: the healthiest streaming replica)
+    #[arg(long)]
+    pub candidate: Option<String>,
+    /// When, as RFC 3339 (e.g. 2026-11-25T22:00:00Z); default now
+    #[arg(long, value_name = "TIME")]
+    pub scheduled_at: Option<String>,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds to wait for the candidate to lead
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    pub spec: PathBuf,
+    #[arg(long)]
+    pub group: u32,
+    /// The member to promote
+    #[arg(long)]
+    pub candidate: String,
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+fn confirm(question: &str) -> Result<bool, String> {
+    if !std::io::stdin().is_terminal() {
+        return Err(
+            "refusing to wait for confirmation: stdin is not a terminal; pass --force".into(),
+        );
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+struct Context {
+    dcs: Dcs,
+    group: u32,
+}
+
+async fn open(spec_path: &std::path::Path, group: u32) -> miette::Result<Option<Context>> {
+    let Some(spec) = load_spec(spec_path, false)? else {
+        return Ok(None);
+    };
+    if spec.group(group).is_none() {
+        return Err(miette::miette!("the spec has no group {group}"));
+    }
+    let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
+    let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
+        .await
+        .map_err(|e| miette::miette!("{e}"))?;
+    Ok(Some(Context { dcs, group }))
+}
+
+async fn state(ctx: &Context) -> miette::Result<crate::dcs::GroupState> {
+    handover::group_state(&ctx.dcs, ctx.group)
+        .await
+        .map_err(|e| miette::miette!("{e}"))
+}
+
+async fn request(
+    ctx: &Context,
+    req: &FailoverRequest,
+    candidate: Option<&str>,
+    timeout: Duration,
+) -> miette::Result<ExitCode> {
+    match handover::request(&ctx.dcs, ctx.group, req, candidate, timeout).await {
+        Ok(Outcome::Scheduled) => {
+            println!(
+                "Scheduled; the leader hands over at {}.",
+                req.scheduled_at.as_deref().unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Outcome::Done { leader, after }) => {
+            println!(
+                "{leader} now leads group {} ({:.2}s after the request).",
+                ctx.group,
+                after.as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(miette::miette!("{e}")),
+    }
+}
+
+fn runtime() -> miette::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| miette::miette!("{e}"))
+}
+
+pub fn switchover(args: SwitchoverArgs) -> miette::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let Some(ctx) = open(&args.spec, args.group).await? else { return Ok(ExitCode::FAILURE) };
+        let g = state(&ctx).await?;
+        let leader = g.leader.as_ref().map(|l| l.name.clone()).ok_or_else(|| {
+            miette::miette!("group {} has no leader; use `failover --candidate NAME` to promote a member", args.group)
+        })?;
+        let eligible = |name: &str| {
+            g.members.get(name).is_some_and(|m| name != leader && m.role == "replica" && m.state == "streaming" && !m.nofailover())
+        };
+        let candidate = match &args.candidate {
+            Some(c) if c == &leader => return Err(miette::miette!("{c} already leads group {}", args.group)),
+            Some(c) if !g.members.contains_key(c) => return Err(miette::miette!("{c} is not a running member of group {}", args.group)),
+            Some(c) if !eligible(c) => return Err(miette::miette!("{c} is not a healthy streaming replica (or is tagged nofailover)")),
+            Some(c) => c.clone(),
+            None => g
+                .members
+                .iter()
+                .filter(|(n, _)| eligible(n))
+                .max_by_key(|(n, m)| (m.xlog_location, std::cmp::Reverse(n.as_str())))
+                .map(|(n, _)| n.clone())
+                .ok_or_else(|| miette::miette!("group {} has no healthy replica to hand over to", args.group))?,
+        };
+        if let Some(sync) = &g.sync {
+            if sync.sync_standby.as_deref().is_some_and(|s| s != candidate) {
+                return Err(miette::miette!(
+                    "synchronous mode: only the synchronous standby ({}) can take over without losing commits",
+                    sync.sync_standby.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        if let Some(at) = &args.scheduled_at {
+            if parse_rfc3339(at).is_none() {
+                return Err(miette::miette!("--scheduled-at {at:?}: expected RFC 3339, e.g. 2026-11-25T22:00:00Z"));
+            }
+        }
+        let when = args.scheduled_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default();
+        println!("Switchover of group {}: {leader} → {candidate}{when}", args.group);
+        if !args.force && !confirm("Proceed?").map_err(|e| miette::miette!("{e}"))? {
+            println!("Cancelled.");
+            return Ok(ExitCode::FAILURE);
+        }
+        let req = FailoverRequest { leader: Some(leader), member: Some(candidate.clone()), scheduled_at: args.scheduled_at.clone() };
+        request(&ctx, &req, Some(&candidate), Duration::from_secs(args.timeout)).await
+    })
+}
+
+pub fn failover(args: FailoverArgs) -> miette::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let Some(ctx) = open(&args.spec, args.group).await? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let g = state(&ctx).await?;
+        let m = g.members.get(&args.candidate).ok_or_else(|| {
+            miette::miette!(
+                "{} is not a running member of group {}",
+                args.candidate,
+                args.group
+            )
+        })?;
+        if m.role != "replica" {
+            return Err(miette::miette!(
+                "{} is not a replica (role {})",
+                args.candidate,
+                m.role
+            ));
+        }
+        let leader = g.leader.as_ref().map(|l| l.name.clone());
+        match &leader {
+            Some(l) => println!(
+                "Group {} has a leader ({l}); this hands over to {} like a switchover.",
+                args.group, args.candidate
+            ),
+            None => println!(
+                "Failover of group {}: promote {}",
+                args.group, args.candidate
+            ),
+        }
+        if !args.force && !confirm("Proceed?").map_err(|e| miette::miette!("{e}"))? {
+            println!("Cancelled.");
+            return Ok(ExitCode::FAILURE);
+        }
+        let req = FailoverRequest {
+            leader,
+            member: Some(args.candidate.clone()),
+            scheduled_at: None,
+        };
+        request(
+            &ctx,
+            &req,
+            Some(&args.candidate),
+            Duration::from_secs(args.timeout),
+        )
+        .await
+    })
+}
