@@ -506,3 +506,89 @@ fn haproxy_checked_like_patroni_follows_switchover_and_crash() {
         prober::longest_gap(&through_log)
     );
 }
+
+fn sync_key(t: &TestLab, group: u32) -> Option<(String, String)> {
+    let key = format!("{}/{}/{group}/sync", t.spec.etcd.namespace, t.spec.cluster);
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &t.spec.etcd.endpoints.join(","),
+            "get",
+            "--print-value-only",
+            &key,
+        ])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((
+        v["leader"].as_str()?.to_string(),
+        v["sync_standby"].as_str()?.to_string(),
+    ))
+}
+
+#[test]
+fn synchronous_mode_loses_no_acknowledged_write_across_a_crash() {
+    if !lab_available("synchronous mode") {
+        return;
+    }
+    let t = cluster(&lab_spec(
+        "hasync",
+        137,
+        &[(0, 1), (1, 3)],
+        3,
+        "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2, synchronous_mode: on }\n",
+    ));
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let (_, standby) = wait_for(
+        "a recorded synchronous standby",
+        Duration::from_secs(30),
+        || sync_key(&t, 1).filter(|(l, _)| *l == old),
+    );
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    t.lab.crash(&old).expect("crash the primary's host");
+    let new = wait_for("a new worker leader", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|l| *l != old)
+    });
+    assert_eq!(
+        new, standby,
+        "a member other than the synchronous standby was promoted"
+    );
+    // No commit stall: the new primary takes writes without waiting for the dead old one.
+    let mark = p.t0.elapsed();
+    wait_for("writes on the new primary", Duration::from_secs(30), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.member == new && a.started > mark)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    // Every write acknowledged anywhere is on the new primary.
+    let acked = prober::acknowledged(&log);
+    let addr = address(&t, &new);
+    let mut c =
+        prober::postgres_sync::Client::connect(&addr, 5432).expect("connect to the new primary");
+    let present: std::collections::BTreeSet<i64> = c
+        .query_ids("SELECT id FROM probe")
+        .expect("read probe")
+        .into_iter()
+        .collect();
+    let lost: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost (of {}): {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    eprintln!(
+        "synchronous mode: {} acknowledged writes, none lost; longest gap {:?}",
+        acked.len(),
+        prober::longest_gap(&log)
+    );
+}

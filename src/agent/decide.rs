@@ -129,6 +129,8 @@ pub enum Action {
     SyncCitus,
     /// Publish the last known WAL position of the leader (`status` key).
     PublishOptime,
+    /// One step of synchronous replication management (see `agent::sync`).
+    ManageSync,
     /// Planned handover to `to`: checkpoint, clean stop, publish the final WAL position,
     /// release the leader key.
     Switchover {
@@ -349,6 +351,9 @@ fn leader_duties(s: &Snapshot) -> Vec<Action> {
     }
     if s.coordinator {
         a.push(SyncCitus);
+    }
+    if s.synchronous_mode != SyncModeConfig::Off {
+        a.push(ManageSync);
     }
     a.push(PublishOptime);
     a
@@ -970,6 +975,15 @@ mod tests {
             "the sync standby promotes even if an async one has more WAL",
             s,
             &[AcquireLeader, Promote],
+        );
+        let mut l = base();
+        l.synchronous_mode = SyncModeConfig::On;
+        l.server = running(true, 100, None);
+        group(&mut l).leader = Some("m1".into());
+        check(
+            "a synchronous-mode leader manages its standby",
+            l,
+            &[ManageSync, PublishOptime],
         );
     }
 }

@@ -9,3 +9,4 @@ pub mod decide;
 pub mod lease;
 pub mod node;
 pub mod run;
+pub mod sync;

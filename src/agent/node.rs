@@ -55,6 +55,11 @@ pub struct Node {
     pub last_probe: Option<sql::Probe>,
     /// Set when this member stopped as primary to hand over; cleared once it runs again.
     clean_handoff: bool,
+    /// synchronous_standby_names in force on this primary, when it changed, and the WAL
+    /// position captured a moment after (see `agent::sync`).
+    ssn: String,
+    ssn_changed: Option<Instant>,
+    ssn_since_lsn: Option<u64>,
     handoff_started: Option<Instant>,
     /// Operator requests from the REST API, run at the start of the next cycle.
     pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
@@ -97,6 +102,9 @@ impl Node {
             last_probe: None,
             clean_handoff: false,
             handoff_started: None,
+            ssn: String::new(),
+            ssn_changed: None,
+            ssn_since_lsn: None,
             requests: Default::default(),
         }
     }
@@ -241,9 +249,7 @@ impl Node {
             Request::Restart => {
                 let primary = matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary);
                 let role = if primary {
-                    Role::Primary {
-                        synchronous_standby_names: String::new(),
-                    }
+                    self.primary_role()
                 } else {
                     let up = self.upstream.clone().and_then(|u| self.member_address(&u));
                     Role::Replica { upstream: up }
@@ -460,14 +466,8 @@ impl Node {
                 result.map(|_| true)
             }
             Action::StartPrimary => {
-                let started = self
-                    .start(
-                        Role::Primary {
-                            synchronous_standby_names: String::new(),
-                        },
-                        None,
-                    )
-                    .await;
+                let role = self.primary_role();
+                let started = self.start(role, None).await;
                 let quick = self
                     .leader_start
                     .map(|t0| t0.elapsed() < self.lease.timing.ttl / 2)
@@ -511,11 +511,8 @@ impl Node {
                 sql::promote(c, Duration::from_secs(60))
                     .await
                     .map_err(|e| e.to_string())?;
-                self.pg
-                    .write_conf(&Role::Primary {
-                        synchronous_standby_names: String::new(),
-                    })
-                    .map_err(|e| e.to_string())?;
+                let role = self.primary_role();
+                self.pg.write_conf(&role).map_err(|e| e.to_string())?;
                 if let Some(c) = self.client.as_ref() {
                     let _ = sql::reload(c, t).await;
                 }
@@ -576,6 +573,7 @@ impl Node {
             Action::EnsureSetup => self.ensure_setup().await.map(|_| true),
             Action::SyncCitus => self.sync_citus().await.map(|_| true),
             Action::Switchover { to } => self.switchover(&to).await.map(|_| true),
+            Action::ManageSync => self.manage_sync().await.map(|_| true),
             Action::ClearFailover { reason } => {
                 tracing::info!(%reason, "clearing the failover key");
                 self.dcs
@@ -648,6 +646,122 @@ impl Node {
         Ok(())
     }
 
+    /// The primary configuration to start (or promote) with: in synchronous mode, the recorded
+    /// standby if the key is ours, else what runs without one (async for `on`, waiting for
+    /// any standby for `strict`).
+    fn primary_role(&mut self) -> Role {
+        use super::config::SyncModeConfig;
+        let mode = self.cfg.ha.synchronous_mode;
+        let ssn = if mode == SyncModeConfig::Off {
+            String::new()
+        } else {
+            let key = self
+                .cluster
+                .get(&self.cfg.group)
+                .and_then(|g| g.sync.clone());
+            match key {
+                Some(k) if k.leader.as_deref() == Some(self.cfg.member.as_str()) => k
+                    .sync_standby
+                    .as_deref()
+                    .map(super::sync::names_for)
+                    .unwrap_or_else(|| super::sync::names_without_standby(mode)),
+                _ => super::sync::names_without_standby(mode),
+            }
+        };
+        self.ssn = ssn.clone();
+        self.ssn_changed = Some(Instant::now());
+        self.ssn_since_lsn = None;
+        Role::Primary {
+            synchronous_standby_names: ssn,
+        }
+    }
+
+    /// One step of synchronous replication management.
+    async fn manage_sync(&mut self) -> Result<(), String> {
+        let t = self.timeout();
+        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+        // The switch point is read a moment after a change, once every backend sees it.
+        if self.ssn_since_lsn.is_none()
+            && self
+                .ssn_changed
+                .is_some_and(|at| at.elapsed() > Duration::from_millis(200))
+        {
+            let row = sql::bounded(
+                "current WAL position",
+                t,
+                c.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            self.ssn_since_lsn = Some(row.get::<_, i64>(0).max(0) as u64);
+        }
+        let rows = sql::bounded(
+            "read pg_stat_replication",
+            t,
+            c.query("SELECT application_name, state, COALESCE(sync_state, ''), COALESCE((flush_lsn - '0/0')::bigint, 0) FROM pg_stat_replication", &[]),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let group = self
+            .cluster
+            .get(&self.cfg.group)
+            .cloned()
+            .unwrap_or_default();
+        let standbys = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                let eligible = group.members.get(&name).is_some_and(|m| !m.nofailover());
+                super::sync::Standby {
+                    name,
+                    state: r.get(1),
+                    sync_state: r.get(2),
+                    flush_lsn: r.get::<_, i64>(3).max(0) as u64,
+                    eligible,
+                }
+            })
+            .collect();
+        let input = super::sync::SyncInput {
+            mode: self.cfg.ha.synchronous_mode,
+            me: self.cfg.member.clone(),
+            key: group.sync.map(|k| (k.leader, k.sync_standby)),
+            ssn: self.ssn.clone(),
+            ssn_since_lsn: self.ssn_since_lsn,
+            standbys,
+        };
+        match super::sync::next_step(&input) {
+            super::sync::SyncStep::Nothing => Ok(()),
+            super::sync::SyncStep::SetKey(standby) => {
+                let body = serde_json::to_vec(&crate::dcs::SyncState {
+                    leader: Some(self.cfg.member.clone()),
+                    sync_standby: standby.clone(),
+                })
+                .unwrap_or_default();
+                self.dcs
+                    .put(&self.keys().sync(self.cfg.group), &body, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(standby = ?standby, "sync key updated");
+                Ok(())
+            }
+            super::sync::SyncStep::SetStandbyNames(ssn) => {
+                self.pg
+                    .write_conf(&Role::Primary {
+                        synchronous_standby_names: ssn.clone(),
+                    })
+                    .map_err(|e| e.to_string())?;
+                if let Some(c) = self.client.as_ref() {
+                    sql::reload(c, t).await.map_err(|e| e.to_string())?;
+                }
+                tracing::info!(synchronous_standby_names = %ssn, "synchronous standby names changed");
+                self.ssn = ssn;
+                self.ssn_changed = Some(Instant::now());
+                self.ssn_since_lsn = None;
+                Ok(())
+            }
+        }
+    }
+
     fn set_aside(&self, why: &str) -> Result<(), String> {
         let dir = self.pg.data_dir();
         let secs = std::time::SystemTime::now()
@@ -667,13 +781,8 @@ impl Node {
     async fn bootstrap_server(&mut self) -> Result<(), String> {
         self.pg.prepare_host_files().map_err(|e| e.to_string())?;
         self.pg.initdb().await.map_err(|e| e.to_string())?;
-        self.start(
-            Role::Primary {
-                synchronous_standby_names: String::new(),
-            },
-            None,
-        )
-        .await
+        let role = self.primary_role();
+        self.start(role, None).await
     }
 
     /// Write the configuration for `role` and start the server; wait (bounded) until it accepts
