@@ -592,3 +592,29 @@ fn synchronous_mode_loses_no_acknowledged_write_across_a_crash() {
         prober::longest_gap(&log)
     );
 }
+
+#[test]
+fn paused_cluster_does_not_fail_over_until_resumed() {
+    if !lab_available("pause") {
+        return;
+    }
+    let t = worker_cluster("hapause", 138);
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let o = cli(&t, &["pause"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    std::thread::sleep(Duration::from_secs(2));
+    t.lab.crash(&old).expect("crash the leader's host");
+    // Three lease lengths without a new leader: the replicas must not race while paused.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(
+        leader(&t, 1),
+        None,
+        "a member was promoted while the cluster was paused"
+    );
+    let o = cli(&t, &["resume"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let new = wait_for("a leader after resume", Duration::from_secs(60), || {
+        leader(&t, 1)
+    });
+    assert_ne!(new, old);
+}

@@ -63,6 +63,8 @@ pub struct GroupView {
     pub last_leader_wal: Option<u64>,
     pub sync: Option<SyncState>,
     pub failover: Option<FailoverRequest>,
+    /// Maintenance mode (Patroni's `pause`): no automatic action but fencing.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +158,9 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
     let i_lead = leader == Some(me);
     let other_leader = leader.filter(|l| *l != me);
 
+    if g.paused {
+        return paused(s, other_leader, i_lead);
+    }
     let sysid = match &s.data {
         DataDir::Empty => return uninitialized(s, g, other_leader, i_lead),
         DataDir::Initialized { sysid, .. } => sysid,
@@ -184,6 +189,34 @@ fn without_dcs(s: &Snapshot) -> Vec<Action> {
             "etcd unreachable; keeping the primary while the lease is valid".into(),
         )],
         _ => vec![Wait("etcd unreachable".into())],
+    }
+}
+
+/// Paused: keep what runs as it is. A primary still holds (or retakes) its key and still
+/// stops if its lease is not valid or another leader exists — safety is never paused.
+fn paused(s: &Snapshot, other_leader: Option<&str>, i_lead: bool) -> Vec<Action> {
+    match &s.server {
+        Server::Running(r) if r.primary => {
+            if other_leader.is_some() || !s.lease_valid {
+                return vec![Demote { immediate: true }];
+            }
+            let mut a = if i_lead {
+                Vec::new()
+            } else {
+                vec![AcquireLeader]
+            };
+            a.extend(leader_duties(s));
+            a
+        }
+        Server::Running(r) => match other_leader {
+            Some(l) if r.upstream.as_deref() != Some(l) => vec![Follow {
+                upstream: l.to_string(),
+            }],
+            _ => vec![Wait("paused".into())],
+        },
+        _ => vec![Wait(
+            "paused: PostgreSQL is not started, cloned or bootstrapped automatically".into(),
+        )],
     }
 }
 
@@ -951,6 +984,47 @@ mod tests {
             &[StartReplica {
                 upstream: Some("m2".into()),
             }],
+        );
+    }
+
+    #[test]
+    fn paused_cluster_takes_no_automatic_action() {
+        let mut s = base();
+        group(&mut s).paused = true;
+        check("stopped: not started", s.clone(), &[w()]);
+        let mut t = s.clone();
+        t.data = DataDir::Empty;
+        group(&mut t).initialize = None;
+        check("empty: not bootstrapped", t, &[w()]);
+        let mut t = s.clone();
+        t.server = running(false, 100, Some("m2"));
+        check("replica without leader: no race", t.clone(), &[w()]);
+        group(&mut t).leader = Some("m3".into());
+        check(
+            "replica still follows a new leader",
+            t,
+            &[Follow {
+                upstream: "m3".into(),
+            }],
+        );
+        let mut t = s.clone();
+        t.server = running(true, 100, None);
+        group(&mut t).leader = Some("m1".into());
+        group(&mut t).failover = Some(FailoverRequest {
+            leader: Some("m1".into()),
+            member: Some("m2".into()),
+            scheduled_at: None,
+        });
+        check(
+            "primary keeps leading (no switchover while paused)",
+            t.clone(),
+            &[PublishOptime],
+        );
+        t.lease_valid = false;
+        check(
+            "but is still fenced without a valid lease",
+            t,
+            &[Demote { immediate: true }],
         );
     }
 

@@ -197,6 +197,12 @@ impl Node {
                     last_leader_wal: g.optime,
                     sync: g.sync.clone(),
                     failover: g.failover.clone(),
+                    paused: g
+                        .config
+                        .as_ref()
+                        .and_then(|c| c.get("pause"))
+                        .and_then(|p| p.as_bool())
+                        .unwrap_or(false),
                 }))
             }
             Err(e) => {

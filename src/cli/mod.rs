@@ -51,6 +51,10 @@ pub enum Command {
     Switchover(switchover::SwitchoverArgs),
     /// Promote a chosen member of a group whose leader is gone
     Failover(switchover::FailoverArgs),
+    /// Maintenance mode: agents take no automatic action (no failover, no restarts); fencing stays on
+    Pause(switchover::PauseArgs),
+    /// Leave maintenance mode
+    Resume(switchover::PauseArgs),
     /// Run the per-host HA agent (started on every host by `apply`)
     Agent(agent::AgentArgs),
     /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
@@ -84,6 +88,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => reconcile::status(args),
         Command::Switchover(args) => switchover::switchover(args),
         Command::Failover(args) => switchover::failover(args),
+        Command::Pause(args) => switchover::set_paused(args, true),
+        Command::Resume(args) => switchover::set_paused(args, false),
         Command::Schema => {
             let schema = crate::spec::raw::json_schema();
             match serde_json::to_string_pretty(&schema) {

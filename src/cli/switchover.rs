@@ -216,3 +216,55 @@ pub fn failover(args: FailoverArgs) -> miette::Result<ExitCode> {
         .await
     })
 }
+
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    pub spec: PathBuf,
+    /// Only this group (default: every group of the spec)
+    #[arg(long)]
+    pub group: Option<u32>,
+}
+
+/// `pause`/`resume`: set or clear `pause` in each group's `config` key (Patroni's maintenance
+/// mode). While paused, agents take no automatic action; fencing stays on.
+pub fn set_paused(args: PauseArgs, paused: bool) -> miette::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let Some(spec) = load_spec(&args.spec, false)? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let groups: Vec<u32> = match args.group {
+            Some(g) if spec.group(g).is_none() => {
+                return Err(miette::miette!("the spec has no group {g}"));
+            }
+            Some(g) => vec![g],
+            None => spec.groups.iter().map(|g| g.id).collect(),
+        };
+        let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
+        let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
+            .await
+            .map_err(|e| miette::miette!("{e}"))?;
+        for g in groups {
+            let key = format!("{}config", dcs.keys.group(g));
+            let mut config = dcs
+                .get(&key)
+                .await
+                .map_err(|e| miette::miette!("{e}"))?
+                .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok())
+                .filter(|v| v.is_object())
+                .unwrap_or_else(|| serde_json::json!({}));
+            if let Some(map) = config.as_object_mut() {
+                if paused {
+                    map.insert("pause".into(), serde_json::Value::Bool(true));
+                } else {
+                    map.remove("pause");
+                }
+            }
+            let body = serde_json::to_vec(&config).map_err(|e| miette::miette!("{e}"))?;
+            dcs.put(&key, &body, None)
+                .await
+                .map_err(|e| miette::miette!("{e}"))?;
+            println!("group {g}: {}", if paused { "paused" } else { "resumed" });
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -19,6 +19,7 @@
 //! | 135 | ha::manual_failover… |
 //! | 136 | ha::haproxy… |
 //! | 137 | ha::synchronous… |
+//! | 138 | ha::paused… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
