@@ -618,3 +618,101 @@ fn paused_cluster_does_not_fail_over_until_resumed() {
     });
     assert_ne!(new, old);
 }
+
+/// Pid of a member's agent (the supervised child, not the supervisor).
+fn agent_pid(t: &TestLab, member: &str) -> Option<i32> {
+    let config = format!("{}/agent.yaml", t.spec.host(member)?.install_dir);
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains(&format!("agent --config {config}")) && !c.contains("--supervise")
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn agent_crash_restarts_and_reclaims_leadership_without_split_brain() {
+    if !lab_available("agent crash") {
+        return;
+    }
+    let t = worker_cluster("haagent", 139);
+    let l = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let endpoints = t.spec.etcd.endpoints.join(",");
+    let key = format!("{}/{}/1/leader", t.spec.etcd.namespace, t.spec.cluster);
+    let key_lease = || -> Option<i64> {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints, "get", &key, "-w", "json"])
+            .output()
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["kvs"][0]["lease"].as_i64()
+    };
+    let lease_alive = |lease: i64| -> bool {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &endpoints,
+                "lease",
+                "timetolive",
+                &format!("{lease:x}"),
+            ])
+            .output();
+        out.map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            o.status.success() && !text.contains("expired")
+        })
+        .unwrap_or(false)
+    };
+    let old_lease = key_lease().expect("the leader key's lease");
+    let pid = agent_pid(&t, &l).expect("the leader's agent");
+    // SAFETY: kill(2) on the lab's own agent; PostgreSQL dies with it (parent-death signal).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    // The supervisor restarts it at once; the restarted agent must take its key over while
+    // the old lease is still alive (never start as primary on a lease about to expire).
+    let moved_while_alive = wait_for(
+        "the leader key to move to a new lease",
+        Duration::from_secs(30),
+        || {
+            let now = key_lease()?;
+            (now != old_lease).then(|| lease_alive(old_lease))
+        },
+    );
+    assert!(
+        moved_while_alive,
+        "the key only moved once the old lease had expired: it was not reclaimed"
+    );
+    let mark = p.t0.elapsed();
+    wait_for("writes again", Duration::from_secs(60), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.started > mark)
+            .then_some(())
+    });
+    // Two lease lengths: the old lease has expired by now; no second primary may appear.
+    std::thread::sleep(Duration::from_secs(10));
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    // The restarted agent reclaimed its key within the old lease: leadership did not move.
+    // (Starting as primary on the old lease instead would lose the key when that lease ends.)
+    assert_eq!(
+        leader(&t, 1).as_deref(),
+        Some(l.as_str()),
+        "leadership moved after an agent restart"
+    );
+    eprintln!(
+        "agent crash: leader kept by {l}; longest write gap {:?}",
+        prober::longest_gap(&log)
+    );
+}

@@ -57,6 +57,8 @@ pub enum Dcs {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupView {
     pub leader: Option<String>,
+    /// The lease the leader key is attached to.
+    pub leader_lease: Option<i64>,
     pub initialize: Option<String>,
     pub members: std::collections::BTreeMap<String, MemberInfo>,
     /// Last WAL position the leader published (`status` key), kept across leader loss.
@@ -76,6 +78,9 @@ pub struct Snapshot {
     /// The lease can still be trusted (refreshed recently enough that no one else can have
     /// won the leader key yet).
     pub lease_valid: bool,
+    /// This agent's current lease. Leading means the leader key holds our name *and* this
+    /// lease: a key left by a previous run of this agent hangs on a lease about to expire.
+    pub my_lease: Option<i64>,
     pub data: DataDir,
     pub server: Server,
     pub dcs: Dcs,
@@ -101,6 +106,9 @@ pub enum Action {
     Initdb,
     /// Create the leader key with our lease (compare-and-set); the executor stops if it loses.
     AcquireLeader,
+    /// The leader key holds our name but a previous run's lease: attach it to our lease
+    /// (compare-and-set on the name). Nobody else led meanwhile, so our data is the latest.
+    ReclaimLeader,
     /// Roles, database, extension, authinfo; then record the system identifier in `initialize`.
     FinishBootstrap,
     /// Copy the leader's data with pg_basebackup and configure a standby.
@@ -155,8 +163,17 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
     };
     let me = s.me.as_str();
     let leader = g.leader.as_deref();
-    let i_lead = leader == Some(me);
+    let named_me = leader == Some(me);
+    let i_lead = named_me && g.leader_lease.is_some() && g.leader_lease == s.my_lease;
     let other_leader = leader.filter(|l| *l != me);
+    if named_me && !i_lead {
+        // Our name on a lease that is not ours: a key left by a previous run of this agent.
+        return match (&s.data, s.my_lease) {
+            (DataDir::Empty, _) => vec![ReleaseLeader],
+            (_, Some(_)) => vec![ReclaimLeader],
+            (_, None) => vec![Wait("no lease yet".into())],
+        };
+    }
 
     if g.paused {
         return paused(s, other_leader, i_lead);
@@ -524,6 +541,7 @@ mod tests {
             maximum_lag_on_failover: 1000,
             synchronous_mode: SyncModeConfig::Off,
             lease_valid: true,
+            my_lease: Some(7),
             data: DataDir::Initialized {
                 sysid: "42".into(),
                 was_primary: false,
@@ -547,6 +565,14 @@ mod tests {
             Dcs::Available(g) => g,
             Dcs::Unavailable => unreachable!("test snapshot has etcd"),
         }
+    }
+
+    /// Make `name` the leader; the key is on our lease when it is us.
+    fn set_leader(s: &mut Snapshot, name: &str) {
+        let lease = if name == s.me { s.my_lease } else { Some(99) };
+        let g = group(s);
+        g.leader = Some(name.to_string());
+        g.leader_lease = lease;
     }
 
     fn member(role: &str, state: &str, wal: u64) -> MemberInfo {
@@ -611,7 +637,7 @@ mod tests {
         check("someone else is bootstrapping", t, &[w()]);
 
         let mut t = s.clone();
-        group(&mut t).leader = Some("m2".into());
+        set_leader(&mut t, "m2");
         group(&mut t).initialize = Some("42".into());
         check("leader not published yet", t.clone(), &[w()]);
         group(&mut t)
@@ -624,12 +650,37 @@ mod tests {
         );
 
         let mut t = s;
-        group(&mut t).leader = Some("m1".into());
+        set_leader(&mut t, "m1");
         check(
             "stale own key without data is released",
             t,
             &[ReleaseLeader],
         );
+    }
+
+    #[test]
+    fn a_key_left_by_a_previous_run_is_reclaimed_before_anything() {
+        let mut s = base();
+        set_leader(&mut s, "m1");
+        group(&mut s).leader_lease = Some(3);
+        check(
+            "stopped, our name on an old lease: reclaim, do not start as primary",
+            s.clone(),
+            &[ReclaimLeader],
+        );
+        let mut t = s.clone();
+        t.server = running(true, 10, None);
+        check(
+            "running primary on an old lease: reclaim",
+            t,
+            &[ReclaimLeader],
+        );
+        let mut t = s.clone();
+        t.data = DataDir::Empty;
+        check("no data: release it", t, &[ReleaseLeader]);
+        let mut t = s;
+        t.my_lease = None;
+        check("no lease of our own yet: wait", t, &[w()]);
     }
 
     #[test]
@@ -642,7 +693,7 @@ mod tests {
     #[test]
     fn stopped_server() {
         let mut s = base();
-        group(&mut s).leader = Some("m1".into());
+        set_leader(&mut s, "m1");
         check(
             "leader restarts in place while its lease holds",
             s.clone(),
@@ -660,7 +711,7 @@ mod tests {
         check("leader with an expired lease releases", t, &[ReleaseLeader]);
 
         let mut t = base();
-        group(&mut t).leader = Some("m2".into());
+        set_leader(&mut t, "m2");
         check(
             "replica starts following the leader",
             t.clone(),
@@ -694,7 +745,7 @@ mod tests {
     fn primary_keeps_or_loses_leadership() {
         let mut s = base();
         s.server = running(true, 100, None);
-        group(&mut s).leader = Some("m1".into());
+        set_leader(&mut s, "m1");
         check("steady leader", s.clone(), &[PublishOptime]);
 
         let mut t = s.clone();
@@ -715,7 +766,7 @@ mod tests {
         );
 
         let mut t = s.clone();
-        group(&mut t).leader = Some("m2".into());
+        set_leader(&mut t, "m2");
         check(
             "another leader: demote at once",
             t,
@@ -755,11 +806,11 @@ mod tests {
     fn replica_follows_and_races() {
         let mut s = base();
         s.server = running(false, 100, Some("m2"));
-        group(&mut s).leader = Some("m2".into());
+        set_leader(&mut s, "m2");
         check("following the leader", s.clone(), &[]);
 
         let mut t = s.clone();
-        group(&mut t).leader = Some("m3".into());
+        set_leader(&mut t, "m3");
         check(
             "new leader: follow it",
             t,
@@ -783,7 +834,7 @@ mod tests {
         );
 
         let mut t = s.clone();
-        group(&mut t).leader = Some("m1".into());
+        set_leader(&mut t, "m1");
         check("won the key: promote", t.clone(), &[Promote]);
         t.lease_valid = false;
         check("won the key but lease invalid: wait", t, &[w()]);
@@ -855,7 +906,7 @@ mod tests {
     fn switchover() {
         let mut s = base();
         s.server = running(true, 500, None);
-        group(&mut s).leader = Some("m1".into());
+        set_leader(&mut s, "m1");
         group(&mut s)
             .members
             .insert("m2".into(), member("replica", "streaming", 480));
@@ -934,7 +985,7 @@ mod tests {
         );
         let mut t = s.clone();
         t.me = "m2".into();
-        group(&mut t).leader = Some("m2".into());
+        set_leader(&mut t, "m2");
         group(&mut t).failover = Some(req(Some("m1"), Some("m2"), None));
         check(
             "the new leader clears the key",
@@ -977,7 +1028,7 @@ mod tests {
             was_primary: true,
         };
         old.clean_handoff = true;
-        group(&mut old).leader = Some("m2".into());
+        set_leader(&mut old, "m2");
         check(
             "clean handoff: follow at once",
             old,
@@ -999,7 +1050,7 @@ mod tests {
         let mut t = s.clone();
         t.server = running(false, 100, Some("m2"));
         check("replica without leader: no race", t.clone(), &[w()]);
-        group(&mut t).leader = Some("m3".into());
+        set_leader(&mut t, "m3");
         check(
             "replica still follows a new leader",
             t,
@@ -1009,7 +1060,7 @@ mod tests {
         );
         let mut t = s.clone();
         t.server = running(true, 100, None);
-        group(&mut t).leader = Some("m1".into());
+        set_leader(&mut t, "m1");
         group(&mut t).failover = Some(FailoverRequest {
             leader: Some("m1".into()),
             member: Some("m2".into()),
@@ -1053,7 +1104,7 @@ mod tests {
         let mut l = base();
         l.synchronous_mode = SyncModeConfig::On;
         l.server = running(true, 100, None);
-        group(&mut l).leader = Some("m1".into());
+        set_leader(&mut l, "m1");
         check(
             "a synchronous-mode leader manages its standby",
             l,

@@ -192,6 +192,7 @@ impl Node {
                 }
                 DcsView::Available(Box::new(GroupView {
                     leader,
+                    leader_lease: g.leader.as_ref().map(|l| l.lease),
                     initialize: g.initialize.clone(),
                     members: g.members.clone(),
                     last_leader_wal: g.optime,
@@ -223,7 +224,8 @@ impl Node {
                 self.handoff_started = None;
             }
         }
-        let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str()));
+        let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str())
+            && g.leader_lease.is_some() && g.leader_lease == self.lease.lease_id());
         if !i_lead {
             self.give_up_leading = false;
             self.leader_start = None;
@@ -235,6 +237,7 @@ impl Node {
             maximum_lag_on_failover: self.cfg.ha.maximum_lag_on_failover,
             synchronous_mode: self.cfg.ha.synchronous_mode,
             lease_valid: self.lease.valid(),
+            my_lease: self.lease.lease_id(),
             data,
             server,
             dcs,
@@ -431,6 +434,22 @@ impl Node {
                     self.leader_start = Some(Instant::now());
                 } else {
                     tracing::info!("another member won the leader key");
+                }
+                Ok(won)
+            }
+            Action::ReclaimLeader => {
+                let Some(lease) = self.lease.lease_id() else {
+                    return Ok(false);
+                };
+                let me = self.cfg.member.clone();
+                let won = self
+                    .dcs
+                    .replace(&keys.leader(g), me.as_bytes(), me.as_bytes(), Some(lease))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if won {
+                    tracing::info!("reclaimed the leader key left by a previous run of this agent");
+                    self.leader_start = Some(Instant::now());
                 }
                 Ok(won)
             }

@@ -173,7 +173,8 @@ pub fn supervise(config: &Path, pid_file: Option<&Path>, extra: &[String]) -> Re
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-        let mut backoff = Duration::from_secs(1);
+        // A crashed agent should be back while its lease still holds the leader key.
+        let mut backoff = Duration::from_millis(200);
         loop {
             let mut cmd = tokio::process::Command::new(&exe);
             cmd.arg("agent").arg("--config").arg(config).args(extra);
@@ -221,7 +222,7 @@ pub fn supervise(config: &Path, pid_file: Option<&Path>, extra: &[String]) -> Re
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(60) {
-                backoff = Duration::from_secs(1);
+                backoff = Duration::from_millis(200);
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -355,7 +355,10 @@ impl Dcs {
         if succeeded {
             return Ok(true);
         }
-        Ok(self.get(key).await?.is_some_and(|kv| kv.value == value))
+        Ok(self
+            .get(key)
+            .await?
+            .is_some_and(|kv| kv.value == value && lease.is_none_or(|l| kv.lease == l)))
     }
 
     /// Delete `key` only if it still holds `expected`. True when it is gone afterwards.

@@ -20,6 +20,7 @@
 //! | 136 | ha::haproxy… |
 //! | 137 | ha::synchronous… |
 //! | 138 | ha::paused… |
+//! | 139 | ha::agent_crash… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
