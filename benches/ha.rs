@@ -12,19 +12,20 @@ use std::time::{Duration, Instant};
 use common::prober::Prober;
 use common::{TestLab, cli, cluster, lab_spec, leader, members, wait_for};
 
-/// Time from `event` to the first write accepted by any member after it.
-fn writes_back_after(p: &Prober, event: Duration) -> Option<Duration> {
+/// Time from `event` to the first write accepted after it by a member other than `gone`
+/// (which may still finish a write it started before it died).
+fn writes_back_after(p: &Prober, event: Duration, gone: Option<&str>) -> Option<Duration> {
     let log = p.log.lock().ok()?;
     log.iter()
-        .filter(|a| a.ok && a.started >= event)
+        .filter(|a| a.ok && a.started >= event && Some(a.member.as_str()) != gone)
         .map(|a| a.ended)
         .min()
         .map(|t| t - event)
 }
 
-fn wait_writes(p: &Prober, event: Duration) -> Duration {
+fn wait_writes(p: &Prober, event: Duration, gone: Option<&str>) -> Duration {
     wait_for("writes to come back", Duration::from_secs(180), || {
-        writes_back_after(p, event)
+        writes_back_after(p, event, gone)
     })
 }
 
@@ -55,7 +56,7 @@ fn host_crash_failovers(t: &TestLab, runs: usize) -> Vec<Duration> {
         std::thread::sleep(Duration::from_secs(1));
         let at = p.t0.elapsed();
         t.lab.crash(&old).expect("crash");
-        out.push(wait_writes(&p, at));
+        out.push(wait_writes(&p, at, Some(&old)));
         let _ = p.stop();
         t.lab.up().expect("reboot");
         let o = cli(t, &["apply", "--auto-approve"]);
@@ -151,7 +152,7 @@ fn main() {
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
-        pg.push(wait_writes(&p, at));
+        pg.push(wait_writes(&p, at, None));
         let _ = p.stop();
         std::thread::sleep(Duration::from_secs(2));
     }

@@ -60,6 +60,8 @@ pub struct Node {
     ssn: String,
     ssn_changed: Option<Instant>,
     ssn_since_lsn: Option<u64>,
+    /// Consecutive failed starts as a replica.
+    replica_start_failures: u32,
     handoff_started: Option<Instant>,
     /// Operator requests from the REST API, run at the start of the next cycle.
     pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
@@ -105,6 +107,7 @@ impl Node {
             ssn: String::new(),
             ssn_changed: None,
             ssn_since_lsn: None,
+            replica_start_failures: 0,
             requests: Default::default(),
         }
     }
@@ -510,9 +513,26 @@ impl Node {
                         upstream.unwrap_or_default()
                     ));
                 }
-                self.start(Role::Replica { upstream: addr }, upstream)
-                    .await
-                    .map(|_| true)
+                let following = upstream.is_some();
+                if let Err(e) = self.start(Role::Replica { upstream: addr }, upstream).await {
+                    self.replica_start_failures += 1;
+                    // Data that cannot even start as a standby of the leader (a history
+                    // pg_rewind could not mend): set it aside, never delete it, and clone afresh.
+                    if following && self.replica_start_failures >= 3 {
+                        tracing::error!(error = %e, "PostgreSQL fails to start as a replica; setting the data directory aside to clone again");
+                        self.replica_start_failures = 0;
+                        self.set_aside("start-failed")?;
+                        return Ok(false);
+                    }
+                    return Err(e);
+                }
+                self.replica_start_failures = 0;
+                if following {
+                    // It runs as a standby of the new leader now: a later rejoin after being
+                    // primary again must rewind.
+                    self.clean_handoff = false;
+                }
+                Ok(true)
             }
             Action::Follow { upstream } => {
                 let addr = self

@@ -388,23 +388,31 @@ impl Pg {
         Ok(Postmaster { child, pid })
     }
 
-    /// A postmaster.pid left by a killed server can name a pid that now belongs to another
-    /// process; PostgreSQL would then refuse to start. Remove it when its pid is not a postgres.
+    /// Lock files left by a killed server (postmaster.pid, and the socket's `.lock`, which
+    /// lives on disk here, not on a tmpfs a reboot would empty) can name a pid that now
+    /// belongs to another process; PostgreSQL would then refuse to start. Remove those whose
+    /// pid is not a live postgres.
     fn remove_stale_pid_file(&self) {
-        let pid_file = self.data_dir().join("postmaster.pid");
-        let Ok(text) = std::fs::read_to_string(&pid_file) else {
-            return;
-        };
-        let pid: u32 = text
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(0);
-        let alive_postgres = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).contains("postgres"))
-            .unwrap_or(false);
-        if pid == 0 || !alive_postgres {
-            let _ = std::fs::remove_file(&pid_file);
+        let socket_lock = PathBuf::from(format!(
+            "{}/.s.PGSQL.{}.lock",
+            self.paths.socket_dir(),
+            self.cfg.postgres.port
+        ));
+        for file in [self.data_dir().join("postmaster.pid"), socket_lock] {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let pid: u32 = text
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or(0);
+            let alive_postgres = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("postgres"))
+                .unwrap_or(false);
+            if pid == 0 || !alive_postgres {
+                let _ = std::fs::remove_file(&file);
+            }
         }
     }
 
