@@ -78,7 +78,15 @@ fn host_crash_fails_over_without_split_brain_and_citus_follows() {
     if !lab_available("host crash failover") {
         return;
     }
-    let t = worker_cluster("hacrash", 130);
+    // A longer ttl than the other tests: the dead leader's key must outlive the replicas'
+    // patience with a silent upstream (5 s), which is where a false "forked history" showed.
+    let t = cluster(&lab_spec(
+        "hacrash",
+        130,
+        &[(0, 1), (1, 3)],
+        3,
+        "ha: { ttl: 15, loop_wait: 2, retry_timeout: 4 }\n",
+    ));
     let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
     let p = probe_group(&t, 1);
     std::thread::sleep(Duration::from_secs(1));
@@ -107,6 +115,43 @@ fn host_crash_fails_over_without_split_brain_and_citus_follows() {
         member_state(&t, &old),
         ("Replica".to_string(), "streaming".to_string())
     );
+
+    // A second crash, of the new leader, right after the rejoin: the replicas lose their
+    // upstream while their timeline still reads as the old one. They must neither take that
+    // for a forked history nor give up their data because the leader is unreachable.
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    t.lab.crash(&new).expect("crash the second leader's host");
+    let third = wait_for("a third worker leader", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|l| *l != new)
+    });
+    wait_for(
+        "writes on the third leader",
+        Duration::from_secs(30),
+        || {
+            p.log
+                .lock()
+                .ok()?
+                .iter()
+                .any(|a| a.ok && a.member == third)
+                .then_some(())
+        },
+    );
+    prober::assert_no_split_brain(&p.stop());
+    let set_aside: Vec<String> = members(&t, 1)
+        .iter()
+        .filter_map(|(m, _, _)| t.spec.host(m).map(|h| h.data_dir.clone()))
+        .flat_map(|d| {
+            let dir = std::path::Path::new(&d).parent().map(|p| p.to_path_buf());
+            let name = format!("{}.", d.rsplit('/').next().unwrap_or_default());
+            dir.and_then(|p| std::fs::read_dir(p).ok())
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(move |f| f.starts_with(&name))
+        })
+        .collect();
+    assert!(set_aside.is_empty(), "data set aside: {set_aside:?}");
 }
 
 #[test]

@@ -365,10 +365,27 @@ fn authorized(h: &Handle, headers: &HeaderMap) -> Result<(), Box<Response>> {
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HandoverBody {
     leader: Option<String>,
     candidate: Option<String>,
     scheduled_at: Option<String>,
+}
+
+/// Authorize a write request and parse its JSON body (an empty body means no fields). A
+/// malformed body is refused: guessing would start a switchover nobody asked for.
+fn handover_body(
+    h: &Handle,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<HandoverBody, Box<Response>> {
+    authorized(h, headers)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(HandoverBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new((StatusCode::BAD_REQUEST, format!("request body: {e}\n")).into_response())
+    })
 }
 
 fn handover_response(r: Result<Outcome, String>) -> Response {
@@ -391,10 +408,10 @@ async fn switchover(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&h, &headers) {
-        return *r;
-    }
-    let b: HandoverBody = serde_json::from_slice(&body).unwrap_or_default();
+    let b = match handover_body(&h, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
     let v = h.view();
     let Some(leader) = v.leader.clone() else {
         return (
@@ -438,10 +455,10 @@ async fn failover(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&h, &headers) {
-        return *r;
-    }
-    let b: HandoverBody = serde_json::from_slice(&body).unwrap_or_default();
+    let b = match handover_body(&h, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
     let Some(candidate) = b.candidate else {
         return (StatusCode::BAD_REQUEST, "failover needs a candidate\n").into_response();
     };

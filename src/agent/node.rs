@@ -121,7 +121,8 @@ impl Node {
     }
 
     /// One cycle: operator requests, then observe, decide, act, publish.
-    pub async fn tick(&mut self) {
+    /// One cycle: operator requests, observe, decide, execute. False when an action failed.
+    pub async fn tick(&mut self) -> bool {
         loop {
             let next = self.requests.lock().ok().and_then(|mut q| q.pop_front());
             let Some(r) = next else { break };
@@ -136,6 +137,7 @@ impl Node {
         }
         self.last_actions = actions.clone();
         self.last_snapshot = Some(snapshot.clone());
+        let mut ok = true;
         for action in actions {
             let label = format!("{action:?}");
             match self.execute(action, &snapshot).await {
@@ -143,11 +145,13 @@ impl Node {
                 Ok(false) => break,
                 Err(e) => {
                     tracing::warn!(action = %label, error = %e, "action failed");
+                    ok = false;
                     break;
                 }
             }
         }
         self.publish().await;
+        ok
     }
 
     // ---------------------------------------------------------------- observation
@@ -233,7 +237,7 @@ impl Node {
             self.give_up_leading = false;
             self.leader_start = None;
         }
-        let diverged = self.detect_divergence(&server, &dcs);
+        let diverged = self.detect_divergence(&server, &dcs).await;
         Snapshot {
             me: self.cfg.member.clone(),
             nofailover: self.cfg.tags.nofailover,
@@ -358,7 +362,7 @@ impl Node {
 
     /// A replica that has an upstream but has not streamed for a while, on an older timeline
     /// than its leader: its history forked and it needs pg_rewind.
-    fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
+    async fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
         let (Server::Running(r), DcsView::Available(g)) = (server, dcs) else {
             self.not_streaming_since = None;
             return false;
@@ -375,7 +379,36 @@ impl Node {
             .map(|m| m.timeline)
             .unwrap_or(0);
         let patience = Duration::from_secs(u64::from(self.cfg.ha.loop_wait).max(5));
-        since.elapsed() > patience && leader_tl > r.timeline
+        if since.elapsed() <= patience || leader_tl <= r.timeline {
+            return false;
+        }
+        // Not proof yet: without a WAL receiver our timeline is read from the last
+        // restartpoint, which lags behind a replica that followed a promotion fine, and a dead
+        // leader stops streaming too. Only a live primary, on a later timeline, that we still
+        // cannot stream from means our history forked (rewinding wrongly is harmless; setting
+        // data aside because the leader died would not be).
+        let Some(leader) = g.leader.clone() else {
+            return false;
+        };
+        match self.probe_member(&leader).await {
+            Ok(p) => !p.in_recovery && p.timeline > r.timeline,
+            Err(e) => {
+                tracing::debug!(%leader, error = %e, "cannot check the leader's timeline");
+                false
+            }
+        }
+    }
+
+    /// Probe another member's server over TCP.
+    async fn probe_member(&self, name: &str) -> Result<sql::Probe, String> {
+        let (host, port) = self
+            .member_address(name)
+            .ok_or(format!("no address published by {name}"))?;
+        let t = self.timeout();
+        let c = sql::connect_member(&self.cfg, &host, port, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        sql::probe(&c, t).await.map_err(|e| e.to_string())
     }
 
     // ---------------------------------------------------------------- actions
@@ -590,6 +623,25 @@ impl Node {
                 let (host, port) = self
                     .member_address(&from)
                     .ok_or(format!("no address published by {from}"))?;
+                // pg_rewind learns the source's timeline from its control file, which names the
+                // new timeline only after the first checkpoint since promotion: before that it
+                // finds "no rewind required" and the member can never follow. So checkpoint the
+                // source first. A source we cannot reach is no reason to give up our data:
+                // fail this cycle and try again.
+                let t = self.timeout();
+                let source = sql::connect_member(&self.cfg, &host, port, t)
+                    .await
+                    .map_err(|e| format!("pg_rewind source {from} unreachable: {e}"))?;
+                let p = sql::probe(&source, t)
+                    .await
+                    .map_err(|e| format!("pg_rewind source {from}: {e}"))?;
+                if p.in_recovery {
+                    return Err(format!("pg_rewind source {from} is not a primary (yet)"));
+                }
+                sql::checkpoint(&source, Duration::from_secs(600))
+                    .await
+                    .map_err(|e| format!("checkpoint on the pg_rewind source {from}: {e}"))?;
+                drop(source);
                 self.busy = Some("rewinding".into());
                 self.publish().await;
                 let result = self.pg.rewind(&host, port).await;

@@ -120,9 +120,21 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
     super::api::serve(&cfg, api.clone()).await;
 
     let loop_wait = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
+    // After failed cycles, watch events wake the loop only after a growing pause: members
+    // failing together would otherwise wake each other with every key they publish.
+    let mut failed_cycles = 0u32;
     loop {
-        node.tick().await;
+        if node.tick().await {
+            failed_cycles = 0;
+        } else {
+            failed_cycles = failed_cycles.saturating_add(1);
+        }
         api.publish(&node);
+        let hold = retry_pause(failed_cycles, loop_wait);
+        let woken = async {
+            tokio::time::sleep(hold).await;
+            wake.notified().await;
+        };
         let postmaster_exit = async {
             match node.postmaster.as_mut() {
                 Some(pm) => {
@@ -133,7 +145,7 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
         };
         tokio::select! {
             _ = tokio::time::sleep(loop_wait) => {}
-            _ = wake.notified() => {}
+            _ = woken => {}
             _ = postmaster_exit => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -155,6 +167,15 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// How long watch events may not wake the loop after `failed` failed cycles in a row: none
+/// after a good cycle, then 100 ms doubling up to `loop_wait`.
+fn retry_pause(failed: u32, loop_wait: Duration) -> Duration {
+    if failed == 0 {
+        return Duration::ZERO;
+    }
+    (Duration::from_millis(100) * 2u32.saturating_pow(failed.min(16) - 1)).min(loop_wait)
 }
 
 /// `agent --supervise`: keep an agent child running; restart it whenever it exits, with
@@ -228,4 +249,30 @@ pub fn supervise(config: &Path, pid_file: Option<&Path>, extra: &[String]) -> Re
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pause_grows_to_loop_wait() {
+        let lw = Duration::from_secs(10);
+        let cases = [
+            (0, 0),
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (7, 6400),
+            (8, 10_000),
+            (u32::MAX, 10_000),
+        ];
+        for (failed, ms) in cases {
+            assert_eq!(
+                retry_pause(failed, lw),
+                Duration::from_millis(ms),
+                "failed={failed}"
+            );
+        }
+    }
 }

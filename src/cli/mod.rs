@@ -119,3 +119,22 @@ pub(crate) fn load_spec(
     eprint!("{}", report.render());
     Ok(report.spec)
 }
+
+/// Ask on the terminal and return the answer line, trimmed. Never waits on a stdin that is
+/// not a terminal (a CI job would hang): that is an error naming the flag that skips asking.
+fn ask(prompt: &str, skip_flag: &str) -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "refusing to wait for confirmation: stdin is not a terminal; pass {skip_flag}"
+        ));
+    }
+    print!("{prompt}");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_string())
+}

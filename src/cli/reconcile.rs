@@ -1,6 +1,5 @@
 //! `plan`, `diff`, `apply` and `status`: the reconciler's commands.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -150,17 +149,11 @@ pub fn diff(args: RunArgs) -> miette::Result<ExitCode> {
 }
 
 fn confirm() -> Result<bool, String> {
-    if !std::io::stdin().is_terminal() {
-        return Err("refusing to wait for confirmation: stdin is not a terminal; review the plan and pass --auto-approve".into());
-    }
-    print!("\nApply these changes? Only 'yes' is accepted: ");
-    let _ = std::io::stdout().flush();
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    Ok(line.trim() == "yes")
+    let answer = super::ask(
+        "\nApply these changes? Only 'yes' is accepted: ",
+        "--auto-approve (after reviewing the plan)",
+    )?;
+    Ok(answer == "yes")
 }
 
 pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {

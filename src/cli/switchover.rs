@@ -2,7 +2,6 @@
 //! chosen member when the leader is gone. Both write Patroni's `failover` key; the agents do
 //! the rest. Both confirm on a terminal unless `--force`.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,31 +34,23 @@ pub struct SwitchoverArgs {
 #[derive(Debug, clap::Args)]
 pub struct FailoverArgs {
     pub spec: PathBuf,
+    /// The Citus group (0 is the coordinator)
     #[arg(long)]
     pub group: u32,
     /// The member to promote
     #[arg(long)]
     pub candidate: String,
+    /// Do not ask for confirmation
     #[arg(long)]
     pub force: bool,
+    /// Seconds to wait for the candidate to lead
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
 }
 
 fn confirm(question: &str) -> Result<bool, String> {
-    if !std::io::stdin().is_terminal() {
-        return Err(
-            "refusing to wait for confirmation: stdin is not a terminal; pass --force".into(),
-        );
-    }
-    print!("{question} [y/N] ");
-    let _ = std::io::stdout().flush();
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+    let answer = super::ask(&format!("{question} [y/N] "), "--force")?;
+    Ok(matches!(answer.as_str(), "y" | "Y" | "yes"))
 }
 
 struct Context {

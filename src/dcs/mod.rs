@@ -316,22 +316,8 @@ impl Dcs {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let succeeded = retried("create", self.timeout, self, |mut c| {
-            let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
-            let txn = Txn::new()
-                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then([put]);
-            async move { c.txn(txn).await }
-        })
-        .await?
-        .succeeded();
-        if succeeded {
-            return Ok(true);
-        }
-        Ok(self
-            .get(key)
-            .await?
-            .is_some_and(|kv| kv.value == value && lease.is_none_or(|l| kv.lease == l)))
+        let absent = Compare::create_revision(key, CompareOp::Equal, 0);
+        self.put_when("create", absent, key, value, lease).await
     }
 
     /// Replace `key` only if it still holds `expected`. True when it holds `value` afterwards
@@ -343,11 +329,24 @@ impl Dcs {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let succeeded = retried("replace", self.timeout, self, |mut c| {
+        let unchanged = Compare::value(key, CompareOp::Equal, expected);
+        self.put_when("replace", unchanged, key, value, lease).await
+    }
+
+    /// Put `value` (on `lease`) if `condition` holds, in one transaction. True when the key
+    /// holds exactly that afterwards: a retry whose first attempt succeeded but whose answer
+    /// was lost then still reports success instead of a lost race.
+    async fn put_when(
+        &self,
+        what: &'static str,
+        condition: Compare,
+        key: &str,
+        value: &[u8],
+        lease: Option<i64>,
+    ) -> Result<bool, DcsError> {
+        let succeeded = retried(what, self.timeout, self, |mut c| {
             let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
-            let txn = Txn::new()
-                .when([Compare::value(key, CompareOp::Equal, expected)])
-                .and_then([put]);
+            let txn = Txn::new().when([condition.clone()]).and_then([put]);
             async move { c.txn(txn).await }
         })
         .await?

@@ -285,6 +285,10 @@ impl Lab {
         }
         for dir in &dirs {
             remove_dir(dir)?;
+            // Copies the agent set aside (`{data_dir}.{reason}-{time}`) are the member's too.
+            for copy in set_aside_copies(dir) {
+                remove_dir(&copy)?;
+            }
             prune_empty_parents(dir, 1);
         }
         let lab_addresses: Vec<String> = t
@@ -391,6 +395,21 @@ fn owned_by_member(dir: &str, cluster: &str, member: &str) -> bool {
             || c.as_os_str().to_string_lossy().contains(member)
     });
     deep_enough && named
+}
+
+/// Siblings of `dir` named `{its name}.…`.
+fn set_aside_copies(dir: &Path) -> Vec<PathBuf> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
 }
 
 fn remove_dir(dir: &Path) -> Result<(), LabError> {

@@ -62,6 +62,29 @@ pub async fn connect_local(
     Ok(client)
 }
 
+/// Connect to another member's server over TCP as the superuser (the password travels only
+/// inside the libpq handshake, never in a statement).
+pub async fn connect_member(
+    cfg: &AgentConfig,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Client, SqlError> {
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .port(port)
+        .user(&cfg.postgres.superuser.username)
+        .password(cfg.postgres.superuser.password.expose())
+        .dbname("postgres")
+        .application_name("citus-reconcile-agent")
+        .connect_timeout(timeout);
+    let (client, conn) = bounded("connect", timeout, c.connect(NoTls)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
 /// What one probe of a running server reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
