@@ -546,12 +546,18 @@ impl Node {
                         upstream.unwrap_or_default()
                     ));
                 }
-                let following = upstream.is_some();
+                let leader = upstream.clone();
                 if let Err(e) = self.start(Role::Replica { upstream: addr }, upstream).await {
                     self.replica_start_failures += 1;
-                    // Data that cannot even start as a standby of the leader (a history
-                    // pg_rewind could not mend): set it aside, never delete it, and clone afresh.
-                    if following && self.replica_start_failures >= 3 {
+                    // Data that cannot even start as a standby of a live leader (say, it needs
+                    // WAL the leader no longer has): set it aside, never delete it, and clone
+                    // afresh. Never while the leader is unreachable: this copy may be the best
+                    // one left.
+                    let leader_alive = match &leader {
+                        Some(l) => self.probe_member(l).await.is_ok_and(|p| !p.in_recovery),
+                        None => false,
+                    };
+                    if leader_alive && self.replica_start_failures >= 3 {
                         tracing::error!(error = %e, "PostgreSQL fails to start as a replica; setting the data directory aside to clone again");
                         self.replica_start_failures = 0;
                         self.set_aside("start-failed")?;
@@ -560,7 +566,7 @@ impl Node {
                     return Err(e);
                 }
                 self.replica_start_failures = 0;
-                if following {
+                if leader.is_some() {
                     // It runs as a standby of the new leader now: a later rejoin after being
                     // primary again must rewind.
                     self.clean_handoff = false;
