@@ -409,6 +409,37 @@ fn manual_failover_promotes_the_chosen_member_of_a_leaderless_group() {
 }
 
 #[test]
+fn coordinator_failover_moves_its_own_pg_dist_node_row() {
+    if !lab_available("coordinator failover") {
+        return;
+    }
+    let t = cluster(&lab_spec("hacoord", 140, &[(0, 2), (1, 1)], 3, FAST_HA));
+    let old = wait_for("a coordinator leader", Duration::from_secs(30), || {
+        leader(&t, 0)
+    });
+    assert_eq!(coordinator_row(&t, 0), Some(address(&t, &old)));
+    let p = probe_group(&t, 0);
+    std::thread::sleep(Duration::from_secs(1));
+    t.lab
+        .crash(&old)
+        .expect("crash the coordinator leader's host");
+    let new = wait_for("a new coordinator leader", Duration::from_secs(60), || {
+        leader(&t, 0).filter(|l| *l != old)
+    });
+    // The new coordinator primary's own row (replicated from the old one) names it, and the
+    // worker's row is untouched.
+    let new_addr = address(&t, &new);
+    wait_for(
+        "the coordinator row to follow",
+        Duration::from_secs(30),
+        || coordinator_row(&t, 0).filter(|h| *h == new_addr),
+    );
+    let worker = leader(&t, 1).expect("worker leader");
+    assert_eq!(coordinator_row(&t, 1), Some(address(&t, &worker)));
+    prober::assert_no_split_brain(&p.stop());
+}
+
+#[test]
 fn haproxy_checked_like_patroni_follows_switchover_and_crash() {
     if !lab_available("haproxy") || !std::path::Path::new("/usr/sbin/haproxy").exists() {
         return;

@@ -21,6 +21,7 @@
 //! | 137 | ha::synchronous… |
 //! | 138 | ha::paused… |
 //! | 139 | ha::agent_crash… |
+//! | 140 | ha::coordinator_failover… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
