@@ -1,5 +1,6 @@
-//! SQL the agent runs on its own server over the unix socket: a state probe, promotion,
-//! reload, and the setup of roles, database and Citus extension. Every call has a timeout.
+//! SQL the agent runs on its own server over the unix socket (a state probe, promotion,
+//! reload, the setup of roles, database and Citus extension) and on another member's over TCP
+//! (the leader's timeline before a rewind). Every call has a timeout.
 
 use std::time::Duration;
 
@@ -48,18 +49,10 @@ pub async fn connect_local(
     dbname: &str,
     timeout: Duration,
 ) -> Result<Client, SqlError> {
-    let mut c = tokio_postgres::Config::new();
+    let mut c = superuser_config(cfg, dbname, timeout);
     c.host_path(Paths::new(&cfg.install_dir).socket_dir())
-        .port(cfg.postgres.port)
-        .user(&cfg.postgres.superuser.username)
-        .dbname(dbname)
-        .application_name("citus-reconcile-agent")
-        .connect_timeout(timeout);
-    let (client, conn) = bounded("connect", timeout, c.connect(NoTls)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+        .port(cfg.postgres.port);
+    connect(c, timeout).await
 }
 
 /// Connect to another member's server over TCP as the superuser (the password travels only
@@ -70,14 +63,23 @@ pub async fn connect_member(
     port: u16,
     timeout: Duration,
 ) -> Result<Client, SqlError> {
-    let mut c = tokio_postgres::Config::new();
+    let mut c = superuser_config(cfg, "postgres", timeout);
     c.host(host)
         .port(port)
-        .user(&cfg.postgres.superuser.username)
-        .password(cfg.postgres.superuser.password.expose())
-        .dbname("postgres")
+        .password(cfg.postgres.superuser.password.expose());
+    connect(c, timeout).await
+}
+
+fn superuser_config(cfg: &AgentConfig, dbname: &str, timeout: Duration) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.user(&cfg.postgres.superuser.username)
+        .dbname(dbname)
         .application_name("citus-reconcile-agent")
         .connect_timeout(timeout);
+    c
+}
+
+async fn connect(c: tokio_postgres::Config, timeout: Duration) -> Result<Client, SqlError> {
     let (client, conn) = bounded("connect", timeout, c.connect(NoTls)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
