@@ -57,32 +57,70 @@ impl Control {
 }
 
 /// The `postgres` OS user.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OsUser {
+    pub name: String,
     pub uid: u32,
     pub gid: u32,
+    pub home: String,
 }
+
+/// The search path a service manager gives a service (systemd's default for system units).
+pub const SERVICE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl OsUser {
     pub fn postgres() -> Result<OsUser, PgError> {
         let passwd =
             std::fs::read_to_string("/etc/passwd").map_err(|e| failed("read /etc/passwd", e))?;
-        passwd
-            .lines()
-            .find(|l| l.starts_with("postgres:"))
-            .and_then(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                Some(OsUser {
-                    uid: f.get(2)?.parse().ok()?,
-                    gid: f.get(3)?.parse().ok()?,
-                })
+        Self::from_passwd(&passwd, "postgres").ok_or_else(|| {
+            failed(
+                "find the postgres user",
+                "no `postgres` OS user on this host (is PostgreSQL installed?)",
+            )
+        })
+    }
+
+    /// The entry for `name` in a passwd file's text.
+    pub fn from_passwd(passwd: &str, name: &str) -> Option<OsUser> {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() != Some(&name) {
+                return None;
+            }
+            Some(OsUser {
+                name: name.to_string(),
+                uid: f.get(2)?.parse().ok()?,
+                gid: f.get(3)?.parse().ok()?,
+                home: f
+                    .get(5)
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or(&"/")
+                    .to_string(),
             })
-            .ok_or_else(|| {
-                failed(
-                    "find the postgres user",
-                    "no `postgres` OS user on this host (is PostgreSQL installed?)",
-                )
-            })
+        })
+    }
+
+    /// The environment a service manager would give a process of this user — and nothing of
+    /// the agent's own. Root's `HOME` in particular must never reach PostgreSQL: libpq inside
+    /// the server (Citus's connections to other nodes) reads client certificates from
+    /// `$HOME/.postgresql/`, and under root's home it cannot even open them.
+    pub fn service_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HOME", self.home.clone()),
+            ("USER", self.name.clone()),
+            ("LOGNAME", self.name.clone()),
+            ("PATH", SERVICE_PATH.to_string()),
+            ("LANG", "C.UTF-8".to_string()),
+        ]
+    }
+
+    /// Run `cmd` as this user with [`service_env`](Self::service_env) only.
+    pub fn apply_to(&self, cmd: &mut Command) {
+        cmd.env_clear()
+            .envs(self.service_env())
+            .uid(self.uid)
+            .gid(self.gid)
+            .current_dir("/");
     }
 }
 
@@ -113,10 +151,8 @@ impl Pg {
 
     fn command(&self, tool: &str) -> Command {
         let mut c = Command::new(self.bin(tool));
-        c.uid(self.user.uid)
-            .gid(self.user.gid)
-            .current_dir("/")
-            .env("PGPASSFILE", self.paths.pgpass())
+        self.user.apply_to(&mut c);
+        c.env("PGPASSFILE", self.paths.pgpass())
             .env("PGCONNECT_TIMEOUT", "5")
             .env("LC_ALL", "C.UTF-8")
             .stdin(Stdio::null())
@@ -366,11 +402,8 @@ impl Pg {
             .try_clone()
             .map_err(|e| failed("open the PostgreSQL log", e))?;
         let mut cmd = Command::new(self.bin("postgres"));
-        cmd.arg("-D")
-            .arg(self.data_dir())
-            .uid(self.user.uid)
-            .gid(self.user.gid)
-            .current_dir("/");
+        self.user.apply_to(&mut cmd);
+        cmd.arg("-D").arg(self.data_dir());
         cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
         // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
         unsafe {
@@ -482,5 +515,48 @@ impl Postmaster {
         }
         self.signal(libc::SIGKILL);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_postgres_user_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      postgresx:x:1:1::/nope:/bin/sh\n\
+                      postgres:x:105:111:PostgreSQL administrator,,,:/var/lib/postgresql:/bin/bash\n";
+        let u = OsUser::from_passwd(passwd, "postgres").expect("found");
+        assert_eq!(
+            (u.uid, u.gid, u.home.as_str()),
+            (105, 111, "/var/lib/postgresql")
+        );
+        assert!(OsUser::from_passwd(passwd, "nobody").is_none());
+        // An empty home field falls back to "/", never to the agent's own HOME.
+        let u = OsUser::from_passwd("postgres:x:5:5:::/bin/sh\n", "postgres").expect("found");
+        assert_eq!(u.home, "/");
+    }
+
+    #[test]
+    fn children_get_their_own_users_environment_only() {
+        let u = OsUser {
+            name: "postgres".into(),
+            uid: 105,
+            gid: 111,
+            home: "/var/lib/postgresql".into(),
+        };
+        let env: std::collections::BTreeMap<_, _> = u.service_env().into_iter().collect();
+        assert_eq!(env["HOME"], "/var/lib/postgresql");
+        assert_eq!(env["USER"], "postgres");
+        assert_eq!(env["LOGNAME"], "postgres");
+        assert_eq!(env["PATH"], SERVICE_PATH);
+        assert_eq!(env.len(), 5, "{env:?}");
+        // And the command starts from an empty environment.
+        let mut cmd = Command::new("/bin/true");
+        u.apply_to(&mut cmd);
+        let std_cmd = cmd.as_std();
+        let vars: Vec<_> = std_cmd.get_envs().collect();
+        assert_eq!(vars.len(), 5, "{vars:?}");
     }
 }

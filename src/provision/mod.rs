@@ -137,13 +137,16 @@ pub async fn start_agent(
             .map(|_| ())
         }
         Service::Process => {
-            // A detached, self-supervising process; its pid file proves it started.
+            // A detached, self-supervising process; its pid file proves it started. Its
+            // environment is what systemd gives a system service (a plain PATH and a locale),
+            // not the SSH session's.
             let script = format!(
                 "set -e\nif {alive}; then exit 0; fi\nrm -f {pid}\n\
-                 setsid {bin} agent --config {cfg} --supervise --pid-file {pid} >> {log} 2>&1 < /dev/null &\n\
+                 env -i PATH={path} LANG=C.UTF-8 setsid {bin} agent --config {cfg} --supervise --pid-file {pid} >> {log} 2>&1 < /dev/null &\n\
                  i=0; while [ $i -lt 100 ]; do [ -s {pid} ] && exit 0; sleep 0.05; i=$((i+1)); done\n\
                  echo \"the agent did not start; see {log_raw}\" >&2; tail -n 5 {log} >&2; exit 1\n",
                 alive = agent_alive_test(paths),
+                path = shell_quote(crate::postgres::process::SERVICE_PATH),
                 pid = shell_quote(&paths.pid_file()),
                 bin = shell_quote(&paths.binary()),
                 cfg = shell_quote(&paths.config()),
