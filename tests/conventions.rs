@@ -72,6 +72,7 @@ fn pure_cores_import_no_io_modules() {
         "crate::spec",
         "crate::plan",
         "crate::citus::metadata",
+        "crate::citus::pause",
         "crate::dcs::keys",
         "crate::postgres::conf",
         "crate::agent::config",
@@ -85,6 +86,7 @@ fn pure_cores_import_no_io_modules() {
             "src/agent/decide.rs",
             "src/agent/config.rs",
             "src/citus/metadata.rs",
+            "src/citus/pause.rs",
             "src/dcs/keys.rs",
             "src/postgres/conf.rs",
         ]

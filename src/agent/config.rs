@@ -65,6 +65,22 @@ pub struct CitusConfig {
     pub sslcert: Option<String>,
     pub sslkey: Option<String>,
     pub secondaries: bool,
+    /// Seconds a group's writes may stay paused on the coordinator (see `citus::pause`).
+    /// Defaults keep configurations written by an older release readable.
+    #[serde(default = "default_pause_timeout")]
+    pub pause_timeout: u32,
+    #[serde(default = "default_lock_cooldown_ms")]
+    pub lock_cooldown_ms: u32,
+    #[serde(default)]
+    pub pause_on_loss: bool,
+}
+
+fn default_pause_timeout() -> u32 {
+    30
+}
+
+fn default_lock_cooldown_ms() -> u32 {
+    10_000
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +148,9 @@ impl AgentConfig {
                 sslcert: spec.citus.authinfo.sslcert.clone(),
                 sslkey: spec.citus.authinfo.sslkey.clone(),
                 secondaries: spec.citus.secondaries,
+                pause_timeout: spec.citus.pause_timeout,
+                lock_cooldown_ms: spec.citus.lock_cooldown_ms,
+                pause_on_loss: spec.citus.pause_on_loss,
             },
             ha: HaConfig {
                 ttl: spec.ha.ttl,
@@ -259,6 +278,9 @@ mod tests {
                 sslcert: None,
                 sslkey: None,
                 secondaries: false,
+                pause_timeout: 30,
+                lock_cooldown_ms: 10_000,
+                pause_on_loss: false,
             },
             ha: HaConfig {
                 ttl: 30,

@@ -1,9 +1,10 @@
 //! The per-host HA agent (`citus-reconcile agent --config FILE`): its configuration
 //! (`config`, pure), the decision core (`decide`, pure), and the edges around it — the lease
-//! and fence (`lease`), the executor (`node`), the loop and supervisor (`run`), and the REST API
-//! (`api`).
+//! and fence (`lease`), the executor (`node`), the loop and supervisor (`run`), the REST API
+//! (`api`), and on the coordinator the write pauses around worker handovers (`citus_pause`).
 
 pub mod api;
+pub mod citus_pause;
 pub mod config;
 pub mod decide;
 pub mod lease;

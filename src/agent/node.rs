@@ -63,6 +63,8 @@ pub struct Node {
     /// Consecutive failed starts as a replica.
     replica_start_failures: u32,
     handoff_started: Option<Instant>,
+    /// The coordinator's write pauses (coordinator members only).
+    pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
     /// Operator requests from the REST API, run at the start of the next cycle.
     pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
 }
@@ -108,6 +110,7 @@ impl Node {
             ssn_changed: None,
             ssn_since_lsn: None,
             replica_start_failures: 0,
+            pauses: None,
             requests: Default::default(),
         }
     }
@@ -131,6 +134,9 @@ impl Node {
             }
         }
         let snapshot = self.observe().await;
+        if let Some(p) = &self.pauses {
+            p.set_active(coordinator_primary(&snapshot));
+        }
         let actions = decide::decide(&snapshot);
         if actions != self.last_actions {
             tracing::info!(actions = ?actions, "decided");
@@ -138,16 +144,27 @@ impl Node {
         self.last_actions = actions.clone();
         self.last_snapshot = Some(snapshot.clone());
         let mut ok = true;
+        let mut changed_server = false;
         for action in actions {
             let label = format!("{action:?}");
+            let changes_server = changes_server(&action);
             match self.execute(action, &snapshot).await {
-                Ok(true) => {}
+                Ok(true) => changed_server |= changes_server,
                 Ok(false) => break,
                 Err(e) => {
                     tracing::warn!(action = %label, error = %e, "action failed");
                     ok = false;
                     break;
                 }
+            }
+        }
+        if changed_server {
+            // Publish what the server is now, not what it was when this cycle began: the
+            // coordinator ends a switchover's write pause the moment the new primary's key says
+            // it runs as one.
+            let server = self.observe_server().await;
+            if let Some(s) = self.last_snapshot.as_mut() {
+                s.server = server;
             }
         }
         self.publish().await;
@@ -716,6 +733,8 @@ impl Node {
             let _ = sql::checkpoint(c, Duration::from_secs(60)).await;
         }
         let checkpointed = t0.elapsed();
+        let paused = self.request_citus_pause(to).await;
+        let pause_ms = t0.elapsed().saturating_sub(checkpointed).as_millis() as u64;
         self.stop(StopMode::Fast).await;
         let stopped = t0.elapsed();
         let control = self
@@ -741,12 +760,87 @@ impl Node {
         tracing::info!(
             %to,
             checkpoint_ms = checkpointed.as_millis() as u64,
+            citus_paused = paused,
+            pause_ms,
             stopped_ms = stopped.as_millis() as u64,
             released_ms = t0.elapsed().as_millis() as u64,
             final_lsn = control.checkpoint_lsn,
             "switchover: primary stopped cleanly and released the leader key"
         );
         Ok(())
+    }
+
+    /// A worker group's leader about to stop for a switchover asks the coordinator primary to
+    /// hold the group's writes (the `citus_pause` key) and waits, bounded, for the answer.
+    /// True when the coordinator holds them; otherwise the switchover goes ahead without.
+    async fn request_citus_pause(&self, to: &str) -> bool {
+        use crate::dcs::keys::{CitusPause, PauseState};
+        if self.cfg.is_coordinator() {
+            return false;
+        }
+        let coordinator_runs = self
+            .cluster
+            .get(&0)
+            .and_then(|g| {
+                let l = g.leader.as_ref()?;
+                g.members.get(&l.name)
+            })
+            .is_some_and(|m| m.role == "primary" && m.state == "running");
+        if !coordinator_runs {
+            tracing::info!("no coordinator primary running: switching over without a write pause");
+            return false;
+        }
+        let key = self.keys().citus_pause(self.cfg.group);
+        let request = CitusPause {
+            leader: self.cfg.member.clone(),
+            candidate: Some(to.to_string()),
+            state: PauseState::Requested,
+            coordinator: None,
+            detail: None,
+        };
+        let Ok(body) = serde_json::to_vec(&request) else {
+            return false;
+        };
+        if let Err(e) = self.dcs.put(&key, &body, self.lease.lease_id()).await {
+            tracing::warn!(error = %e, "cannot ask the coordinator for a write pause");
+            return false;
+        }
+        // The coordinator may have to wait out transactions in flight (up to the cooldown).
+        let wait =
+            Duration::from_millis(u64::from(self.cfg.citus.lock_cooldown_ms)) + self.timeout();
+        let answer = self
+            .dcs
+            .wait_for(&key, wait, |v| match v {
+                None => Some(Err("the request was withdrawn".to_string())),
+                Some(bytes) => match serde_json::from_slice::<CitusPause>(bytes) {
+                    Ok(p) if p.leader != self.cfg.member => Some(Err("another request".into())),
+                    Ok(p) => match p.state {
+                        PauseState::Requested => None,
+                        PauseState::Paused => Some(Ok(p.coordinator.unwrap_or_default())),
+                        PauseState::Refused => Some(Err(p.detail.unwrap_or_default())),
+                    },
+                    Err(_) => Some(Err("unreadable answer".into())),
+                },
+            })
+            .await;
+        match answer {
+            Ok(Some(Ok(coordinator))) => {
+                tracing::info!(%coordinator, "the coordinator holds the group's writes");
+                true
+            }
+            other => {
+                let why = match other {
+                    Ok(Some(Err(why))) => why,
+                    Ok(None) => format!("no answer within {} ms", wait.as_millis()),
+                    Err(e) => e.to_string(),
+                    Ok(Some(Ok(_))) => String::new(),
+                };
+                tracing::warn!(reason = %why, "switching over without a write pause");
+                // Withdraw, so a late answer does not hold writes for nothing.
+                let _ = self.dcs.delete_if(&key, &body).await;
+                false
+            }
+        }
     }
 
     /// The primary configuration to start (or promote) with: in synchronous mode, the recorded
@@ -992,14 +1086,37 @@ impl Node {
             .map_err(|e| e.to_string())?;
         // The coordinator knows only the groups that exist in etcd; it never removes a primary.
         let known: Vec<u32> = self.cluster.keys().copied().collect();
+        let mut in_sync = metadata::metadata_in_sync(&observed);
+        let held = self.pauses.as_ref().map(|p| p.held()).unwrap_or_default();
+        let options = crate::citus::sql::UpdateOptions {
+            // A primary row moves after a failover or a switchover: sessions still holding
+            // the group's locks are talking to a server that is gone.
+            force: true,
+            lock_cooldown_ms: self.cfg.citus.lock_cooldown_ms,
+        };
         for change in metadata::diff_nodes(&desired, &observed, &known)
             .into_iter()
             .filter(|c| c.is_automatic())
         {
+            if held.contains(&change.group()) {
+                // A write pause holds this group: its session moves the row when it ends.
+                continue;
+            }
+            if change.needs_metadata_sync() && !in_sync {
+                tracing::debug!(
+                    ?change,
+                    "deferred until Citus has synced metadata to the workers"
+                );
+                continue;
+            }
             tracing::info!(?change, "updating pg_dist_node");
-            crate::citus::sql::apply_node_change(&c, &change, t)
+            crate::citus::sql::apply_node_change(&c, &change, options, t)
                 .await
                 .map_err(|e| e.to_string())?;
+            if matches!(change, metadata::NodeChange::Update { .. }) {
+                // Citus marks every worker's metadata unsynced until its daemon syncs it.
+                in_sync = false;
+            }
         }
         Ok(())
     }
@@ -1080,6 +1197,28 @@ impl Node {
     pub fn data_dir_exists(&self) -> bool {
         Path::new(&self.cfg.postgres.data_dir).exists()
     }
+}
+
+/// Actions after which the server's role or state differs from the cycle's snapshot.
+fn changes_server(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Promote
+            | Action::StartPrimary
+            | Action::StartReplica { .. }
+            | Action::Demote { .. }
+            | Action::Switchover { .. }
+            | Action::Initdb
+            | Action::Clone { .. }
+    )
+}
+
+/// This member leads the coordinator group with its server running as primary, on a lease it
+/// can trust: the only member whose write pauses mean anything.
+fn coordinator_primary(s: &Snapshot) -> bool {
+    let leads = matches!(&s.dcs, DcsView::Available(g)
+        if g.leader.as_deref() == Some(s.me.as_str()) && g.leader_lease.is_some() && g.leader_lease == s.my_lease);
+    s.coordinator && leads && s.lease_valid && matches!(&s.server, Server::Running(r) if r.primary)
 }
 
 /// Leaders and streaming replicas of every group, with addresses, from the members' keys.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
+use super::citus_pause::PauseShared;
 use super::config::AgentConfig;
 use super::lease::{self, LeaseShared, Timing};
 use super::node::Node;
@@ -50,7 +51,7 @@ fn relevant(key: &str, keys: &ClusterKeys, cfg: &AgentConfig) -> bool {
         || (cfg.is_coordinator() && key.starts_with(&keys.prefix))
 }
 
-async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>) {
+async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>, pauses: Option<Arc<PauseShared>>) {
     let keys = dcs.keys.clone();
     loop {
         let rev = match dcs.read_cluster().await {
@@ -74,6 +75,20 @@ async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>) {
                     if hit {
                         wake.notify_one();
                     }
+                    if let Some(p) = &pauses {
+                        // A pause starts on a request or a lost leader key; one that is held
+                        // ends on the new leader's member key: any event counts then.
+                        let holding = !p.held().is_empty();
+                        let hit = resp.events().iter().any(|ev| {
+                            ev.kv().is_some_and(|kv| {
+                                let k = String::from_utf8_lossy(kv.key());
+                                holding || k.ends_with("/citus_pause") || k.ends_with("/leader")
+                            })
+                        });
+                        if hit {
+                            p.wake.notify_one();
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -83,6 +98,9 @@ async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>) {
         }
         // Something may have changed while the watch was down.
         wake.notify_one();
+        if let Some(p) = &pauses {
+            p.wake.notify_one();
+        }
     }
 }
 
@@ -114,8 +132,20 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
     let shared = LeaseShared::new(timing, wake.clone());
     tokio::spawn(lease::keep_alive(dcs.clone(), shared.clone()));
     tokio::spawn(lease::fence(shared.clone()));
-    tokio::spawn(watch(dcs.clone(), cfg.clone(), wake.clone()));
+    let pauses = cfg
+        .is_coordinator()
+        .then(|| Arc::new(PauseShared::default()));
+    tokio::spawn(watch(
+        dcs.clone(),
+        cfg.clone(),
+        wake.clone(),
+        pauses.clone(),
+    ));
+    if let Some(p) = &pauses {
+        tokio::spawn(super::citus_pause::run(cfg.clone(), dcs.clone(), p.clone()));
+    }
     let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
+    node.pauses = pauses;
     let api = super::api::Handle::new(&node);
     super::api::serve(&cfg, api.clone()).await;
 

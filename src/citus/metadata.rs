@@ -18,6 +18,15 @@ pub struct NodeRow {
     pub noderole: String,
     pub isactive: bool,
     pub shouldhaveshards: bool,
+    pub hasmetadata: bool,
+    /// NULL in the table is read as true (nothing to sync).
+    pub metadatasynced: bool,
+}
+
+impl NodeRow {
+    fn addr(&self) -> (String, i32) {
+        (self.nodename.clone(), self.nodeport)
+    }
 }
 
 /// A row as it should be. `nodeid` is assigned by Citus.
@@ -111,6 +120,17 @@ pub fn desired_nodes(groups: &BTreeMap<u32, GroupMembers>, secondaries: bool) ->
     out
 }
 
+/// One `citus_update_node` call: a row gets a new address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RowUpdate {
+    pub nodeid: i32,
+    pub role: String,
+    pub from_host: String,
+    pub from_port: i32,
+    pub host: String,
+    pub port: u16,
+}
+
 /// One change to `pg_dist_node`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -127,15 +147,9 @@ pub enum NodeChange {
         primary_host: String,
         primary_port: u16,
     },
-    /// `citus_update_node(nodeid, host, port)`: the group's primary moved.
-    Move {
-        nodeid: i32,
-        group: u32,
-        from_host: String,
-        from_port: i32,
-        host: String,
-        port: u16,
-    },
+    /// `citus_update_node` for each row, in order, in one transaction: a primary that moved
+    /// (failover, switchover), and the rows that must make way for it or be reused.
+    Update { group: u32, rows: Vec<RowUpdate> },
     /// `citus_remove_node(host, port)`: a secondary that no longer streams, or (destructive, never
     /// done by an agent) a group that left the spec.
     Remove {
@@ -153,11 +167,66 @@ impl NodeChange {
     pub fn is_automatic(&self) -> bool {
         !matches!(self, NodeChange::Remove { role, .. } if role == "primary")
     }
+
+    /// Adding and removing nodes changes the metadata of every worker in one distributed
+    /// transaction: Citus refuses it while a worker's metadata is out of sync (as it is for a
+    /// few seconds after every `citus_update_node`), and it fails while a worker row names a
+    /// server that cannot take writes. Updates never need it: Citus syncs them afterwards.
+    pub fn needs_metadata_sync(&self) -> bool {
+        matches!(
+            self,
+            NodeChange::AddPrimary { .. }
+                | NodeChange::AddSecondary { .. }
+                | NodeChange::Remove { .. }
+        )
+    }
+
+    pub fn group(&self) -> u32 {
+        match self {
+            NodeChange::SetCoordinator { .. } => 0,
+            NodeChange::AddPrimary { group, .. }
+            | NodeChange::AddSecondary { group, .. }
+            | NodeChange::Update { group, .. } => *group,
+            NodeChange::Remove { group, .. } => (*group).max(0) as u32,
+        }
+    }
 }
 
-/// The changes that turn `observed` into `desired`, in a safe order: removals of secondaries
-/// first (an address they hold may be needed by a primary), then the coordinator, primaries,
-/// secondaries; finally removals of primaries of groups that are no longer wanted.
+/// Whether every worker that holds metadata has it in sync: the condition Citus puts on adding
+/// or removing nodes.
+pub fn metadata_in_sync(observed: &[NodeRow]) -> bool {
+    observed
+        .iter()
+        .filter(|r| r.noderole == "primary" && r.groupid != 0 && r.hasmetadata)
+        .all(|r| r.metadatasynced)
+}
+
+/// The address a row is parked at while it has no member to name: a host name that can never
+/// resolve (RFC 2606 reserves `.invalid`), unique per row. Reads routed to it fail rather than
+/// reach a member that is not streaming.
+pub fn parked_host(nodeid: i32) -> String {
+    format!("parked-node-{nodeid}.invalid")
+}
+
+pub fn is_parked(host: &str) -> bool {
+    host.starts_with("parked-node-") && host.ends_with(".invalid")
+}
+
+/// The changes that turn `observed` into `desired`, in an order that works on the real
+/// extension in any state a failover leaves behind:
+///
+/// 1. every group's primary row follows its leader, the coordinator first, by
+///    `citus_update_node` only (it always works: a worker row may still name a demoted,
+///    read-only server, and metadata may be out of sync). A secondary row that holds the new
+///    primary's address makes way in the same transaction: it is reused for a streaming
+///    replica that has no row, or parked;
+/// 2. secondary rows are reused for streaming replicas that lack one, by update;
+/// 3. only then — and only once metadata is in sync, which the caller checks with
+///    [`NodeChange::needs_metadata_sync`] — secondaries are removed (or parked until then) and
+///    nodes added;
+/// 4. finally, primary rows of groups the spec no longer has (for the operator, never
+///    automatic).
+///
 /// `known_groups` are groups the spec declares: their primary rows are kept even while the
 /// group has no leader (a group mid-failover must not be dropped from Citus).
 pub fn diff_nodes(
@@ -165,28 +234,140 @@ pub fn diff_nodes(
     observed: &[NodeRow],
     known_groups: &[u32],
 ) -> Vec<NodeChange> {
-    let mut out = Vec::new();
-    let primary_of = |g: i32| {
-        observed
-            .iter()
-            .find(|r| r.groupid == g && r.noderole == "primary")
-    };
-    let desired_primary = |g: u32| {
+    // The rows as they will be after each change, to keep addresses unique along the way.
+    let mut rows: Vec<NodeRow> = observed.to_vec();
+    let in_sync = metadata_in_sync(observed);
+    let holder =
+        |rows: &[NodeRow], addr: &(String, i32)| rows.iter().position(|r| &r.addr() == addr);
+    let groups: std::collections::BTreeSet<u32> = desired
+        .iter()
+        .map(|d| d.groupid)
+        .chain(
+            observed
+                .iter()
+                .filter(|r| r.groupid >= 0)
+                .map(|r| r.groupid as u32),
+        )
+        .collect();
+    let wanted_secondaries = |g: u32| -> Vec<(String, i32)> {
         desired
             .iter()
-            .find(|d| d.groupid == g && d.role == NodeRole::Primary)
+            .filter(|d| d.groupid == g && d.role == NodeRole::Secondary)
+            .map(|d| (d.nodename.clone(), i32::from(d.nodeport)))
+            .collect()
     };
+    let mut primary_moves = Vec::new();
+    let mut adds = Vec::new();
 
-    // Secondaries that are not wanted (or whose address a primary needs).
-    for r in observed.iter().filter(|r| r.noderole == "secondary") {
-        let wanted = desired.iter().any(|d| {
-            d.role == NodeRole::Secondary
-                && d.groupid as i32 == r.groupid
-                && d.nodename == r.nodename
-                && i32::from(d.nodeport) == r.nodeport
+    // 1. Primaries (BTreeSet order: the coordinator, group 0, first).
+    for &g in &groups {
+        let Some(want) = desired
+            .iter()
+            .find(|d| d.groupid == g && d.role == NodeRole::Primary)
+        else {
+            continue;
+        };
+        let target = (want.nodename.clone(), i32::from(want.nodeport));
+        let Some(pi) = rows
+            .iter()
+            .position(|r| r.groupid == g as i32 && r.noderole == "primary")
+        else {
+            if g == 0 && holder(&rows, &target).is_none() {
+                primary_moves.push(NodeChange::SetCoordinator {
+                    host: want.nodename.clone(),
+                    port: want.nodeport,
+                });
+            } else if g != 0 {
+                adds.push(NodeChange::AddPrimary {
+                    group: g,
+                    host: want.nodename.clone(),
+                    port: want.nodeport,
+                });
+            }
+            continue;
+        };
+        if rows[pi].addr() == target {
+            continue;
+        }
+        let mut updates = Vec::new();
+        if let Some(hi) = holder(&rows, &target) {
+            if rows[hi].groupid != g as i32 || rows[hi].noderole != "secondary" {
+                // Another group's row holds the address: nothing sane to do automatically.
+                continue;
+            }
+            // Make way: reuse the row for a streaming replica without one, else park it.
+            let free = wanted_secondaries(g)
+                .into_iter()
+                .find(|a| *a != target && holder(&rows, a).is_none());
+            let (host, port) = match free {
+                Some((h, p)) => (h, p),
+                None => (parked_host(rows[hi].nodeid), rows[hi].nodeport),
+            };
+            updates.push(update(&mut rows[hi], host, port));
+            let old_primary = rows[pi].addr();
+            updates.push(update(&mut rows[pi], target.0, target.1));
+            // The old primary streams again already: the parked row takes its address in the
+            // same transaction (a swap).
+            if is_parked(&rows[hi].nodename) && wanted_secondaries(g).contains(&old_primary) {
+                updates.push(update(&mut rows[hi], old_primary.0, old_primary.1));
+            }
+        } else {
+            updates.push(update(&mut rows[pi], target.0, target.1));
+        }
+        primary_moves.push(NodeChange::Update {
+            group: g,
+            rows: updates,
         });
-        if !wanted {
-            out.push(NodeChange::Remove {
+    }
+
+    // 2 and 3. Secondaries.
+    let mut secondary_updates = Vec::new();
+    let mut removals = Vec::new();
+    for &g in &groups {
+        let wanted = wanted_secondaries(g);
+        let mut spare: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.groupid == g as i32 && r.noderole == "secondary" && !wanted.contains(&r.addr())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let primary = rows
+            .iter()
+            .find(|r| r.groupid == g as i32 && r.noderole == "primary")
+            .map(|r| (r.nodename.clone(), r.nodeport));
+        for addr in &wanted {
+            if holder(&rows, addr).is_some() {
+                continue;
+            }
+            if let Some(i) = spare.pop() {
+                secondary_updates.push(NodeChange::Update {
+                    group: g,
+                    rows: vec![update(&mut rows[i], addr.0.clone(), addr.1)],
+                });
+            } else if let Some((ph, pp)) = &primary {
+                adds.push(NodeChange::AddSecondary {
+                    group: g,
+                    host: addr.0.clone(),
+                    port: addr.1.max(0) as u16,
+                    primary_host: ph.clone(),
+                    primary_port: (*pp).max(0) as u16,
+                });
+            }
+        }
+        for i in spare {
+            // While it cannot be removed, it must not route reads to a member that no longer
+            // streams: park it first.
+            if !in_sync && !is_parked(&rows[i].nodename) {
+                let (host, port) = (parked_host(rows[i].nodeid), rows[i].nodeport);
+                secondary_updates.push(NodeChange::Update {
+                    group: g,
+                    rows: vec![update(&mut rows[i], host, port)],
+                });
+            }
+            let r = &rows[i];
+            removals.push(NodeChange::Remove {
                 nodeid: r.nodeid,
                 group: r.groupid,
                 host: r.nodename.clone(),
@@ -195,56 +376,13 @@ pub fn diff_nodes(
             });
         }
     }
-    // Primaries, coordinator first.
-    for d in desired.iter().filter(|d| d.role == NodeRole::Primary) {
-        match primary_of(d.groupid as i32) {
-            None if d.groupid == 0 => out.push(NodeChange::SetCoordinator {
-                host: d.nodename.clone(),
-                port: d.nodeport,
-            }),
-            None => out.push(NodeChange::AddPrimary {
-                group: d.groupid,
-                host: d.nodename.clone(),
-                port: d.nodeport,
-            }),
-            Some(r) if r.nodename != d.nodename || r.nodeport != i32::from(d.nodeport) => {
-                out.push(NodeChange::Move {
-                    nodeid: r.nodeid,
-                    group: d.groupid,
-                    from_host: r.nodename.clone(),
-                    from_port: r.nodeport,
-                    host: d.nodename.clone(),
-                    port: d.nodeport,
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    // Secondaries to add.
-    for d in desired.iter().filter(|d| d.role == NodeRole::Secondary) {
-        let present = observed.iter().any(|r| {
-            r.nodename == d.nodename
-                && r.nodeport == i32::from(d.nodeport)
-                && r.noderole == "secondary"
-        });
-        if present {
-            continue;
-        }
-        if let Some(p) = desired_primary(d.groupid) {
-            out.push(NodeChange::AddSecondary {
-                group: d.groupid,
-                host: d.nodename.clone(),
-                port: d.nodeport,
-                primary_host: p.nodename.clone(),
-                primary_port: p.nodeport,
-            });
-        }
-    }
-    // Primary rows of groups the spec no longer has.
+
+    // 4. Primary rows of groups the spec no longer has.
+    let mut destroys = Vec::new();
     for r in observed.iter().filter(|r| r.noderole == "primary") {
         let known = r.groupid >= 0 && known_groups.contains(&(r.groupid as u32));
         if !known {
-            out.push(NodeChange::Remove {
+            destroys.push(NodeChange::Remove {
                 nodeid: r.nodeid,
                 group: r.groupid,
                 host: r.nodename.clone(),
@@ -253,7 +391,28 @@ pub fn diff_nodes(
             });
         }
     }
+
+    let mut out = primary_moves;
+    out.extend(secondary_updates);
+    // Removals before additions: an address a removed row holds may be the one to add.
+    out.extend(removals);
+    out.extend(adds);
+    out.extend(destroys);
     out
+}
+
+fn update(row: &mut NodeRow, host: String, port: i32) -> RowUpdate {
+    let u = RowUpdate {
+        nodeid: row.nodeid,
+        role: row.noderole.clone(),
+        from_host: row.nodename.clone(),
+        from_port: row.nodeport,
+        host: host.clone(),
+        port: port.max(0) as u16,
+    };
+    row.nodename = host;
+    row.nodeport = port;
+    u
 }
 
 /// One row of `pg_dist_authinfo`. `authinfo` holds a password: it is a [`Secret`].
@@ -392,7 +551,15 @@ mod tests {
             noderole: role.into(),
             isactive: true,
             shouldhaveshards: g != 0,
+            hasmetadata: role == "primary",
+            metadatasynced: true,
         }
+    }
+
+    /// A worker row whose metadata Citus has not synced yet (right after an update).
+    fn unsynced(mut r: NodeRow) -> NodeRow {
+        r.metadatasynced = false;
+        r
     }
 
     fn members(leader: Option<&str>, replicas: &[&str]) -> GroupMembers {
@@ -402,6 +569,8 @@ mod tests {
         }
     }
 
+    /// Changes rendered one per string; a change the agent must defer until metadata is in
+    /// sync is marked `(sync)` when it is not.
     fn check(
         groups: &[(u32, GroupMembers)],
         secondaries: bool,
@@ -410,24 +579,35 @@ mod tests {
     ) {
         let groups: BTreeMap<u32, GroupMembers> = groups.iter().cloned().collect();
         let known: Vec<u32> = groups.keys().copied().collect();
+        let in_sync = metadata_in_sync(observed);
         let got: Vec<String> = diff_nodes(&desired_nodes(&groups, secondaries), observed, &known)
             .iter()
-            .map(|c| match c {
-                NodeChange::SetCoordinator { host, .. } => format!("coordinator {host}"),
-                NodeChange::AddPrimary { group, host, .. } => format!("add {group} {host}"),
-                NodeChange::AddSecondary {
-                    group,
-                    host,
-                    primary_host,
-                    ..
-                } => format!("add-secondary {group} {host} of {primary_host}"),
-                NodeChange::Move {
-                    nodeid,
-                    from_host,
-                    host,
-                    ..
-                } => format!("move {nodeid} {from_host}->{host}"),
-                NodeChange::Remove { nodeid, role, .. } => format!("remove {nodeid} {role}"),
+            .map(|c| {
+                let text = match c {
+                    NodeChange::SetCoordinator { host, .. } => format!("coordinator {host}"),
+                    NodeChange::AddPrimary { group, host, .. } => format!("add {group} {host}"),
+                    NodeChange::AddSecondary {
+                        group,
+                        host,
+                        primary_host,
+                        ..
+                    } => format!("add-secondary {group} {host} of {primary_host}"),
+                    NodeChange::Update { group, rows } => format!(
+                        "update {group} [{}]",
+                        rows.iter()
+                            .map(|u| format!("{}:{}->{}", u.nodeid, u.from_host, u.host))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    NodeChange::Remove {
+                        nodeid, role, host, ..
+                    } => format!("remove {nodeid} {role} {host}"),
+                };
+                if !in_sync && c.needs_metadata_sync() {
+                    format!("{text} (sync)")
+                } else {
+                    text
+                }
             })
             .collect();
         assert_eq!(got, expected);
@@ -435,6 +615,8 @@ mod tests {
 
     #[test]
     fn node_diffs() {
+        let p = |id, g, h| row(id, g, h, "primary");
+        let s = |id, g, h| row(id, g, h, "secondary");
         // Fresh cluster: the coordinator registers itself, then each worker group.
         check(
             &[
@@ -449,58 +631,152 @@ mod tests {
         check(
             &[(0, members(Some("c1"), &[])), (1, members(Some("w1"), &[]))],
             false,
-            &[row(1, 0, "c1", "primary"), row(2, 1, "w1", "primary")],
+            &[p(1, 0, "c1"), p(2, 1, "w1")],
             &[],
         );
         // Worker failover: the row moves to the new leader.
         check(
             &[(0, members(Some("c1"), &[])), (1, members(Some("w2"), &[]))],
             false,
-            &[row(1, 0, "c1", "primary"), row(2, 1, "w1", "primary")],
-            &["move 2 w1->w2"],
+            &[p(1, 0, "c1"), p(2, 1, "w1")],
+            &["update 1 [2:w1->w2]"],
         );
         // Coordinator failover: its own row moves (citus_update_node, not set_coordinator_host).
         check(
             &[(0, members(Some("c2"), &[]))],
             false,
-            &[row(1, 0, "c1", "primary")],
-            &["move 1 c1->c2"],
+            &[p(1, 0, "c1")],
+            &["update 0 [1:c1->c2]"],
         );
         // A group without a leader keeps its row; nothing is proposed for it.
         check(
             &[(0, members(Some("c1"), &[])), (1, members(None, &[]))],
             false,
-            &[row(1, 0, "c1", "primary"), row(2, 1, "w1", "primary")],
+            &[p(1, 0, "c1"), p(2, 1, "w1")],
             &[],
         );
         // A group that left the spec: its primary row is proposed for removal (not automatic).
         check(
             &[(0, members(Some("c1"), &[]))],
             false,
-            &[row(1, 0, "c1", "primary"), row(2, 5, "w9", "primary")],
-            &["remove 2 primary"],
+            &[p(1, 0, "c1"), p(2, 5, "w9")],
+            &["remove 2 primary w9"],
         );
-        // Secondaries: added for streaming replicas, removed when stale; a promoted replica's
-        // secondary row goes before its primary row moves onto that address.
+        // Secondaries: added for streaming replicas.
         check(
             &[
                 (0, members(Some("c1"), &[])),
                 (1, members(Some("w1"), &["w2"])),
             ],
             true,
-            &[row(1, 0, "c1", "primary"), row(2, 1, "w1", "primary")],
+            &[p(1, 0, "c1"), p(2, 1, "w1")],
             &["add-secondary 1 w2 of w1"],
         );
+        // Failover onto a member registered as secondary, the old primary not streaming yet:
+        // in one transaction its row is parked and the primary row takes the address.
+        check(
+            &[(0, members(Some("c1"), &[])), (1, members(Some("w2"), &[]))],
+            true,
+            &[p(1, 0, "c1"), p(2, 1, "w1"), s(3, 1, "w2")],
+            &[
+                "update 1 [3:w2->parked-node-3.invalid, 2:w1->w2]",
+                // Proposed now; the agent runs it only once Citus has synced the update.
+                "remove 3 secondary parked-node-3.invalid",
+            ],
+        );
+        // Right after it (metadata out of sync): the parked row can only be removed later.
         check(
             &[(0, members(Some("c1"), &[])), (1, members(Some("w2"), &[]))],
             true,
             &[
-                row(1, 0, "c1", "primary"),
-                row(2, 1, "w1", "primary"),
-                row(3, 1, "w2", "secondary"),
+                p(1, 0, "c1"),
+                unsynced(p(2, 1, "w2")),
+                s(3, 1, "parked-node-3.invalid"),
             ],
-            &["remove 3 secondary", "move 2 w1->w2"],
+            &["remove 3 secondary parked-node-3.invalid (sync)"],
         );
+        // ... but once the old primary streams again, the parked row is reused for it.
+        check(
+            &[
+                (0, members(Some("c1"), &[])),
+                (1, members(Some("w2"), &["w1"])),
+            ],
+            true,
+            &[
+                p(1, 0, "c1"),
+                unsynced(p(2, 1, "w2")),
+                s(3, 1, "parked-node-3.invalid"),
+            ],
+            &["update 1 [3:parked-node-3.invalid->w1]"],
+        );
+        // Three members: the promoted secondary's row is reused for a streaming replica that
+        // has none, the old primary is no secondary any more.
+        check(
+            &[
+                (0, members(Some("c1"), &[])),
+                (1, members(Some("w2"), &["w3"])),
+            ],
+            true,
+            &[p(1, 0, "c1"), p(2, 1, "w1"), s(3, 1, "w2"), s(4, 1, "w3")],
+            &[
+                "update 1 [3:w2->parked-node-3.invalid, 2:w1->w2]",
+                "remove 3 secondary parked-node-3.invalid",
+            ],
+        );
+        check(
+            &[
+                (0, members(Some("c1"), &[])),
+                (1, members(Some("w2"), &["w3", "w1"])),
+            ],
+            true,
+            &[p(1, 0, "c1"), p(2, 1, "w1"), s(3, 1, "w2"), s(4, 1, "w3")],
+            &["update 1 [3:w2->parked-node-3.invalid, 2:w1->w2, 3:parked-node-3.invalid->w1]"],
+        );
+        // Every group failed over at once (a restart of every leader), secondaries on, worker
+        // rows naming demoted (read-only) servers: primaries move first, coordinator first, by
+        // update only; nothing that needs a synchronous metadata change runs before.
+        check(
+            &[
+                (0, members(Some("c2"), &["c1"])),
+                (1, members(Some("w2"), &[])),
+            ],
+            true,
+            &[p(1, 0, "c1"), s(2, 0, "c2"), p(3, 1, "w1"), s(4, 1, "w2")],
+            &[
+                "update 0 [2:c2->parked-node-2.invalid, 1:c1->c2, 2:parked-node-2.invalid->c1]",
+                "update 1 [4:w2->parked-node-4.invalid, 3:w1->w2]",
+                "remove 4 secondary parked-node-4.invalid",
+            ],
+        );
+        // Out of sync with a secondary to drop: parked now, removed once in sync.
+        check(
+            &[(0, members(Some("c1"), &[])), (1, members(Some("w1"), &[]))],
+            true,
+            &[p(1, 0, "c1"), unsynced(p(2, 1, "w1")), s(3, 1, "w2")],
+            &[
+                "update 1 [3:w2->parked-node-3.invalid]",
+                "remove 3 secondary parked-node-3.invalid (sync)",
+            ],
+        );
+        // A new group while metadata is out of sync: proposed, deferred by the agent.
+        check(
+            &[
+                (0, members(Some("c1"), &[])),
+                (1, members(Some("w1"), &[])),
+                (2, members(Some("x1"), &[])),
+            ],
+            false,
+            &[p(1, 0, "c1"), unsynced(p(2, 1, "w1"))],
+            &["add 2 x1 (sync)"],
+        );
+    }
+
+    #[test]
+    fn parked_hosts_are_recognisable_and_unique() {
+        assert!(is_parked(&parked_host(7)));
+        assert_ne!(parked_host(7), parked_host(8));
+        assert!(!is_parked("10.0.0.1"));
+        assert!(!is_parked("parked-node-1.example.com"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::metadata::{AuthinfoChange, AuthinfoRow, NodeChange, NodeRow};
+use super::metadata::{AuthinfoChange, AuthinfoRow, NodeChange, NodeRow, RowUpdate};
 use crate::postgres::sql::{SqlError, bounded};
 use crate::spec::secret::Secret;
 
@@ -28,7 +28,7 @@ pub async fn nodes(c: &Client, timeout: Duration) -> Result<Vec<NodeRow>, SqlErr
         "read pg_dist_node",
         timeout,
         c.query(
-            "SELECT nodeid, groupid, nodename, nodeport, noderole::text, isactive, shouldhaveshards FROM pg_catalog.pg_dist_node ORDER BY groupid, nodeid",
+            "SELECT nodeid, groupid, nodename, nodeport, noderole::text, isactive, shouldhaveshards, hasmetadata, COALESCE(metadatasynced, true) FROM pg_catalog.pg_dist_node ORDER BY groupid, nodeid",
             &[],
         ),
     )
@@ -43,6 +43,8 @@ pub async fn nodes(c: &Client, timeout: Duration) -> Result<Vec<NodeRow>, SqlErr
             noderole: r.get(4),
             isactive: r.get(5),
             shouldhaveshards: r.get(6),
+            hasmetadata: r.get(7),
+            metadatasynced: r.get(8),
         })
         .collect())
 }
@@ -64,10 +66,27 @@ pub async fn authinfo(c: &Client, timeout: Duration) -> Result<Vec<AuthinfoRow>,
         .collect())
 }
 
+/// How `citus_update_node` treats transactions in flight on the group whose row moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateOptions {
+    /// Terminate sessions still holding the group's locks after the cooldown (a failover:
+    /// they are failing anyway).
+    pub force: bool,
+    pub lock_cooldown_ms: u32,
+}
+
+impl UpdateOptions {
+    /// How long one update may take: the cooldown, then the work itself.
+    pub fn timeout(&self, base: Duration) -> Duration {
+        base + Duration::from_millis(u64::from(self.lock_cooldown_ms))
+    }
+}
+
 /// Apply one change to pg_dist_node.
 pub async fn apply_node_change(
     c: &Client,
     change: &NodeChange,
+    options: UpdateOptions,
     timeout: Duration,
 ) -> Result<(), SqlError> {
     match change {
@@ -84,7 +103,7 @@ pub async fn apply_node_change(
         }
         NodeChange::AddPrimary { group, host, port } => {
             let g = *group as i32;
-            bounded(
+            let added = bounded(
                 "citus_add_node",
                 timeout,
                 c.execute(
@@ -92,7 +111,11 @@ pub async fn apply_node_change(
                     &[host, &i32::from(*port), &g],
                 ),
             )
-            .await?;
+            .await;
+            if added.is_err() {
+                give_back_node_ids(c, timeout).await;
+            }
+            added?;
         }
         NodeChange::AddSecondary {
             host,
@@ -101,7 +124,7 @@ pub async fn apply_node_change(
             primary_port,
             ..
         } => {
-            bounded(
+            let added = bounded(
                 "citus_add_secondary_node",
                 timeout,
                 c.execute(
@@ -114,20 +137,48 @@ pub async fn apply_node_change(
                     ],
                 ),
             )
-            .await?;
+            .await;
+            if added.is_err() {
+                give_back_node_ids(c, timeout).await;
+            }
+            added?;
         }
-        NodeChange::Move {
-            nodeid, host, port, ..
-        } => {
-            bounded(
-                "citus_update_node",
-                timeout,
-                c.execute(
-                    "SELECT citus_update_node($1, $2, $3)",
-                    &[nodeid, host, &i32::from(*port)],
-                ),
-            )
-            .await?;
+        NodeChange::Update { rows, .. } => {
+            // Several rows (a swap through a parked name) change in one transaction, so no
+            // session ever sees the group without its primary row.
+            let t = options.timeout(timeout);
+            bounded("begin", timeout, c.batch_execute("BEGIN")).await?;
+            let mut result = Ok(());
+            for u in rows {
+                result = bounded(
+                    "citus_update_node",
+                    t,
+                    c.execute(
+                        "SELECT citus_update_node($1, $2, $3, $4, $5)",
+                        &[
+                            &u.nodeid,
+                            &u.host,
+                            &i32::from(u.port),
+                            &options.force,
+                            &(options.lock_cooldown_ms.min(i32::MAX as u32) as i32),
+                        ],
+                    ),
+                )
+                .await
+                .map(|_| ());
+                if result.is_err() {
+                    break;
+                }
+            }
+            match result {
+                Ok(()) => {
+                    bounded("commit", timeout, c.batch_execute("COMMIT")).await?;
+                }
+                Err(e) => {
+                    let _ = bounded("rollback", timeout, c.batch_execute("ROLLBACK")).await;
+                    return Err(e);
+                }
+            }
         }
         NodeChange::Remove { host, port, .. } => {
             bounded(
@@ -139,6 +190,22 @@ pub async fn apply_node_change(
         }
     }
     Ok(())
+}
+
+/// `nextval` is not transactional: every failed `citus_add_node` would use up a node id for
+/// good, and an agent retrying every few seconds would leave rows numbered in the hundreds.
+/// Put the sequence back to the highest id in use. Only the coordinator primary's agent adds
+/// nodes, so no concurrent add is racing this.
+async fn give_back_node_ids(c: &Client, timeout: Duration) {
+    let _ = bounded(
+        "reset pg_dist_node_nodeid_seq",
+        timeout,
+        c.execute(
+            "SELECT setval('pg_catalog.pg_dist_node_nodeid_seq', m) FROM (SELECT max(nodeid) AS m FROM pg_catalog.pg_dist_node) s WHERE m IS NOT NULL",
+            &[],
+        ),
+    )
+    .await;
 }
 
 /// Apply authinfo changes (the statements carry secrets only as bound parameters).
@@ -184,4 +251,189 @@ pub async fn drain(c: &Client, host: &str, port: i32, timeout: Duration) -> Resu
     )
     .await
     .map(|_| ())
+}
+
+/// A write pause on the coordinator: an open transaction holding, in exclusive mode, the shard
+/// metadata locks of the shards that live on one group alone. Distributed writes to those
+/// shards wait for the locks and read the group's row again once they get them; reads and
+/// writes elsewhere (reference tables included) go on. Dropping it rolls back.
+pub struct PauseSession {
+    client: Client,
+    /// Shards held (for the log).
+    pub shards: usize,
+}
+
+/// What to do with sessions whose writes to the group are in flight and hold the pause up.
+pub enum Blockers<'a> {
+    /// Terminate those still there after the cooldown (Citus's own
+    /// `citus_update_node(…, force => true, lock_cooldown)` does the same): a switchover.
+    TerminateAfter(Duration),
+    /// Cancel their statements, but only while `still_lost()` says the group's primary is
+    /// unreachable: they wait on a server that went silent and are failing anyway. A false
+    /// alarm cancels nothing.
+    CancelWhile(&'a (dyn Fn() -> bool + Sync)),
+}
+
+/// How a pause takes hold.
+pub struct PauseOptions<'a> {
+    pub blockers: Blockers<'a>,
+    /// The server ends the session (and the pause) itself after this long idle in the
+    /// transaction: a frozen or cut-off agent cannot hold a group forever.
+    pub server_deadline: Duration,
+}
+
+/// Open a pause on `group` over `client` (a fresh connection to the Citus database, used for
+/// nothing else). `control` is another connection, used to terminate blockers.
+pub async fn open_pause(
+    client: Client,
+    control: &Client,
+    group: u32,
+    options: PauseOptions<'_>,
+    timeout: Duration,
+) -> Result<PauseSession, SqlError> {
+    let pid: i32 = bounded(
+        "backend pid",
+        timeout,
+        client.query_one("SELECT pg_backend_pid()", &[]),
+    )
+    .await?
+    .get(0);
+    let idle_ms = options.server_deadline.as_millis().min(i32::MAX as u128);
+    bounded(
+        "begin the pause",
+        timeout,
+        client.batch_execute(&format!(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+        )),
+    )
+    .await?;
+    let g = group as i32;
+    let shards: Vec<i64> = bounded(
+        "shards of the group",
+        timeout,
+        client.query_one(
+            "SELECT COALESCE(array_agg(shardid ORDER BY shardid), '{}') FROM (
+               SELECT shardid FROM pg_catalog.pg_dist_placement
+               GROUP BY shardid HAVING bool_and(groupid = $1)) s",
+            &[&g],
+        ),
+    )
+    .await?
+    .get(0);
+    if !shards.is_empty() {
+        // 7 = ExclusiveLock: conflicts with the ShareLock every distributed write takes on
+        // its shard's metadata, not with readers. Shard ids sorted, as Citus requires.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&shards];
+        let lock = client.execute("SELECT lock_shard_metadata(7, $1)", &params);
+        let rounds = (timeout.as_millis() / 50).max(1);
+        let force = async {
+            let (delay, verb) = match &options.blockers {
+                Blockers::TerminateAfter(d) => (*d, "pg_terminate_backend"),
+                Blockers::CancelWhile(_) => (Duration::from_millis(50), "pg_cancel_backend"),
+            };
+            tokio::time::sleep(delay).await;
+            let statement = format!("SELECT {verb}(b) FROM unnest(pg_blocking_pids($1)) b");
+            for _ in 0..rounds {
+                let go = match &options.blockers {
+                    Blockers::TerminateAfter(_) => true,
+                    Blockers::CancelWhile(still_lost) => still_lost(),
+                };
+                if go {
+                    let _ = control.execute(&statement, &[&pid]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let what = "lock the group's shards";
+        tokio::select! {
+            r = lock => {
+                r.map_err(|e| SqlError::Failed {
+                    what: what.into(),
+                    detail: crate::postgres::sql::db_message(&e),
+                })?;
+            }
+            _ = force => {
+                return Err(SqlError::Timeout {
+                    what: what.into(),
+                    ms: timeout.as_millis(),
+                });
+            }
+        }
+    }
+    Ok(PauseSession {
+        client,
+        shards: shards.len(),
+    })
+}
+
+impl PauseSession {
+    /// Apply `rows` (the group's row moving to its new primary, and any row that makes way for
+    /// it) and commit: the waiting writes go on, to the new address.
+    pub async fn release(
+        self,
+        rows: &[RowUpdate],
+        options: UpdateOptions,
+        timeout: Duration,
+    ) -> Result<(), SqlError> {
+        if !rows.is_empty() && !options.force {
+            let ms = options.lock_cooldown_ms.min(i32::MAX as u32);
+            bounded(
+                "lock timeout",
+                timeout,
+                self.client
+                    .batch_execute(&format!("SET LOCAL lock_timeout = {ms}")),
+            )
+            .await?;
+        }
+        for u in rows {
+            bounded(
+                "citus_update_node",
+                options.timeout(timeout),
+                self.client.execute(
+                    "SELECT citus_update_node($1, $2, $3, $4, $5)",
+                    &[
+                        &u.nodeid,
+                        &u.host,
+                        &i32::from(u.port),
+                        &options.force,
+                        &(options.lock_cooldown_ms.min(i32::MAX as u32) as i32),
+                    ],
+                ),
+            )
+            .await?;
+        }
+        bounded(
+            "commit the pause",
+            timeout,
+            self.client.batch_execute("COMMIT"),
+        )
+        .await
+    }
+
+    /// Roll back: the writes go on to the row as it was.
+    pub async fn abandon(self, timeout: Duration) {
+        let _ = bounded(
+            "roll back the pause",
+            timeout,
+            self.client.batch_execute("ROLLBACK"),
+        )
+        .await;
+    }
+
+    /// The session died (the server ended it, or the connection broke): the pause is gone.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// Resolve two-phase transactions left prepared on workers (Citus's own recovery runs only
+/// every `citus.recover_2pc_interval`). Rows they lock stay locked until then.
+pub async fn recover_prepared_transactions(c: &Client, timeout: Duration) -> Result<i32, SqlError> {
+    Ok(bounded(
+        "recover_prepared_transactions",
+        timeout,
+        c.query_one("SELECT recover_prepared_transactions()", &[]),
+    )
+    .await?
+    .get(0))
 }

@@ -3,7 +3,8 @@
 //!
 //! `{namespace}/{cluster}/{group}/` holds `leader` (member name, on the leader's lease),
 //! `members/{name}` (JSON, on the member's lease), `initialize` (system identifier),
-//! `config`, `sync`, `failover`, `status` and `history`.
+//! `config`, `sync`, `failover`, `status` and `history` — and one key of ours, `citus_pause`
+//! (the handshake between a worker group's leader and the coordinator around a switchover).
 
 use std::collections::BTreeMap;
 
@@ -53,6 +54,9 @@ impl ClusterKeys {
     }
     pub fn status(&self, group: u32) -> String {
         format!("{}status", self.group(group))
+    }
+    pub fn citus_pause(&self, group: u32) -> String {
+        format!("{}citus_pause", self.group(group))
     }
     /// Outside the cluster's own tree, so Patroni tools that list groups never see it.
     pub fn apply_lock(&self) -> String {
@@ -138,6 +142,35 @@ impl FailoverRequest {
     }
 }
 
+/// The `citus_pause` key: a worker group's leader asks the coordinator to hold the group's
+/// writes before it stops for a switchover; the coordinator answers in the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CitusPause {
+    /// The leader that is about to stop.
+    pub leader: String,
+    /// The member expected to take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    pub state: PauseState,
+    /// The coordinator member that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Why a pause was refused, for the leader's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseState {
+    /// Written by the leader.
+    Requested,
+    /// Written by the coordinator once the group's writes wait.
+    Paused,
+    /// Written by the coordinator when it cannot pause (the leader goes ahead without).
+    Refused,
+}
+
 /// Parse an RFC 3339 timestamp (`2026-11-25T20:00:00Z`, `…+02:00`, fractions ignored) into
 /// seconds since the Unix epoch.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
@@ -203,6 +236,7 @@ pub struct GroupState {
     pub config: Option<serde_json::Value>,
     /// The last WAL position the leader published (`status` key); it outlives the leader.
     pub optime: Option<u64>,
+    pub citus_pause: Option<CitusPause>,
 }
 
 /// The `status` key.
@@ -249,6 +283,7 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
             "failover" => g.failover = serde_json::from_str(&text).ok(),
             "config" => g.config = serde_json::from_str(&text).ok(),
             "status" => g.optime = serde_json::from_str::<Status>(&text).ok().map(|s| s.optime),
+            "citus_pause" => g.citus_pause = serde_json::from_str(&text).ok(),
             other => {
                 if let Some(member) = other.strip_prefix("members/") {
                     if let Ok(info) = serde_json::from_str::<MemberInfo>(&text) {

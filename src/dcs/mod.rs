@@ -394,6 +394,53 @@ impl Dcs {
         .map(|_| ())
     }
 
+    /// Wait until `accept` returns Some for the value of `key` (None when the key is absent):
+    /// one read, then a watch from just after it. Ok(None) when `timeout` passes first.
+    pub async fn wait_for<T>(
+        &self,
+        key: &str,
+        timeout: Duration,
+        mut accept: impl FnMut(Option<&[u8]>) -> Option<T>,
+    ) -> Result<Option<T>, DcsError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let resp = retried("get", self.timeout, self, |mut c| {
+            let k = key.to_string();
+            async move { c.get(k, None).await }
+        })
+        .await?;
+        if let Some(v) = accept(resp.kvs().first().map(|kv| kv.value())) {
+            return Ok(Some(v));
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let (_watcher, mut stream) = self.watch(key, revision + 1).await?;
+        loop {
+            let message = tokio::time::timeout_at(deadline, stream.message()).await;
+            let resp = match message {
+                Err(_) => return Ok(None),
+                Ok(Err(e)) => {
+                    return Err(DcsError::Failed {
+                        op: "watch".into(),
+                        detail: e.to_string(),
+                    });
+                }
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Ok(Some(r))) => r,
+            };
+            for ev in resp.events() {
+                let Some(kv) = ev.kv().filter(|kv| kv.key() == key.as_bytes()) else {
+                    continue;
+                };
+                let value = match ev.event_type() {
+                    etcd_client::EventType::Put => Some(kv.value()),
+                    etcd_client::EventType::Delete => None,
+                };
+                if let Some(v) = accept(value) {
+                    return Ok(Some(v));
+                }
+            }
+        }
+    }
+
     /// Watch every key under `prefix` from `revision` on.
     pub async fn watch(
         &self,

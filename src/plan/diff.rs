@@ -356,17 +356,17 @@ fn node_summary(c: &NodeChange) -> (Change, String) {
             Change::Add,
             format!("pg_dist_node: + group {group} secondary {host}:{port}"),
         ),
-        NodeChange::Move {
-            nodeid,
-            group,
-            from_host,
-            from_port,
-            host,
-            port,
-        } => (
+        NodeChange::Update { group, rows } => (
             Change::Change,
             format!(
-                "pg_dist_node: ~ node {nodeid} (group {group}) {from_host}:{from_port} → {host}:{port}"
+                "pg_dist_node: ~ {}",
+                rows.iter()
+                    .map(|u| format!(
+                        "node {} (group {group} {}) {}:{} → {}:{}",
+                        u.nodeid, u.role, u.from_host, u.from_port, u.host, u.port
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", then ")
             ),
         ),
         NodeChange::Remove {
@@ -402,13 +402,7 @@ fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
                 continue; // reported as RemoveGroup
             }
             let (kind_change, summary) = node_summary(&change);
-            let target = match &change {
-                NodeChange::SetCoordinator { .. } => Target::Group(0),
-                NodeChange::AddPrimary { group, .. }
-                | NodeChange::AddSecondary { group, .. }
-                | NodeChange::Move { group, .. } => Target::Group(*group),
-                NodeChange::Remove { group, .. } => Target::Group((*group).max(0) as u32),
-            };
+            let target = Target::Group(change.group());
             out.push(act(
                 Phase::Converge,
                 target,

@@ -114,8 +114,10 @@ impl OsUser {
         ]
     }
 
-    /// Run `cmd` as this user with [`service_env`](Self::service_env) only.
-    pub fn apply_to(&self, cmd: &mut Command) {
+    /// Run `cmd` as this user with [`service_env`](Self::service_env) only. (For a tokio
+    /// command, pass `as_std_mut()`.)
+    pub fn apply_to(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
         cmd.env_clear()
             .envs(self.service_env())
             .uid(self.uid)
@@ -151,7 +153,7 @@ impl Pg {
 
     fn command(&self, tool: &str) -> Command {
         let mut c = Command::new(self.bin(tool));
-        self.user.apply_to(&mut c);
+        self.user.apply_to(c.as_std_mut());
         c.env("PGPASSFILE", self.paths.pgpass())
             .env("PGCONNECT_TIMEOUT", "5")
             .env("LC_ALL", "C.UTF-8")
@@ -402,7 +404,7 @@ impl Pg {
             .try_clone()
             .map_err(|e| failed("open the PostgreSQL log", e))?;
         let mut cmd = Command::new(self.bin("postgres"));
-        self.user.apply_to(&mut cmd);
+        self.user.apply_to(cmd.as_std_mut());
         cmd.arg("-D").arg(self.data_dir());
         cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
         // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
@@ -553,10 +555,9 @@ mod tests {
         assert_eq!(env["PATH"], SERVICE_PATH);
         assert_eq!(env.len(), 5, "{env:?}");
         // And the command starts from an empty environment.
-        let mut cmd = Command::new("/bin/true");
+        let mut cmd = std::process::Command::new("/bin/true");
         u.apply_to(&mut cmd);
-        let std_cmd = cmd.as_std();
-        let vars: Vec<_> = std_cmd.get_envs().collect();
+        let vars: Vec<_> = cmd.get_envs().collect();
         assert_eq!(vars.len(), 5, "{vars:?}");
     }
 }

@@ -197,22 +197,42 @@ pub async fn ensure_roles_and_database(
     Ok(())
 }
 
+/// Promote and wait (bounded) until the server accepts writes. `pg_promote(wait => true)`
+/// looks only every 100 ms; during a switchover every one of those counts, so this asks
+/// without waiting and then looks every 5 ms.
 pub async fn promote(client: &Client, timeout: Duration) -> Result<(), SqlError> {
-    let secs = timeout.as_secs().max(1) as i32;
-    let ok: bool = bounded(
+    let deadline = tokio::time::Instant::now() + timeout;
+    let signalled: bool = bounded(
         "promote",
-        timeout + Duration::from_secs(1),
-        client.query_one("SELECT pg_promote(true, $1)", &[&secs]),
+        timeout,
+        client.query_one("SELECT pg_promote(false)", &[]),
     )
     .await?
     .get(0);
-    if ok {
-        Ok(())
-    } else {
-        Err(SqlError::Failed {
+    if !signalled {
+        return Err(SqlError::Failed {
             what: "promote".into(),
             detail: "pg_promote returned false".into(),
-        })
+        });
+    }
+    loop {
+        let in_recovery: bool = bounded(
+            "promote",
+            timeout,
+            client.query_one("SELECT pg_is_in_recovery()", &[]),
+        )
+        .await?
+        .get(0);
+        if !in_recovery {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SqlError::Timeout {
+                what: "promote".into(),
+                ms: timeout.as_millis(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -410,7 +410,11 @@ async fn remove_group_from_citus(
             port: r.nodeport,
             role: r.noderole.clone(),
         };
-        crate::citus::sql::apply_node_change(&client, &change, SQL_TIMEOUT)
+        let options = crate::citus::sql::UpdateOptions {
+            force: false,
+            lock_cooldown_ms: 0,
+        };
+        crate::citus::sql::apply_node_change(&client, &change, options, SQL_TIMEOUT)
             .await
             .map_err(fail)?;
     }

@@ -63,6 +63,9 @@ pub struct CitusSpec {
     pub authinfo: AuthInfoSpec,
     pub secondaries: bool,
     pub package: Option<String>,
+    pub pause_timeout: u32,
+    pub lock_cooldown_ms: u32,
+    pub pause_on_loss: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -356,6 +359,9 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             },
             secondaries: raw.citus.secondaries,
             package: raw.citus.package.clone(),
+            pause_timeout: raw.citus.pause_timeout,
+            lock_cooldown_ms: raw.citus.lock_cooldown_ms,
+            pause_on_loss: raw.citus.pause_on_loss,
         },
         ha: crate::spec::model::HaSpec {
             ttl: raw.ha.ttl,

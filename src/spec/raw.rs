@@ -230,6 +230,20 @@ pub struct RawCitus {
     /// when `postgres.install` is `apt`. When absent, the extension must already be present.
     #[serde(default)]
     pub package: Option<String>,
+    /// Seconds a worker group's writes may be held (paused) on the coordinator while its
+    /// leadership changes hands; the pause is rolled back after that, whatever happened.
+    #[serde(default = "default_pause_timeout")]
+    pub pause_timeout: u32,
+    /// Milliseconds to wait for transactions in flight on a group before the coordinator
+    /// terminates those still holding it up when it pauses or moves the group
+    /// (`citus_update_node`'s `lock_cooldown`).
+    #[serde(default = "default_lock_cooldown_ms")]
+    pub lock_cooldown_ms: u32,
+    /// Also pause a worker group's writes when its primary is lost unexpectedly (the
+    /// coordinator's probe fails or its leader key goes), until a new primary runs or
+    /// `pause_timeout` passes: writes wait instead of failing for the whole failover.
+    #[serde(default)]
+    pub pause_on_loss: bool,
 }
 
 impl Default for RawCitus {
@@ -239,8 +253,19 @@ impl Default for RawCitus {
             authinfo: RawAuthInfo::default(),
             secondaries: false,
             package: None,
+            pause_timeout: default_pause_timeout(),
+            lock_cooldown_ms: default_lock_cooldown_ms(),
+            pause_on_loss: false,
         }
     }
+}
+
+fn default_pause_timeout() -> u32 {
+    30
+}
+
+fn default_lock_cooldown_ms() -> u32 {
+    10_000
 }
 
 fn default_database() -> String {

@@ -273,6 +273,26 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
             }
         }
     }
+    if spec.citus.pause_timeout < 1 {
+        out.push(
+            Diagnostic::error(
+                path("citus.pause_timeout"),
+                "pause_timeout 0: a worker group's writes could never wait for a handover",
+            )
+            .with_hint("use at least 1 second; the default, 30, covers any handover"),
+        );
+    } else if u64::from(spec.citus.lock_cooldown_ms) >= u64::from(spec.citus.pause_timeout) * 1000 {
+        out.push(
+            Diagnostic::error(
+                path("citus.lock_cooldown_ms"),
+                format!(
+                    "lock_cooldown_ms {} is not shorter than pause_timeout ({} s): a pause could end before it takes hold",
+                    spec.citus.lock_cooldown_ms, spec.citus.pause_timeout
+                ),
+            )
+            .with_hint("lower lock_cooldown_ms or raise pause_timeout"),
+        );
+    }
     if let Some(pkg) = &spec.citus.package {
         if pkg.is_empty()
             || !pkg

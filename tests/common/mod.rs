@@ -22,10 +22,16 @@
 //! | 138 | ha::paused… |
 //! | 139 | ha::agent_crash… |
 //! | 140 | ha::coordinator_failover… |
+//! | 141 | citus::distributed_sql… |
+//! | 142 | citus::metadata_follows… |
+//! | 143 | citus::worker_switchover… |
+//! | 144 | citus::a_pause_never… |
+//! | 145 | citus::pause_on_loss… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 #![allow(dead_code)]
 
+pub mod citus_client;
 pub mod pg;
 pub mod prober;
 

@@ -1,6 +1,5 @@
 //! Scratch PostgreSQL servers on loopback for tests that need SQL but no lab.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,9 +42,14 @@ impl ScratchPg {
             .tempdir_in("/var/tmp")
             .expect("temp dir");
         let (uid, gid) = postgres_ids();
+        // As the agent does: the server gets the postgres user's environment, not ours (libpq
+        // inside Citus reads client certificates under $HOME).
+        let user = citus_reconcile::postgres::process::OsUser::postgres().expect("postgres user");
         let dir = tmp.path().join("data");
         std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid)).expect("chown");
-        let status = Command::new(format!("{BIN}/initdb"))
+        let mut initdb = Command::new(format!("{BIN}/initdb"));
+        user.apply_to(&mut initdb);
+        let status = initdb
             .args([
                 "-D",
                 &dir.to_string_lossy(),
@@ -55,8 +59,6 @@ impl ScratchPg {
                 "postgres",
                 "--no-sync",
             ])
-            .uid(uid)
-            .gid(gid)
             .stdout(Stdio::null())
             .status()
             .expect("initdb runs");
@@ -79,10 +81,10 @@ impl ScratchPg {
             args.push((*e).to_string());
         }
         let log = std::fs::File::create(tmp.path().join("log")).expect("log file");
-        let child = Command::new(format!("{BIN}/postgres"))
+        let mut postgres = Command::new(format!("{BIN}/postgres"));
+        user.apply_to(&mut postgres);
+        let child = postgres
             .args(&args)
-            .uid(uid)
-            .gid(gid)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

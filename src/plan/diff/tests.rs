@@ -87,6 +87,8 @@ fn node(id: i32, g: i32, host: &str) -> NodeRow {
         noderole: "primary".into(),
         isactive: true,
         shouldhaveshards: g != 0,
+        hasmetadata: true,
+        metadatasynced: true,
     }
 }
 
@@ -344,7 +346,7 @@ fn failover_moves_the_worker_row_and_stopped_members_come_up() {
         &o,
         &[
             "~ c1 PostgreSQL: started by the agent",
-            "~ g0 pg_dist_node: ~ node 1 (group 0) 10.0.0.11:5432 → 10.0.0.12:5432",
+            "~ g0 pg_dist_node: ~ node 1 (group 0 primary) 10.0.0.11:5432 → 10.0.0.12:5432",
         ],
     );
 }
