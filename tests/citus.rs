@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::citus_client::{self, Sql, Writer};
 use common::{
-    TestLab, cli, cluster, lab_available, lab_spec, leader, members, output_text, status, wait_for,
+    TestLab, cli, cluster, etcd_get, lab_available, lab_spec, leader, members, output_text,
+    signal_agent, status, wait_for,
 };
 
 const FAST_HA: &str = "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2 }\n";
@@ -415,4 +416,285 @@ fn worker_switchover_holds_writes_through_the_coordinator_instead_of_failing() {
     assert_eq!(summary.failed, 0, "inserts failed: {summary}");
     let checked = citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
     assert!(checked > 100, "only {checked} inserts");
+}
+
+/// State of a group's pause request (`requested`, `paused`, `refused`), if any.
+fn pause_state(t: &TestLab, group: u32) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd_get(t, &format!("{group}/citus_pause"))?).ok()?;
+    v["state"].as_str().map(str::to_string)
+}
+
+/// A replica of `group` (not its leader).
+fn a_replica(t: &TestLab, group: u32) -> String {
+    let l = leader(t, u64::from(group)).expect("leader");
+    members(t, group)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .find(|m| *m != l)
+        .expect("a replica")
+}
+
+/// Freeze the candidate's agent and ask for a switchover to it: the leader gets the pause,
+/// stops and hands over, but nobody takes over. Returns once the coordinator holds the pause.
+fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
+    let candidate = a_replica(t, group);
+    signal_agent(t, &candidate, libc::SIGSTOP);
+    let (spec, g) = (t.spec_path.clone(), group.to_string());
+    let c2 = candidate.clone();
+    // The CLI waits for the candidate and gives up; the test does not wait for it.
+    std::thread::spawn(move || {
+        let _ = assert_cmd::Command::cargo_bin("citus-reconcile")
+            .expect("binary")
+            .args(["switchover", "--group", &g, "--candidate", &c2, "--force"])
+            .arg(spec)
+            .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
+            .env("CR_LAB_REPLICATION", "lab-replication-pw")
+            .timeout(Duration::from_secs(120))
+            .output();
+    });
+    wait_for(
+        "the coordinator to hold the group's writes",
+        Duration::from_secs(30),
+        || (pause_state(t, group).as_deref() == Some("paused")).then_some(()),
+    );
+    candidate
+}
+
+/// The writer acknowledges inserts again: nothing holds it (inserts are sequential, so one
+/// stuck on a blocked group would stop them all).
+fn writes_resume(w: &Writer, what: &str) {
+    let from = w.t0.elapsed();
+    wait_for(what, Duration::from_secs(90), || {
+        w.snapshot()
+            .iter()
+            .filter(|i| i.ok && i.started > from)
+            .nth(20)
+            .map(|_| ())
+    });
+}
+
+#[test]
+fn a_write_pause_never_leaves_a_group_blocked() {
+    if !real_citus("pause failure paths") {
+        return;
+    }
+    let t = cluster(&lab_spec(
+        "citusblk",
+        144,
+        &[(0, 2), (1, 2), (2, 2)],
+        3,
+        &format!("citus: {{ pause_timeout: 8, lock_cooldown_ms: 1000 }}\n{FAST_HA}"),
+    ));
+    let mut c = coordinator(&t);
+    c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
+        .expect("table");
+    drop(c);
+    let coord = addresses(&t, 0);
+    let w = Writer::start(&coord, "w", Duration::from_millis(10));
+    writes_resume(&w, "the writer to start");
+
+    // 1. The candidate never takes over: the pause ends at its deadline (or when the old
+    //    leader leads again), never later. Meanwhile another group switches over: its own
+    //    pause and row move must not wait behind the held one.
+    let frozen = switchover_to_a_frozen_candidate(&t, 1);
+    let o = cli(&t, &["switchover", "--group", "2", "--force"]);
+    assert!(
+        o.status.success(),
+        "group 2 while group 1 is held: {}",
+        output_text(&o)
+    );
+    let g2 = leader(&t, 2).expect("group 2 leader");
+    let (g2_addr, g2_port) = address_of(&t, &g2);
+    wait_for("group 2's row to follow", Duration::from_secs(30), || {
+        let mut c = Sql::connect(&coord, "citus").ok()?;
+        let row = c.one("SELECT nodename || ':' || nodeport FROM pg_dist_node WHERE groupid = 2 AND noderole = 'primary'").ok()?;
+        (row == format!("{g2_addr}:{g2_port}")).then_some(())
+    });
+    assert_eq!(
+        pause_state(&t, 1).as_deref(),
+        Some("paused"),
+        "group 2's handover waited for group 1's pause to end"
+    );
+    writes_resume(&w, "writes after the candidate never came");
+    signal_agent(&t, &frozen, libc::SIGCONT);
+    wait_rows_follow_leaders(&t, &[0, 1, 2]);
+
+    // 2. The agent holding the pause crashes (PostgreSQL goes with it: parent-death signal).
+    let _frozen = switchover_to_a_frozen_candidate(&t, 1);
+    let coordinator_leader = leader(&t, 0).expect("coordinator leader");
+    signal_agent(&t, &coordinator_leader, libc::SIGKILL);
+    writes_resume(&w, "writes after the coordinator's agent crashed");
+    signal_agent(&t, &_frozen, libc::SIGCONT);
+    wait_rows_follow_leaders(&t, &[0, 1, 2]);
+
+    // 3. The coordinator primary loses etcd mid-pause: it is fenced; its pause ends with it.
+    let frozen = switchover_to_a_frozen_candidate(&t, 1);
+    let cut = leader(&t, 0).expect("coordinator leader");
+    t.lab
+        .partition(&cut, true)
+        .expect("cut the coordinator off etcd");
+    writes_resume(&w, "writes after the coordinator lost etcd");
+    t.lab.heal(&cut).expect("heal");
+    signal_agent(&t, &frozen, libc::SIGCONT);
+    wait_rows_follow_leaders(&t, &[0, 1, 2]);
+
+    // 4. The coordinator primary's host crashes mid-pause: the other coordinator takes over.
+    let frozen = switchover_to_a_frozen_candidate(&t, 1);
+    let crashed = leader(&t, 0).expect("coordinator leader");
+    t.lab
+        .crash(&crashed)
+        .expect("crash the coordinator primary's host");
+    writes_resume(&w, "writes after the coordinator primary crashed");
+    signal_agent(&t, &frozen, libc::SIGCONT);
+    wait_rows_follow_leaders(&t, &[0, 1, 2]);
+    t.lab.up().expect("reboot");
+
+    let log = w.stop();
+    eprintln!(
+        "writer across the failure paths: {}",
+        citus_client::summarize(&log)
+    );
+    citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
+}
+
+/// When a member's agent first logged a line containing every one of `needles` (its
+/// timestamp, to the microsecond).
+fn agent_logged(t: &TestLab, member: &str, needles: &[&str]) -> Option<std::time::SystemTime> {
+    let dir = t.spec.host(member)?.install_dir.clone();
+    let text = std::fs::read_to_string(format!("{dir}/agent.log")).ok()?;
+    let plain = strip_ansi(&text);
+    let line = plain
+        .lines()
+        .find(|l| needles.iter().all(|n| l.contains(n)))?;
+    let stamp = line.split_whitespace().next()?;
+    let secs = citus_reconcile::dcs::keys::parse_rfc3339(stamp)?;
+    let micros: u64 = stamp
+        .split_once('.')
+        .map(|(_, f)| f.trim_end_matches('Z'))
+        .map(|f| format!("{f:0<6}")[..6].parse().unwrap_or(0))
+        .unwrap_or(0);
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_micros(micros))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
+    if !real_citus("pause on loss") {
+        return;
+    }
+    let t = cluster(&lab_spec(
+        "citusloss",
+        145,
+        &[(0, 1), (1, 2), (2, 2)],
+        3,
+        &format!("citus: {{ pause_on_loss: true, pause_timeout: 20 }}\n{FAST_HA}"),
+    ));
+    let mut c = coordinator(&t);
+    c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
+        .expect("table");
+    drop(c);
+    let coord = addresses(&t, 0);
+    let coordinator_member = leader(&t, 0).expect("coordinator");
+    let w = Writer::start(&coord, "w", Duration::from_millis(10));
+    writes_resume(&w, "the writer to start");
+
+    // The worker primary's host goes silent: cut off first (no reset reaches anyone), then
+    // everything on it dies.
+    let lost = leader(&t, 1).expect("group 1 leader");
+    let lost_at = w.t0.elapsed();
+    t.lab.partition(&lost, false).expect("cut the host off");
+    t.lab.crash(&lost).expect("crash it");
+    let new = wait_for("a new leader in group 1", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|n| *n != lost)
+    });
+    wait_rows_follow_leaders(&t, &[0, 1, 2]);
+    writes_resume(&w, "writes on the new primary");
+    let wall0 = w.wall0;
+    let log = w.stop();
+
+    let pausing_at = agent_logged(
+        &t,
+        &coordinator_member,
+        &["pausing the group's writes", "group=1", "Loss"],
+    )
+    .expect("the coordinator asked to pause group 1 for the loss");
+    let paused_at = agent_logged(
+        &t,
+        &coordinator_member,
+        &["paused the group's writes", "group=1", "Loss"],
+    )
+    .expect("the coordinator paused group 1 for the loss");
+    let released_at = agent_logged(
+        &t,
+        &coordinator_member,
+        &["released the group's writes", "group=1"],
+    );
+    let summary = citus_client::summarize(&log);
+    let to_wall = |d: Duration| wall0 + d;
+    let failed_after_pause: Vec<&citus_client::Insert> = log
+        .iter()
+        .filter(|i| !i.ok && to_wall(i.started) >= pausing_at)
+        .collect();
+    let since = |at: std::time::SystemTime| {
+        at.duration_since(to_wall(lost_at))
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(-1)
+    };
+    let last_failure = log.iter().filter(|i| !i.ok).map(|i| i.started).max();
+    // Writes are back once an insert that started after the last failure (or after the loss)
+    // and went to the lost group succeeded: the first acknowledged insert that waited on the
+    // pause (inserts to the other group do not wait) marks it; lacking that, the first one
+    // after the last failure.
+    let last_failure_end = log
+        .iter()
+        .filter(|i| !i.ok)
+        .map(|i| i.ended)
+        .max()
+        .unwrap_or(lost_at);
+    let back = log
+        .iter()
+        .filter(|i| i.ok && i.started >= last_failure_end)
+        .max_by_key(|i| i.ended - i.started)
+        .filter(|i| i.ended - i.started > Duration::from_millis(500))
+        .or_else(|| log.iter().find(|i| i.ok && i.started >= last_failure_end))
+        .map(|i| i.ended);
+    eprintln!(
+        "silent loss of {lost} (new leader {new}): {summary}\n  pause requested at +{} ms, held at +{} ms, released at +{} ms, last failed insert started at +{} ms, writes back at +{} ms",
+        since(pausing_at),
+        since(paused_at),
+        released_at.map(since).unwrap_or(-1),
+        last_failure
+            .map(|d| d.as_millis() as i64 - lost_at.as_millis() as i64)
+            .unwrap_or(-1),
+        back.map(|d| d.as_millis() as i64 - lost_at.as_millis() as i64)
+            .unwrap_or(-1),
+    );
+    // Once the pause is requested, writes wait for the new primary instead of failing (they
+    // queue behind the pause's lock request even before it is granted).
+    assert!(
+        failed_after_pause.is_empty(),
+        "{} inserts started after the pause took hold and failed: {:?}",
+        failed_after_pause.len(),
+        failed_after_pause.iter().take(3).collect::<Vec<_>>()
+    );
+    citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
+    t.lab.heal(&lost).expect("heal");
+    t.lab.up().expect("reboot");
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::prober::{self, Prober};
 use common::{
-    TestLab, cli, cluster, lab_available, lab_spec, leader, members, output_text, status, wait_for,
+    TestLab, agent_pid, cli, cluster, lab_available, lab_spec, leader, members, output_text,
+    status, wait_for,
 };
 
 /// Short leases keep the tests quick: ttl 5 s ≥ loop_wait 1 + 2 × retry_timeout 2.
@@ -703,22 +704,6 @@ fn paused_cluster_does_not_fail_over_until_resumed() {
         leader(&t, 1)
     });
     assert_ne!(new, old);
-}
-
-/// Pid of a member's agent (the supervised child, not the supervisor).
-fn agent_pid(t: &TestLab, member: &str) -> Option<i32> {
-    let config = format!("{}/agent.yaml", t.spec.host(member)?.install_dir);
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains(&format!("agent --config {config}")) && !c.contains("--supervise")
-                })
-                .unwrap_or(false)
-        })
 }
 
 #[test]

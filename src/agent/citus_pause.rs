@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use super::config::AgentConfig;
 use crate::citus::metadata::{self, NodeChange, NodeRow};
 use crate::citus::pause::{self, Facts, Leader, OpenPause, Row, Settings, Step, Trigger};
-use crate::citus::sql::{Blockers, PauseOptions, PauseSession, UpdateOptions};
+use crate::citus::sql::{PauseOptions, PauseSession, UpdateOptions};
 use crate::dcs::Dcs;
 use crate::dcs::keys::{CitusPause, GroupState, PauseState};
 use crate::postgres::sql;
@@ -123,9 +123,18 @@ async fn probe(
     }
 }
 
-struct Held {
+/// One group's pause: its lock request still waiting, or held.
+struct Slot {
     pause: OpenPause,
-    session: PauseSession,
+    session: Session,
+    /// The leader asked for this pause: tell it once the lock is held (or refused).
+    acknowledge: bool,
+}
+
+enum Session {
+    /// Waiting for the group's locks (writes arriving now queue behind the request).
+    Opening(tokio::task::JoinHandle<Result<PauseSession, String>>),
+    Held(PauseSession),
 }
 
 /// Milliseconds since the pauser started: the pure rules compare deadlines in these.
@@ -141,20 +150,25 @@ pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
         pause_on_loss: cfg.citus.pause_on_loss,
         loss_after: LOSS_AFTER,
     };
-    let results: ProbeResults = Arc::default();
-    let mut probes: BTreeMap<(String, u16), tokio::task::JoinHandle<()>> = BTreeMap::new();
     let idle = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
-    let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    let mut slots: BTreeMap<u32, Slot> = BTreeMap::new();
     let mut control: Option<Client> = None;
     let mut cluster: BTreeMap<u32, GroupState> = BTreeMap::new();
+    let results: ProbeResults = Arc::default();
+    let mut probes: BTreeMap<(String, u16), tokio::task::JoinHandle<()>> = BTreeMap::new();
     loop {
-        let pause = if held.is_empty() { idle } else { OPEN_TICK };
+        let pause = if slots.is_empty() { idle } else { OPEN_TICK };
         let _ = tokio::time::timeout(pause, shared.wake.notified()).await;
 
         if !shared.active.load(Ordering::SeqCst) {
-            if !held.is_empty() {
-                tracing::warn!(groups = ?held.keys().collect::<Vec<_>>(), "no longer the coordinator primary: write pauses dropped");
-                held.clear(); // dropping the sessions ends their transactions
+            if !slots.is_empty() {
+                tracing::warn!(groups = ?slots.keys().collect::<Vec<_>>(), "no longer the coordinator primary: write pauses dropped");
+                // Dropping the sessions ends their transactions (and lock requests).
+                for (_, slot) in std::mem::take(&mut slots) {
+                    if let Session::Opening(task) = slot.session {
+                        task.abort();
+                    }
+                }
                 shared.set_held(BTreeSet::new());
             }
             control = None;
@@ -163,69 +177,36 @@ pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
             }
             continue;
         }
-        // Pauses whose session died (the server ended it, the connection broke) are gone.
-        held.retain(|g, h| {
-            let alive = !h.session.is_closed();
-            if !alive {
-                tracing::warn!(
-                    group = g,
-                    "the write pause's session ended; the group's writes go on"
-                );
-            }
-            alive
-        });
+        collect_opened(&mut slots, &dcs, &cluster, &cfg).await;
         if control.as_ref().is_none_or(|c| c.is_closed()) {
             control = sql::connect_local(&cfg, &cfg.citus.database, t).await.ok();
         }
-        let Some(c) = control.as_ref() else {
-            expire_due(&mut held, epoch, t).await;
-            shared.set_held(held.keys().copied().collect());
-            continue;
-        };
         // etcd unreachable: keep what is held on the last view; deadlines still apply.
         if let Ok((kvs, _)) = dcs.read_cluster().await {
             cluster = crate::dcs::keys::parse_cluster(&dcs.keys, &kvs);
         }
-        let rows = match crate::citus::sql::nodes(c, t).await {
+        let rows = match control.as_ref() {
+            Some(c) => crate::citus::sql::nodes(c, t)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no connection".into()),
+        };
+        let rows = match rows {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read pg_dist_node");
-                expire_due(&mut held, epoch, t).await;
-                shared.set_held(held.keys().copied().collect());
+                expire_due(&mut slots, epoch, t).await;
+                shared.set_held(slots.keys().copied().collect());
                 continue;
             }
         };
         if settings.pause_on_loss {
-            let targets: BTreeSet<(String, u16)> = rows
-                .iter()
-                .filter(|r| r.groupid > 0 && r.noderole == "primary")
-                .map(|r| {
-                    (
-                        r.nodename.clone(),
-                        r.nodeport.clamp(0, i32::from(u16::MAX)) as u16,
-                    )
-                })
-                .collect();
-            probes.retain(|t, task| {
-                let keep = targets.contains(t);
-                if !keep {
-                    task.abort();
-                }
-                keep
-            });
-            if let Ok(mut r) = results.lock() {
-                r.retain(|t, _| targets.contains(t));
-            }
-            for target in targets {
-                probes.entry(target.clone()).or_insert_with(|| {
-                    tokio::spawn(probe(cfg.clone(), target, results.clone(), shared.clone()))
-                });
-            }
+            keep_probes(&cfg, &rows, &mut probes, &results, &shared);
         }
         let groups: BTreeSet<u32> = cluster
             .keys()
             .copied()
-            .chain(held.keys().copied())
+            .chain(slots.keys().copied())
             .filter(|g| *g != 0)
             .collect();
         for g in groups {
@@ -241,31 +222,134 @@ pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
                     facts.probe_primary = found.primary;
                 }
             }
-            let steps = pause::next(held.get_mut(&g).map(|h| &mut h.pause), &facts, &settings);
+            let steps = pause::next(slots.get_mut(&g).map(|s| &mut s.pause), &facts, &settings);
             for step in steps {
                 execute(
-                    step, g, &facts, &state, &rows, &cfg, &dcs, c, &mut held, &settings, &results,
+                    step, g, &facts, &state, &rows, &cfg, &dcs, &mut slots, &settings, &shared,
                     epoch, t,
                 )
                 .await;
             }
         }
-        shared.set_held(held.keys().copied().collect());
+        shared.set_held(slots.keys().copied().collect());
     }
 }
 
-async fn expire_due(held: &mut BTreeMap<u32, Held>, epoch: Instant, t: Duration) {
-    let now = now_ms(epoch);
-    let due: Vec<u32> = held
+/// Pauses whose lock request finished: held now, or failed. The leader that asked is told.
+async fn collect_opened(
+    slots: &mut BTreeMap<u32, Slot>,
+    dcs: &Dcs,
+    cluster: &BTreeMap<u32, GroupState>,
+    cfg: &AgentConfig,
+) {
+    let done: Vec<u32> = slots
         .iter()
-        .filter(|(_, h)| now >= h.pause.deadline_ms)
+        .filter(|(_, s)| matches!(&s.session, Session::Opening(t) if t.is_finished()))
+        .map(|(g, _)| *g)
+        .collect();
+    for g in done {
+        let Some(slot) = slots.remove(&g) else {
+            continue;
+        };
+        let Session::Opening(task) = slot.session else {
+            continue;
+        };
+        let request = cluster.get(&g).and_then(|s| s.citus_pause.clone());
+        let key = dcs.keys.citus_pause(g);
+        match task.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(session) => {
+                tracing::info!(
+                    group = g,
+                    trigger = ?slot.pause.trigger,
+                    shards = session.shards,
+                    "paused the group's writes"
+                );
+                if slot.acknowledge {
+                    answer(dcs, &key, request.as_ref(), PauseState::Paused, None, cfg).await;
+                }
+                slots.insert(
+                    g,
+                    Slot {
+                        session: Session::Held(session),
+                        acknowledge: false,
+                        ..slot
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(group = g, error = %e, "cannot pause the group's writes");
+                if slot.acknowledge {
+                    answer(
+                        dcs,
+                        &key,
+                        request.as_ref(),
+                        PauseState::Refused,
+                        Some(e),
+                        cfg,
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+/// One probe task per worker primary named in pg_dist_node (`pause_on_loss`).
+fn keep_probes(
+    cfg: &AgentConfig,
+    rows: &[NodeRow],
+    probes: &mut BTreeMap<(String, u16), tokio::task::JoinHandle<()>>,
+    results: &ProbeResults,
+    shared: &Arc<PauseShared>,
+) {
+    let targets: BTreeSet<(String, u16)> = rows
+        .iter()
+        .filter(|r| r.groupid > 0 && r.noderole == "primary")
+        .map(|r| {
+            (
+                r.nodename.clone(),
+                r.nodeport.clamp(0, i32::from(u16::MAX)) as u16,
+            )
+        })
+        .collect();
+    probes.retain(|t, task| {
+        let keep = targets.contains(t);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    if let Ok(mut r) = results.lock() {
+        r.retain(|t, _| targets.contains(t));
+    }
+    for target in targets {
+        probes.entry(target.clone()).or_insert_with(|| {
+            tokio::spawn(probe(cfg.clone(), target, results.clone(), shared.clone()))
+        });
+    }
+}
+
+async fn expire_due(slots: &mut BTreeMap<u32, Slot>, epoch: Instant, t: Duration) {
+    let now = now_ms(epoch);
+    let due: Vec<u32> = slots
+        .iter()
+        .filter(|(_, s)| now >= s.pause.deadline_ms)
         .map(|(g, _)| *g)
         .collect();
     for g in due {
-        if let Some(h) = held.remove(&g) {
+        if let Some(slot) = slots.remove(&g) {
             tracing::warn!(group = g, "write pause expired; rolled back");
-            h.session.abandon(t).await;
+            end(slot, t).await;
         }
+    }
+}
+
+/// Roll a pause back: a held one explicitly, a waiting request by dropping its connection (the
+/// server's lock_timeout bounds it in any case).
+async fn end(slot: Slot, t: Duration) {
+    match slot.session {
+        Session::Held(s) => s.abandon(t).await,
+        Session::Opening(task) => task.abort(),
     }
 }
 
@@ -307,15 +391,13 @@ async fn execute(
     rows: &[NodeRow],
     cfg: &AgentConfig,
     dcs: &Dcs,
-    control: &Client,
-    held: &mut BTreeMap<u32, Held>,
+    slots: &mut BTreeMap<u32, Slot>,
     settings: &Settings,
-    results: &ProbeResults,
+    shared: &Arc<PauseShared>,
     epoch: Instant,
     t: Duration,
 ) {
     let key = dcs.keys.citus_pause(g);
-    let cooldown = Duration::from_millis(u64::from(cfg.citus.lock_cooldown_ms));
     match step {
         Step::Open {
             trigger,
@@ -323,108 +405,126 @@ async fn execute(
             from,
             leader_at_open,
         } => {
-            let opened = Instant::now();
-            let result = async {
-                let session_client = sql::connect_local(cfg, &cfg.citus.database, t)
+            let now = now_ms(epoch);
+            let pause = OpenPause {
+                trigger,
+                nodeid,
+                from,
+                opened_ms: now,
+                deadline_ms: now + settings.pause_timeout_ms,
+                leader_at_open,
+                handover_seen: trigger == Trigger::Loss,
+            };
+            let deadline = Duration::from_millis(settings.pause_timeout_ms);
+            let options = PauseOptions {
+                terminate_after: match trigger {
+                    Trigger::Switchover => {
+                        Some(Duration::from_millis(u64::from(cfg.citus.lock_cooldown_ms)))
+                    }
+                    Trigger::Loss => None,
+                },
+                lock_wait: match trigger {
+                    // The leader waits for the answer about as long.
+                    Trigger::Switchover => {
+                        Duration::from_millis(u64::from(cfg.citus.lock_cooldown_ms)) + t
+                    }
+                    Trigger::Loss => deadline,
+                },
+                // The server's own deadline, a little after ours: it only acts when this
+                // agent cannot (frozen, cut off).
+                server_deadline: deadline + Duration::from_secs(2),
+            };
+            let cfg = cfg.clone();
+            let task = tokio::spawn(async move {
+                let session = sql::connect_local(&cfg, &cfg.citus.database, t)
                     .await
                     .map_err(|e| e.to_string())?;
-                let target = from.clone();
-                let still_lost = move || {
-                    results
-                        .lock()
-                        .ok()
-                        .and_then(|r| r.get(&target).map(|p| p.failures >= LOSS_AFTER))
-                        .unwrap_or(false)
+                let control = match options.terminate_after {
+                    Some(_) => sql::connect_local(&cfg, &cfg.citus.database, t).await.ok(),
+                    None => None,
                 };
-                let options = PauseOptions {
-                    blockers: match trigger {
-                        Trigger::Switchover => Blockers::TerminateAfter(cooldown),
-                        Trigger::Loss => Blockers::CancelWhile(&still_lost),
-                    },
-                    // The server's own deadline, a little after ours: it only acts when
-                    // this agent cannot (frozen, cut off).
-                    server_deadline: Duration::from_millis(settings.pause_timeout_ms)
-                        + Duration::from_secs(2),
-                };
-                let bound = match trigger {
-                    Trigger::Switchover => t,
-                    // Writes queue behind the pause's lock request while stuck statements are
-                    // cancelled; give up if the loss does not last.
-                    Trigger::Loss => t.max(Duration::from_secs(2)),
-                };
-                crate::citus::sql::open_pause(session_client, control, g, options, bound)
+                crate::citus::sql::open_pause(session, control, g, options, t)
                     .await
                     .map_err(|e| e.to_string())
-            }
-            .await;
-            match result {
-                Ok(session) => {
-                    let now = now_ms(epoch);
-                    tracing::info!(
-                        group = g,
-                        ?trigger,
-                        shards = session.shards,
-                        ms = opened.elapsed().as_millis() as u64,
-                        "paused the group's writes"
-                    );
-                    held.insert(
-                        g,
-                        Held {
-                            pause: OpenPause {
-                                trigger,
-                                nodeid,
-                                from,
-                                opened_ms: now,
-                                deadline_ms: now + settings.pause_timeout_ms,
-                                leader_at_open,
-                                handover_seen: trigger == Trigger::Loss,
-                            },
-                            session,
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(group = g, error = %e, "cannot pause the group's writes");
-                    if trigger == Trigger::Switchover {
-                        answer(dcs, &key, facts, PauseState::Refused, Some(e), cfg).await;
-                    }
-                }
-            }
+            });
+            slots.insert(
+                g,
+                Slot {
+                    pause,
+                    session: Session::Opening(task),
+                    acknowledge: false,
+                },
+            );
+            // From now on the loop's row sync leaves this group to the pause.
+            shared.set_held(slots.keys().copied().collect());
+            tracing::info!(group = g, ?trigger, "pausing the group's writes");
         }
-        Step::Acknowledge => {
-            if held.contains_key(&g) {
-                answer(dcs, &key, facts, PauseState::Paused, None, cfg).await;
+        Step::Acknowledge => match slots.get_mut(&g) {
+            Some(Slot {
+                session: Session::Held(_),
+                ..
+            }) => {
+                answer(
+                    dcs,
+                    &key,
+                    facts.request.as_ref(),
+                    PauseState::Paused,
+                    None,
+                    cfg,
+                )
+                .await
             }
-        }
+            Some(slot) => slot.acknowledge = true,
+            None => {}
+        },
         Step::Refuse(why) => {
             tracing::info!(group = g, reason = %why, "switchover without a write pause");
-            answer(dcs, &key, facts, PauseState::Refused, Some(why), cfg).await;
+            answer(
+                dcs,
+                &key,
+                facts.request.as_ref(),
+                PauseState::Refused,
+                Some(why),
+                cfg,
+            )
+            .await;
         }
         Step::Release { to } => {
-            let Some(h) = held.remove(&g) else { return };
+            // A lock request still waiting cannot move the row: wait for it (the deadline
+            // bounds that).
+            if !matches!(slots.get(&g).map(|s| &s.session), Some(Session::Held(_))) {
+                return;
+            }
+            let Some(Slot {
+                pause,
+                session: Session::Held(session),
+                ..
+            }) = slots.remove(&g)
+            else {
+                return;
+            };
             let updates = match &to {
-                Some(addr) => release_updates(g, h.pause.nodeid, addr, state, rows, cfg),
+                Some(addr) => release_updates(g, pause.nodeid, addr, state, rows, cfg),
                 None => Vec::new(),
             };
-            let held_ms = now_ms(epoch).saturating_sub(h.pause.opened_ms);
+            let held_ms = now_ms(epoch).saturating_sub(pause.opened_ms);
             // The pause holds the group's own shards already; what is left to lock are shards
             // shared with other groups (reference tables), briefly held by writes in flight.
             // `force` would start a helper worker per call: tens of milliseconds the writes
-            // would wait for.
-            let options = match h.pause.trigger {
+            // would wait for. After a loss, though, writes to reference tables may wait on the
+            // lost server: those are failing anyway.
+            let options = match pause.trigger {
                 Trigger::Switchover => UpdateOptions {
                     force: false,
                     lock_cooldown_ms: cfg.citus.lock_cooldown_ms,
                 },
-                // After a loss, writes to reference tables may still wait on the lost server
-                // and hold their shard: those are failing anyway.
                 Trigger::Loss => UpdateOptions {
                     force: true,
                     lock_cooldown_ms: cfg.citus.lock_cooldown_ms.min(1000),
                 },
             };
             let started = Instant::now();
-            match h.session.release(&updates, options, t).await {
+            match session.release(&updates, options, t).await {
                 Ok(()) => {
                     let commit_ms = started.elapsed().as_millis() as u64;
                     tracing::info!(group = g, to = ?to, held_ms, commit_ms, "released the group's writes");
@@ -437,12 +537,12 @@ async fn execute(
             }
         }
         Step::Expire => {
-            if let Some(h) = held.remove(&g) {
+            if let Some(slot) = slots.remove(&g) {
                 tracing::warn!(
                     group = g,
                     "write pause reached pause_timeout; rolled back (the row stays as it was)"
                 );
-                h.session.abandon(t).await;
+                end(slot, t).await;
             }
         }
         Step::ClearRequest => {
@@ -498,12 +598,12 @@ fn release_updates(
 async fn answer(
     dcs: &Dcs,
     key: &str,
-    facts: &Facts,
+    request: Option<&CitusPause>,
     state: PauseState,
     detail: Option<String>,
     cfg: &AgentConfig,
 ) {
-    let Some(request) = facts.request.as_ref() else {
+    let Some(request) = request.filter(|r| r.state == PauseState::Requested) else {
         return;
     };
     let Ok(expected) = serde_json::to_vec(request) else {

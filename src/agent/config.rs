@@ -71,8 +71,14 @@ pub struct CitusConfig {
     pub pause_timeout: u32,
     #[serde(default = "default_lock_cooldown_ms")]
     pub lock_cooldown_ms: u32,
+    #[serde(default = "yes")]
+    pub pause_on_switchover: bool,
     #[serde(default)]
     pub pause_on_loss: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_pause_timeout() -> u32 {
@@ -150,6 +156,7 @@ impl AgentConfig {
                 secondaries: spec.citus.secondaries,
                 pause_timeout: spec.citus.pause_timeout,
                 lock_cooldown_ms: spec.citus.lock_cooldown_ms,
+                pause_on_switchover: spec.citus.pause_on_switchover,
                 pause_on_loss: spec.citus.pause_on_loss,
             },
             ha: HaConfig {
@@ -280,6 +287,7 @@ mod tests {
                 secondaries: false,
                 pause_timeout: 30,
                 lock_cooldown_ms: 10_000,
+                pause_on_switchover: true,
                 pause_on_loss: false,
             },
             ha: HaConfig {

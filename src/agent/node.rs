@@ -775,7 +775,7 @@ impl Node {
     /// True when the coordinator holds them; otherwise the switchover goes ahead without.
     async fn request_citus_pause(&self, to: &str) -> bool {
         use crate::dcs::keys::{CitusPause, PauseState};
-        if self.cfg.is_coordinator() {
+        if self.cfg.is_coordinator() || !self.cfg.citus.pause_on_switchover {
             return false;
         }
         let coordinator_runs = self

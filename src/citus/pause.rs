@@ -217,23 +217,19 @@ fn opened(p: &mut OpenPause, f: &Facts) -> Vec<Step> {
             }
             Vec::new()
         }
-        Trigger::Loss => {
-            if same_term(leader) {
-                // The same leader: only its server answering as a primary again ends it (a
-                // false alarm, or PostgreSQL restarted in place under the same lease).
-                if f.probe_primary == Some(true) && f.probe_failures == 0 {
-                    return clear(vec![Step::Release { to: None }]);
-                }
-                return Vec::new();
+        Trigger::Loss => match leader.primary_at.clone() {
+            // A primary runs elsewhere (a new leader, or a row that was stale already): move.
+            Some(at) if at != p.from => clear(vec![Step::Release { to: Some(at) }]),
+            // At the row's own address: under a new term it is the successor; under the same
+            // term only the server answering as a primary again ends it (a false alarm, or
+            // PostgreSQL restarted in place under the same lease) — its member key alone may
+            // be the lost server's last word.
+            Some(_) if !same_term(leader) => clear(vec![Step::Release { to: None }]),
+            Some(_) if f.probe_primary == Some(true) && f.probe_failures == 0 => {
+                clear(vec![Step::Release { to: None }])
             }
-            match leader.primary_at.clone() {
-                Some(at) => {
-                    let to = (at != p.from).then_some(at);
-                    clear(vec![Step::Release { to }])
-                }
-                None => Vec::new(),
-            }
-        }
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -468,6 +464,16 @@ mod tests {
         // A false alarm: it answers as primary under the same term.
         f.probe_failures = 0;
         assert_eq!(next(Some(&mut p), &f, &S), vec![Step::Release { to: None }]);
+        // The row named a server that was replaced already (the leader runs elsewhere under
+        // the same term): move at once.
+        let mut p = open(Trigger::Loss, 10);
+        let f = facts(None, leader("w1", 10, Some("w3")));
+        assert_eq!(
+            next(Some(&mut p), &f, &S),
+            vec![Step::Release {
+                to: Some(addr("w3"))
+            }]
+        );
         // A new leader, not primary yet, then primary.
         let mut p = open(Trigger::Loss, 10);
         let f = facts(None, leader("w2", 11, None));

@@ -263,32 +263,31 @@ pub struct PauseSession {
     pub shards: usize,
 }
 
-/// What to do with sessions whose writes to the group are in flight and hold the pause up.
-pub enum Blockers<'a> {
-    /// Terminate those still there after the cooldown (Citus's own
-    /// `citus_update_node(…, force => true, lock_cooldown)` does the same): a switchover.
-    TerminateAfter(Duration),
-    /// Cancel their statements, but only while `still_lost()` says the group's primary is
-    /// unreachable: they wait on a server that went silent and are failing anyway. A false
-    /// alarm cancels nothing.
-    CancelWhile(&'a (dyn Fn() -> bool + Sync)),
-}
-
 /// How a pause takes hold.
-pub struct PauseOptions<'a> {
-    pub blockers: Blockers<'a>,
+#[derive(Debug, Clone, Copy)]
+pub struct PauseOptions {
+    /// Terminate the sessions whose writes to the group still hold the pause up after this
+    /// long (Citus's own `citus_update_node(…, force => true, lock_cooldown)` does the same):
+    /// a switchover. None: wait for them — after a loss they wait on a server that went
+    /// silent, and cancelling them would make their backends hang in libpq's blocking cancel
+    /// request to that server; they fail on their own (`tcp_user_timeout`). Writes that come
+    /// after the pause's lock request queue behind it either way.
+    pub terminate_after: Option<Duration>,
+    /// The longest the lock request may wait, enforced by the server (`lock_timeout`), so a
+    /// request this agent gave up on never lingers.
+    pub lock_wait: Duration,
     /// The server ends the session (and the pause) itself after this long idle in the
     /// transaction: a frozen or cut-off agent cannot hold a group forever.
     pub server_deadline: Duration,
 }
 
 /// Open a pause on `group` over `client` (a fresh connection to the Citus database, used for
-/// nothing else). `control` is another connection, used to terminate blockers.
+/// nothing else); `control`, another connection, terminates blockers when asked to.
 pub async fn open_pause(
     client: Client,
-    control: &Client,
+    control: Option<Client>,
     group: u32,
-    options: PauseOptions<'_>,
+    options: PauseOptions,
     timeout: Duration,
 ) -> Result<PauseSession, SqlError> {
     let pid: i32 = bounded(
@@ -299,11 +298,12 @@ pub async fn open_pause(
     .await?
     .get(0);
     let idle_ms = options.server_deadline.as_millis().min(i32::MAX as u128);
+    let lock_ms = options.lock_wait.as_millis().clamp(1, i32::MAX as u128);
     bounded(
         "begin the pause",
         timeout,
         client.batch_execute(&format!(
-            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}; SET LOCAL lock_timeout = {lock_ms}"
         )),
     )
     .await?;
@@ -325,37 +325,44 @@ pub async fn open_pause(
         // its shard's metadata, not with readers. Shard ids sorted, as Citus requires.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&shards];
         let lock = client.execute("SELECT lock_shard_metadata(7, $1)", &params);
-        let rounds = (timeout.as_millis() / 50).max(1);
         let force = async {
-            let (delay, verb) = match &options.blockers {
-                Blockers::TerminateAfter(d) => (*d, "pg_terminate_backend"),
-                Blockers::CancelWhile(_) => (Duration::from_millis(50), "pg_cancel_backend"),
-            };
-            tokio::time::sleep(delay).await;
-            let statement = format!("SELECT {verb}(b) FROM unnest(pg_blocking_pids($1)) b");
-            for _ in 0..rounds {
-                let go = match &options.blockers {
-                    Blockers::TerminateAfter(_) => true,
-                    Blockers::CancelWhile(still_lost) => still_lost(),
-                };
-                if go {
-                    let _ = control.execute(&statement, &[&pid]).await;
+            match (options.terminate_after, &control) {
+                (Some(after), Some(control)) => {
+                    tokio::time::sleep(after).await;
+                    loop {
+                        let _ = control
+                            .execute(
+                                "SELECT pg_terminate_backend(b) FROM unnest(pg_blocking_pids($1)) b",
+                                &[&pid],
+                            )
+                            .await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                _ => std::future::pending::<()>().await,
             }
         };
         let what = "lock the group's shards";
-        tokio::select! {
-            r = lock => {
-                r.map_err(|e| SqlError::Failed {
+        let bound = options.lock_wait + timeout;
+        let taken = tokio::time::timeout(bound, async {
+            tokio::select! {
+                r = lock => r.map(|_| ()),
+                _ = force => Ok(()),
+            }
+        })
+        .await;
+        match taken {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(SqlError::Failed {
                     what: what.into(),
                     detail: crate::postgres::sql::db_message(&e),
-                })?;
+                });
             }
-            _ = force => {
+            Err(_) => {
                 return Err(SqlError::Timeout {
                     what: what.into(),
-                    ms: timeout.as_millis(),
+                    ms: bound.as_millis(),
                 });
             }
         }

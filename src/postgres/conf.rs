@@ -56,6 +56,25 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     set("wal_keep_size", "512MB".into());
     set("password_encryption", "scram-sha-256".into());
     set("logging_collector", "off".into());
+    // Citus's own connections between nodes: TLS, as Citus requires by default, and TCP
+    // timeouts, so a statement waiting on a server that went silent (no reset: a host that
+    // crashed or was cut off) fails within seconds instead of waiting out the kernel's
+    // retransmissions — minutes during which it holds its shard locks, and the row move of a
+    // failover (or a write pause) waits for them. It holds them about twice this long (the
+    // statement fails, then Citus's cancel request to the silent server times out too), which
+    // stays well inside the lease: the new primary is not there before.
+    let user_timeout_ms = citus_tcp_user_timeout_ms(cfg.ha.ttl);
+    set(
+        "citus.node_conninfo",
+        format!(
+            "sslmode=require tcp_user_timeout={user_timeout_ms} keepalives=1 keepalives_idle={} keepalives_interval=1 keepalives_count=2",
+            user_timeout_ms.div_ceil(1000)
+        ),
+    );
+    set(
+        "citus.node_connection_timeout",
+        user_timeout_ms.max(2000).to_string(),
+    );
     for (k, v) in user {
         if k != "shared_preload_libraries" {
             set(k, v.clone());
@@ -74,6 +93,12 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     }
     set("shared_preload_libraries", libs.join(","));
     p
+}
+
+/// How long data sent on one of Citus's connections may stay unacknowledged before the kernel
+/// drops the connection: a third of the lease, at most 5 s.
+pub fn citus_tcp_user_timeout_ms(ttl_s: u32) -> u64 {
+    (u64::from(ttl_s) * 1000 / 3).clamp(1000, 5000)
 }
 
 /// postgresql.conf: the same on every member of the cluster but for identity and ports.

@@ -65,6 +65,7 @@ pub struct CitusSpec {
     pub package: Option<String>,
     pub pause_timeout: u32,
     pub lock_cooldown_ms: u32,
+    pub pause_on_switchover: bool,
     pub pause_on_loss: bool,
 }
 
@@ -361,6 +362,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             package: raw.citus.package.clone(),
             pause_timeout: raw.citus.pause_timeout,
             lock_cooldown_ms: raw.citus.lock_cooldown_ms,
+            pause_on_switchover: raw.citus.pause_on_switchover,
             pause_on_loss: raw.citus.pause_on_loss,
         },
         ha: crate::spec::model::HaSpec {

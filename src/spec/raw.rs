@@ -239,6 +239,10 @@ pub struct RawCitus {
     /// (`citus_update_node`'s `lock_cooldown`).
     #[serde(default = "default_lock_cooldown_ms")]
     pub lock_cooldown_ms: u32,
+    /// Hold a worker group's writes on the coordinator while its leadership changes hands in a
+    /// switchover, so they wait instead of failing.
+    #[serde(default = "yes")]
+    pub pause_on_switchover: bool,
     /// Also pause a worker group's writes when its primary is lost unexpectedly (the
     /// coordinator's probe fails or its leader key goes), until a new primary runs or
     /// `pause_timeout` passes: writes wait instead of failing for the whole failover.
@@ -255,6 +259,7 @@ impl Default for RawCitus {
             package: None,
             pause_timeout: default_pause_timeout(),
             lock_cooldown_ms: default_lock_cooldown_ms(),
+            pause_on_switchover: true,
             pause_on_loss: false,
         }
     }

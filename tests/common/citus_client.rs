@@ -123,6 +123,8 @@ pub struct Writer {
     pub log: Arc<Mutex<Vec<Insert>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub t0: Instant,
+    /// Wall-clock time at `t0`, to compare with the agents' log timestamps.
+    pub wall0: std::time::SystemTime,
 }
 
 impl Writer {
@@ -130,6 +132,7 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let t0 = Instant::now();
+        let wall0 = std::time::SystemTime::now();
         let conninfo = conninfo(hosts, "citus", "");
         let insert = format!("INSERT INTO {table} (id) VALUES ");
         // Distinct ids across writers of one process.
@@ -183,6 +186,7 @@ impl Writer {
             log,
             thread: Some(thread),
             t0,
+            wall0,
         }
     }
 

@@ -29,6 +29,7 @@
 //! | 145 | citus::pause_on_loss… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
+//! | 210, 211 | benches/citus.rs |
 #![allow(dead_code)]
 
 pub mod citus_client;
@@ -289,4 +290,53 @@ pub fn http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Pid of a member's agent (the supervised child, not the supervisor).
+pub fn agent_pid(t: &TestLab, member: &str) -> Option<i32> {
+    let config = format!("{}/agent.yaml", t.spec.host(member)?.install_dir);
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains(&format!("agent --config {config}")) && !c.contains("--supervise")
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Send `sig` to a member's agent (SIGSTOP freezes it: a hung agent).
+pub fn signal_agent(t: &TestLab, member: &str, sig: i32) {
+    let pid = agent_pid(t, member).unwrap_or_else(|| panic!("no agent running for {member}"));
+    // SAFETY: kill(2) on an agent the lab started for this test.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// The value of one of the cluster's etcd keys (`{namespace}/{cluster}/{rest}`).
+pub fn etcd_get(t: &TestLab, rest: &str) -> Option<String> {
+    let endpoints = t.spec.etcd.endpoints.join(",");
+    let key = format!(
+        "{}/{}/{rest}",
+        t.spec.etcd.namespace.trim_end_matches('/'),
+        t.spec.cluster
+    );
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &endpoints,
+            "--command-timeout=2s",
+            "get",
+            &key,
+            "--print-value-only",
+        ])
+        .output()
+        .ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !v.is_empty()).then_some(v)
 }
