@@ -119,6 +119,14 @@ fn run(label: &str, subnet: u8, pauses: bool) {
         });
         let log = w.snapshot();
         let win = window(&log, at, resumed + Duration::from_secs(1));
+        for f in win.iter().filter(|i| !i.ok) {
+            eprintln!(
+                "    failed insert +{} ms (took {} ms): {}",
+                f.started.saturating_sub(at).as_millis(),
+                (f.ended - f.started).as_millis(),
+                f.error.as_deref().unwrap_or("")
+            );
+        }
         crash_failed.push(win.iter().filter(|i| !i.ok).count() as u128);
         last_failure.push(
             win.iter()
@@ -163,6 +171,16 @@ fn main() {
         }
     }
     common::set_lab_secrets();
-    run("write pauses on (pause_on_switchover, pause_on_loss):", 210, true);
-    run("baseline, same run, pauses off:", 211, false);
+    // CITUS_BENCH_ONLY=on|off runs one half (for investigating; the figures need both).
+    let only = std::env::var("CITUS_BENCH_ONLY").unwrap_or_default();
+    if only != "off" {
+        run(
+            "write pauses on (pause_on_switchover, pause_on_loss):",
+            210,
+            true,
+        );
+    }
+    if only != "on" {
+        run("baseline, same run, pauses off:", 211, false);
+    }
 }

@@ -604,7 +604,7 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
         145,
         &[(0, 1), (1, 2), (2, 2)],
         3,
-        &format!("citus: {{ pause_on_loss: true, pause_timeout: 20 }}\n{FAST_HA}"),
+        "citus: { pause_on_loss: true, pause_timeout: 20 }\nha: { ttl: 10, loop_wait: 2, retry_timeout: 4 }\n",
     ));
     let mut c = coordinator(&t);
     c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
@@ -694,6 +694,14 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
         failed_after_pause.len(),
         failed_after_pause.iter().take(3).collect::<Vec<_>>()
     );
+    for f in log.iter().filter(|i| !i.ok) {
+        eprintln!(
+            "  failed insert started +{} ms, ended +{} ms: {}",
+            f.started.as_millis() as i64 - lost_at.as_millis() as i64,
+            f.ended.as_millis() as i64 - lost_at.as_millis() as i64,
+            f.error.as_deref().unwrap_or("")
+        );
+    }
     citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
     t.lab.heal(&lost).expect("heal");
     t.lab.up().expect("reboot");
