@@ -144,27 +144,28 @@ impl Node {
         self.last_actions = actions.clone();
         self.last_snapshot = Some(snapshot.clone());
         let mut ok = true;
-        let mut changed_server = false;
         for action in actions {
             let label = format!("{action:?}");
             let changes_server = changes_server(&action);
             match self.execute(action, &snapshot).await {
-                Ok(true) => changed_server |= changes_server,
+                Ok(true) => {
+                    if changes_server {
+                        // Publish what the server is now, before the cycle's other actions: the
+                        // coordinator ends a switchover's write pause the moment the new
+                        // primary's key says it runs as one.
+                        let server = self.observe_server().await;
+                        if let Some(s) = self.last_snapshot.as_mut() {
+                            s.server = server;
+                        }
+                        self.publish().await;
+                    }
+                }
                 Ok(false) => break,
                 Err(e) => {
                     tracing::warn!(action = %label, error = %e, "action failed");
                     ok = false;
                     break;
                 }
-            }
-        }
-        if changed_server {
-            // Publish what the server is now, not what it was when this cycle began: the
-            // coordinator ends a switchover's write pause the moment the new primary's key says
-            // it runs as one.
-            let server = self.observe_server().await;
-            if let Some(s) = self.last_snapshot.as_mut() {
-                s.server = server;
             }
         }
         self.publish().await;
@@ -1208,9 +1209,11 @@ fn changes_server(a: &Action) -> bool {
             | Action::StartReplica { .. }
             | Action::Demote { .. }
             | Action::Switchover { .. }
-            | Action::Initdb
             | Action::Clone { .. }
     )
+    // Not Initdb: a new group's primary is published only once its setup is done. Replicas
+    // cloning it earlier could copy the `ssl = on` that `CREATE EXTENSION citus` writes with
+    // ALTER SYSTEM without the certificate it generates beside it, and never start.
 }
 
 /// This member leads the coordinator group with its server running as primary, on a lease it
