@@ -303,7 +303,7 @@ pub async fn open_pause(
         "begin the pause",
         timeout,
         client.batch_execute(&format!(
-            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}; SET LOCAL lock_timeout = {lock_ms}"
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
         )),
     )
     .await?;
@@ -320,10 +320,22 @@ pub async fn open_pause(
     )
     .await?
     .get(0);
-    if !shards.is_empty() {
+    // Take every shard nobody holds at once, then wait for the ones writes in flight hold.
+    // Locks are taken one at a time: waiting in plain shard order would leave the shards after
+    // the first busy one open to new writes until it is free — writes that, after a loss, go
+    // to the lost server. Each quick attempt runs in a savepoint, so a busy shard costs
+    // nothing but the attempt.
+    let busy = take_free_shards(&client, &shards, timeout).await?;
+    bounded(
+        "lock timeout",
+        timeout,
+        client.batch_execute(&format!("SET LOCAL lock_timeout = {lock_ms}")),
+    )
+    .await?;
+    if !busy.is_empty() {
         // 7 = ExclusiveLock: conflicts with the ShareLock every distributed write takes on
         // its shard's metadata, not with readers. Shard ids sorted, as Citus requires.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&shards];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&busy];
         let lock = client.execute("SELECT lock_shard_metadata(7, $1)", &params);
         let force = async {
             match (options.terminate_after, &control) {
@@ -371,6 +383,61 @@ pub async fn open_pause(
         client,
         shards: shards.len(),
     })
+}
+
+/// Lock (exclusive) each of `shards` that can be locked at once; return those that could not.
+async fn take_free_shards(
+    client: &Client,
+    shards: &[i64],
+    timeout: Duration,
+) -> Result<Vec<i64>, SqlError> {
+    let mut busy = Vec::new();
+    if shards.is_empty() {
+        return Ok(busy);
+    }
+    bounded(
+        "lock timeout",
+        timeout,
+        client.batch_execute("SET LOCAL lock_timeout = 5"),
+    )
+    .await?;
+    for shard in shards {
+        bounded(
+            "savepoint",
+            timeout,
+            client.batch_execute("SAVEPOINT pause_try"),
+        )
+        .await?;
+        let one = [*shard];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&one.as_slice()];
+        let taken = bounded(
+            "lock a shard",
+            timeout,
+            client.execute("SELECT lock_shard_metadata(7, $1)", &params),
+        )
+        .await;
+        match taken {
+            Ok(_) => {
+                bounded(
+                    "savepoint",
+                    timeout,
+                    client.batch_execute("RELEASE SAVEPOINT pause_try"),
+                )
+                .await?;
+            }
+            Err(SqlError::Failed { .. }) => {
+                bounded(
+                    "savepoint",
+                    timeout,
+                    client.batch_execute("ROLLBACK TO SAVEPOINT pause_try"),
+                )
+                .await?;
+                busy.push(*shard);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(busy)
 }
 
 impl PauseSession {
