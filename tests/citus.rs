@@ -706,3 +706,119 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
     t.lab.heal(&lost).expect("heal");
     t.lab.up().expect("reboot");
 }
+
+/// The postmaster pid of a member (from postmaster.pid).
+fn postmaster_pid(t: &TestLab, member: &str) -> Option<String> {
+    let dir = t.spec.host(member)?.data_dir.clone();
+    std::fs::read_to_string(format!("{dir}/postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+#[test]
+fn credentials_rotate_without_a_restart_or_a_failed_query() {
+    if !real_citus("credential rotation") {
+        return;
+    }
+    let t = cluster(&lab_spec(
+        "citusrot",
+        146,
+        &[(0, 1), (1, 2), (2, 2)],
+        3,
+        FAST_HA,
+    ));
+    let mut c = coordinator(&t);
+    c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
+        .expect("table");
+    drop(c);
+    let coord = addresses(&t, 0);
+    let all: Vec<String> = [0, 1, 2]
+        .iter()
+        .flat_map(|g| members(&t, *g))
+        .map(|(m, _, _)| m)
+        .collect();
+    let pids: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    let leaders: Vec<Option<String>> = [0u64, 1, 2].iter().map(|g| leader(&t, *g)).collect();
+    let w = Writer::start(&coord, "w", Duration::from_millis(10));
+    writes_resume(&w, "the writer to start");
+
+    let (su, repl) = ("rotated-superuser-pw", "rotated-replication-pw");
+    // The plan names what changes and never a value.
+    let o = common::cli_with_secrets(&t, &["plan", "--detailed-exitcode"], su, repl);
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    for needle in [
+        "role postgres: new password",
+        "role replicator: new password",
+        "new superuser password, replication password, REST API password (values not shown), new passfile",
+        "reload the agent (new secrets; PostgreSQL keeps running)",
+        "pg_dist_authinfo: ~ (0, postgres) password changed",
+    ] {
+        assert!(text.contains(needle), "plan lacks {needle:?}:\n{text}");
+    }
+    for leak in [su, repl, "lab-superuser-pw", "lab-replication-pw"] {
+        assert!(!text.contains(leak), "plan shows a secret:\n{text}");
+    }
+    assert!(
+        !text.contains("pg_dist_node: +"),
+        "the plan takes existing rows for missing:\n{text}"
+    );
+
+    let o = common::cli_with_secrets(&t, &["apply", "--auto-approve"], su, repl);
+    let text = output_text(&o);
+    assert!(o.status.success(), "{text}");
+    for leak in [su, repl] {
+        assert!(!text.contains(leak), "apply shows a secret:\n{text}");
+    }
+    let o = common::cli_with_secrets(&t, &["plan", "--detailed-exitcode"], su, repl);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+
+    // No restart, no failover: the same postmasters, the same leaders, replicas streaming.
+    let after: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    assert_eq!(pids, after, "PostgreSQL restarted");
+    let now: Vec<Option<String>> = [0u64, 1, 2].iter().map(|g| leader(&t, *g)).collect();
+    assert_eq!(leaders, now, "leadership moved");
+    wait_secondaries_streaming(&t);
+
+    // New logins take the new password only; every node's pg_dist_authinfo row carries it, and
+    // every node reaches every other with it (new connections).
+    citus_client::set_password(su);
+    let mut c = coordinator(&t);
+    let old = Sql::connect_with(
+        &citus_client::conninfo(&coord, "citus", "").replace(su, "lab-superuser-pw"),
+    );
+    assert!(old.is_err(), "the old password still logs in");
+    for l in now.iter().flatten() {
+        let addr = address_of(&t, l);
+        let mut n = Sql::connect(std::slice::from_ref(&addr), "citus").expect("login");
+        let row = n
+            .one("SELECT authinfo FROM pg_dist_authinfo WHERE nodeid = 0 AND rolename = 'postgres'")
+            .expect("authinfo row");
+        assert_eq!(row, format!("password={su}"), "{l}");
+    }
+    let bad = c
+        .strings("SELECT from_nodename || ' -> ' || to_nodename FROM citus_check_cluster_node_health() WHERE result IS NOT TRUE")
+        .expect("health");
+    assert!(bad.is_empty(), "{bad:?}");
+
+    let log = w.stop();
+    let summary = citus_client::summarize(&log);
+    eprintln!("writer through the coordinator during the rotation: {summary}");
+    assert_eq!(summary.failed, 0, "{summary}");
+    citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
+}
+
+/// Every replica streams (as `status` reports it).
+fn wait_secondaries_streaming(t: &TestLab) {
+    wait_for("every replica to stream", Duration::from_secs(60), || {
+        let s = status(t);
+        let members = s["members"].as_array()?;
+        members
+            .iter()
+            .filter(|m| m["role"] == "Replica")
+            .all(|m| m["state"] == "streaming")
+            .then_some(())
+    });
+}

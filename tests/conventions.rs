@@ -75,6 +75,7 @@ fn pure_cores_import_no_io_modules() {
         "crate::citus::pause",
         "crate::dcs::keys",
         "crate::postgres::conf",
+        "crate::postgres::scram",
         "crate::agent::config",
         "crate::agent::decide",
     ];
@@ -89,6 +90,7 @@ fn pure_cores_import_no_io_modules() {
             "src/citus/pause.rs",
             "src/dcs/keys.rs",
             "src/postgres/conf.rs",
+            "src/postgres/scram.rs",
         ]
         .map(PathBuf::from),
     );

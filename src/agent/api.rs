@@ -53,7 +53,8 @@ pub struct Handle {
     view: Arc<Mutex<View>>,
     lease: Arc<LeaseShared>,
     dcs: crate::dcs::Dcs,
-    auth: Option<super::config::Credential>,
+    /// Replaced when the agent reloads new secrets.
+    auth: Arc<Mutex<Option<super::config::Credential>>>,
     group: u32,
     requests: Arc<Mutex<std::collections::VecDeque<Request>>>,
 }
@@ -64,9 +65,16 @@ impl Handle {
             view: Arc::new(Mutex::new(View::default())),
             lease: node.lease.clone(),
             dcs: node.dcs.clone(),
-            auth: node.cfg.api.auth.clone(),
+            auth: Arc::new(Mutex::new(node.cfg.api.auth.clone())),
             group: node.cfg.group,
             requests: node.requests.clone(),
+        }
+    }
+
+    /// The REST API's credentials after a reload.
+    pub fn set_auth(&self, auth: Option<super::config::Credential>) {
+        if let Ok(mut a) = self.auth.lock() {
+            *a = auth;
         }
     }
 
@@ -324,7 +332,8 @@ async fn metrics(State(h): State<Handle>) -> Response {
 /// Basic auth against `agent.api_auth`; without it, write endpoints are off.
 fn authorized(h: &Handle, headers: &HeaderMap) -> Result<(), Box<Response>> {
     use base64::Engine;
-    let Some(cred) = &h.auth else {
+    let auth = h.auth.lock().ok().and_then(|a| a.clone());
+    let Some(cred) = &auth else {
         let denied = (
             StatusCode::FORBIDDEN,
             "write endpoints are disabled: set agent.api_auth in the spec\n",

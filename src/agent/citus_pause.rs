@@ -32,6 +32,8 @@ pub struct PauseShared {
     pub held: Mutex<BTreeSet<u32>>,
     /// Wakes the pauser (etcd watch events, a change of `active`).
     pub wake: Notify,
+    /// A configuration with new secrets, for the probes (they log in with the superuser's).
+    new_config: Mutex<Option<AgentConfig>>,
 }
 
 impl PauseShared {
@@ -43,6 +45,14 @@ impl PauseShared {
         if let Ok(mut h) = self.held.lock() {
             *h = groups;
         }
+    }
+
+    /// The agent reloaded new secrets.
+    pub fn set_config(&self, cfg: AgentConfig) {
+        if let Ok(mut c) = self.new_config.lock() {
+            *c = Some(cfg);
+        }
+        self.wake.notify_one();
     }
 
     /// Called by the loop after each observation.
@@ -76,7 +86,7 @@ type ProbeResults = Arc<Mutex<BTreeMap<(String, u16), ProbeResult>>>;
 /// every `PROBE_EVERY`, each attempt bounded by `PROBE_TIMEOUT` (a silent host answers
 /// nothing, not even a reset). Wakes the pauser when a loss starts or ends.
 async fn probe(
-    cfg: AgentConfig,
+    cfg: Arc<Mutex<AgentConfig>>,
     target: (String, u16),
     results: ProbeResults,
     wake: Arc<PauseShared>,
@@ -85,9 +95,13 @@ async fn probe(
     loop {
         let started = Instant::now();
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            conn = sql::connect_member(&cfg, &target.0, target.1, PROBE_TIMEOUT)
-                .await
-                .ok();
+            let current = cfg.lock().map(|c| c.clone()).ok();
+            conn = match current {
+                Some(c) => sql::connect_member(&c, &target.0, target.1, PROBE_TIMEOUT)
+                    .await
+                    .ok(),
+                None => None,
+            };
         }
         let answer = match conn.as_ref() {
             Some(c) => sql::bounded(
@@ -142,7 +156,7 @@ fn now_ms(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
-pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
+pub async fn run(mut cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
     let epoch = Instant::now();
     let t = Duration::from_secs(u64::from(cfg.ha.retry_timeout.max(1)));
     let settings = Settings {
@@ -156,9 +170,18 @@ pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
     let mut cluster: BTreeMap<u32, GroupState> = BTreeMap::new();
     let results: ProbeResults = Arc::default();
     let mut probes: BTreeMap<(String, u16), tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let probe_cfg = Arc::new(Mutex::new(cfg.clone()));
     loop {
         let pause = if slots.is_empty() { idle } else { OPEN_TICK };
         let _ = tokio::time::timeout(pause, shared.wake.notified()).await;
+        if let Some(new) = shared.new_config.lock().ok().and_then(|mut c| c.take()) {
+            // Probes keep their connections and log in with the new password when they
+            // reconnect: a reconnect racing the workers' own change could look like a loss.
+            if let Ok(mut c) = probe_cfg.lock() {
+                *c = new.clone();
+            }
+            cfg = new;
+        }
 
         if !shared.active.load(Ordering::SeqCst) {
             if !slots.is_empty() {
@@ -201,7 +224,7 @@ pub async fn run(cfg: AgentConfig, dcs: Dcs, shared: Arc<PauseShared>) {
             }
         };
         if settings.pause_on_loss {
-            keep_probes(&cfg, &rows, &mut probes, &results, &shared);
+            keep_probes(&probe_cfg, &rows, &mut probes, &results, &shared);
         }
         let groups: BTreeSet<u32> = cluster
             .keys()
@@ -296,7 +319,7 @@ async fn collect_opened(
 
 /// One probe task per worker primary named in pg_dist_node (`pause_on_loss`).
 fn keep_probes(
-    cfg: &AgentConfig,
+    cfg: &Arc<Mutex<AgentConfig>>,
     rows: &[NodeRow],
     probes: &mut BTreeMap<(String, u16), tokio::task::JoinHandle<()>>,
     results: &ProbeResults,

@@ -201,6 +201,51 @@ impl AgentConfig {
         c.render()
     }
 
+    /// When `new` differs from this configuration in secrets only, which ones (possibly
+    /// none); None when anything else differs. Secrets can change under a running agent (a
+    /// reload); anything else restarts it.
+    pub fn secret_changes(&self, new: &AgentConfig) -> Option<Vec<&'static str>> {
+        if self.render_redacted() != new.render_redacted() {
+            return None;
+        }
+        let mut changed = Vec::new();
+        if self.postgres.superuser.password != new.postgres.superuser.password {
+            changed.push("superuser password");
+        }
+        if self.postgres.replication.password != new.postgres.replication.password {
+            changed.push("replication password");
+        }
+        let api = |c: &AgentConfig| c.api.auth.as_ref().map(|a| a.password.clone());
+        if api(self) != api(new) {
+            changed.push("REST API password");
+        }
+        Some(changed)
+    }
+
+    /// A digest of each secret, to tell which changed without keeping or showing values.
+    pub fn secret_digests(&self) -> BTreeMap<String, String> {
+        use sha2::{Digest, Sha256};
+        let digest = |s: &Secret| {
+            Sha256::digest(s.expose().as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let mut out = BTreeMap::new();
+        out.insert(
+            "superuser".to_string(),
+            digest(&self.postgres.superuser.password),
+        );
+        out.insert(
+            "replication".to_string(),
+            digest(&self.postgres.replication.password),
+        );
+        if let Some(a) = &self.api.auth {
+            out.insert("api".to_string(), digest(&a.password));
+        }
+        out
+    }
+
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
         serde_yaml::from_str(text).map_err(|e| e.to_string())
     }
@@ -312,5 +357,32 @@ mod tests {
             assert!(!shown.contains(s), "{s} leaked:\n{shown}");
         }
         assert_eq!(AgentConfig::parse(&full).as_ref(), Ok(&cfg));
+
+        // Secrets alone change under a running agent; anything else needs a restart.
+        let check = |edit: &dyn Fn(&mut AgentConfig), expected: Option<Vec<&str>>| {
+            let mut new = cfg.clone();
+            edit(&mut new);
+            assert_eq!(cfg.secret_changes(&new), expected);
+        };
+        check(&|_| {}, Some(vec![]));
+        check(
+            &|c| c.postgres.superuser.password = Secret::new("new"),
+            Some(vec!["superuser password"]),
+        );
+        check(
+            &|c| {
+                c.postgres.replication.password = Secret::new("new");
+                c.api.auth = Some(cred("other"));
+            },
+            Some(vec!["replication password", "REST API password"]),
+        );
+        check(&|c| c.postgres.port = 5433, None);
+        check(
+            &|c| {
+                c.postgres.superuser.password = Secret::new("new");
+                c.postgres.superuser.username = "admin".into();
+            },
+            None,
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::config::{AgentConfig, Paths};
 use super::decide::{self, Action, DataDir, Dcs as DcsView, GroupView, Running, Server, Snapshot};
 use super::lease::LeaseShared;
-use crate::citus::metadata::{self, AuthinfoRow, GroupMembers};
+use crate::citus::metadata::{self, GroupMembers};
 use crate::dcs::{Dcs, GroupState, MemberInfo, Status};
 use crate::postgres::conf::Role;
 use crate::postgres::process::{Pg, Postmaster, StopMode};
@@ -1036,40 +1036,23 @@ impl Node {
         }
     }
 
-    /// Roles, passwords, database, extension and authinfo on this primary.
+    /// Database, extension, roles, passwords and authinfo on this primary.
     async fn ensure_setup(&mut self) -> Result<(), String> {
         let t = self.timeout();
-        sql::ensure_roles_and_database(&self.cfg, t)
+        sql::ensure_database_and_extension(&self.cfg, t)
             .await
             .map_err(|e| e.to_string())?;
-        let c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
-            .await
-            .map_err(|e| e.to_string())?;
-        let desired = metadata::authinfo_string(
+        let authinfo = metadata::authinfo_string(
             self.cfg
                 .citus
                 .authinfo_password
                 .then_some(&self.cfg.postgres.superuser.password),
             self.cfg.citus.sslcert.as_deref(),
             self.cfg.citus.sslkey.as_deref(),
-        )
-        .map(|authinfo| AuthinfoRow {
-            nodeid: 0,
-            rolename: self.cfg.postgres.superuser.username.clone(),
-            authinfo,
-        });
-        let observed = crate::citus::sql::authinfo(&c, t)
+        );
+        sql::set_credentials(&self.cfg, authinfo.as_ref().map(|a| a.expose()), t)
             .await
             .map_err(|e| e.to_string())?;
-        for change in metadata::diff_authinfo(
-            desired.as_ref(),
-            &observed,
-            &self.cfg.postgres.superuser.username,
-        ) {
-            crate::citus::sql::apply_authinfo_change(&c, &change, t)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
         self.setup_done = true;
         Ok(())
     }
@@ -1193,6 +1176,16 @@ impl Node {
         if let Some(id) = self.lease.lease_id() {
             let _ = self.dcs.revoke(id).await;
         }
+    }
+
+    /// Take new passwords without a restart: the passfile now, the roles and this node's
+    /// pg_dist_authinfo row on the next cycle if this member is a primary (`EnsureSetup`, one
+    /// transaction). Replicas keep streaming on their established connections.
+    pub fn reload_secrets(&mut self, new: AgentConfig) -> Result<(), String> {
+        self.cfg = new.clone();
+        self.pg.cfg = new;
+        self.setup_done = false;
+        self.pg.prepare_host_files().map_err(|e| e.to_string())
     }
 
     pub fn data_dir_exists(&self) -> bool {

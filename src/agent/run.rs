@@ -182,13 +182,27 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
             _ = hup.recv() => {
                 match load_config(&config_path) {
                     Ok(new) if new == node.cfg => {}
-                    Ok(_) => {
-                        // Any change is applied by a fresh start (the supervisor restarts us):
-                        // simpler and always correct. Leadership is handed over cleanly.
-                        tracing::info!("configuration changed; restarting");
-                        node.shutdown().await;
-                        std::process::exit(75);
-                    }
+                    Ok(new) => match node.cfg.secret_changes(&new) {
+                        // New passwords: applied in place, PostgreSQL keeps running.
+                        Some(changed) => {
+                            tracing::info!(?changed, "new secrets; reloaded without a restart");
+                            api.set_auth(new.api.auth.clone());
+                            if let Some(p) = &node.pauses {
+                                p.set_config(new.clone());
+                            }
+                            if let Err(e) = node.reload_secrets(new) {
+                                tracing::error!(error = %e, "cannot apply the new secrets");
+                            }
+                            wake.notify_one();
+                        }
+                        None => {
+                            // Anything else is applied by a fresh start (the supervisor restarts
+                            // us): simpler and always correct. Leadership is handed over cleanly.
+                            tracing::info!("configuration changed; restarting");
+                            node.shutdown().await;
+                            std::process::exit(75);
+                        }
+                    },
                     Err(e) => tracing::error!(error = %e, "new configuration unreadable; keeping the old one"),
                 }
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::metadata::{AuthinfoChange, AuthinfoRow, NodeChange, NodeRow, RowUpdate};
+use super::metadata::{AuthinfoRow, NodeChange, NodeRow, RowUpdate};
 use crate::postgres::sql::{SqlError, bounded};
 use crate::spec::secret::Secret;
 
@@ -206,40 +206,6 @@ async fn give_back_node_ids(c: &Client, timeout: Duration) {
         ),
     )
     .await;
-}
-
-/// Apply authinfo changes (the statements carry secrets only as bound parameters).
-pub async fn apply_authinfo_change(
-    c: &Client,
-    change: &AuthinfoChange,
-    timeout: Duration,
-) -> Result<(), SqlError> {
-    match change {
-        AuthinfoChange::Add { row } | AuthinfoChange::Change { row, .. } => {
-            bounded(
-                "write pg_dist_authinfo",
-                timeout,
-                c.execute(
-                    "INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo) VALUES ($1, $2, $3)
-                     ON CONFLICT (rolename, nodeid) DO UPDATE SET authinfo = EXCLUDED.authinfo",
-                    &[&row.nodeid, &row.rolename, &row.authinfo.expose()],
-                ),
-            )
-            .await?;
-        }
-        AuthinfoChange::Remove { row } => {
-            bounded(
-                "delete from pg_dist_authinfo",
-                timeout,
-                c.execute(
-                    "DELETE FROM pg_catalog.pg_dist_authinfo WHERE nodeid = $1 AND rolename = $2",
-                    &[&row.nodeid, &row.rolename],
-                ),
-            )
-            .await?;
-        }
-    }
-    Ok(())
 }
 
 /// Drain a worker before it is removed (moves its shards away).

@@ -135,7 +135,10 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
             "config_sha" => f.agent_config_sha256 = Some(v.to_string()),
             "config_b64" => {
                 f.agent_config_redacted = Some(match b64(v).map(|t| AgentConfig::parse(&t)) {
-                    Some(Ok(cfg)) => cfg.render_redacted(),
+                    Some(Ok(cfg)) => {
+                        f.secret_digests = cfg.secret_digests();
+                        cfg.render_redacted()
+                    }
                     // Never echo an unparseable file: it may hold secrets in unknown places.
                     _ => "# (unreadable agent configuration; it will be replaced)\n".to_string(),
                 })
@@ -214,15 +217,38 @@ pub async fn sql_through(
     s: &Session,
     dbname: &str,
 ) -> Result<tokio_postgres::Client, String> {
+    // PostgreSQL's own socket first: the agent's `local … trust` rule (the socket folder is
+    // 0700, reachable by root and postgres only) needs no password, so the metadata can be
+    // read whatever the password in force — also while a new one in the spec is not applied
+    // yet. A login that cannot open the socket falls back to TCP with the spec's password.
+    let socket = format!("{}/.s.PGSQL.{}", h.socket_dir(), h.pg_port);
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(&spec.postgres.superuser.username)
+        .dbname(dbname)
+        .application_name("citus-reconcile");
+    let local = match s.forward_socket(&socket, SQL_TIMEOUT).await {
+        Ok(stream) => connect_over(&cfg, stream, h).await,
+        Err(e) => Err(e.to_string()),
+    };
+    if let Ok(client) = local {
+        return Ok(client);
+    }
     let stream = s
         .forward(&h.address, h.pg_port, SQL_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(&spec.postgres.superuser.username)
-        .password(spec.postgres.superuser.password.expose())
-        .dbname(dbname)
-        .application_name("citus-reconcile");
+    cfg.password(spec.postgres.superuser.password.expose());
+    connect_over(&cfg, stream, h).await
+}
+
+async fn connect_over<S>(
+    cfg: &tokio_postgres::Config,
+    stream: S,
+    h: &HostSpec,
+) -> Result<tokio_postgres::Client, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let connect = cfg.connect_raw(stream, tokio_postgres::NoTls);
     let (client, conn) = match tokio::time::timeout(SQL_TIMEOUT, connect).await {
         Ok(Ok(v)) => v,
@@ -271,6 +297,30 @@ async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut
         match citus::sql::authinfo(&client, SQL_TIMEOUT).await {
             Ok(rows) => {
                 o.authinfo.insert(*g, rows);
+            }
+            Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
+        }
+        let roles = [
+            spec.postgres.superuser.username.clone(),
+            spec.postgres.replication.username.clone(),
+        ];
+        match crate::postgres::sql::bounded(
+            "read role passwords",
+            SQL_TIMEOUT,
+            client.query(
+                "SELECT rolname::text, COALESCE(rolpassword, '') FROM pg_authid WHERE rolname = ANY($1)",
+                &[&roles.as_slice()],
+            ),
+        )
+        .await
+        {
+            Ok(rows) => {
+                o.role_verifiers.insert(
+                    *g,
+                    rows.iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                        .collect(),
+                );
             }
             Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
         }

@@ -204,10 +204,20 @@ fn host_actions(
             "agent.yaml (desired)",
         );
         if a.diff.is_none() {
-            a.summary = "update agent configuration (secret values changed; not shown)".into();
+            a.summary = match changed_secrets(f, h).as_slice() {
+                [] => "update agent configuration (secret values changed; not shown)".into(),
+                list => format!(
+                    "update agent configuration: new {} (values not shown), new passfile",
+                    list.join(", ")
+                ),
+            };
         }
         out.push(a);
     }
+    // Only secrets changed (the redacted texts match): the running agent takes them.
+    let secrets_only = config_changed
+        && f.agent_config_sha256.is_some()
+        && f.agent_config_redacted.as_deref() == Some(h.agent_config_redacted.as_str());
     if h.service == Service::Systemd && !f.unit_installed {
         out.push(act(
             Phase::Install,
@@ -232,6 +242,15 @@ fn host_actions(
             } else {
                 "start the agent (not running)".into()
             },
+        )),
+        Some(_) if secrets_only && !binary_changed => out.push(act(
+            Phase::Start,
+            target(),
+            Change::Change,
+            Kind::ReloadAgent {
+                reason: "new secrets".into(),
+            },
+            "reload the agent (new secrets; PostgreSQL keeps running)".into(),
         )),
         Some(_) if binary_changed || config_changed => {
             let reason = match (binary_changed, config_changed) {
@@ -287,6 +306,19 @@ fn host_actions(
             }
         }
     }
+}
+
+/// Which secrets differ between a host's agent configuration and the desired one.
+fn changed_secrets(f: &HostFacts, h: &HostDesired) -> Vec<&'static str> {
+    [
+        ("superuser", "superuser password"),
+        ("replication", "replication password"),
+        ("api", "REST API password"),
+    ]
+    .into_iter()
+    .filter(|(k, _)| f.secret_digests.get(*k) != h.secret_digests.get(*k))
+    .map(|(_, label)| label)
+    .collect()
 }
 
 /// A member is converged when it runs as primary, or as a replica that streams.
@@ -433,6 +465,33 @@ fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
                 Kind::NodePending { group: *g },
                 format!("pg_dist_node: + {what} (at its leader, once elected)"),
             ));
+        }
+    }
+    // Role passwords on every group primary that could be read: set by the primary's agent
+    // (one transaction with its pg_dist_authinfo row), replicated to its standbys.
+    for (g, verifiers) in &o.role_verifiers {
+        for (role, password) in &d.role_passwords {
+            // A password that needs SASLprep is hashed by the server: not comparable here.
+            let comparable =
+                crate::postgres::scram::verifier(password.expose(), b"salt", 1).is_some();
+            let current = !comparable
+                || verifiers.get(role).is_some_and(|v| {
+                    crate::postgres::scram::verifier_matches(v, password.expose())
+                });
+            if !current {
+                out.push(act(
+                    Phase::Converge,
+                    Target::Group(*g),
+                    Change::Change,
+                    Kind::RolePassword {
+                        group: *g,
+                        role: role.clone(),
+                    },
+                    format!(
+                        "role {role}: new password on the group's primary (a SCRAM verifier; standbys replicate it)"
+                    ),
+                ));
+            }
         }
     }
     // pg_dist_authinfo on every group primary that could be read.

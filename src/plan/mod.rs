@@ -66,6 +66,15 @@ pub enum Kind {
     RestartAgent {
         reason: String,
     },
+    /// New secrets only: the agent takes them without a restart (SIGHUP).
+    ReloadAgent {
+        reason: String,
+    },
+    /// A role's password on a group's primary differs from the spec's (the agent sets it).
+    RolePassword {
+        group: u32,
+        role: String,
+    },
     /// Bootstrap a new group (the first agent to win the initialize key).
     BootstrapGroup,
     /// The agent brings this member's PostgreSQL up (clone or start).

@@ -21,6 +21,9 @@ pub struct Desired {
     pub superuser: String,
     /// The (0, superuser) row every primary's pg_dist_authinfo should hold.
     pub authinfo: Option<AuthinfoRow>,
+    /// The passwords the superuser and the replication role should have, by role name.
+    #[serde(skip)]
+    pub role_passwords: BTreeMap<String, crate::spec::secret::Secret>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +39,8 @@ pub struct HostDesired {
     pub service: Service,
     pub agent_config_sha256: String,
     pub agent_config_redacted: String,
+    #[serde(skip)]
+    pub secret_digests: BTreeMap<String, String>,
     pub postgresql_conf: String,
 }
 
@@ -48,6 +53,10 @@ pub struct Observed {
     pub nodes: Option<Vec<NodeRow>>,
     /// pg_dist_authinfo of each group's primary.
     pub authinfo: BTreeMap<u32, Vec<AuthinfoRow>>,
+    /// Stored password verifiers (`pg_authid.rolpassword`) of the superuser and the
+    /// replication role on each group's primary, by role. Never shown.
+    #[serde(skip)]
+    pub role_verifiers: BTreeMap<u32, BTreeMap<String, String>>,
     pub metadata_error: Option<String>,
 }
 
@@ -75,6 +84,9 @@ pub struct HostFacts {
     pub agent_config_sha256: Option<String>,
     /// The config on the host with secrets replaced (None when absent or unreadable).
     pub agent_config_redacted: Option<String>,
+    /// Digests of the secrets in that config (see `AgentConfig::secret_digests`); never shown.
+    #[serde(skip)]
+    pub secret_digests: BTreeMap<String, String>,
     pub postgresql_conf: Option<String>,
     pub agent_pid: Option<u32>,
     pub unit_installed: bool,

@@ -131,43 +131,12 @@ pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Roles (with their passwords), the Citus database and extension, on a primary. Idempotent.
-pub async fn ensure_roles_and_database(
+/// The Citus database and extension, on a primary. Idempotent.
+pub async fn ensure_database_and_extension(
     cfg: &AgentConfig,
     timeout: Duration,
 ) -> Result<(), SqlError> {
     let c = connect_local(cfg, "postgres", timeout).await?;
-    let su = &cfg.postgres.superuser;
-    let repl = &cfg.postgres.replication;
-    // Statements carry passwords: they are never logged, and errors quote only the server's text.
-    let exists: bool = bounded(
-        "check roles",
-        timeout,
-        c.query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-            &[&repl.username],
-        ),
-    )
-    .await?
-    .get(0);
-    let verb = if exists { "ALTER" } else { "CREATE" };
-    let stmt = format!(
-        "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
-        ident(&repl.username),
-        literal(repl.password.expose())
-    );
-    bounded("set the replication role", timeout, c.batch_execute(&stmt)).await?;
-    let stmt = format!(
-        "ALTER ROLE {} WITH PASSWORD {}",
-        ident(&su.username),
-        literal(su.password.expose())
-    );
-    bounded(
-        "set the superuser password",
-        timeout,
-        c.batch_execute(&stmt),
-    )
-    .await?;
     let db = &cfg.citus.database;
     let has_db: bool = bounded(
         "check database",
@@ -195,6 +164,122 @@ pub async fn ensure_roles_and_database(
     )
     .await?;
     Ok(())
+}
+
+/// A role's password as PostgreSQL should store it: a SCRAM verifier computed here (with a
+/// fresh salt), so the password itself is never part of a statement; only a password that
+/// needs SASLprep goes as text for the server to hash.
+fn password_value(password: &str) -> String {
+    let mut salt = [0u8; 16];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut salt));
+    match random
+        .ok()
+        .and_then(|_| super::scram::verifier(password, &salt, super::scram::ITERATIONS))
+    {
+        Some(v) => literal(&v),
+        None => literal(password),
+    }
+}
+
+/// The superuser's and the replication role's passwords, and this node's pg_dist_authinfo
+/// row (`authinfo`: Some to set, None to remove), in one transaction on this primary: from
+/// its commit on, the node both accepts and presents the new password. Citus's DDL
+/// propagation is off for it — every group primary does its own (a rotation changes them all
+/// within milliseconds of each other), and established connections between nodes are not
+/// affected at all. A role whose stored verifier already matches is left alone.
+pub async fn set_credentials(
+    cfg: &AgentConfig,
+    authinfo: Option<&str>,
+    timeout: Duration,
+) -> Result<(), SqlError> {
+    let c = connect_local(cfg, &cfg.citus.database, timeout).await?;
+    let su = &cfg.postgres.superuser;
+    let repl = &cfg.postgres.replication;
+    let stored = |name: &str| {
+        let name = name.to_string();
+        let c = &c;
+        async move {
+            bounded(
+                "read roles",
+                timeout,
+                c.query_opt(
+                    "SELECT COALESCE(rolpassword, '') FROM pg_authid WHERE rolname = $1",
+                    &[&name],
+                ),
+            )
+            .await
+            .map(|r| r.map(|r| r.get::<_, String>(0)))
+        }
+    };
+    let mut statements = vec![
+        "BEGIN".to_string(),
+        "SET LOCAL citus.enable_ddl_propagation = off".to_string(),
+        // Never in a log: statements that set passwords carry verifiers, but still.
+        "SET LOCAL log_statement = 'none'".to_string(),
+    ];
+    match stored(&repl.username).await? {
+        None => statements.push(format!(
+            "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+            ident(&repl.username),
+            password_value(repl.password.expose())
+        )),
+        Some(v) if !super::scram::verifier_matches(&v, repl.password.expose()) => {
+            statements.push(format!(
+                "ALTER ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+                ident(&repl.username),
+                password_value(repl.password.expose())
+            ))
+        }
+        Some(_) => {}
+    }
+    match stored(&su.username).await? {
+        Some(v) if super::scram::verifier_matches(&v, su.password.expose()) => {}
+        _ => statements.push(format!(
+            "ALTER ROLE {} WITH PASSWORD {}",
+            ident(&su.username),
+            password_value(su.password.expose())
+        )),
+    }
+    let mut t = bounded(
+        "set passwords",
+        timeout,
+        c.batch_execute(&statements.join("; ")),
+    )
+    .await;
+    if t.is_ok() {
+        t = match authinfo {
+            Some(a) => bounded(
+                "write pg_dist_authinfo",
+                timeout,
+                c.execute(
+                    "INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo) VALUES (0, $1, $2)
+                     ON CONFLICT (rolename, nodeid) DO UPDATE SET authinfo = EXCLUDED.authinfo
+                     WHERE pg_dist_authinfo.authinfo IS DISTINCT FROM EXCLUDED.authinfo",
+                    &[&su.username, &a],
+                ),
+            )
+            .await
+            .map(|_| ()),
+            None => bounded(
+                "delete from pg_dist_authinfo",
+                timeout,
+                c.execute(
+                    "DELETE FROM pg_catalog.pg_dist_authinfo WHERE nodeid = 0 AND rolename = $1",
+                    &[&su.username],
+                ),
+            )
+            .await
+            .map(|_| ()),
+        };
+    }
+    match t {
+        Ok(()) => bounded("commit passwords", timeout, c.batch_execute("COMMIT")).await,
+        Err(e) => {
+            let _ = bounded("roll back", timeout, c.batch_execute("ROLLBACK")).await;
+            Err(e)
+        }
+    }
 }
 
 /// Promote and wait (bounded) until the server accepts writes. `pg_promote(wait => true)`

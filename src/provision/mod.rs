@@ -75,7 +75,7 @@ pub async fn write_config(s: &Session, paths: &Paths, text: &str) -> Result<(), 
 pub fn unit_text(paths: &Paths, cluster: &str, member: &str) -> String {
     format!(
         "# Written by citus-reconcile apply.\n[Unit]\nDescription=citus-reconcile agent ({cluster}/{member})\nAfter=network-online.target\nWants=network-online.target\n\n\
-         [Service]\nExecStart={} agent --config {}\nRestart=always\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=90\nLimitNOFILE=65536\n\n\
+         [Service]\nExecStart={} agent --config {}\nExecReload=/bin/kill -HUP $MAINPID\nRestart=always\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=90\nLimitNOFILE=65536\n\n\
          [Install]\nWantedBy=multi-user.target\n",
         paths.binary(),
         paths.config()
@@ -191,6 +191,30 @@ pub async fn stop_agent(
                 .map(|_| ())
         }
     }
+}
+
+/// New secrets for a running agent: it takes them without a restart (SIGHUP; the supervisor
+/// of a `process` agent forwards it).
+pub async fn reload_agent(
+    s: &Session,
+    service: Service,
+    paths: &Paths,
+    cluster: &str,
+    member: &str,
+) -> Result<(), SshError> {
+    let script = match service {
+        Service::Systemd => format!(
+            "systemctl reload {}",
+            shell_quote(&Paths::unit_name(cluster, member))
+        ),
+        Service::Process => format!(
+            "if {alive}; then kill -HUP $pid; else echo 'the agent is not running' >&2; exit 1; fi",
+            alive = agent_alive_test(paths),
+        ),
+    };
+    s.run("reload the agent", &script, STEP_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 pub async fn restart_agent(

@@ -152,6 +152,9 @@ async fn run_host_actions(
                     Kind::RestartAgent { .. } => {
                         provision::restart_agent(&session, service, &paths, &cluster, &h.name).await
                     }
+                    Kind::ReloadAgent { .. } => {
+                        provision::reload_agent(&session, service, &paths, &cluster, &h.name).await
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = r {

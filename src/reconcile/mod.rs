@@ -106,6 +106,7 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                 service: spec.agent.service,
                 agent_config_sha256: sha256_hex(rendered.as_bytes()),
                 agent_config_redacted: cfg.render_redacted(),
+                secret_digests: cfg.secret_digests(),
                 postgresql_conf: conf::render_postgresql_conf(&cfg),
             },
         );
@@ -135,6 +136,10 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
         secondaries: spec.citus.secondaries,
         superuser: spec.postgres.superuser.username.clone(),
         authinfo,
+        role_passwords: [&spec.postgres.superuser, &spec.postgres.replication]
+            .into_iter()
+            .map(|c| (c.username.clone(), c.password.clone()))
+            .collect(),
     }
 }
 

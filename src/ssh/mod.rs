@@ -466,6 +466,28 @@ impl Session {
         }
     }
 
+    /// Open a connection from the host to a unix socket on it (e.g. PostgreSQL's, where the
+    /// agent's local trust rule needs no password). Needs a login that may open the socket.
+    pub async fn forward_socket(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<ChannelStream<client::Msg>, SshError> {
+        let open = self.handle.channel_open_direct_streamlocal(path);
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => Ok(channel.into_stream()),
+            Ok(Err(e)) => Err(SshError::Protocol {
+                host: self.target.name.clone(),
+                detail: format!("cannot forward to {path}: {e}"),
+            }),
+            Err(_) => Err(SshError::Timeout {
+                host: self.target.name.clone(),
+                step: format!("forward to {path}"),
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
     pub async fn close(&self) {
         let _ = self
             .handle

@@ -10,6 +10,23 @@ use std::time::{Duration, Instant};
 
 pub const PASSWORD: &str = "lab-superuser-pw";
 
+/// The superuser password new connections use (a test that rotates it changes this).
+static CURRENT_PASSWORD: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+pub fn set_password(p: &str) {
+    if let Ok(mut c) = CURRENT_PASSWORD.write() {
+        *c = Some(p.to_string());
+    }
+}
+
+fn password() -> String {
+    CURRENT_PASSWORD
+        .read()
+        .ok()
+        .and_then(|p| p.clone())
+        .unwrap_or_else(|| PASSWORD.to_string())
+}
+
 /// A blocking SQL client (its own small runtime), for test threads.
 pub struct Sql {
     rt: tokio::runtime::Runtime,
@@ -21,9 +38,10 @@ pub fn conninfo(hosts: &[(String, u16)], dbname: &str, extra: &str) -> String {
     let h: Vec<&str> = hosts.iter().map(|(a, _)| a.as_str()).collect();
     let p: Vec<String> = hosts.iter().map(|(_, p)| p.to_string()).collect();
     format!(
-        "host={} port={} user=postgres password={PASSWORD} dbname={dbname} connect_timeout=2 target_session_attrs=read-write {extra}",
+        "host={} port={} user=postgres password={} dbname={dbname} connect_timeout=2 target_session_attrs=read-write {extra}",
         h.join(","),
-        p.join(",")
+        p.join(","),
+        password()
     )
 }
 

@@ -27,6 +27,7 @@
 //! | 143 | citus::worker_switchover… |
 //! | 144 | citus::a_pause_never… |
 //! | 145 | citus::pause_on_loss… |
+//! | 146 | citus::credentials_rotate… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 //! | 210, 211 | benches/citus.rs |
@@ -167,14 +168,24 @@ pub fn set_lab_secrets() {
     }
 }
 
-/// Run the CLI on a lab's spec; panics with its output on failure when `must` is set.
+/// Run the CLI on a lab's spec, with the lab's secrets.
 pub fn cli(t: &TestLab, args: &[&str]) -> std::process::Output {
+    cli_with_secrets(t, args, "lab-superuser-pw", "lab-replication-pw")
+}
+
+/// Run the CLI on a lab's spec with other values for the spec's secrets.
+pub fn cli_with_secrets(
+    t: &TestLab,
+    args: &[&str],
+    superuser: &str,
+    replication: &str,
+) -> std::process::Output {
     assert_cmd::Command::cargo_bin("citus-reconcile")
         .expect("binary")
         .args(args)
         .arg(&t.spec_path)
-        .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
-        .env("CR_LAB_REPLICATION", "lab-replication-pw")
+        .env("CR_LAB_SUPERUSER", superuser)
+        .env("CR_LAB_REPLICATION", replication)
         // Longer than apply's own convergence timeout, so its report is never cut off.
         .timeout(std::time::Duration::from_secs(420))
         .output()

@@ -22,8 +22,26 @@ fn host(name: &str, group: u32, address: &str) -> HostDesired {
         service: Service::Process,
         agent_config_sha256: format!("cfg-{name}"),
         agent_config_redacted: format!("member: {name}\npassword: <redacted>\n"),
+        secret_digests: digests("s3cret", "r3pl"),
         postgresql_conf: "port = '5432'\n".into(),
     }
+}
+
+fn digests(superuser: &str, replication: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("superuser".to_string(), format!("d-{superuser}")),
+        ("replication".to_string(), format!("d-{replication}")),
+    ])
+}
+
+/// What a primary stores for the lab's two roles with these passwords.
+fn verifiers(superuser: &str, replication: &str) -> BTreeMap<String, String> {
+    let v =
+        |p: &str| crate::postgres::scram::verifier(p, b"0123456789abcdef", 16).unwrap_or_default();
+    BTreeMap::from([
+        ("postgres".to_string(), v(superuser)),
+        ("replicator".to_string(), v(replication)),
+    ])
 }
 
 /// Two groups: coordinator c1 (+ c2), worker w1.
@@ -45,6 +63,10 @@ fn desired() -> Desired {
             rolename: "postgres".into(),
             authinfo: Secret::new("password=s3cret"),
         }),
+        role_passwords: BTreeMap::from([
+            ("postgres".to_string(), Secret::new("s3cret")),
+            ("replicator".to_string(), Secret::new("r3pl")),
+        ]),
     }
 }
 
@@ -62,6 +84,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         agent_binary_sha256: Some(SHA.into()),
         agent_config_sha256: Some(h.agent_config_sha256.clone()),
         agent_config_redacted: Some(h.agent_config_redacted.clone()),
+        secret_digests: h.secret_digests.clone(),
         postgresql_conf: Some(h.postgresql_conf.clone()),
         agent_pid: Some(100),
         unit_installed: false,
@@ -124,6 +147,10 @@ fn converged(d: &Desired) -> Observed {
         },
         nodes: Some(vec![node(1, 0, "10.0.0.11"), node(2, 1, "10.0.0.21")]),
         authinfo: BTreeMap::from([(0, auth.clone()), (1, auth)]),
+        role_verifiers: BTreeMap::from([
+            (0, verifiers("s3cret", "r3pl")),
+            (1, verifiers("s3cret", "r3pl")),
+        ]),
         metadata_error: None,
     }
 }
@@ -303,7 +330,8 @@ fn secret_only_changes_say_so_without_showing_them() {
         &converged(&desired()),
         &[
             "~ c2 update agent configuration (secret values changed; not shown)",
-            "~ c2 restart the agent (new configuration)",
+            // Only secrets: taken without a restart.
+            "~ c2 reload the agent (new secrets; PostgreSQL keeps running)",
         ],
     );
     let mut d = desired();
@@ -448,4 +476,85 @@ fn plan_text_snapshot() {
     let plan = diff(&d2, &o);
     insta::assert_snapshot!(super::super::render::text(&plan, &d2));
     insta::assert_snapshot!("diff_only", super::super::render::diff_only(&plan));
+}
+
+#[test]
+fn new_passwords_are_a_reload_and_name_what_changes_never_a_value() {
+    // The spec's passwords changed; hosts still hold the old ones.
+    let old = desired();
+    let mut d = desired();
+    d.role_passwords
+        .insert("postgres".into(), Secret::new("n3w"));
+    d.authinfo = Some(AuthinfoRow {
+        nodeid: 0,
+        rolename: "postgres".into(),
+        authinfo: Secret::new("password=n3w"),
+    });
+    for h in d.hosts.values_mut() {
+        h.agent_config_sha256 = format!("{}-new", h.agent_config_sha256);
+        h.secret_digests = digests("n3w", "r3pl");
+    }
+    let o = converged(&old);
+    let plan = diff(&d, &o);
+    let got = lines(&plan);
+    for h in ["c1", "c2", "w1"] {
+        assert!(got.contains(&format!("~ {h} update agent configuration: new superuser password (values not shown), new passfile")), "{got:#?}");
+        assert!(
+            got.contains(&format!(
+                "~ {h} reload the agent (new secrets; PostgreSQL keeps running)"
+            )),
+            "{got:#?}"
+        );
+    }
+    for g in [0, 1] {
+        assert!(got.contains(&format!("~ g{g} role postgres: new password on the group's primary (a SCRAM verifier; standbys replicate it)")), "{got:#?}");
+        assert!(
+            got.contains(&format!(
+                "~ g{g} pg_dist_authinfo: ~ (0, postgres) password changed"
+            )),
+            "{got:#?}"
+        );
+    }
+    assert!(
+        !got.iter()
+            .any(|l| l.contains("replicator") || l.contains("restart")),
+        "{got:#?}"
+    );
+    let json = serde_json::to_string(&plan).unwrap_or_default();
+    let text = got.join("\n");
+    for secret in ["n3w", "s3cret"] {
+        assert!(
+            !json.contains(secret) && !text.contains(secret),
+            "{secret} shown"
+        );
+    }
+
+    // Once the agents have applied them: nothing left.
+    let mut after = converged(&d);
+    for v in after.role_verifiers.values_mut() {
+        *v = verifiers("n3w", "r3pl");
+    }
+    let auth = vec![AuthinfoRow {
+        nodeid: 0,
+        rolename: "postgres".into(),
+        authinfo: Secret::new("password=n3w"),
+    }];
+    after.authinfo = BTreeMap::from([(0, auth.clone()), (1, auth)]);
+    check(&d, &after, &[]);
+}
+
+#[test]
+fn other_configuration_changes_still_restart() {
+    let old = desired();
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.agent_config_sha256 = format!("{}-new", h.agent_config_sha256);
+        h.agent_config_redacted = format!("{}ttl: 10\n", h.agent_config_redacted);
+    }
+    let got = lines(&diff(&d, &converged(&old)));
+    assert!(
+        got.contains(&"~ c1 restart the agent (new configuration)".to_string()),
+        "{got:#?}"
+    );
+    assert!(!got.iter().any(|l| l.contains("reload")), "{got:#?}");
 }
