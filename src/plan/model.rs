@@ -62,6 +62,8 @@ pub struct Observed {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "reachable", rename_all = "lowercase")]
+// One value per host per observation: its size does not matter, boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum HostObserved {
     #[serde(rename = "no")]
     Unreachable { error: String },
