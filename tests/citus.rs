@@ -10,87 +10,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::citus_client::{self, Sql, Writer};
+use common::citus_client::{
+    self, Sql, Writer, address_of, addresses, coordinator, real_citus, wait_rows_follow_leaders,
+    writes_resume,
+};
 use common::{
-    TestLab, cli, cluster, etcd_get, lab_available, lab_spec, leader, members, output_text,
-    signal_agent, status, wait_for,
+    TestLab, cli, cluster, etcd_get, lab_spec, leader, members, output_text, signal_agent, status,
+    wait_for,
 };
 
 const FAST_HA: &str = "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2 }\n";
-
-/// Real Citus is installed (the tests below need it). Without it: skipped, or a failure where
-/// CI expects it.
-fn real_citus(test: &str) -> bool {
-    if !lab_available(test) {
-        return false;
-    }
-    match citus_reconcile::lab::standin::detect(common::pg::BIN) {
-        Ok(Some(citus_reconcile::lab::standin::CitusInstall::Real { .. })) => true,
-        other => {
-            let why =
-                format!("{test}: needs the real Citus extension (found {other:?}); run .ci/setup");
-            if std::env::var("CITUS_RECONCILE_REQUIRE_LAB").as_deref() == Ok("1")
-                && std::path::Path::new("../shared/citus/install.sh").exists()
-            {
-                panic!("{why}");
-            }
-            eprintln!("skipped {why}");
-            false
-        }
-    }
-}
-
-/// (address, port) of every member of a group.
-fn addresses(t: &TestLab, group: u32) -> Vec<(String, u16)> {
-    members(t, group)
-        .into_iter()
-        .map(|(_, a, p)| (a, p))
-        .collect()
-}
-
-fn address_of(t: &TestLab, member: &str) -> (String, u16) {
-    t.spec
-        .host(member)
-        .map(|h| (h.address.clone(), h.pg_port))
-        .unwrap_or_default()
-}
-
-/// SQL through the coordinator (whichever member accepts writes).
-fn coordinator(t: &TestLab) -> Sql {
-    wait_for(
-        "the coordinator to accept writes",
-        Duration::from_secs(60),
-        || Sql::connect(&addresses(t, 0), "citus").ok(),
-    )
-}
-
-/// Every group has a leader and the coordinator's pg_dist_node names each one as its
-/// primary: the state in which distributed queries can work.
-fn wait_rows_follow_leaders(t: &TestLab, groups: &[u32]) -> Vec<String> {
-    wait_for(
-        "pg_dist_node to name every group's leader",
-        Duration::from_secs(90),
-        || {
-            let leaders: Vec<String> = groups
-                .iter()
-                .map(|g| leader(t, u64::from(*g)))
-                .collect::<Option<_>>()?;
-            let mut c = Sql::connect(&addresses(t, 0), "citus").ok()?;
-            for (g, l) in groups.iter().zip(&leaders) {
-                let (addr, port) = address_of(t, l);
-                let row = c
-                    .one(&format!(
-                        "SELECT nodename || ':' || nodeport FROM pg_dist_node WHERE groupid = {g} AND noderole = 'primary'"
-                    ))
-                    .ok()?;
-                if row != format!("{addr}:{port}") {
-                    return None;
-                }
-            }
-            Some(leaders)
-        },
-    )
-}
 
 /// Distributed and reference tables work through the coordinator and through every worker
 /// primary; each worker holds its own pg_dist_authinfo row; every node reaches every other.
@@ -461,19 +390,6 @@ fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
     candidate
 }
 
-/// The writer acknowledges inserts again: nothing holds it (inserts are sequential, so one
-/// stuck on a blocked group would stop them all).
-fn writes_resume(w: &Writer, what: &str) {
-    let from = w.t0.elapsed();
-    wait_for(what, Duration::from_secs(90), || {
-        w.snapshot()
-            .iter()
-            .filter(|i| i.ok && i.started > from)
-            .nth(20)
-            .map(|_| ())
-    });
-}
-
 #[test]
 fn a_write_pause_never_leaves_a_group_blocked() {
     if !real_citus("pause failure paths") {
@@ -784,7 +700,7 @@ fn credentials_rotate_without_a_restart_or_a_failed_query() {
 
     // New logins take the new password only; every node's pg_dist_authinfo row carries it, and
     // every node reaches every other with it (new connections).
-    citus_client::set_password(su);
+    citus_client::set_password(&t, su);
     let mut c = coordinator(&t);
     let old = Sql::connect_with(
         &citus_client::conninfo(&coord, "citus", "").replace(su, "lab-superuser-pw"),
@@ -808,6 +724,35 @@ fn credentials_rotate_without_a_restart_or_a_failed_query() {
     eprintln!("writer through the coordinator during the rotation: {summary}");
     assert_eq!(summary.failed, 0, "{summary}");
     citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
+
+    // Drift: group 1's authinfo row edited by hand shows in the plan; apply has the primary's
+    // agent set it again (a reload), nothing restarts.
+    let g1 = now[1].clone().expect("group 1 leader");
+    let mut n = Sql::connect(&[address_of(&t, &g1)], "citus").expect("login");
+    n.exec("UPDATE pg_dist_authinfo SET authinfo = 'password=edited-by-hand' WHERE nodeid = 0 AND rolename = 'postgres'")
+        .expect("edit authinfo");
+    let o = common::cli_with_secrets(&t, &["plan", "--detailed-exitcode"], su, repl);
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("pg_dist_authinfo: ~ (0, postgres) password changed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("it sets roles and pg_dist_authinfo again"),
+        "{text}"
+    );
+    assert!(!text.contains("edited-by-hand"), "{text}");
+    let o = common::cli_with_secrets(&t, &["apply", "--auto-approve"], su, repl);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let o = common::cli_with_secrets(&t, &["plan", "--detailed-exitcode"], su, repl);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let row = n
+        .one("SELECT authinfo FROM pg_dist_authinfo WHERE nodeid = 0 AND rolename = 'postgres'")
+        .expect("authinfo row");
+    assert_eq!(row, format!("password={su}"));
+    let again: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    assert_eq!(pids, again, "PostgreSQL restarted");
 }
 
 /// Every replica streams (as `status` reports it).

@@ -584,6 +584,7 @@ impl Node {
                     return Err(e);
                 }
                 self.replica_start_failures = 0;
+                self.drop_leftover_slots().await;
                 if leader.is_some() {
                     // It runs as a standby of the new leader now: a later rejoin after being
                     // primary again must rewind.
@@ -605,6 +606,7 @@ impl Node {
                 }
                 tracing::info!(%upstream, "following a new upstream");
                 self.upstream = Some(upstream);
+                self.drop_leftover_slots().await;
                 Ok(true)
             }
             Action::Promote => {
@@ -1178,6 +1180,25 @@ impl Node {
         }
     }
 
+    /// A standby drops the logical slots of Citus shard moves it was the source of as a
+    /// primary (see `sql::drop_citus_slots_on_standby`). Best effort: logged, never fatal.
+    async fn drop_leftover_slots(&mut self) {
+        let t = self.timeout();
+        let Ok(c) = sql::connect_local(&self.cfg, &self.cfg.citus.database, t).await else {
+            return;
+        };
+        match sql::drop_citus_slots_on_standby(&c, t).await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(
+                    ?dropped,
+                    "dropped Citus's logical slots left from this member's time as primary"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot look for leftover Citus slots"),
+        }
+    }
+
     /// Take new passwords without a restart: the passfile now, the roles and this node's
     /// pg_dist_authinfo row on the next cycle if this member is a primary (`EnsureSetup`, one
     /// transaction). Replicas keep streaming on their established connections.
@@ -1186,6 +1207,12 @@ impl Node {
         self.pg.cfg = new;
         self.setup_done = false;
         self.pg.prepare_host_files().map_err(|e| e.to_string())
+    }
+
+    /// Set up roles, passwords and this node's pg_dist_authinfo row again on the next cycle
+    /// (as primary), repairing what was changed by hand.
+    pub fn recheck_setup(&mut self) {
+        self.setup_done = false;
     }
 
     pub fn data_dir_exists(&self) -> bool {

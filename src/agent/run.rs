@@ -181,7 +181,13 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
             _ = int.recv() => break,
             _ = hup.recv() => {
                 match load_config(&config_path) {
-                    Ok(new) if new == node.cfg => {}
+                    Ok(new) if new == node.cfg => {
+                        // Nothing new: look at roles, passwords and this node's
+                        // pg_dist_authinfo row again (`apply` asks for this when they drifted).
+                        tracing::info!("reload with the same configuration; checking the database setup again");
+                        node.recheck_setup();
+                        wake.notify_one();
+                    }
                     Ok(new) => match node.cfg.secret_changes(&new) {
                         // New passwords: applied in place, PostgreSQL keeps running.
                         Some(changed) => {

@@ -173,6 +173,7 @@ pub async fn apply_node_change(
             match result {
                 Ok(()) => {
                     bounded("commit", timeout, c.batch_execute("COMMIT")).await?;
+                    restart_moves_involving(c, rows, timeout).await;
                 }
                 Err(e) => {
                     let _ = bounded("rollback", timeout, c.batch_execute("ROLLBACK")).await;
@@ -192,6 +193,39 @@ pub async fn apply_node_change(
     Ok(())
 }
 
+/// A shard move caught by a change of primary in its source or target group does not fail on
+/// its own: it waits for a logical replication subscription to the old primary to catch up,
+/// for `citus.logical_replication_timeout` (two hours by default), while the rebalance job
+/// stalls and `citus_rebalance_status()` fails on the demoted server. Cancel the task's
+/// backend (the signal `citus_job_cancel` sends, without marking the task cancelled): Citus
+/// counts it as a failed attempt, cleans up after it and runs it again a few seconds later,
+/// against the rows as they are now. Best effort: a task that was not running is untouched.
+async fn restart_moves_involving(c: &Client, rows: &[RowUpdate], timeout: Duration) {
+    let ids: Vec<i32> = rows.iter().map(|u| u.nodeid).collect();
+    let cancelled = bounded(
+        "restart shard moves",
+        timeout,
+        c.query_one(
+            "SELECT count(*) FILTER (WHERE pg_catalog.pg_cancel_backend(pid))
+               FROM pg_catalog.pg_dist_background_task
+              WHERE status = 'running' AND pid IS NOT NULL AND nodes_involved && $1::int[]",
+            &[&ids],
+        ),
+    )
+    .await;
+    match cancelled {
+        Ok(row) => {
+            let n: i64 = row.get(0);
+            if n > 0 {
+                tracing::info!(tasks = n, nodes = ?ids, "restarted shard moves caught by the change of primary");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot restart shard moves caught by the change of primary")
+        }
+    }
+}
+
 /// `nextval` is not transactional: every failed `citus_add_node` would use up a node id for
 /// good, and an agent retrying every few seconds would leave rows numbered in the hundreds.
 /// Put the sequence back to the highest id in use. Only the coordinator primary's agent adds
@@ -206,17 +240,6 @@ async fn give_back_node_ids(c: &Client, timeout: Duration) {
         ),
     )
     .await;
-}
-
-/// Drain a worker before it is removed (moves its shards away).
-pub async fn drain(c: &Client, host: &str, port: i32, timeout: Duration) -> Result<(), SqlError> {
-    bounded(
-        "citus_drain_node",
-        timeout,
-        c.execute("SELECT citus_drain_node($1, $2)", &[&host, &port]),
-    )
-    .await
-    .map(|_| ())
 }
 
 /// A write pause on the coordinator: an open transaction holding, in exclusive mode, the shard
@@ -447,7 +470,9 @@ impl PauseSession {
             timeout,
             self.client.batch_execute("COMMIT"),
         )
-        .await
+        .await?;
+        restart_moves_involving(&self.client, rows, timeout).await;
+        Ok(())
     }
 
     /// Roll back: the writes go on to the row as it was.

@@ -175,7 +175,7 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
         if plan.has_destroys() && !args.allow_destroy {
             run.close().await;
             return Err(miette::miette!(
-                "nothing was changed: the plan destroys {} thing(s); rerun with --allow-destroy once you have reviewed it",
+                "nothing was changed: the plan removes what left the spec ({} item(s) marked - above: a group's shards move to the others, members stop, their data directories are set aside), which needs --allow-destroy; review it, then rerun with --allow-destroy",
                 plan.summary.destroy
             ));
         }

@@ -329,6 +329,11 @@ async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut
                 Ok(rows) => o.nodes = Some(rows),
                 Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
             }
+            // A Citus without the rebalancer (or the stand-in) simply has no shard view.
+            match citus::rebalance::observe(&client, SQL_TIMEOUT).await {
+                Ok(s) => o.shards = Some(s),
+                Err(e) => tracing::debug!(error = %e, "cannot read shard placement"),
+            }
         }
     }
 }

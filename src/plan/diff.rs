@@ -70,7 +70,9 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
     if o.etcd.error.is_none() {
         convergence(d, o, &mut actions);
         metadata_actions(d, o, &mut actions);
+        rebalance_actions(d, o, &mut actions);
         destroy_actions(d, o, &mut actions);
+        setup_repairs(o, &mut actions);
     }
     actions.sort_by(|a, b| (a.phase, &a.target).cmp(&(b.phase, &b.target)));
     let mut summary = Summary::default();
@@ -538,6 +540,108 @@ fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     }
 }
 
+/// A role password or `pg_dist_authinfo` row that differs while the group primary's agent has
+/// nothing new to take (edited by hand, say): the agent set them up once and does not look
+/// again on its own. A reload makes it (one transaction, PostgreSQL keeps running) — unless
+/// the host's agent is being started, restarted or reloaded anyway.
+fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
+    let groups: BTreeSet<u32> = out
+        .iter()
+        .filter_map(|a| match a.kind {
+            Kind::RolePassword { group, .. } | Kind::Authinfo { group, .. } => Some(group),
+            _ => None,
+        })
+        .collect();
+    for g in groups {
+        let Some(leader) = o.etcd.groups.get(&g).and_then(|e| e.leader.clone()) else {
+            continue;
+        };
+        let agent_runs = matches!(
+            o.hosts.get(&leader),
+            Some(HostObserved::Reachable(f)) if f.agent_pid.is_some()
+        );
+        let busy = out
+            .iter()
+            .any(|a| a.phase == Phase::Start && a.target == Target::Host(leader.clone()));
+        if agent_runs && !busy {
+            out.push(act(
+                Phase::Start,
+                Target::Host(leader),
+                Change::Change,
+                Kind::ReloadAgent {
+                    reason: "repair roles and pg_dist_authinfo".into(),
+                },
+                "reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)".into(),
+            ));
+        }
+    }
+}
+
+/// `citus.rebalance`: spread shards over every worker group once all are registered, or follow
+/// the job that runs. Nothing is planned while Citus's view is unreadable.
+fn rebalance_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    let Some(shards) = o.shards.as_ref().filter(|_| d.rebalance) else {
+        return;
+    };
+    let mode = crate::citus::rebalance::transfer_mode(&shards.without_replica_identity);
+    let why = match shards.without_replica_identity.as_slice() {
+        [] => "online: writes go on while shards move".to_string(),
+        tables => format!(
+            "{} {} no replica identity, so writes to each shard wait while it moves",
+            tables.join(", "),
+            if tables.len() == 1 { "has" } else { "have" }
+        ),
+    };
+    // Worker groups of the spec without their row yet: they will be, then shards move.
+    let rows = o.nodes.as_deref().unwrap_or_default();
+    let pending: Vec<u32> = d
+        .groups
+        .keys()
+        .filter(|g| **g != 0)
+        .filter(|g| {
+            !rows
+                .iter()
+                .any(|r| r.groupid == **g as i32 && r.noderole == "primary")
+        })
+        .copied()
+        .collect();
+    let summary = if let Some(j) = &shards.running_job {
+        format!(
+            "rebalance job {} {} ({} of {} moves done): apply follows it",
+            j.job_id, j.state, j.done, j.total
+        )
+    } else if !pending.is_empty() && shards.per_group.values().any(|n| *n > 0) {
+        format!(
+            "rebalance shards once group{} {} {} registered (citus_rebalance_start, shard_transfer_mode => {mode}: {why})",
+            if pending.len() == 1 { "" } else { "s" },
+            pending
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if pending.len() == 1 { "is" } else { "are" }
+        )
+    } else if shards.planned_moves > 0 {
+        format!(
+            "rebalance: {} shard move{} over {} worker groups (citus_rebalance_start, shard_transfer_mode => {mode}: {why})",
+            shards.planned_moves,
+            if shards.planned_moves == 1 { "" } else { "s" },
+            d.groups.keys().filter(|g| **g != 0).count()
+        )
+    } else {
+        return;
+    };
+    out.push(act(
+        Phase::Rebalance,
+        Target::Cluster,
+        Change::Change,
+        Kind::Rebalance {
+            transfer_mode: mode.to_string(),
+        },
+        summary,
+    ));
+}
+
 fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     let spec_groups: BTreeSet<u32> = d.groups.keys().copied().collect();
     let mut gone_groups: BTreeSet<u32> = o
@@ -555,12 +659,27 @@ fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
         );
     }
     for g in &gone_groups {
+        let drain = match o.shards.as_ref() {
+            Some(s) => {
+                let n = s.per_group.get(g).copied().unwrap_or(0);
+                let mode = crate::citus::rebalance::transfer_mode(&s.without_replica_identity);
+                if n == 0 {
+                    "no shards to move".to_string()
+                } else {
+                    format!(
+                        "move its {n} shard{} to the other groups (citus_rebalance_start drain_only, shard_transfer_mode => {mode})",
+                        if n == 1 { "" } else { "s" }
+                    )
+                }
+            }
+            None => "move its shards to the other groups (citus_rebalance_start drain_only)".into(),
+        };
         out.push(act(
             Phase::Destroy,
             Target::Group(*g),
             Change::Destroy,
             Kind::RemoveGroup { group: *g },
-            format!("group {g}: drain its shards (citus_drain_node), remove it from pg_dist_node, stop its agents, delete its etcd keys"),
+            format!("group {g}: {drain}, stop its agents and set their data directories aside (never deleted), delete its etcd keys, remove its rows from pg_dist_node"),
         ));
     }
     for (g, obs) in &o.etcd.groups {
@@ -574,7 +693,7 @@ fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
                     Target::Group(*g),
                     Change::Destroy,
                     Kind::RemoveMember { member: name.clone(), address: m.host.clone() },
-                    format!("member {name} ({}): stop its agent and delete its etcd keys (data directory kept)", m.host),
+                    format!("member {name} ({}): stop its agent, set its data directory aside (never deleted), delete its etcd keys", m.host),
                 ));
             }
         }

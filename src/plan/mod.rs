@@ -11,7 +11,7 @@ use serde::Serialize;
 pub use diff::diff;
 pub use model::{
     DataDirState, Desired, EtcdObserved, GroupObserved, HostDesired, HostFacts, HostObserved,
-    Observed,
+    Observed, RebalanceJob, ShardsObserved,
 };
 
 /// Version of the JSON plan format.
@@ -29,6 +29,8 @@ pub enum Phase {
     Start,
     /// What the agents do once running: bootstrap, clone, Citus metadata.
     Converge,
+    /// Moving shards onto new worker groups (`citus.rebalance`), once they are registered.
+    Rebalance,
     /// Removals (only with --allow-destroy).
     Destroy,
 }
@@ -101,6 +103,10 @@ pub enum Kind {
     /// A worker group that the spec no longer has: drain, then remove.
     RemoveGroup {
         group: u32,
+    },
+    /// Spread shards over every worker group (or follow the rebalance job that runs).
+    Rebalance {
+        transfer_mode: String,
     },
 }
 

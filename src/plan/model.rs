@@ -18,6 +18,8 @@ pub struct Desired {
     /// SHA-256 of the agent binary that would be uploaded.
     pub binary_sha256: String,
     pub secondaries: bool,
+    /// `citus.rebalance`.
+    pub rebalance: bool,
     pub superuser: String,
     /// The (0, superuser) row every primary's pg_dist_authinfo should hold.
     pub authinfo: Option<AuthinfoRow>,
@@ -58,6 +60,31 @@ pub struct Observed {
     #[serde(skip)]
     pub role_verifiers: BTreeMap<u32, BTreeMap<String, String>>,
     pub metadata_error: Option<String>,
+    /// Where shards are and what the rebalancer would do (None: not readable, e.g. no
+    /// coordinator primary yet, or a Citus without the rebalancer).
+    pub shards: Option<ShardsObserved>,
+}
+
+/// Shard placement and rebalancing, as the coordinator's primary sees them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ShardsObserved {
+    /// Shards of distributed tables (not reference tables) on each group.
+    pub per_group: BTreeMap<u32, u32>,
+    /// Moves the rebalancer would make now (`get_rebalance_table_shards_plan()`).
+    pub planned_moves: u32,
+    /// Distributed tables without a replica identity: their shards cannot move while
+    /// writes go on (logical replication needs one).
+    pub without_replica_identity: Vec<String>,
+    /// The latest rebalance job, while it runs.
+    pub running_job: Option<RebalanceJob>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RebalanceJob {
+    pub job_id: i64,
+    pub state: String,
+    pub done: u32,
+    pub total: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]

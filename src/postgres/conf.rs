@@ -75,6 +75,9 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
         "citus.node_connection_timeout",
         user_timeout_ms.max(2000).to_string(),
     );
+    // Citus connects to its own server for background work (the rebalancer's tasks, shard
+    // splits) at this name; the default, localhost, is not where the server listens.
+    set("citus.local_hostname", cfg.address.clone());
     for (k, v) in user {
         if k != "shared_preload_libraries" {
             set(k, v.clone());

@@ -282,6 +282,30 @@ pub async fn set_credentials(
     }
 }
 
+/// Drop Citus's shard-move and shard-split logical slots on a standby: left by a move that a
+/// switchover or failover interrupted while this server was the move's source, they can only
+/// hold WAL back here (Citus retries the move from the new primary). Returns their names.
+/// Other slots are not ours to touch.
+pub async fn drop_citus_slots_on_standby(
+    client: &Client,
+    timeout: Duration,
+) -> Result<Vec<String>, SqlError> {
+    let rows = bounded(
+        "drop leftover Citus slots",
+        timeout,
+        client.query(
+            "SELECT name FROM (
+               SELECT slot_name::text AS name, pg_drop_replication_slot(slot_name)
+                 FROM pg_replication_slots
+                WHERE pg_is_in_recovery() AND slot_type = 'logical' AND NOT active
+                  AND slot_name ~ '^citus_shard_(move|split)_slot(_[0-9]+){2,3}$') dropped",
+            &[],
+        ),
+    )
+    .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Promote and wait (bounded) until the server accepts writes. `pg_promote(wait => true)`
 /// looks only every 100 ms; during a switchover every one of those counts, so this asks
 /// without waiting and then looks every 5 ms.

@@ -217,6 +217,43 @@ pub async fn reload_agent(
         .map(|_| ())
 }
 
+/// Rename a retired member's data directory (named in its agent configuration) to
+/// `{data_dir}.removed-{unix time}`: set aside, never deleted. Returns the new name, or None
+/// when there was none.
+pub async fn set_data_aside(s: &Session, paths: &Paths) -> Result<Option<String>, SshError> {
+    let text = s
+        .run(
+            "read the agent configuration",
+            &format!("cat {} 2>/dev/null || true", shell_quote(&paths.config())),
+            STEP_TIMEOUT,
+        )
+        .await?;
+    let Ok(cfg) = crate::agent::config::AgentConfig::parse(&text) else {
+        return Ok(None);
+    };
+    let dir = cfg.postgres.data_dir.trim_end_matches('/').to_string();
+    if dir.is_empty() || dir == "/" {
+        return Ok(None);
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = format!("{dir}.removed-{secs}");
+    let out = s
+        .run(
+            "set the data directory aside",
+            &format!(
+                "if [ -d {d} ]; then mv -T -- {d} {a} && echo moved; fi",
+                d = shell_quote(&dir),
+                a = shell_quote(&aside)
+            ),
+            STEP_TIMEOUT,
+        )
+        .await?;
+    Ok(out.contains("moved").then_some(aside))
+}
+
 pub async fn restart_agent(
     s: &Session,
     service: Service,

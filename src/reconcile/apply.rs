@@ -15,7 +15,7 @@ use super::{ReconcileError, Run};
 use crate::agent::config::{AgentConfig, Paths};
 use crate::citus::metadata::NodeChange;
 use crate::dcs::Dcs;
-use crate::observe::{self, SQL_TIMEOUT};
+use crate::observe::SQL_TIMEOUT;
 use crate::plan::{Action, Kind, Observed, Phase, Plan, Target};
 use crate::provision;
 use crate::ssh::{self, Session};
@@ -246,9 +246,13 @@ pub async fn apply(
         )));
     }
     if plan.has_destroys() && !run.options.allow_destroy {
+        let what: Vec<&str> = plan
+            .phase(Phase::Destroy)
+            .map(|a| a.summary.as_str())
+            .collect();
         return Err(ReconcileError::Blocked(format!(
-            "the plan destroys {} thing(s); review it and rerun with --allow-destroy",
-            plan.summary.destroy
+            "nothing applied: the plan removes what left the spec, which needs --allow-destroy:\n  {}\nreview the plan, then rerun with --allow-destroy",
+            what.join("\n  ")
         )));
     }
     let dcs = run
@@ -269,6 +273,14 @@ async fn apply_locked(
 ) -> Result<Observed, ReconcileError> {
     execute_host_phases(run, plan, observed, progress).await?;
     let mut converged = converge(run, progress).await?;
+    // Shards onto new groups, once they are registered (the plan of now says so).
+    let now = run.plan(&converged);
+    if let Some(Kind::Rebalance { transfer_mode }) =
+        now.phase(Phase::Rebalance).map(|a| &a.kind).next().cloned()
+    {
+        super::rebalance::run_to_end(run, &converged, false, &transfer_mode, progress).await?;
+        converged = run.observe().await;
+    }
     if plan.has_destroys() {
         destroy(run, &run.plan(&converged), progress).await?;
         converged = run.observe().await;
@@ -276,7 +288,7 @@ async fn apply_locked(
     Ok(converged)
 }
 
-/// Wait until only removals are left in the plan (the agents bootstrap, clone and register
+/// Wait until only shard moves and removals are left in the plan (the agents bootstrap, clone and register
 /// on their own). Host-level work that reappears (an agent that died) is done again, a few
 /// times at most.
 async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, ReconcileError> {
@@ -289,7 +301,7 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
         let pending: Vec<&Action> = p
             .actions
             .iter()
-            .filter(|a| a.phase != Phase::Destroy)
+            .filter(|a| a.phase < Phase::Rebalance)
             .collect();
         if p.errors.is_empty() && pending.is_empty() {
             return Ok(o);
@@ -324,9 +336,8 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
     }
 }
 
-/// Removals: worker groups (drain first) and members no longer in the spec.
+/// Removals: worker groups (drained first) and members no longer in the spec.
 async fn destroy(run: &Run, plan: &Plan, progress: &Arc<Progress>) -> Result<(), ReconcileError> {
-    let observed = run.observe().await;
     let dcs = run
         .dcs
         .as_ref()
@@ -335,22 +346,29 @@ async fn destroy(run: &Run, plan: &Plan, progress: &Arc<Progress>) -> Result<(),
         progress.note(&format!("destroy: {}", a.summary));
         match &a.kind {
             Kind::RemoveGroup { group } => {
-                remove_group_from_citus(run, &observed, *group).await?;
+                let observed = run.observe().await;
+                drain_group(run, &observed, *group, progress).await?;
+                // Stop the members before the rows go: while the group has a leader in etcd,
+                // the coordinator's agent would register it again. Replicas first, the leader
+                // last, so leadership never moves to a member about to stop.
                 if let Some(g) = observed.etcd.groups.get(group) {
-                    for (member, m) in &g.members {
-                        stop_removed_member(run, member, &m.host, progress).await;
+                    let mut members: Vec<_> = g.members.iter().collect();
+                    members.sort_by_key(|(name, _)| g.leader.as_ref() == Some(*name));
+                    for (member, m) in members {
+                        retire_member(run, member, &m.host, progress).await;
                     }
                 }
                 dcs.delete_prefix(&dcs.keys.group(*group))
                     .await
                     .map_err(|e| ReconcileError::Blocked(e.to_string()))?;
+                remove_group_rows(run, &observed, *group).await?;
             }
             Kind::RemoveMember { member, address } => {
                 let group = match &a.target {
                     Target::Group(g) => *g,
                     _ => continue,
                 };
-                stop_removed_member(run, member, address, progress).await;
+                retire_member(run, member, address, progress).await;
                 let _ = dcs
                     .delete_if(&dcs.keys.leader(group), member.as_bytes())
                     .await;
@@ -364,44 +382,96 @@ async fn destroy(run: &Run, plan: &Plan, progress: &Arc<Progress>) -> Result<(),
     Ok(())
 }
 
-/// Drain a worker group's primary (its shards move away) and remove its rows.
-async fn remove_group_from_citus(
+/// Move every shard off a worker group (it stops taking new ones first). Interrupted or
+/// failed, the group stays registered and serving; the next apply continues.
+async fn drain_group(
+    run: &Run,
+    observed: &Observed,
+    group: u32,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let Some(rows) = &observed.nodes else {
+        return Err(ReconcileError::Blocked(
+            "cannot read pg_dist_node on the coordinator's primary".into(),
+        ));
+    };
+    let (host, c) = super::rebalance::coordinator(run, observed).await?;
+    let fail = |e: crate::postgres::sql::SqlError| ReconcileError::Step {
+        host: host.clone(),
+        step: format!("drain group {group}"),
+        detail: e.to_string(),
+    };
+    for r in rows
+        .iter()
+        .filter(|r| r.groupid == group as i32 && r.noderole == "primary" && r.shouldhaveshards)
+    {
+        crate::postgres::sql::bounded(
+            "citus_set_node_property",
+            SQL_TIMEOUT,
+            c.execute(
+                "SELECT citus_set_node_property($1, $2, 'shouldhaveshards', false)",
+                &[&r.nodename, &r.nodeport],
+            ),
+        )
+        .await
+        .map_err(fail)?;
+    }
+    let shards = crate::citus::rebalance::observe(&c, SQL_TIMEOUT)
+        .await
+        .map_err(fail)?;
+    if shards.per_group.get(&group).copied().unwrap_or(0) > 0 || shards.running_job.is_some() {
+        let mode = crate::citus::rebalance::transfer_mode(&shards.without_replica_identity);
+        super::rebalance::run_to_end(run, observed, true, mode, progress).await?;
+    }
+    let left = crate::citus::rebalance::observe(&c, SQL_TIMEOUT)
+        .await
+        .map_err(fail)?
+        .per_group
+        .get(&group)
+        .copied()
+        .unwrap_or(0);
+    if left > 0 {
+        return Err(ReconcileError::Step {
+            host,
+            step: format!("drain group {group}"),
+            detail: format!(
+                "{left} shard(s) still on the group after the drain; it stays registered and serving; run apply again"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Remove a drained group's rows (secondaries first), as they are now: the coordinator's
+/// agent may have moved one since the plan was made.
+async fn remove_group_rows(
     run: &Run,
     observed: &Observed,
     group: u32,
 ) -> Result<(), ReconcileError> {
-    let Some(rows) = &observed.nodes else {
-        return Ok(());
+    let (host, client) = super::rebalance::coordinator(run, observed).await?;
+    let fail = |e: crate::postgres::sql::SqlError| ReconcileError::Step {
+        host: host.clone(),
+        step: format!("remove group {group}"),
+        detail: e.to_string(),
     };
-    let coordinator = observed.etcd.groups.get(&0).and_then(|g| g.leader.clone());
-    let Some(coordinator) = coordinator else {
-        return Err(ReconcileError::Blocked(
-            "no coordinator primary to drain the group through".into(),
-        ));
-    };
-    let (Some(h), Some(s)) = (
-        run.spec.host(&coordinator),
-        run.sessions.ok.get(&coordinator),
-    ) else {
-        return Err(ReconcileError::Blocked(format!(
-            "no SSH session to the coordinator primary {coordinator}"
-        )));
-    };
-    let client = observe::sql_through(&run.spec, h, s, &run.spec.citus.database)
+    let rows = crate::citus::sql::nodes(&client, SQL_TIMEOUT)
         .await
-        .map_err(ReconcileError::Blocked)?;
-    for r in rows.iter().filter(|r| r.groupid == group as i32) {
-        let fail = |e: crate::postgres::sql::SqlError| ReconcileError::Step {
-            host: coordinator.clone(),
-            step: format!("remove group {group}"),
-            detail: e.to_string(),
-        };
-        if r.noderole == "primary" {
-            crate::citus::sql::drain(
-                &client,
-                &r.nodename,
-                r.nodeport,
-                Duration::from_secs(24 * 3600),
+        .map_err(fail)?;
+    let mut ours: Vec<&crate::citus::metadata::NodeRow> =
+        rows.iter().filter(|r| r.groupid == group as i32).collect();
+    ours.sort_by_key(|r| r.noderole == "primary");
+    for r in ours {
+        // Its members are stopped by now: citus_remove_node alone would try to reach the node;
+        // disabled first (synchronously, on the nodes that are up), it does not.
+        if r.isactive {
+            crate::postgres::sql::bounded(
+                "citus_disable_node",
+                SQL_TIMEOUT,
+                client.execute(
+                    "SELECT citus_disable_node($1, $2, synchronous => true)",
+                    &[&r.nodename, &r.nodeport],
+                ),
             )
             .await
             .map_err(fail)?;
@@ -424,9 +494,11 @@ async fn remove_group_from_citus(
     Ok(())
 }
 
-/// Stop the agent of a member that left the spec, reached with the spec's default SSH
-/// settings. A host that is gone is only reported: its etcd keys are removed regardless.
-async fn stop_removed_member(run: &Run, member: &str, address: &str, progress: &Arc<Progress>) {
+/// Stop the agent of a member that left the spec (it stops PostgreSQL and hands leadership
+/// over), then set its data directory aside — renamed, never deleted. Reached with the spec's
+/// default SSH settings; a host that is gone is only reported: its etcd keys are removed
+/// regardless.
+async fn retire_member(run: &Run, member: &str, address: &str, progress: &Arc<Progress>) {
     let d = &run.spec.ssh_defaults;
     let target = ssh::Target {
         name: member.to_string(),
@@ -453,6 +525,16 @@ async fn stop_removed_member(run: &Run, member: &str, address: &str, progress: &
             .await
             {
                 progress.note(&format!("{member}: could not stop its agent: {e}"));
+            } else {
+                match provision::set_data_aside(&s, &paths).await {
+                    Ok(Some(aside)) => {
+                        progress.note(&format!("{member}: data directory set aside as {aside}"))
+                    }
+                    Ok(None) => {}
+                    Err(e) => progress.note(&format!(
+                        "{member}: could not set its data directory aside: {e}"
+                    )),
+                }
             }
             s.close().await;
         }

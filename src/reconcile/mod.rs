@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod progress;
+pub mod rebalance;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -134,6 +135,7 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
         hosts,
         binary_sha256: binary_sha256.to_string(),
         secondaries: spec.citus.secondaries,
+        rebalance: spec.citus.rebalance,
         superuser: spec.postgres.superuser.username.clone(),
         authinfo,
         role_passwords: [&spec.postgres.superuser, &spec.postgres.replication]

@@ -226,6 +226,10 @@ pub struct RawCitus {
     /// Register standbys as `secondary` nodes in `pg_dist_node`, for read scaling.
     #[serde(default)]
     pub secondaries: bool,
+    /// Keep shards spread over the worker groups: whenever Citus's rebalancer has moves to
+    /// make (a worker group joined, say), `apply` runs `citus_rebalance_start` and follows it.
+    #[serde(default)]
+    pub rebalance: bool,
     /// apt package that provides the Citus extension (e.g. `postgresql-15-citus-13.2`), installed
     /// when `postgres.install` is `apt`. When absent, the extension must already be present.
     #[serde(default)]
@@ -256,6 +260,7 @@ impl Default for RawCitus {
             database: default_database(),
             authinfo: RawAuthInfo::default(),
             secondaries: false,
+            rebalance: false,
             package: None,
             pause_timeout: default_pause_timeout(),
             lock_cooldown_ms: default_lock_cooldown_ms(),

@@ -8,22 +8,35 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::TestLab;
+
 pub const PASSWORD: &str = "lab-superuser-pw";
 
-/// The superuser password new connections use (a test that rotates it changes this).
-static CURRENT_PASSWORD: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+/// The superuser password of each lab host, by address, once a test rotated it. Keyed by
+/// address, not global: tests run in parallel in one process, each on its own subnet, and a
+/// rotation in one lab must not change the password another lab's connections use.
+static ROTATED_PASSWORDS: std::sync::Mutex<Vec<(String, String)>> =
+    std::sync::Mutex::new(Vec::new());
 
-pub fn set_password(p: &str) {
-    if let Ok(mut c) = CURRENT_PASSWORD.write() {
-        *c = Some(p.to_string());
+/// From now on, connections to this lab's hosts log in with `p`.
+pub fn set_password(t: &TestLab, p: &str) {
+    if let Ok(mut all) = ROTATED_PASSWORDS.lock() {
+        for h in t.spec.hosts() {
+            all.retain(|(a, _)| *a != h.address);
+            all.push((h.address.clone(), p.to_string()));
+        }
     }
 }
 
-fn password() -> String {
-    CURRENT_PASSWORD
-        .read()
+fn password(address: &str) -> String {
+    ROTATED_PASSWORDS
+        .lock()
         .ok()
-        .and_then(|p| p.clone())
+        .and_then(|all| {
+            all.iter()
+                .find(|(a, _)| a == address)
+                .map(|(_, p)| p.clone())
+        })
         .unwrap_or_else(|| PASSWORD.to_string())
 }
 
@@ -41,7 +54,7 @@ pub fn conninfo(hosts: &[(String, u16)], dbname: &str, extra: &str) -> String {
         "host={} port={} user=postgres password={} dbname={dbname} connect_timeout=2 target_session_attrs=read-write {extra}",
         h.join(","),
         p.join(","),
-        password()
+        password(h.first().copied().unwrap_or_default())
     )
 }
 
@@ -49,6 +62,14 @@ impl Sql {
     /// Connect (bounded) to the first member of `hosts` that accepts writes.
     pub fn connect(hosts: &[(String, u16)], dbname: &str) -> Result<Sql, String> {
         Self::connect_with(&conninfo(hosts, dbname, ""))
+    }
+
+    /// Connect to this very server, primary or standby.
+    pub fn connect_any(host: &(String, u16), dbname: &str) -> Result<Sql, String> {
+        Self::connect_with(
+            &conninfo(std::slice::from_ref(host), dbname, "")
+                .replace("target_session_attrs=read-write", ""),
+        )
     }
 
     pub fn connect_with(conninfo: &str) -> Result<Sql, String> {
@@ -304,4 +325,91 @@ pub fn assert_nothing_acknowledged_lost(
         &lost[..lost.len().min(10)]
     );
     acked.len()
+}
+
+/// Real Citus is installed (the tests below need it). Without it: skipped, or a failure where
+/// CI expects it.
+pub fn real_citus(test: &str) -> bool {
+    if !super::lab_available(test) {
+        return false;
+    }
+    match citus_reconcile::lab::standin::detect(super::pg::BIN) {
+        Ok(Some(citus_reconcile::lab::standin::CitusInstall::Real { .. })) => true,
+        other => {
+            let why =
+                format!("{test}: needs the real Citus extension (found {other:?}); run .ci/setup");
+            if std::env::var("CITUS_RECONCILE_REQUIRE_LAB").as_deref() == Ok("1")
+                && std::path::Path::new("../shared/citus/install.sh").exists()
+            {
+                panic!("{why}");
+            }
+            eprintln!("skipped {why}");
+            false
+        }
+    }
+}
+
+/// (address, port) of every member of a group.
+pub fn addresses(t: &TestLab, group: u32) -> Vec<(String, u16)> {
+    super::members(t, group)
+        .into_iter()
+        .map(|(_, a, p)| (a, p))
+        .collect()
+}
+
+pub fn address_of(t: &TestLab, member: &str) -> (String, u16) {
+    t.spec
+        .host(member)
+        .map(|h| (h.address.clone(), h.pg_port))
+        .unwrap_or_default()
+}
+
+/// SQL through the coordinator (whichever member accepts writes).
+pub fn coordinator(t: &TestLab) -> Sql {
+    super::wait_for(
+        "the coordinator to accept writes",
+        Duration::from_secs(60),
+        || Sql::connect(&addresses(t, 0), "citus").ok(),
+    )
+}
+
+/// Every group has a leader and the coordinator's pg_dist_node names each one as its
+/// primary: the state in which distributed queries can work.
+pub fn wait_rows_follow_leaders(t: &TestLab, groups: &[u32]) -> Vec<String> {
+    super::wait_for(
+        "pg_dist_node to name every group's leader",
+        Duration::from_secs(90),
+        || {
+            let leaders: Vec<String> = groups
+                .iter()
+                .map(|g| super::leader(t, u64::from(*g)))
+                .collect::<Option<_>>()?;
+            let mut c = Sql::connect(&addresses(t, 0), "citus").ok()?;
+            for (g, l) in groups.iter().zip(&leaders) {
+                let (addr, port) = address_of(t, l);
+                let row = c
+                    .one(&format!(
+                        "SELECT nodename || ':' || nodeport FROM pg_dist_node WHERE groupid = {g} AND noderole = 'primary'"
+                    ))
+                    .ok()?;
+                if row != format!("{addr}:{port}") {
+                    return None;
+                }
+            }
+            Some(leaders)
+        },
+    )
+}
+
+/// The writer acknowledges inserts again: nothing holds it (inserts are sequential, so one
+/// stuck on a blocked group would stop them all).
+pub fn writes_resume(w: &Writer, what: &str) {
+    let from = w.t0.elapsed();
+    super::wait_for(what, Duration::from_secs(90), || {
+        w.snapshot()
+            .iter()
+            .filter(|i| i.ok && i.started > from)
+            .nth(20)
+            .map(|_| ())
+    });
 }

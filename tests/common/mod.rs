@@ -28,6 +28,7 @@
 //! | 144 | citus::a_pause_never… |
 //! | 145 | citus::pause_on_loss… |
 //! | 146 | citus::credentials_rotate… |
+//! | 147 | lifecycle::a_worker_group_joins… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 //! | 210, 211 | benches/citus.rs |

@@ -57,6 +57,7 @@ fn desired() -> Desired {
         hosts: hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
         binary_sha256: SHA.into(),
         secondaries: false,
+        rebalance: false,
         superuser: "postgres".into(),
         authinfo: Some(AuthinfoRow {
             nodeid: 0,
@@ -152,6 +153,7 @@ fn converged(d: &Desired) -> Observed {
             (1, verifiers("s3cret", "r3pl")),
         ]),
         metadata_error: None,
+        shards: None,
     }
 }
 
@@ -394,8 +396,8 @@ fn removed_hosts_and_groups_are_destroys() {
         &d,
         &o,
         &[
-            "- g0 member c2 (10.0.0.12): stop its agent and delete its etcd keys (data directory kept)",
-            "- g1 group 1: drain its shards (citus_drain_node), remove it from pg_dist_node, stop its agents, delete its etcd keys",
+            "- g0 member c2 (10.0.0.12): stop its agent, set its data directory aside (never deleted), delete its etcd keys",
+            "- g1 group 1: move its shards to the other groups (citus_rebalance_start drain_only), stop its agents and set their data directories aside (never deleted), delete its etcd keys, remove its rows from pg_dist_node",
         ],
     );
 }
@@ -557,4 +559,131 @@ fn other_configuration_changes_still_restart() {
         "{got:#?}"
     );
     assert!(!got.iter().any(|l| l.contains("reload")), "{got:#?}");
+}
+
+fn shards(
+    per_group: &[(u32, u32)],
+    moves: u32,
+    no_identity: &[&str],
+) -> crate::plan::ShardsObserved {
+    crate::plan::ShardsObserved {
+        per_group: per_group.iter().copied().collect(),
+        planned_moves: moves,
+        without_replica_identity: no_identity.iter().map(|s| s.to_string()).collect(),
+        running_job: None,
+    }
+}
+
+#[test]
+fn rebalance_is_planned_only_when_asked_and_says_how_shards_move() {
+    let mut d = desired();
+    let mut o = converged(&d);
+    o.shards = Some(shards(&[(1, 32)], 10, &[]));
+    // Off by default.
+    check(&d, &o, &[]);
+    d.rebalance = true;
+    check(
+        &d,
+        &o,
+        &[
+            "~ cluster rebalance: 10 shard moves over 1 worker groups (citus_rebalance_start, shard_transfer_mode => force_logical: online: writes go on while shards move)",
+        ],
+    );
+    // A table without replica identity: writes to each shard wait while it moves.
+    o.shards = Some(shards(&[(1, 32)], 10, &["events"]));
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got[0].contains("block_writes: events has no replica identity"),
+        "{got:?}"
+    );
+    // A new group not registered yet: the rebalance comes once it is.
+    d.groups.insert(2, vec!["x1".into()]);
+    d.hosts.insert("x1".into(), host("x1", 2, "10.0.0.31"));
+    o.shards = Some(shards(&[(1, 32)], 0, &[]));
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("~ cluster rebalance shards once group 2 is registered")),
+        "{got:#?}"
+    );
+    // A job that runs is followed, not started again.
+    o.shards = Some(crate::plan::ShardsObserved {
+        running_job: Some(crate::plan::RebalanceJob {
+            job_id: 7,
+            state: "running".into(),
+            done: 3,
+            total: 10,
+        }),
+        ..shards(&[(1, 29), (2, 3)], 7, &[])
+    });
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.iter().any(
+            |l| l == "~ cluster rebalance job 7 running (3 of 10 moves done): apply follows it"
+        ),
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn a_group_leaving_the_spec_is_drained_then_removed() {
+    let mut d = desired();
+    let mut o = converged(&d);
+    d.groups.remove(&1);
+    d.hosts.remove("w1");
+    o.hosts.remove("w1");
+    o.shards = Some(shards(&[(1, 32)], 0, &[]));
+    let got = lines(&diff(&d, &o));
+    assert_eq!(
+        got,
+        vec![
+            "- g1 group 1: move its 32 shards to the other groups (citus_rebalance_start drain_only, shard_transfer_mode => force_logical), stop its agents and set their data directories aside (never deleted), delete its etcd keys, remove its rows from pg_dist_node"
+        ],
+    );
+}
+
+#[test]
+fn setup_drift_is_repaired_by_a_reload_of_the_group_primarys_agent() {
+    let d = desired();
+    let mut o = converged(&d);
+    // Edited by hand: group 1's authinfo row, group 0's superuser password.
+    o.authinfo.insert(
+        1,
+        vec![AuthinfoRow {
+            nodeid: 0,
+            rolename: "postgres".into(),
+            authinfo: Secret::new("password=edited"),
+        }],
+    );
+    if let Some(v) = o.role_verifiers.get_mut(&0) {
+        *v = verifiers("edited", "r3pl");
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "~ c1 reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)",
+            "~ w1 reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)",
+            "~ g0 role postgres: new password on the group's primary (a SCRAM verifier; standbys replicate it)",
+            "~ g1 pg_dist_authinfo: ~ (0, postgres) password changed",
+        ],
+    );
+
+    // A host whose agent restarts anyway gets no extra reload; one whose agent is not
+    // running cannot take one.
+    let mut d2 = desired();
+    if let Some(h) = d2.hosts.get_mut("w1") {
+        h.agent_config_sha256 = format!("{}-new", h.agent_config_sha256);
+    }
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("c1") {
+        f.agent_pid = None;
+    }
+    let got = lines(&diff(&d2, &o));
+    assert_eq!(
+        got.iter()
+            .filter(|l| l.contains("sets roles and pg_dist_authinfo again"))
+            .count(),
+        0,
+        "{got:#?}"
+    );
 }
