@@ -206,6 +206,41 @@ fn metadata_follows_every_failover_with_secondaries() {
     wait_secondaries_are_the_streaming_replicas(&t);
     reads_from_secondaries_see(&t, 300);
 
+    // A switchover of group 1 with a client reading from the secondaries all along: the
+    // promoted member's secondary row goes, the old primary's comes once it streams; no read
+    // ever answers from a member that does not have the rows.
+    let reader = citus_client::Reader::start(
+        &addresses(&t, 0),
+        "-c citus.use_secondary_nodes=always",
+        "SELECT count(*) FROM items",
+        "300",
+        Duration::from_millis(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = leader(&t, 1).expect("group 1 leader");
+    let o = cli(&t, &["switchover", "--group", "1", "--force"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    wait_for("group 1's new leader", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|l| *l != before)
+    });
+    wait_secondaries_are_the_streaming_replicas(&t);
+    std::thread::sleep(Duration::from_millis(500));
+    let reads = reader.stop();
+    eprintln!(
+        "reads from secondaries across a switchover of group 1: {} answered, {} failed (first: {:?}), {} wrong",
+        reads.ok,
+        reads.failed,
+        reads.first_error,
+        reads.wrong.len()
+    );
+    assert!(
+        reads.wrong.is_empty(),
+        "reads answered wrongly: {:?}",
+        reads.wrong
+    );
+    assert!(reads.ok > 0, "no read answered: {reads:?}");
+    reads_from_secondaries_see(&t, 300);
+
     // Every leader's host crashes at once (as when a change restarted every leader).
     let old: Vec<String> = [0u64, 1, 2]
         .iter()

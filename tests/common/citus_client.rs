@@ -155,6 +155,83 @@ pub struct Insert {
     pub error: Option<String>,
 }
 
+/// Reads through the coordinator every `every` in sessions with `options` (say
+/// `-c citus.use_secondary_nodes=always`), reconnecting after an error; counts answers that
+/// match `expected`, answers that do not (a read served by a member that lags or does not
+/// stream) and failures.
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    counts: Arc<Mutex<ReadCounts>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ReadCounts {
+    pub ok: u32,
+    pub wrong: Vec<String>,
+    pub failed: u32,
+    pub first_error: Option<String>,
+}
+
+impl Reader {
+    pub fn start(
+        hosts: &[(String, u16)],
+        options: &str,
+        query: &str,
+        expected: &str,
+        every: Duration,
+    ) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Mutex::new(ReadCounts::default()));
+        let conninfo = conninfo(hosts, "citus", &format!("options='{options}'"));
+        let (query, expected) = (query.to_string(), expected.to_string());
+        let thread = {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            std::thread::spawn(move || {
+                let mut sql: Option<Sql> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let started = Instant::now();
+                    if sql.is_none() {
+                        sql = Sql::connect_with(&conninfo).ok();
+                    }
+                    let result = match sql.as_mut() {
+                        Some(s) => s.one(&query),
+                        None => Err("cannot connect".to_string()),
+                    };
+                    if let Ok(mut c) = counts.lock() {
+                        match result {
+                            Ok(v) if v == expected => c.ok += 1,
+                            Ok(v) => c.wrong.push(v),
+                            Err(e) => {
+                                c.failed += 1;
+                                c.first_error.get_or_insert(e);
+                                sql = None;
+                            }
+                        }
+                    }
+                    let spent = started.elapsed();
+                    if spent < every {
+                        std::thread::sleep(every - spent);
+                    }
+                }
+            })
+        };
+        Reader {
+            stop,
+            counts,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) -> ReadCounts {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
 /// Inserts `(id)` rows into `table` through the coordinator every `every`, one at a time in
 /// autocommit, reconnecting after an error, as a plain application would.
 pub struct Writer {
