@@ -568,9 +568,7 @@ fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
                 Phase::Start,
                 Target::Host(leader),
                 Change::Change,
-                Kind::ReloadAgent {
-                    reason: "repair roles and pg_dist_authinfo".into(),
-                },
+                Kind::RecheckSetup,
                 "reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)".into(),
             ));
         }
@@ -587,9 +585,10 @@ fn rebalance_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     let why = match shards.without_replica_identity.as_slice() {
         [] => "online: writes go on while shards move".to_string(),
         tables => format!(
-            "{} {} no replica identity, so writes to each shard wait while it moves",
+            "{} {} no replica identity, so writes to each shard wait while it moves; a primary key or REPLICA IDENTITY FULL would let {} move online",
             tables.join(", "),
-            if tables.len() == 1 { "has" } else { "have" }
+            if tables.len() == 1 { "has" } else { "have" },
+            if tables.len() == 1 { "it" } else { "them" }
         ),
     };
     // Worker groups of the spec without their row yet: they will be, then shards move.

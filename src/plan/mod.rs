@@ -72,6 +72,9 @@ pub enum Kind {
     ReloadAgent {
         reason: String,
     },
+    /// Roles or `pg_dist_authinfo` drifted while the agent has nothing new: a SIGHUP with the
+    /// same configuration makes it set them up again.
+    RecheckSetup,
     /// A role's password on a group's primary differs from the spec's (the agent sets it).
     RolePassword {
         group: u32,

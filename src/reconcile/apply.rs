@@ -152,7 +152,7 @@ async fn run_host_actions(
                     Kind::RestartAgent { .. } => {
                         provision::restart_agent(&session, service, &paths, &cluster, &h.name).await
                     }
-                    Kind::ReloadAgent { .. } => {
+                    Kind::ReloadAgent { .. } | Kind::RecheckSetup => {
                         provision::reload_agent(&session, service, &paths, &cluster, &h.name).await
                     }
                     _ => Ok(()),
@@ -306,7 +306,11 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
         if p.errors.is_empty() && pending.is_empty() {
             return Ok(o);
         }
-        let host_work = pending.iter().any(|a| a.phase < Phase::Converge);
+        // A setup recheck planned mid-convergence only means an agent has not yet set up
+        // what it was just given: it will, unasked.
+        let host_work = pending
+            .iter()
+            .any(|a| a.phase < Phase::Converge && a.kind != Kind::RecheckSetup);
         if host_work && redo < 3 && p.errors.is_empty() {
             redo += 1;
             progress.note("host-level work reappeared while converging; doing it again");
