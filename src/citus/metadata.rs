@@ -538,6 +538,16 @@ pub fn diff_authinfo(
     out
 }
 
+/// How shards move: online (logical replication) when every distributed table has a replica
+/// identity, otherwise with writes to each shard blocked while it moves.
+pub fn transfer_mode(without_replica_identity: &[String]) -> &'static str {
+    if without_replica_identity.is_empty() {
+        "force_logical"
+    } else {
+        "block_writes"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,16 +10,6 @@ use tokio_postgres::Client;
 use crate::plan::{RebalanceJob, ShardsObserved};
 use crate::postgres::sql::{SqlError, bounded};
 
-/// How shards move: online (logical replication) when every distributed table has a replica
-/// identity, otherwise with writes to each shard blocked while it moves.
-pub fn transfer_mode(without_replica_identity: &[String]) -> &'static str {
-    if without_replica_identity.is_empty() {
-        "force_logical"
-    } else {
-        "block_writes"
-    }
-}
-
 /// Shard placement and the rebalancer's view, on the coordinator's primary.
 pub async fn observe(c: &Client, timeout: Duration) -> Result<ShardsObserved, SqlError> {
     let per_group: BTreeMap<u32, u32> = bounded(

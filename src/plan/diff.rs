@@ -581,7 +581,7 @@ fn rebalance_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     let Some(shards) = o.shards.as_ref().filter(|_| d.rebalance) else {
         return;
     };
-    let mode = crate::citus::rebalance::transfer_mode(&shards.without_replica_identity);
+    let mode = crate::citus::metadata::transfer_mode(&shards.without_replica_identity);
     let why = match shards.without_replica_identity.as_slice() {
         [] => "online: writes go on while shards move".to_string(),
         tables => format!(
@@ -661,7 +661,7 @@ fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
         let drain = match o.shards.as_ref() {
             Some(s) => {
                 let n = s.per_group.get(g).copied().unwrap_or(0);
-                let mode = crate::citus::rebalance::transfer_mode(&s.without_replica_identity);
+                let mode = crate::citus::metadata::transfer_mode(&s.without_replica_identity);
                 if n == 0 {
                     "no shards to move".to_string()
                 } else {
