@@ -203,8 +203,45 @@ fn bare_hosts_to_converged_cluster_then_an_empty_plan_and_a_new_standby() {
     );
     assert_eq!(p["summary"]["change"], 0, "{}", text(&plan));
     assert_eq!(p["summary"]["destroy"], 0);
-    let apply = cli(&t, &["apply", "--auto-approve"]);
+
+    // As CI does it: a saved plan, applied as reviewed — refused once stale.
+    let saved = t.dir.path().join("reviewed.plan.json");
+    let saved_arg = saved.to_string_lossy().to_string();
+    let out = cli(&t, &["plan", "--out", &saved_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let file = std::fs::read_to_string(&saved).expect("saved plan");
+    for secret in ["lab-superuser-pw", "lab-replication-pw"] {
+        assert!(!file.contains(secret), "the saved plan holds a secret");
+    }
+    let apply_saved = |superuser: &str| {
+        assert_cmd::Command::cargo_bin("citus-reconcile")
+            .expect("binary")
+            .args(["apply", &saved_arg])
+            .env("CR_LAB_SUPERUSER", superuser)
+            .env("CR_LAB_REPLICATION", "lab-replication-pw")
+            .timeout(std::time::Duration::from_secs(420))
+            .output()
+            .expect("citus-reconcile runs")
+    };
+    std::fs::write(&t.spec_path, format!("{grown}# edited after review\n")).expect("edit");
+    let out = apply_saved("lab-superuser-pw");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is stale") && text(&out).contains("changed since the plan was made"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(&t.spec_path, &grown).expect("restore");
+    let out = apply_saved("another-superuser-pw");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("a secret the spec reads changed"),
+        "{}",
+        text(&out)
+    );
+    let apply = apply_saved("lab-superuser-pw");
     assert!(apply.status.success(), "{}", text(&apply));
+    assert!(text(&apply).contains("still holds"), "{}", text(&apply));
     let plan = cli(&t, &["plan", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
     // The new member streams from its group's leader.

@@ -74,6 +74,11 @@ pub fn run(cli: Cli) -> ExitCode {
             .with_timer(tracing_subscriber::fmt::time::uptime())
             .try_init();
     }
+    // Errors stay on one line each: CI logs and `grep` find a message whole, whatever the
+    // width of the terminal that is not there.
+    let _ = miette::set_hook(Box::new(|_| {
+        Box::new(miette::MietteHandlerOpts::new().wrap_lines(false).build())
+    }));
     let result = match cli.command {
         Command::Validate {
             specs,

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::load_spec;
-use crate::plan::render;
+use crate::plan::{render, saved};
 use crate::reconcile::{Options, Run, apply, progress::Progress, status};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The spec file
+    /// The spec file (`apply` also takes a plan saved by `plan --out`)
     pub spec: PathBuf,
     /// Hosts worked on at once
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -34,6 +34,9 @@ pub struct PlanArgs {
     /// Exit 0 when there is nothing to do, 2 when there are changes, 1 on errors
     #[arg(long)]
     pub detailed_exitcode: bool,
+    /// Also save the plan to FILE, for `apply FILE` (it holds no secret)
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,7 +89,14 @@ async fn open(
     args: &RunArgs,
     opts: Options,
 ) -> miette::Result<Option<(Run, crate::plan::Observed)>> {
-    let Some(spec) = load_spec(&args.spec, true)? else {
+    open_at(&args.spec, opts).await
+}
+
+async fn open_at(
+    spec_path: &std::path::Path,
+    opts: Options,
+) -> miette::Result<Option<(Run, crate::plan::Observed)>> {
+    let Some(spec) = load_spec(spec_path, true)? else {
         return Ok(None);
     };
     let run = Run::open(&spec, opts)
@@ -104,6 +114,9 @@ pub fn plan(args: PlanArgs) -> miette::Result<ExitCode> {
         };
         let plan = run.plan(&observed);
         run.close().await;
+        if let Some(out) = &args.out {
+            save_plan(&plan, &run, &args.run.spec, out)?;
+        }
         if args.json {
             println!("{}", render::json(&plan));
         } else {
@@ -148,6 +161,66 @@ pub fn diff(args: RunArgs) -> miette::Result<ExitCode> {
     })
 }
 
+/// Every secret the plan depends on, as digests (see `plan::saved`).
+fn secrets_material(run: &Run) -> String {
+    let digests: Vec<(String, String)> = run
+        .desired
+        .hosts
+        .iter()
+        .flat_map(|(host, h)| {
+            h.secret_digests
+                .iter()
+                .map(move |(k, v)| (format!("{host}.{k}"), v.clone()))
+        })
+        .collect();
+    saved::secrets_material(&digests)
+}
+
+fn save_plan(
+    plan: &crate::plan::Plan,
+    run: &Run,
+    spec: &std::path::Path,
+    out: &std::path::Path,
+) -> miette::Result<()> {
+    let spec_bytes =
+        std::fs::read(spec).map_err(|e| miette::miette!("cannot read {}: {e}", spec.display()))?;
+    let mut salt = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut salt))
+        .map_err(|e| miette::miette!("cannot read /dev/urandom: {e}"))?;
+    let saved = saved::SavedPlan::new(
+        plan,
+        &spec.to_string_lossy(),
+        &spec_bytes,
+        &secrets_material(run),
+        &salt,
+    );
+    let text = serde_json::to_string_pretty(&saved)
+        .map_err(|e| miette::miette!("cannot render the plan: {e}"))?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, format!("{text}\n"))
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .map_err(|e| miette::miette!("cannot write {}: {e}", out.display()))?;
+    eprintln!(
+        "Saved the plan to {}; `citus-reconcile apply {}` applies exactly it.",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The saved plan in `path`, if it holds one (it may be a spec instead).
+fn read_saved_plan(path: &std::path::Path) -> miette::Result<Option<saved::SavedPlan>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    match saved::SavedPlan::parse(&text) {
+        None => Ok(None),
+        Some(Ok(p)) => Ok(Some(p)),
+        Some(Err(e)) => Err(miette::miette!("{}: {e}", path.display())),
+    }
+}
+
 fn confirm() -> Result<bool, String> {
     let answer = super::ask(
         "\nApply these changes? Only 'yes' is accepted: ",
@@ -158,12 +231,30 @@ fn confirm() -> Result<bool, String> {
 
 pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
     let started = Instant::now();
+    let saved = read_saved_plan(&args.run.spec)?;
+    let spec_path = match &saved {
+        Some(s) => PathBuf::from(&s.spec),
+        None => args.run.spec.clone(),
+    };
     runtime()?.block_on(async {
-        let Some((run, observed)) = open(&args.run, options(&args.run, args.timeout, args.allow_destroy)?).await? else {
+        let Some((run, observed)) = open_at(&spec_path, options(&args.run, args.timeout, args.allow_destroy)?).await? else {
             return Ok(ExitCode::FAILURE);
         };
         let plan = run.plan(&observed);
         print!("{}", render::text(&plan, &run.desired));
+        if let Some(saved) = &saved {
+            let spec_bytes = std::fs::read(&spec_path).unwrap_or_default();
+            let why = saved.stale(&spec_bytes, &secrets_material(&run), &plan);
+            if !why.is_empty() {
+                run.close().await;
+                return Err(miette::miette!(
+                    "nothing was changed: the saved plan {} is stale:\n  {}\nplan again and review the new plan",
+                    args.run.spec.display(),
+                    why.join("\n  ")
+                ));
+            }
+            eprintln!("The saved plan {} still holds: applying it.", args.run.spec.display());
+        }
         if !plan.errors.is_empty() {
             run.close().await;
             return Err(miette::miette!("nothing was changed: fix the errors above and run again"));
@@ -179,7 +270,8 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
                 plan.summary.destroy
             ));
         }
-        if !args.auto_approve {
+        // A saved plan was reviewed when it was made.
+        if !args.auto_approve && saved.is_none() {
             match confirm() {
                 Ok(true) => {}
                 Ok(false) => {

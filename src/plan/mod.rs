@@ -5,6 +5,7 @@
 pub mod diff;
 pub mod model;
 pub mod render;
+pub mod saved;
 
 use serde::Serialize;
 
