@@ -246,3 +246,236 @@ fn a_worker_group_joins_online_then_leaves_drained() {
     assert_eq!(summary.failed, 0, "{summary}");
     citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
 }
+
+/// Timeline of each member of a group, from `status`.
+fn timelines(t: &TestLab, group: u64) -> Vec<(String, u64)> {
+    common::status(t)["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter(|m| m["group"] == group)
+                .filter_map(|m| Some((m["member"].as_str()?.to_string(), m["timeline"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn configuration_and_agent_upgrades_roll_without_a_failover() {
+    if !real_citus("rolling changes") {
+        return;
+    }
+    set_lab_secrets();
+    let groups = [(0, 2), (1, 2)];
+    let before = lab_spec("rolling", 148, &groups, 3, EXTRA);
+    let t = common::cluster(&before);
+    let mut c = coordinator(&t);
+    c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
+        .expect("table");
+    drop(c);
+    let leaders: Vec<String> = [0, 1]
+        .iter()
+        .map(|g| leader(&t, *g).expect("leader"))
+        .collect();
+    let tl_before: Vec<u64> = [0, 1]
+        .iter()
+        .map(|g| {
+            timelines(&t, *g)
+                .iter()
+                .map(|(_, tl)| *tl)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let coord = addresses(&t, 0);
+    let writer = Writer::start(&coord, "w", Duration::from_millis(10));
+    writes_resume(&writer, "the writer to start");
+
+    // Failed inserts per phase, reported (the coordinator's own handover makes clients
+    // reconnect; a primary restarted in place fails its group's writes for the restart).
+    let phase = |w: &Writer, from: usize, what: &str| -> usize {
+        let log = w.snapshot();
+        let s = citus_client::summarize(&log[from.min(log.len())..]);
+        eprintln!("writer through the coordinator, {what}: {s}");
+        log.len()
+    };
+    let mark = writer.snapshot().len();
+    // A parameter a reload takes: reloaded, nothing restarts.
+    let pids: Vec<Option<i32>> = [0, 1]
+        .iter()
+        .flat_map(|g| members(&t, *g))
+        .map(|(m, _, _)| common::agent_pid(&t, &m))
+        .collect();
+    let reload = before.replace(
+        "shared_buffers: 16MB",
+        "shared_buffers: 16MB, work_mem: 8MB",
+    );
+    assert_ne!(reload, before);
+    write_spec(&t, &reload);
+    let o = cli(&t, &["plan"]);
+    let plan = output_text(&o);
+    assert!(
+        plan.contains("reload: work_mem (PostgreSQL takes them with a reload; nothing restarts)"),
+        "{plan}"
+    );
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    for g in [0, 1] {
+        for (m, a, p) in members(&t, g) {
+            let got = wait_for(&format!("work_mem on {m}"), Duration::from_secs(30), || {
+                let v = Sql::connect_any(&(a.clone(), p), "citus")
+                    .ok()?
+                    .one("SHOW work_mem")
+                    .ok()?;
+                (v == "8MB").then_some(v)
+            });
+            assert_eq!(got, "8MB");
+        }
+    }
+    let after_reload: Vec<Option<i32>> = [0, 1]
+        .iter()
+        .flat_map(|g| members(&t, *g))
+        .map(|(m, _, _)| common::agent_pid(&t, &m))
+        .collect();
+    assert_eq!(pids, after_reload, "a reload restarts no agent");
+    let o = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let before = reload;
+    let mark = phase(&writer, mark, "reload of work_mem");
+
+    // A parameter that needs a restart, and a new agent binary (the same program with other
+    // bytes: a new checksum), in one commit.
+    let after = before.replace("max_connections: 50", "max_connections: 60");
+    assert_ne!(after, before);
+    write_spec(&t, &after);
+    let upgraded = t.dir.path().join("citus-reconcile-next");
+    let mut bytes =
+        std::fs::read(assert_cmd::cargo::cargo_bin("citus-reconcile")).expect("read the binary");
+    bytes.extend_from_slice(b"\nnext build\n");
+    std::fs::write(&upgraded, bytes).expect("write the upgraded binary");
+    let upgraded = upgraded.to_string_lossy().to_string();
+    let o = cli(&t, &["plan", "--agent-binary", &upgraded]);
+    let plan = output_text(&o);
+    for g in [0, 1] {
+        assert!(
+            plan.contains(&format!(
+                "restart the agent (new binary and configuration); leads group {g}: last, after a switchover to a streaming replica"
+            )),
+            "{plan}"
+        );
+    }
+    assert!(plan.contains("rolling: one member at a time"), "{plan}");
+    let o = cli(
+        &t,
+        &["apply", "--auto-approve", "--agent-binary", &upgraded],
+    );
+    let text = output_text(&o);
+    assert!(o.status.success(), "{text}");
+    for (g, old) in leaders.iter().enumerate() {
+        assert!(
+            text.contains(&format!("switchover of group {g} to ")),
+            "{text}"
+        );
+        let now = leader(&t, g as u64).expect("a leader");
+        assert_ne!(
+            &now, old,
+            "group {g}: the leader hands over before its restart"
+        );
+        // One promotion per group: the planned switchover, no failover on top of it.
+        let tls = timelines(&t, g as u64);
+        assert!(
+            tls.iter().all(|(_, tl)| *tl == tl_before[g] + 1),
+            "group {g}: timelines {tls:?}, before {}",
+            tl_before[g]
+        );
+    }
+    for g in [0, 1] {
+        for (m, a, p) in members(&t, g) {
+            let got = wait_for(&format!("{m} up"), Duration::from_secs(60), || {
+                Sql::connect_any(&(a.clone(), p), "citus")
+                    .ok()?
+                    .one("SHOW max_connections")
+                    .ok()
+            });
+            assert_eq!(got, "60", "{m}");
+        }
+    }
+    // Every agent runs what its file says: nothing left to do.
+    let o = cli(
+        &t,
+        &["plan", "--detailed-exitcode", "--agent-binary", &upgraded],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+
+    let mark = phase(
+        &writer,
+        mark,
+        "rolling restart for max_connections and a new agent binary",
+    );
+
+    // Lowering it again: standbys need at least the primary's value, so each primary
+    // restarts first, in place — still no promotion anywhere.
+    let leaders: Vec<String> = [0, 1]
+        .iter()
+        .map(|g| leader(&t, *g).expect("leader"))
+        .collect();
+    let tl_before: Vec<u64> = [0, 1]
+        .iter()
+        .map(|g| {
+            timelines(&t, *g)
+                .iter()
+                .map(|(_, tl)| *tl)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let lower = before.replace("max_connections: 50", "max_connections: 45");
+    write_spec(&t, &lower);
+    let o = cli(&t, &["plan", "--agent-binary", &upgraded]);
+    let plan = output_text(&o);
+    assert!(
+        plan.contains(
+            "lowers max_connections 60 → 45, max_prepared_transactions 120 → 90, which standbys need at least as high as the primary"
+        ),
+        "{plan}"
+    );
+    let o = cli(
+        &t,
+        &["apply", "--auto-approve", "--agent-binary", &upgraded],
+    );
+    let text = output_text(&o);
+    assert!(o.status.success(), "{text}\n{}", common::agent_logs(&t, 25));
+    for (g, old) in leaders.iter().enumerate() {
+        let now = wait_for("a leader", Duration::from_secs(60), || leader(&t, g as u64));
+        assert_eq!(&now, old, "group {g}: the primary restarts in place");
+        let tls = wait_for("every member back", Duration::from_secs(60), || {
+            let tls = timelines(&t, g as u64);
+            (tls.len() == 2).then_some(tls)
+        });
+        assert!(
+            tls.iter().all(|(_, tl)| *tl == tl_before[g]),
+            "group {g}: timelines {tls:?}, before {}",
+            tl_before[g]
+        );
+        for (m, a, p) in members(&t, g as u32) {
+            let got = wait_for(&format!("{m} up"), Duration::from_secs(60), || {
+                Sql::connect_any(&(a.clone(), p), "citus")
+                    .ok()?
+                    .one("SHOW max_connections")
+                    .ok()
+            });
+            assert_eq!(got, "45", "{m}");
+        }
+    }
+
+    phase(
+        &writer,
+        mark,
+        "lowering max_connections (primaries restarted in place)",
+    );
+    wait_rows_follow_leaders(&t, &[0, 1]);
+    let log = writer.stop();
+    let summary = citus_client::summarize(&log);
+    eprintln!("writer through the coordinator, whole test: {summary}");
+    citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
+}

@@ -222,6 +222,30 @@ impl AgentConfig {
         Some(changed)
     }
 
+    /// When `new` differs from this configuration in PostgreSQL parameters only (and perhaps
+    /// secrets): the names of the parameters added, removed or changed. None when anything
+    /// else differs (that takes a restart of the agent).
+    pub fn parameter_changes(&self, new: &AgentConfig) -> Option<Vec<String>> {
+        let without = |c: &AgentConfig| {
+            let mut c = c.clone();
+            c.postgres.parameters.clear();
+            c.render_redacted()
+        };
+        if without(self) != without(new) {
+            return None;
+        }
+        let (old, now) = (&self.postgres.parameters, &new.postgres.parameters);
+        let mut names: Vec<String> = old
+            .keys()
+            .chain(now.keys())
+            .filter(|k| old.get(*k) != now.get(*k))
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        Some(names)
+    }
+
     /// A digest of each secret, to tell which changed without keeping or showing values.
     pub fn secret_digests(&self) -> BTreeMap<String, String> {
         use sha2::{Digest, Sha256};
@@ -294,60 +318,104 @@ impl Paths {
     }
 }
 
+/// A configuration for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn sample() -> AgentConfig {
+    let cred = |p: &str| Credential {
+        username: "u".into(),
+        password: Secret::new(p),
+    };
+    AgentConfig {
+        cluster: "c".into(),
+        group: 1,
+        member: "m".into(),
+        address: "10.0.0.1".into(),
+        install_dir: "/x".into(),
+        etcd: EtcdConfig {
+            endpoints: vec!["http://e:2379".into()],
+            namespace: "/service".into(),
+        },
+        postgres: PgConfig {
+            version: 15,
+            bin_dir: "/b".into(),
+            port: 5432,
+            data_dir: "/d".into(),
+            superuser: cred("su-secret"),
+            replication: cred("repl-secret"),
+            parameters: BTreeMap::new(),
+            pg_hba: vec![],
+        },
+        citus: CitusConfig {
+            database: "citus".into(),
+            authinfo_password: true,
+            sslcert: None,
+            sslkey: None,
+            secondaries: false,
+            pause_timeout: 30,
+            lock_cooldown_ms: 10_000,
+            pause_on_switchover: true,
+            pause_on_loss: false,
+        },
+        ha: HaConfig {
+            ttl: 30,
+            loop_wait: 10,
+            retry_timeout: 10,
+            synchronous_mode: SyncModeConfig::Off,
+            maximum_lag_on_failover: 1,
+        },
+        api: ApiConfig {
+            port: 8008,
+            auth: Some(cred("api-secret")),
+        },
+        tags: TagsConfig::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn parameter_changes_only_when_nothing_else_differs() {
+        let old = sample();
+        let with = |f: &dyn Fn(&mut AgentConfig)| {
+            let mut c = sample();
+            f(&mut c);
+            c
+        };
+        let cases: Vec<(&str, AgentConfig, Option<Vec<&str>>)> = vec![
+            ("same", sample(), Some(vec![])),
+            (
+                "added and changed",
+                with(&|c| {
+                    c.postgres
+                        .parameters
+                        .insert("work_mem".into(), "8MB".into());
+                }),
+                Some(vec!["work_mem"]),
+            ),
+            (
+                "with a new password",
+                with(&|c| {
+                    c.postgres
+                        .parameters
+                        .insert("max_connections".into(), "60".into());
+                    c.postgres.superuser.password = Secret::new("other");
+                }),
+                Some(vec!["max_connections"]),
+            ),
+            ("something else", with(&|c| c.ha.ttl = 10), None),
+        ];
+        for (name, new, want) in cases {
+            let got = old.parameter_changes(&new);
+            let want = want.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
     fn redaction_hides_every_password() {
-        let cred = |p: &str| Credential {
-            username: "u".into(),
-            password: Secret::new(p),
-        };
-        let cfg = AgentConfig {
-            cluster: "c".into(),
-            group: 1,
-            member: "m".into(),
-            address: "10.0.0.1".into(),
-            install_dir: "/x".into(),
-            etcd: EtcdConfig {
-                endpoints: vec!["http://e:2379".into()],
-                namespace: "/service".into(),
-            },
-            postgres: PgConfig {
-                version: 15,
-                bin_dir: "/b".into(),
-                port: 5432,
-                data_dir: "/d".into(),
-                superuser: cred("su-secret"),
-                replication: cred("repl-secret"),
-                parameters: BTreeMap::new(),
-                pg_hba: vec![],
-            },
-            citus: CitusConfig {
-                database: "citus".into(),
-                authinfo_password: true,
-                sslcert: None,
-                sslkey: None,
-                secondaries: false,
-                pause_timeout: 30,
-                lock_cooldown_ms: 10_000,
-                pause_on_switchover: true,
-                pause_on_loss: false,
-            },
-            ha: HaConfig {
-                ttl: 30,
-                loop_wait: 10,
-                retry_timeout: 10,
-                synchronous_mode: SyncModeConfig::Off,
-                maximum_lag_on_failover: 1,
-            },
-            api: ApiConfig {
-                port: 8008,
-                auth: Some(cred("api-secret")),
-            },
-            tags: TagsConfig::default(),
-        };
+        let cfg = sample();
         let full = cfg.render();
         for s in ["su-secret", "repl-secret", "api-secret"] {
             assert!(full.contains(s));
@@ -372,7 +440,10 @@ mod tests {
         check(
             &|c| {
                 c.postgres.replication.password = Secret::new("new");
-                c.api.auth = Some(cred("other"));
+                c.api.auth = Some(Credential {
+                    username: "u".into(),
+                    password: Secret::new("other"),
+                });
             },
             Some(vec!["replication password", "REST API password"]),
         );

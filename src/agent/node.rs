@@ -32,6 +32,11 @@ fn state_label(server: &Server, busy: Option<&str>) -> (String, String) {
 
 pub struct Node {
     pub cfg: AgentConfig,
+    /// SHA-256 of the configuration file as loaded (see `run::load_config_with_sha`).
+    pub config_sha256: String,
+    /// A reloaded configuration with parameters waiting for a restart: its checksum becomes
+    /// `config_sha256` once PostgreSQL restarted.
+    pub pending_config_sha256: Option<String>,
     pub pg: Pg,
     pub dcs: Dcs,
     pub lease: Arc<LeaseShared>,
@@ -86,6 +91,8 @@ impl Node {
     pub fn new(cfg: AgentConfig, pg: Pg, dcs: Dcs, lease: Arc<LeaseShared>) -> Node {
         Node {
             cfg,
+            config_sha256: String::new(),
+            pending_config_sha256: None,
             pg,
             dcs,
             lease,
@@ -123,7 +130,6 @@ impl Node {
         &self.dcs.keys
     }
 
-    /// One cycle: operator requests, then observe, decide, act, publish.
     /// One cycle: operator requests, observe, decide, execute. False when an action failed.
     pub async fn tick(&mut self) -> bool {
         loop {
@@ -290,7 +296,11 @@ impl Node {
                 };
                 let upstream = self.upstream.clone();
                 tracing::info!("restarting PostgreSQL on request");
-                self.start(role, upstream).await
+                self.start(role, upstream).await?;
+                if let Some(sha) = self.pending_config_sha256.take() {
+                    self.config_sha256 = sha;
+                }
+                Ok(())
             }
             Request::Reinit => {
                 let primary = matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary);
@@ -1140,6 +1150,7 @@ impl Node {
             receive_lsn: self.last_probe.as_ref().and_then(|p| p.receive),
             tags,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            config_sha256: self.config_sha256.clone(),
             host: self.cfg.address.clone(),
             port: self.cfg.postgres.port,
             upstream: self.upstream.clone().unwrap_or_default(),
@@ -1197,6 +1208,51 @@ impl Node {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "cannot look for leftover Citus slots"),
         }
+    }
+
+    /// Whether PostgreSQL runs here as a primary (as last observed).
+    pub fn is_running_primary(&self) -> bool {
+        matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary)
+    }
+
+    /// Take new PostgreSQL parameters without a restart: postgresql.conf rewritten, then
+    /// `pg_reload_conf()` when the server runs (otherwise its next start reads the file).
+    /// Parameters that need a restart stay pending until one: returned (by name), so the
+    /// caller does not claim to run the new configuration.
+    pub async fn reload_parameters(&mut self, new: AgentConfig) -> Result<Vec<String>, String> {
+        self.cfg = new.clone();
+        self.pg.cfg = new;
+        self.pg.write_postgresql_conf().map_err(|e| e.to_string())?;
+        if !matches!(
+            self.last_snapshot.as_ref().map(|s| &s.server),
+            Some(Server::Running(_))
+        ) {
+            return Ok(Vec::new());
+        }
+        let t = self.timeout();
+        let c = sql::connect_local(&self.cfg, "postgres", t)
+            .await
+            .map_err(|e| e.to_string())?;
+        sql::bounded(
+            "reload the configuration",
+            t,
+            c.simple_query("SELECT pg_reload_conf()"),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // The postmaster takes the signal asynchronously; a new session sees its result.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c = sql::connect_local(&self.cfg, "postgres", t)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = sql::bounded(
+            "read pending_restart",
+            t,
+            c.query("SELECT name FROM pg_settings WHERE pending_restart", &[]),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
     /// Take new passwords without a restart: the passfile now, the roles and this node's

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::Digest;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
@@ -20,9 +21,21 @@ use crate::dcs::{ClusterKeys, Dcs};
 use crate::postgres::process::Pg;
 
 pub fn load_config(path: &Path) -> Result<AgentConfig, String> {
+    load_config_with_sha(path).map(|(cfg, _)| cfg)
+}
+
+/// The configuration and the SHA-256 of the file it came from: published in the member key
+/// so `plan` can tell an agent still running an older configuration than its file holds
+/// (an `apply` interrupted between writing the file and restarting the agent).
+pub fn load_config_with_sha(path: &Path) -> Result<(AgentConfig, String), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    AgentConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let sha = sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cfg = AgentConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((cfg, sha))
 }
 
 /// Connect to etcd, retrying (bounded per attempt) until it answers or we are told to stop.
@@ -106,15 +119,19 @@ async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>, pauses: Option<Arc
 
 /// Run the agent until SIGTERM/SIGINT.
 pub fn run(config: &Path) -> Result<(), String> {
-    let cfg = load_config(config)?;
+    let (cfg, config_sha256) = load_config_with_sha(config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(run_async(cfg, config.to_path_buf()))
+    rt.block_on(run_async(cfg, config_sha256, config.to_path_buf()))
 }
 
-async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<(), String> {
+async fn run_async(
+    cfg: AgentConfig,
+    config_sha256: String,
+    config_path: std::path::PathBuf,
+) -> Result<(), String> {
     let timing = Timing::new(cfg.ha.ttl, cfg.ha.loop_wait, cfg.ha.retry_timeout);
     tracing::info!(cluster = %cfg.cluster, group = cfg.group, member = %cfg.member, ?timing, "agent starting");
     let pg = Pg::new(&cfg).map_err(|e| e.to_string())?;
@@ -145,6 +162,7 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
         tokio::spawn(super::citus_pause::run(cfg.clone(), dcs.clone(), p.clone()));
     }
     let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
+    node.config_sha256 = config_sha256;
     node.pauses = pauses;
     let api = super::api::Handle::new(&node);
     super::api::serve(&cfg, api.clone()).await;
@@ -180,17 +198,19 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match load_config(&config_path) {
-                    Ok(new) if new == node.cfg => {
+                match load_config_with_sha(&config_path) {
+                    Ok((new, sha)) if new == node.cfg => {
+                        node.config_sha256 = sha;
                         // Nothing new: look at roles, passwords and this node's
                         // pg_dist_authinfo row again (`apply` asks for this when they drifted).
                         tracing::info!("reload with the same configuration; checking the database setup again");
                         node.recheck_setup();
                         wake.notify_one();
                     }
-                    Ok(new) => match node.cfg.secret_changes(&new) {
+                    Ok((new, sha)) => match node.cfg.secret_changes(&new) {
                         // New passwords: applied in place, PostgreSQL keeps running.
                         Some(changed) => {
+                            node.config_sha256 = sha;
                             tracing::info!(?changed, "new secrets; reloaded without a restart");
                             api.set_auth(new.api.auth.clone());
                             if let Some(p) = &node.pauses {
@@ -198,6 +218,44 @@ async fn run_async(cfg: AgentConfig, config_path: std::path::PathBuf) -> Result<
                             }
                             if let Err(e) = node.reload_secrets(new) {
                                 tracing::error!(error = %e, "cannot apply the new secrets");
+                            }
+                            wake.notify_one();
+                        }
+                        None if node.cfg.parameter_changes(&new).is_some() => {
+                            // New parameters (and perhaps secrets): rewritten and reloaded in
+                            // place. `plan` sends this only when PostgreSQL can take them all
+                            // with a reload; any other stays pending until a restart.
+                            let names = node.cfg.parameter_changes(&new).unwrap_or_default();
+                            tracing::info!(?names, "new parameters; reloading PostgreSQL's configuration");
+                            if node.cfg.secret_digests() != new.secret_digests() {
+                                api.set_auth(new.api.auth.clone());
+                                if let Err(e) = node.reload_secrets(new.clone()) {
+                                    tracing::error!(error = %e, "cannot apply the new secrets");
+                                }
+                            }
+                            if let Some(p) = &node.pauses {
+                                p.set_config(new.clone());
+                            }
+                            let lowered = crate::postgres::conf::lowered_standby_minimums(
+                                &crate::postgres::conf::render_postgresql_conf(&node.cfg),
+                                &crate::postgres::conf::render_postgresql_conf(&new),
+                            );
+                            match node.reload_parameters(new).await {
+                                Ok(pending) if pending.is_empty() => node.config_sha256 = sha,
+                                // A primary lowering what standbys need restarts in place first
+                                // (`apply` has stopped its replicas): started as a standby, it
+                                // would refuse values below those its control file records.
+                                Ok(pending) if !lowered.is_empty() && node.is_running_primary() => {
+                                    tracing::info!(?lowered, ?pending, "lowering what standbys need: restarting the primary in place");
+                                    node.pending_config_sha256 = Some(sha);
+                                    if let Ok(mut q) = node.requests.lock() {
+                                        q.push_back(super::node::Request::Restart);
+                                    }
+                                }
+                                // The old values stay in effect: `plan` sees an agent running an
+                                // older configuration than its file, and restarts it.
+                                Ok(pending) => tracing::warn!(?pending, "parameters need a restart to take effect"),
+                                Err(e) => tracing::error!(error = %e, "cannot reload the configuration"),
                             }
                             wake.notify_one();
                         }

@@ -126,13 +126,7 @@ pub fn switchover(args: SwitchoverArgs) -> miette::Result<ExitCode> {
             Some(c) if !g.members.contains_key(c) => return Err(miette::miette!("{c} is not a running member of group {}", args.group)),
             Some(c) if !eligible(c) => return Err(miette::miette!("{c} is not a healthy streaming replica (or is tagged nofailover)")),
             Some(c) => c.clone(),
-            None => g
-                .members
-                .iter()
-                .filter(|(n, _)| eligible(n))
-                .max_by_key(|(n, m)| (m.xlog_location, std::cmp::Reverse(n.as_str())))
-                .map(|(n, _)| n.clone())
-                .ok_or_else(|| miette::miette!("group {} has no healthy replica to hand over to", args.group))?,
+            None => g.switchover_candidate(&leader).map_err(|e| miette::miette!("group {}: {e}", args.group))?,
         };
         if let Some(sync) = &g.sync {
             if sync.sync_standby.as_deref().is_some_and(|s| s != candidate) {

@@ -99,6 +99,9 @@ pub struct MemberInfo {
     /// Name of the member this replica streams from.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub upstream: String,
+    /// SHA-256 of the agent configuration file the agent runs with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_sha256: String,
 }
 
 fn is_zero(p: &u16) -> bool {
@@ -239,6 +242,31 @@ pub struct GroupState {
     pub citus_pause: Option<CitusPause>,
 }
 
+impl GroupState {
+    /// Who should take over from `leader` in a planned switchover: a streaming replica not
+    /// tagged `nofailover`, the furthest ahead (ties: by name); in synchronous mode only the
+    /// synchronous standby, since any other could miss acknowledged commits.
+    pub fn switchover_candidate(&self, leader: &str) -> Result<String, String> {
+        let eligible = |name: &str, m: &MemberInfo| {
+            name != leader && m.role == "replica" && m.state == "streaming" && !m.nofailover()
+        };
+        if let Some(sync) = self.sync.as_ref().and_then(|s| s.sync_standby.as_deref()) {
+            return match self.members.get(sync) {
+                Some(m) if eligible(sync, m) => Ok(sync.to_string()),
+                _ => Err(format!(
+                    "synchronous mode: only the synchronous standby ({sync}) can take over without losing commits, and it is not a healthy streaming replica"
+                )),
+            };
+        }
+        self.members
+            .iter()
+            .filter(|(n, m)| eligible(n, m))
+            .max_by_key(|(n, m)| (m.xlog_location, std::cmp::Reverse(n.as_str())))
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| "no healthy streaming replica to hand over to".to_string())
+    }
+}
+
 /// The `status` key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -306,6 +334,113 @@ mod tests {
             value: value.as_bytes().to_vec(),
             mod_revision: 7,
             lease: 42,
+        }
+    }
+
+    #[test]
+    fn switchover_candidates() {
+        let m = |role: &str, state: &str, lsn: u64, nofailover: bool| {
+            let mut i = MemberInfo {
+                role: role.into(),
+                state: state.into(),
+                xlog_location: lsn,
+                ..Default::default()
+            };
+            if nofailover {
+                i.tags
+                    .insert("nofailover".into(), serde_json::Value::Bool(true));
+            }
+            i
+        };
+        let group = |members: Vec<(&str, MemberInfo)>, sync: Option<&str>| GroupState {
+            members: members
+                .into_iter()
+                .map(|(n, i)| (n.to_string(), i))
+                .collect(),
+            sync: sync.map(|s| SyncState {
+                leader: Some("a".into()),
+                sync_standby: Some(s.into()),
+            }),
+            ..Default::default()
+        };
+        let lead = ("a", m("primary", "running", 100, false));
+        let cases: Vec<(&str, GroupState, Result<&str, &str>)> = vec![
+            (
+                "furthest ahead",
+                group(
+                    vec![
+                        lead.clone(),
+                        ("b", m("replica", "streaming", 90, false)),
+                        ("c", m("replica", "streaming", 95, false)),
+                    ],
+                    None,
+                ),
+                Ok("c"),
+            ),
+            (
+                "ties by name",
+                group(
+                    vec![
+                        lead.clone(),
+                        ("c", m("replica", "streaming", 95, false)),
+                        ("b", m("replica", "streaming", 95, false)),
+                    ],
+                    None,
+                ),
+                Ok("b"),
+            ),
+            (
+                "not streaming, nofailover",
+                group(
+                    vec![
+                        lead.clone(),
+                        ("b", m("replica", "starting", 99, false)),
+                        ("c", m("replica", "streaming", 98, true)),
+                    ],
+                    None,
+                ),
+                Err("no healthy streaming replica to hand over to"),
+            ),
+            (
+                "alone",
+                group(vec![lead.clone()], None),
+                Err("no healthy streaming replica to hand over to"),
+            ),
+            (
+                "synchronous standby only",
+                group(
+                    vec![
+                        lead.clone(),
+                        ("b", m("replica", "streaming", 90, false)),
+                        ("c", m("replica", "streaming", 99, false)),
+                    ],
+                    Some("b"),
+                ),
+                Ok("b"),
+            ),
+            (
+                "synchronous standby down",
+                group(
+                    vec![
+                        lead.clone(),
+                        ("b", m("replica", "stopped", 90, false)),
+                        ("c", m("replica", "streaming", 99, false)),
+                    ],
+                    Some("b"),
+                ),
+                Err(
+                    "synchronous mode: only the synchronous standby (b) can take over without losing commits, and it is not a healthy streaming replica",
+                ),
+            ),
+        ];
+        for (name, g, want) in cases {
+            assert_eq!(
+                g.switchover_candidate("a")
+                    .as_deref()
+                    .map_err(|e| e.as_str()),
+                want,
+                "{name}"
+            );
         }
     }
 

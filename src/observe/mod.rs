@@ -325,6 +325,21 @@ async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut
             Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
         }
         if *g == 0 {
+            match crate::postgres::sql::bounded(
+                "read parameter contexts",
+                SQL_TIMEOUT,
+                client.query("SELECT name, context FROM pg_settings", &[]),
+            )
+            .await
+            {
+                Ok(rows) => {
+                    o.parameter_contexts = rows
+                        .iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                        .collect()
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read parameter contexts"),
+            }
             match citus::sql::nodes(&client, SQL_TIMEOUT).await {
                 Ok(rows) => o.nodes = Some(rows),
                 Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),

@@ -57,13 +57,17 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
                 }
                 // PostgreSQL drift only counts for a member that is up: while an agent creates
                 // or starts its server, the files are in flux.
-                let up = o
+                let member = o
                     .etcd
                     .groups
                     .get(&hd.group)
-                    .and_then(|g| g.members.get(name))
-                    .is_some_and(running);
-                host_actions(d, hd, f, up, &mut actions, &mut errors)
+                    .and_then(|g| g.members.get(name));
+                let up = member.is_some_and(running);
+                // The configuration the agent runs with, when it says (older agents do not).
+                let running_config = member
+                    .map(|m| m.config_sha256.as_str())
+                    .filter(|s| !s.is_empty());
+                host_actions(d, hd, f, up, running_config, &mut actions, &mut errors)
             }
         }
     }
@@ -74,6 +78,8 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
         destroy_actions(d, o, &mut actions);
         setup_repairs(o, &mut actions);
     }
+    reload_or_restart(d, o, &mut actions);
+    errors.extend(rolling_notes(d, o, &mut actions));
     actions.sort_by(|a, b| (a.phase, &a.target).cmp(&(b.phase, &b.target)));
     let mut summary = Summary::default();
     for a in &actions {
@@ -92,6 +98,132 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
     }
 }
 
+/// A new configuration that changes only PostgreSQL parameters PostgreSQL can take with a
+/// reload (`pg_settings.context` sighup, superuser, user, backend) is a reload: no restart
+/// of the agent or PostgreSQL. Otherwise the restart says which parameters need it.
+fn reload_or_restart(d: &Desired, o: &Observed, actions: &mut [Action]) {
+    const RELOAD: [&str; 5] = [
+        "sighup",
+        "superuser",
+        "user",
+        "backend",
+        "superuser-backend",
+    ];
+    for a in actions.iter_mut() {
+        let (Kind::RestartAgent { reason, .. }, Target::Host(name)) = (&a.kind, &a.target) else {
+            continue;
+        };
+        if reason != "new configuration" {
+            continue;
+        }
+        let Some(h) = d.hosts.get(name) else {
+            continue;
+        };
+        let Some(names) = parameter_only_change(d, h, o.hosts.get(name)) else {
+            continue;
+        };
+        let context = |n: &String| o.parameter_contexts.get(n).map(String::as_str);
+        let (reload, restart): (Vec<&String>, Vec<&String>) = names
+            .iter()
+            .partition(|n| context(n).is_some_and(|c| RELOAD.contains(&c)));
+        let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        if restart.is_empty() && !reload.is_empty() {
+            a.kind = Kind::ReloadAgent {
+                reason: format!("new parameters: {}", list(&reload)),
+            };
+            a.summary = format!(
+                "reload: {} (PostgreSQL takes them with a reload; nothing restarts)",
+                list(&reload)
+            );
+        } else if !restart.is_empty() {
+            let mut why = format!("restart for {}", list(&restart));
+            if !reload.is_empty() {
+                why.push_str(&format!("; reload would do for {}", list(&reload)));
+            }
+            a.summary = format!("restart the agent (new configuration: {why})");
+        }
+    }
+}
+
+/// Agent restarts roll (see `reconcile::apply`): say how, host by host, so the plan shows
+/// which group changes leader and why none fails over.
+fn rolling_notes(d: &Desired, o: &Observed, actions: &mut [Action]) -> Vec<String> {
+    let mut errors = Vec::new();
+    for a in actions.iter_mut() {
+        let (Kind::RestartAgent { lowered, .. }, Target::Host(name)) = (&mut a.kind, &a.target)
+        else {
+            continue;
+        };
+        let Some(h) = d.hosts.get(name) else {
+            continue;
+        };
+        if let Some(HostObserved::Reachable(f)) = o.hosts.get(name) {
+            if let Some(current) = &f.postgresql_conf {
+                *lowered =
+                    crate::postgres::conf::lowered_standby_minimums(current, &h.postgresql_conf);
+            }
+        }
+        let lowered = lowered.clone();
+        // The primary takes a lowered value with a reload and a restart in place by its own
+        // agent, which only a change of parameters alone allows.
+        if !lowered.is_empty() && parameter_only_change(d, h, o.hosts.get(name)).is_none() {
+            errors.push(format!(
+                "{name}: lowering {} together with other agent changes (binary or settings) cannot roll safely in one apply; apply the parameter change alone first",
+                lowered.join(", ")
+            ));
+        }
+        let Some(g) = o.etcd.groups.get(&h.group) else {
+            continue;
+        };
+        let group = h.group;
+        let others_streaming = g
+            .members
+            .iter()
+            .any(|(n, m)| n != name && m.role == "replica" && m.state == "streaming");
+        let note = if !lowered.is_empty() {
+            let what = lowered.join(", ");
+            if g.leader.as_deref() == Some(name.as_str()) {
+                format!(
+                    "; lowers {what}, which standbys need at least as high as the primary: its replicas stop, its agent restarts PostgreSQL in place keeping the leadership (writes to group {group} fail meanwhile), then they start"
+                )
+            } else {
+                format!("; lowers {what}: after the primary of group {group}")
+            }
+        } else if g.leader.as_deref() == Some(name.as_str()) {
+            if others_streaming {
+                format!("; leads group {group}: last, after a switchover to a streaming replica")
+            } else {
+                format!(
+                    "; leads group {group}, no streaming replica: in place, the group is down meanwhile"
+                )
+            }
+        } else {
+            "; rolling: one member at a time, each streaming again before the next".into()
+        };
+        a.summary.push_str(&note);
+    }
+    errors
+}
+
+/// The parameters a host's new agent configuration changes, when it changes nothing else
+/// (same binary, same other settings; secrets may change too).
+fn parameter_only_change(
+    d: &Desired,
+    h: &HostDesired,
+    observed: Option<&HostObserved>,
+) -> Option<Vec<String>> {
+    let Some(HostObserved::Reachable(f)) = observed else {
+        return None;
+    };
+    if f.agent_binary_sha256.as_deref() != Some(d.binary_sha256.as_str()) {
+        return None;
+    }
+    let parse = |t: &str| crate::agent::config::AgentConfig::parse(t).ok();
+    let old = f.agent_config_redacted.as_deref().and_then(parse)?;
+    let new = parse(&h.agent_config_redacted)?;
+    old.parameter_changes(&new)
+}
+
 fn act(phase: Phase, target: Target, change: Change, kind: Kind, summary: String) -> Action {
     Action {
         phase,
@@ -108,6 +240,7 @@ fn host_actions(
     h: &HostDesired,
     f: &HostFacts,
     member_up: bool,
+    running_config: Option<&str>,
     out: &mut Vec<Action>,
     errors: &mut Vec<String>,
 ) {
@@ -266,9 +399,25 @@ fn host_actions(
                 Change::Change,
                 Kind::RestartAgent {
                     reason: reason.into(),
+                    lowered: vec![],
                 },
                 format!("restart the agent ({reason})"),
             ));
+        }
+        // An apply stopped between writing the file and restarting the agent.
+        Some(_)
+            if running_config.is_some() && running_config != f.agent_config_sha256.as_deref() =>
+        {
+            out.push(act(
+                Phase::Start,
+                target(),
+                Change::Change,
+                Kind::RestartAgent {
+                    reason: "runs an older configuration than its file".into(),
+                    lowered: vec![],
+                },
+                "restart the agent (it runs an older configuration than its file)".into(),
+            ))
         }
         Some(_) => {}
     }
@@ -301,6 +450,7 @@ fn host_actions(
                         Change::Change,
                         Kind::RestartAgent {
                             reason: "postgresql.conf drifted".into(),
+                            lowered: vec![],
                         },
                         "restart the agent (postgresql.conf drifted)".into(),
                     ));

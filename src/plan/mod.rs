@@ -68,6 +68,10 @@ pub enum Kind {
     StartAgent,
     RestartAgent {
         reason: String,
+        /// Parameters standbys must keep at least as high as the primary that this change
+        /// lowers ("max_connections 60 → 50"): the primary restarts first, in place.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        lowered: Vec<String>,
     },
     /// New secrets only: the agent takes them without a restart (SIGHUP).
     ReloadAgent {

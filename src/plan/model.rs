@@ -60,6 +60,10 @@ pub struct Observed {
     #[serde(skip)]
     pub role_verifiers: BTreeMap<u32, BTreeMap<String, String>>,
     pub metadata_error: Option<String>,
+    /// `pg_settings.context` of every parameter, as the coordinator's primary reports it:
+    /// which changes a reload takes and which need a restart (empty: unknown, so restart).
+    #[serde(skip)]
+    pub parameter_contexts: BTreeMap<String, String>,
     /// Where shards are and what the rebalancer would do (None: not readable, e.g. no
     /// coordinator primary yet, or a Citus without the rebalancer).
     pub shards: Option<ShardsObserved>,

@@ -196,6 +196,7 @@ mod tests {
             host,
             Kind::RestartAgent {
                 reason: "new configuration".into(),
+                lowered: vec![],
             },
             &format!("restart the agent on {host}"),
         )

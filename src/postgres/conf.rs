@@ -98,6 +98,49 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     p
 }
 
+/// Parameters a standby must keep at least as high as its primary (PostgreSQL refuses hot
+/// standby otherwise), so a decrease must reach the primary first.
+pub const STANDBY_AT_LEAST: [&str; 5] = [
+    "max_connections",
+    "max_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_wal_senders",
+    "max_worker_processes",
+];
+
+/// The `name = 'value'` lines of a postgresql.conf we rendered (see `render_postgresql_conf`).
+pub fn parse_postgresql_conf(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .map(|v| v.replace("''", "'").replace("\\\\", "\\"))
+                .unwrap_or_else(|| v.to_string());
+            Some((k.trim().to_string(), v))
+        })
+        .collect()
+}
+
+/// Which of `STANDBY_AT_LEAST` go down from `current` to `desired`, as "name old → new".
+pub fn lowered_standby_minimums(current: &str, desired: &str) -> Vec<String> {
+    let (old, new) = (
+        parse_postgresql_conf(current),
+        parse_postgresql_conf(desired),
+    );
+    STANDBY_AT_LEAST
+        .iter()
+        .filter_map(|k| {
+            let (a, b) = (old.get(*k)?, new.get(*k)?);
+            let (x, y) = (a.parse::<i64>().ok()?, b.parse::<i64>().ok()?);
+            (y < x).then(|| format!("{k} {a} → {b}"))
+        })
+        .collect()
+}
+
 /// How long data sent on one of Citus's connections may stay unacknowledged before the kernel
 /// drops the connection: a third of the lease, at most 5 s.
 pub fn citus_tcp_user_timeout_ms(ttl_s: u32) -> u64 {
@@ -205,6 +248,46 @@ pub fn render_pgpass(cfg: &AgentConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowered_standby_minimums_are_found() {
+        let conf = |mc: &str, wal: &str| {
+            format!(
+                "# Managed\nmax_connections = '{mc}'\nmax_wal_senders = '{wal}'\nwork_mem = '4MB'\n"
+            )
+        };
+        for (current, desired, want) in [
+            (conf("50", "10"), conf("60", "10"), vec![]),
+            (
+                conf("60", "10"),
+                conf("50", "10"),
+                vec!["max_connections 60 → 50"],
+            ),
+            (
+                conf("60", "10"),
+                conf("50", "8"),
+                vec!["max_connections 60 → 50", "max_wal_senders 10 → 8"],
+            ),
+            (
+                conf("60", "10"),
+                conf("60", "10").replace("4MB", "1MB"),
+                vec![],
+            ),
+            (conf("x", "10"), conf("50", "10"), vec![]),
+        ] {
+            assert_eq!(
+                lowered_standby_minimums(&current, &desired),
+                want,
+                "{current} → {desired}"
+            );
+        }
+        assert_eq!(
+            parse_postgresql_conf("a = 'it''s'\nb = 'c:\\\\d'\n")
+                .get("a")
+                .map(String::as_str),
+            Some("it's")
+        );
+    }
 
     #[test]
     fn quoting() {

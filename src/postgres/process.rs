@@ -364,6 +364,15 @@ impl Pg {
             .map(|_| ())
     }
 
+    /// Rewrite postgresql.conf alone (new parameters, taken by a reload).
+    pub fn write_postgresql_conf(&self) -> Result<(), PgError> {
+        self.write_owned(
+            &self.data_dir().join("postgresql.conf"),
+            &conf::render_postgresql_conf(&self.cfg),
+            0o600,
+        )
+    }
+
     /// Write postgresql.conf, the role file, pg_hba.conf and the standby signal.
     pub fn write_conf(&self, role: &Role) -> Result<(), PgError> {
         let d = self.data_dir();

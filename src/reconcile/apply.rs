@@ -1,5 +1,6 @@
 //! Executing a plan: under an etcd lock, phase by phase (prepare, install, start), in parallel
-//! across hosts within a phase (bounded), then waiting for the agents to converge, then — only
+//! across hosts within a phase (bounded) except agent restarts, which roll group by group
+//! with a switchover before each leader's (no group fails over), then waiting for the agents to converge, then — only
 //! with `--allow-destroy` — removals. Every step is idempotent: after a failure, a rerun plans
 //! again from what is there and continues.
 
@@ -218,18 +219,370 @@ async fn execute_host_phases(
     let phase = |p: Phase| plan.phase(p).cloned().collect::<Vec<_>>();
     run_host_actions(run, &phase(Phase::Prepare), progress, &binary).await?;
     run_host_actions(run, &phase(Phase::Install), progress, &binary).await?;
-    let leaders: BTreeSet<String> = observed
-        .etcd
-        .groups
-        .values()
-        .filter_map(|g| g.leader.clone())
-        .collect();
-    let (lead, rest): (Vec<Action>, Vec<Action>) = phase(Phase::Start).into_iter().partition(|a| {
-        matches!(a.kind, Kind::RestartAgent { .. })
-            && host_of(a).is_some_and(|h| leaders.contains(h))
-    });
+    let (restarts, rest): (Vec<Action>, Vec<Action>) = phase(Phase::Start)
+        .into_iter()
+        .partition(|a| matches!(a.kind, Kind::RestartAgent { .. }));
     run_host_actions(run, &rest, progress, &binary).await?;
-    run_host_actions(run, &lead, progress, &binary).await
+    wait_reloaded(run, &rest, progress).await;
+    rolling_restarts(run, &restarts, observed, progress, &binary).await
+}
+
+/// After a reload, wait (briefly) until each agent says it runs its file's configuration,
+/// so convergence does not take the moment in between for an agent left behind. One that
+/// does not (a parameter left pending a restart) is restarted by the convergence that follows.
+async fn wait_reloaded(run: &Run, actions: &[Action], progress: &Arc<Progress>) {
+    let Some(dcs) = run.dcs.as_ref() else {
+        return;
+    };
+    let mut waiting: BTreeMap<String, (u32, String)> = actions
+        .iter()
+        .filter(|a| matches!(a.kind, Kind::ReloadAgent { .. }))
+        .filter_map(|a| {
+            let h = host_of(a)?;
+            let d = run.desired.hosts.get(h)?;
+            Some((h.to_string(), (d.group, d.agent_config_sha256.clone())))
+        })
+        .collect();
+    let started = Instant::now();
+    while !waiting.is_empty() && started.elapsed() < RELOAD_WAIT {
+        let groups: BTreeSet<u32> = waiting.values().map(|(g, _)| *g).collect();
+        for g in groups {
+            let Ok(state) = crate::dcs::handover::group_state(dcs, g).await else {
+                continue;
+            };
+            waiting.retain(|host, (group, sha)| {
+                let done = *group == g
+                    && state
+                        .members
+                        .get(host)
+                        // An agent from before checksums were published cannot confirm.
+                        .is_some_and(|m| m.config_sha256 == *sha || m.config_sha256.is_empty());
+                if done {
+                    progress.step(
+                        host,
+                        &format!("reloaded ({:.1}s)", started.elapsed().as_secs_f64()),
+                    );
+                }
+                !done
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for host in waiting.keys() {
+        progress.step(
+            host,
+            "the reload is not confirmed yet; convergence checks again",
+        );
+    }
+}
+
+/// How long `apply` waits for agents to confirm a reload.
+const RELOAD_WAIT: Duration = Duration::from_secs(15);
+
+/// Agent restarts (new configuration, new binary) roll so that no group fails over: one
+/// group at a time, workers first and the coordinator last; in a group, the replicas one by
+/// one, each streaming again before the next; then the leader hands over to a caught-up
+/// replica (a planned switchover, which Citus clients wait through) and restarts as a
+/// replica. A leader with no streaming replica restarts in place.
+async fn rolling_restarts(
+    run: &Run,
+    restarts: &[Action],
+    observed: &Observed,
+    progress: &Arc<Progress>,
+    binary: &Option<Arc<Vec<u8>>>,
+) -> Result<(), ReconcileError> {
+    let mut per_group: BTreeMap<u32, Vec<Action>> = BTreeMap::new();
+    let mut elsewhere = Vec::new();
+    for a in restarts {
+        match host_of(a).and_then(|h| run.spec.host(h)) {
+            Some(h) => per_group.entry(h.group).or_default().push(a.clone()),
+            None => elsewhere.push(a.clone()),
+        }
+    }
+    run_host_actions(run, &elsewhere, progress, binary).await?;
+    let coordinator = per_group.remove(&0);
+    let groups = per_group.into_iter().chain(coordinator.map(|c| (0, c)));
+    for (group, list) in groups {
+        let seen = observed.etcd.groups.get(&group);
+        let leader = seen.and_then(|g| g.leader.clone());
+        let was_streaming = |name: &str| {
+            seen.and_then(|g| g.members.get(name))
+                .is_some_and(|m| m.state == "streaming")
+        };
+        let lowers = list
+            .iter()
+            .any(|a| matches!(&a.kind, Kind::RestartAgent { lowered, .. } if !lowered.is_empty()));
+        let (lead, replicas): (Vec<Action>, Vec<Action>) = list
+            .into_iter()
+            .partition(|a| host_of(a).is_some() && host_of(a) == leader.as_deref());
+        if lowers && !lead.is_empty() {
+            primary_first(run, group, &lead, &replicas, &was_streaming, progress).await?;
+            continue;
+        }
+        for a in replicas {
+            let host = host_of(&a).unwrap_or_default().to_string();
+            run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
+            if was_streaming(&host) {
+                wait_streaming(run, group, &host, progress).await?;
+            }
+        }
+        for a in lead {
+            let host = host_of(&a).unwrap_or_default().to_string();
+            let handed_over = hand_over(run, group, &host, progress).await?;
+            run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
+            if handed_over {
+                wait_streaming(run, group, &host, progress).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A change that lowers a parameter standbys must keep at least as high as the primary: the
+/// replicas stop, the leader restarts in place (alone, it takes its leadership back: nothing
+/// newer exists), then the replicas start with the lower value.
+async fn primary_first(
+    run: &Run,
+    group: u32,
+    lead: &[Action],
+    replicas: &[Action],
+    was_streaming: &dyn Fn(&str) -> bool,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let Some(leader) = lead.first().and_then(host_of).map(str::to_string) else {
+        return Ok(());
+    };
+    for a in replicas {
+        let host = host_of(a).unwrap_or_default();
+        let (session, paths) = agent_access(run, host)?;
+        progress.step(
+            host,
+            "stop the agent: the primary restarts first, with the lower value",
+        );
+        provision::stop_agent(
+            &session,
+            run.spec.agent.service,
+            &paths,
+            &run.spec.cluster,
+            host,
+        )
+        .await
+        .map_err(|e| step_error(host, "stop the agent", e))?;
+    }
+    // The leader reloads the new parameters and, seeing a lowered value its standbys must
+    // match, restarts PostgreSQL in place itself, keeping its leadership (`plan` allows this
+    // path only for a change of parameters alone).
+    let (session, paths) = agent_access(run, &leader)?;
+    progress.step(
+        &leader,
+        "reload the agent: it restarts PostgreSQL in place, as primary",
+    );
+    provision::reload_agent(
+        &session,
+        run.spec.agent.service,
+        &paths,
+        &run.spec.cluster,
+        &leader,
+    )
+    .await
+    .map_err(|e| step_error(&leader, "reload the agent", e))?;
+    wait_leading(run, group, &leader, progress).await?;
+    for a in replicas {
+        let host = host_of(a).unwrap_or_default();
+        let (session, paths) = agent_access(run, host)?;
+        progress.step(host, "start the agent");
+        provision::start_agent(
+            &session,
+            run.spec.agent.service,
+            &paths,
+            &run.spec.cluster,
+            host,
+        )
+        .await
+        .map_err(|e| step_error(host, "start the agent", e))?;
+        if was_streaming(host) {
+            wait_streaming(run, group, host, progress).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The SSH session and install paths of a host in the spec.
+fn agent_access(run: &Run, host: &str) -> Result<(Arc<Session>, Paths), ReconcileError> {
+    let missing = |detail: &str| ReconcileError::Step {
+        host: host.into(),
+        step: "connect".into(),
+        detail: detail.into(),
+    };
+    let session = run
+        .sessions
+        .ok
+        .get(host)
+        .cloned()
+        .ok_or_else(|| missing("no SSH session"))?;
+    let h = run
+        .spec
+        .host(host)
+        .ok_or_else(|| missing("not in the spec"))?;
+    Ok((session, Paths::new(&h.install_dir)))
+}
+
+/// Wait until `member` holds its group's leader key, runs as primary and says it runs its
+/// file's configuration.
+async fn wait_leading(
+    run: &Run,
+    group: u32,
+    member: &str,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let dcs = run
+        .dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    let started = Instant::now();
+    loop {
+        if let Ok(g) = crate::dcs::handover::group_state(dcs, group).await {
+            let leads = g.leader.as_ref().is_some_and(|l| l.name == member);
+            let sha = run
+                .desired
+                .hosts
+                .get(member)
+                .map(|d| d.agent_config_sha256.as_str());
+            if leads
+                && g.members.get(member).is_some_and(|m| {
+                    m.role == "primary"
+                        && m.state == "running"
+                        && (m.config_sha256.is_empty() || Some(m.config_sha256.as_str()) == sha)
+                })
+            {
+                progress.step(
+                    member,
+                    &format!(
+                        "restarted in place with the new configuration, leads group {group} ({:.1}s)",
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
+                return Ok(());
+            }
+        }
+        if started.elapsed() > run.options.timeout {
+            return Err(ReconcileError::Step {
+                host: member.into(),
+                step: "wait until it runs the new configuration as primary".into(),
+                detail: format!(
+                    "not running its new configuration as group {group}'s primary after {}s; its replicas stay stopped (see its agent log); the next apply starts them",
+                    run.options.timeout.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Before its agent restarts, a leader hands over to the best streaming replica. Returns
+/// whether it did (false: no replica to hand over to, it restarts in place).
+async fn hand_over(
+    run: &Run,
+    group: u32,
+    leader: &str,
+    progress: &Arc<Progress>,
+) -> Result<bool, ReconcileError> {
+    let dcs = run
+        .dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    let step = |detail: String| ReconcileError::Step {
+        host: leader.into(),
+        step: "switchover before the restart".into(),
+        detail,
+    };
+    let state = crate::dcs::handover::group_state(dcs, group)
+        .await
+        .map_err(step)?;
+    if state.leader.as_ref().map(|l| l.name.as_str()) != Some(leader) {
+        // Leadership moved since the plan: it restarts as a replica anyway.
+        return Ok(state
+            .members
+            .get(leader)
+            .is_some_and(|m| m.state == "streaming"));
+    }
+    let candidate = match state.switchover_candidate(leader) {
+        Ok(c) => c,
+        Err(why) => {
+            progress.step(leader, &format!("restart in place: {why}"));
+            return Ok(false);
+        }
+    };
+    progress.step(
+        leader,
+        &format!(
+            "switchover of group {group} to {candidate}, so that {leader} restarts as a replica"
+        ),
+    );
+    let req = crate::dcs::keys::FailoverRequest {
+        leader: Some(leader.into()),
+        member: Some(candidate.clone()),
+        scheduled_at: None,
+    };
+    match crate::dcs::handover::request(dcs, group, &req, Some(&candidate), HANDOVER_TIMEOUT).await
+    {
+        Ok(crate::dcs::handover::Outcome::Done { after, .. }) => {
+            progress.step(
+                leader,
+                &format!(
+                    "{candidate} leads group {group} ({:.2}s)",
+                    after.as_secs_f64()
+                ),
+            );
+            Ok(true)
+        }
+        Ok(crate::dcs::handover::Outcome::Scheduled) => Err(step("scheduled, not done".into())),
+        Err(e) => Err(step(e)),
+    }
+}
+
+/// How long a planned switchover before a restart may take.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Wait until a restarted member streams again (its member key comes back only from the
+/// new agent: the old one revoked its lease on the way out).
+async fn wait_streaming(
+    run: &Run,
+    group: u32,
+    member: &str,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let dcs = run
+        .dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    let started = Instant::now();
+    progress.step(member, "waiting until it streams again");
+    loop {
+        if let Ok(g) = crate::dcs::handover::group_state(dcs, group).await {
+            if g.members
+                .get(member)
+                .is_some_and(|m| m.role == "replica" && m.state == "streaming")
+            {
+                progress.step(
+                    member,
+                    &format!("streaming again ({:.1}s)", started.elapsed().as_secs_f64()),
+                );
+                return Ok(());
+            }
+        }
+        if started.elapsed() > run.options.timeout {
+            return Err(ReconcileError::Step {
+                host: member.into(),
+                step: "wait until it streams again after the restart".into(),
+                detail: format!(
+                    "not streaming after {}s; the rest of group {group} waits (see its agent log), and the next apply continues",
+                    run.options.timeout.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Apply a plan that the caller has shown and had confirmed.

@@ -352,3 +352,22 @@ pub fn etcd_get(t: &TestLab, rest: &str) -> Option<String> {
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && !v.is_empty()).then_some(v)
 }
+
+/// The last `n` lines of every member's agent log, for a failure message.
+pub fn agent_logs(t: &TestLab, n: usize) -> String {
+    let mut out = String::new();
+    for g in &t.spec.groups {
+        for h in &g.hosts {
+            let log =
+                std::fs::read_to_string(format!("{}/agent.log", h.install_dir)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(n);
+            out.push_str(&format!("--- {} agent log (last {n} lines)\n", h.name));
+            for l in &lines[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}

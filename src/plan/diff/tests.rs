@@ -153,6 +153,10 @@ fn converged(d: &Desired) -> Observed {
             (1, verifiers("s3cret", "r3pl")),
         ]),
         metadata_error: None,
+        parameter_contexts: BTreeMap::from([
+            ("work_mem".to_string(), "user".to_string()),
+            ("max_connections".to_string(), "postmaster".to_string()),
+        ]),
         shards: None,
     }
 }
@@ -298,11 +302,17 @@ fn changes_restart_agents_and_show_diffs() {
         "{got:?}"
     );
     assert!(
-        got.contains(&"~ c1 restart the agent (new binary)".to_string()),
+        got.contains(
+            &"~ c1 restart the agent (new binary); leads group 0: last, after a switchover to a streaming replica"
+                .to_string()
+        ),
         "{got:?}"
     );
     assert!(
-        got.contains(&"~ w1 restart the agent (new binary and configuration)".to_string()),
+        got.contains(
+            &"~ w1 restart the agent (new binary and configuration); leads group 1, no streaming replica: in place, the group is down meanwhile"
+                .to_string()
+        ),
         "{got:?}"
     );
     let cfg = plan
@@ -555,10 +565,134 @@ fn other_configuration_changes_still_restart() {
     }
     let got = lines(&diff(&d, &converged(&old)));
     assert!(
-        got.contains(&"~ c1 restart the agent (new configuration)".to_string()),
+        got.contains(&"~ c2 restart the agent (new configuration); rolling: one member at a time, each streaming again before the next".to_string()),
         "{got:#?}"
     );
     assert!(!got.iter().any(|l| l.contains("reload")), "{got:#?}");
+}
+
+#[test]
+fn an_agent_running_an_older_configuration_than_its_file_restarts() {
+    // `apply` wrote the file, then stopped before the restart; the agent says what it runs.
+    let d = desired();
+    let mut o = converged(&d);
+    let same = |o: &mut Observed, sha: &str| {
+        if let Some(m) = o
+            .etcd
+            .groups
+            .get_mut(&0)
+            .and_then(|g| g.members.get_mut("c2"))
+        {
+            m.config_sha256 = sha.into();
+        }
+    };
+    same(&mut o, "cfg-c2");
+    check(&d, &o, &[]);
+    same(&mut o, "cfg-c2-before");
+    check(
+        &d,
+        &o,
+        &[
+            "~ c2 restart the agent (it runs an older configuration than its file); rolling: one member at a time, each streaming again before the next",
+        ],
+    );
+}
+
+#[test]
+fn parameters_a_reload_takes_are_reloaded_and_the_rest_restart() {
+    // Real agent configurations on both sides, differing in parameters only.
+    let with = |params: &[(&str, &str)]| {
+        let mut c = crate::agent::config::sample();
+        for (k, v) in params {
+            c.postgres.parameters.insert((*k).into(), (*v).into());
+        }
+        c.render_redacted()
+    };
+    // (case, parameters in the new configuration, the restart/reload line)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "reload only",
+            vec![("work_mem", "8MB")],
+            "~ w1 reload: work_mem (PostgreSQL takes them with a reload; nothing restarts)",
+        ),
+        (
+            "one needs a restart",
+            vec![("work_mem", "8MB"), ("max_connections", "60")],
+            "~ w1 restart the agent (new configuration: restart for max_connections; reload would do for work_mem); leads group 1, no streaming replica: in place, the group is down meanwhile",
+        ),
+        (
+            "unknown context: restart",
+            vec![("citus.something", "on")],
+            "~ w1 restart the agent (new configuration: restart for citus.something); leads group 1, no streaming replica: in place, the group is down meanwhile",
+        ),
+    ];
+    for (name, params, want) in cases {
+        let old = desired();
+        let mut o = converged(&old);
+        if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+            f.agent_config_redacted = Some(with(&[]));
+        }
+        let mut d = desired();
+        if let Some(h) = d.hosts.get_mut("w1") {
+            h.agent_config_sha256 = "cfg-w1-new".into();
+            h.agent_config_redacted = with(&params);
+        }
+        let plan = diff(&d, &o);
+        let got = lines(&plan);
+        assert!(got.contains(&want.to_string()), "{name}: {got:#?}");
+        let reloads = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.kind, Kind::ReloadAgent { .. }));
+        assert_eq!(reloads, name == "reload only", "{name}");
+    }
+}
+
+#[test]
+fn lowering_what_standbys_need_restarts_the_primary_first() {
+    let with = |mc: &str| {
+        let mut c = crate::agent::config::sample();
+        c.postgres
+            .parameters
+            .insert("max_connections".into(), mc.into());
+        c.render_redacted()
+    };
+    let old = desired();
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.agent_config_sha256 = format!("{}-new", h.agent_config_sha256);
+        h.agent_config_redacted = with("40");
+    }
+    let mut o = converged(&old);
+    for (name, f) in o.hosts.iter_mut() {
+        if let HostObserved::Reachable(f) = f {
+            f.postgresql_conf = Some("port = '5432'\nmax_connections = '50'\n".into());
+            f.agent_config_redacted = Some(with("50"));
+        }
+        if let Some(h) = d.hosts.get_mut(name) {
+            h.postgresql_conf = "port = '5432'\nmax_connections = '40'\n".into();
+        }
+    }
+    let plan = diff(&d, &o);
+    let got = lines(&plan);
+    for want in [
+        "~ c1 restart the agent (new configuration: restart for max_connections); lowers max_connections 50 → 40, which standbys need at least as high as the primary: its replicas stop, its agent restarts PostgreSQL in place keeping the leadership (writes to group 0 fail meanwhile), then they start",
+        "~ c2 restart the agent (new configuration: restart for max_connections); lowers max_connections 50 → 40: after the primary of group 0",
+    ] {
+        assert!(got.contains(&want.to_string()), "{got:#?}");
+    }
+    assert!(plan.actions.iter().any(|a| matches!(&a.kind, Kind::RestartAgent { lowered, .. } if lowered == &vec!["max_connections 50 → 40".to_string()])));
+    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+    // With a new agent binary in the same apply: refused, saying how to proceed.
+    d.binary_sha256 = "b".repeat(64);
+    let plan = diff(&d, &o);
+    assert!(
+        plan.errors.iter().any(|e| e
+            .starts_with("c1: lowering max_connections 50 → 40 together with other agent changes")),
+        "{:?}",
+        plan.errors
+    );
 }
 
 fn shards(
