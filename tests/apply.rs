@@ -239,6 +239,69 @@ fn bare_hosts_to_converged_cluster_then_an_empty_plan_and_a_new_standby() {
         "{}",
         text(&out)
     );
+    // Another apply holds the lock (a holder that died, written as it would be): refused at
+    // once naming it, or after --lock-timeout; force-unlock takes only its id.
+    let grant = common::etcdctl(&t, &["lease", "grant", "120"]).expect("lease");
+    let lease = grant
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    let holder = format!(
+        r#"{{"id":"{lease}","user":"ana","host":"ci-runner-7","pid":4242,"since_unix":1795636800,"ci_job":"https://ci.example/jobs/9"}}"#
+    );
+    common::etcdctl(
+        &t,
+        &[
+            "put",
+            &format!("--lease={lease}"),
+            &common::apply_lock_key(&t),
+            &holder,
+        ],
+    )
+    .expect("put the lock");
+    let out = apply_saved("lab-superuser-pw");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "another apply holds the lock: ana@ci-runner-7 (pid 4242, CI job https://ci.example/jobs/9) since 2026-11-25T20:00:00Z, lock id {lease}"
+        )),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&t, &["apply", "--auto-approve", "--lock-timeout", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("Waiting for the apply lock")
+            && text(&out).contains("(waited 2 s, --lock-timeout)"),
+        "{}",
+        text(&out)
+    );
+    let force_unlock = |id: &str| {
+        Command::cargo_bin("citus-reconcile")
+            .expect("binary")
+            .arg("force-unlock")
+            .arg(&t.spec_path)
+            .args([id, "--force"])
+            .timeout(Duration::from_secs(60))
+            .output()
+            .expect("citus-reconcile runs")
+    };
+    let out = force_unlock("123abc");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("not lock id 123abc; nothing removed"),
+        "{}",
+        text(&out)
+    );
+    let out = force_unlock(&lease);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("Removed the apply lock of ana@ci-runner-7"),
+        "{}",
+        text(&out)
+    );
+
     let apply = apply_saved("lab-superuser-pw");
     assert!(apply.status.success(), "{}", text(&apply));
     assert!(text(&apply).contains("still holds"), "{}", text(&apply));

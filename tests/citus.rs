@@ -435,7 +435,9 @@ fn a_write_pause_never_leaves_a_group_blocked() {
         144,
         &[(0, 2), (1, 2), (2, 2)],
         3,
-        &format!("citus: {{ pause_timeout: 8, lock_cooldown_ms: 1000 }}\n{FAST_HA}"),
+        // Long enough that group 2's switchover below fits inside group 1's held pause even
+        // on a loaded machine (at 8 s a busy CI host could miss it).
+        &format!("citus: {{ pause_timeout: 15, lock_cooldown_ms: 1000 }}\n{FAST_HA}"),
     ));
     let mut c = coordinator(&t);
     c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")

@@ -55,6 +55,8 @@ pub enum Command {
     Pause(switchover::PauseArgs),
     /// Leave maintenance mode
     Resume(switchover::PauseArgs),
+    /// Remove the apply lock of an apply that died (by the lock id a waiting apply shows)
+    ForceUnlock(switchover::ForceUnlockArgs),
     /// Run the per-host HA agent (started on every host by `apply`)
     Agent(agent::AgentArgs),
     /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
@@ -95,6 +97,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Failover(args) => switchover::failover(args),
         Command::Pause(args) => switchover::set_paused(args, true),
         Command::Resume(args) => switchover::set_paused(args, false),
+        Command::ForceUnlock(args) => switchover::force_unlock(args),
         Command::Schema => {
             let schema = crate::spec::raw::json_schema();
             match serde_json::to_string_pretty(&schema) {

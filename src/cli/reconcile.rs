@@ -52,6 +52,9 @@ pub struct ApplyArgs {
     /// Seconds to wait for the agents to converge
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Seconds to wait for another apply's lock (0: fail at once, naming its holder)
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub lock_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +77,7 @@ fn options(run: &RunArgs, timeout: u64, allow_destroy: bool) -> miette::Result<O
         agent_binary,
         timeout: Duration::from_secs(timeout),
         allow_destroy,
+        lock_timeout: Duration::ZERO,
     })
 }
 
@@ -237,7 +241,9 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
         None => args.run.spec.clone(),
     };
     runtime()?.block_on(async {
-        let Some((run, observed)) = open_at(&spec_path, options(&args.run, args.timeout, args.allow_destroy)?).await? else {
+        let mut opts = options(&args.run, args.timeout, args.allow_destroy)?;
+        opts.lock_timeout = Duration::from_secs(args.lock_timeout);
+        let Some((run, observed)) = open_at(&spec_path, opts).await? else {
             return Ok(ExitCode::FAILURE);
         };
         let plan = run.plan(&observed);

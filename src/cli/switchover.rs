@@ -253,3 +253,43 @@ pub fn set_paused(args: PauseArgs, paused: bool) -> miette::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+#[derive(Debug, clap::Args)]
+pub struct ForceUnlockArgs {
+    pub spec: PathBuf,
+    /// The lock id, as a waiting `apply` names it
+    pub id: String,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `force-unlock`: remove the apply lock of an `apply` that died, by the id it shows (as
+/// Terraform's force-unlock). Only that lock: a new holder is never removed by mistake.
+pub fn force_unlock(args: ForceUnlockArgs) -> miette::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let Some(spec) = load_spec(&args.spec, false)? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
+        let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
+            .await
+            .map_err(|e| miette::miette!("{e}"))?;
+        let holder = crate::reconcile::lock::holder(&dcs)
+            .await
+            .map_err(|e| miette::miette!("{e}"))?
+            .map(|(h, _)| h.describe())
+            .ok_or_else(|| miette::miette!("the apply lock is not held"))?;
+        println!("The apply lock is held by {holder}.");
+        println!("Removing it while that apply still runs lets two applies run at once.");
+        if !args.force && !confirm("Remove it?").map_err(|e| miette::miette!("{e}"))? {
+            println!("Cancelled.");
+            return Ok(ExitCode::FAILURE);
+        }
+        let was = crate::reconcile::lock::force_unlock(&dcs, &args.id)
+            .await
+            .map_err(|e| miette::miette!("{e}"))?;
+        println!("Removed the apply lock of {was}.");
+        Ok(ExitCode::SUCCESS)
+    })
+}

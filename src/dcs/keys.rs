@@ -220,6 +220,103 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + mi * 60 + se - offset)
 }
 
+/// Seconds since the Unix epoch as RFC 3339 in UTC (`2026-11-27T01:00:00Z`).
+pub fn format_rfc3339(unix: i64) -> String {
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    // The civil date from days (the inverse of the algorithm in `parse_rfc3339`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Who holds the apply lock: written by `apply` into the lock key, shown to whoever waits,
+/// and named by `force-unlock ID`. Read back from etcd as untrusted text (only shown).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyLockHolder {
+    /// The etcd lease of the lock, in hex: what `force-unlock` takes.
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub since_unix: i64,
+    /// The CI job, when `apply` runs in one (GitHub Actions, GitLab CI, or `CI_JOB_URL`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ci_job: String,
+}
+
+impl ApplyLockHolder {
+    /// The holder for this process, from the usual environment variables.
+    pub fn new(
+        env: impl Fn(&str) -> Option<String>,
+        host: &str,
+        pid: u32,
+        since_unix: i64,
+        lease: i64,
+    ) -> ApplyLockHolder {
+        let get = |k: &str| env(k).filter(|v| !v.is_empty());
+        let user = get("GITLAB_USER_LOGIN")
+            .or_else(|| get("GITHUB_ACTOR"))
+            .or_else(|| get("USER"))
+            .or_else(|| get("LOGNAME"))
+            .unwrap_or_else(|| "unknown".into());
+        let ci_job = if let Some(url) = get("CI_JOB_URL") {
+            url
+        } else if let (Some(server), Some(repo), Some(run)) = (
+            get("GITHUB_SERVER_URL"),
+            get("GITHUB_REPOSITORY"),
+            get("GITHUB_RUN_ID"),
+        ) {
+            format!("{server}/{repo}/actions/runs/{run}")
+        } else {
+            String::new()
+        };
+        ApplyLockHolder {
+            id: format!("{lease:x}"),
+            user,
+            host: host.trim().to_string(),
+            pid,
+            since_unix,
+            ci_job,
+        }
+    }
+
+    /// One line for people: who, where, since when, and the id to force-unlock.
+    pub fn describe(&self) -> String {
+        let clean =
+            |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(200).collect() };
+        let job = if self.ci_job.is_empty() {
+            String::new()
+        } else {
+            format!(", CI job {}", clean(&self.ci_job))
+        };
+        format!(
+            "{}@{} (pid {}{job}) since {}, lock id {}",
+            clean(&self.user),
+            clean(&self.host),
+            self.pid,
+            format_rfc3339(self.since_unix),
+            clean(&self.id)
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderKey {
     pub name: String,
@@ -334,6 +431,77 @@ mod tests {
             value: value.as_bytes().to_vec(),
             mod_revision: 7,
             lease: 42,
+        }
+    }
+
+    #[test]
+    fn apply_lock_holders() {
+        for unix in [0, 1_795_636_800, 1_709_208_000, 951_782_400, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&format_rfc3339(unix)), Some(unix), "{unix}");
+        }
+        assert_eq!(format_rfc3339(1_795_636_800), "2026-11-25T20:00:00Z");
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let cases: Vec<(&str, ApplyLockHolder, &str)> = vec![
+            (
+                "by hand",
+                ApplyLockHolder::new(
+                    env(&[("USER", "ana")]),
+                    "laptop\n",
+                    42,
+                    1_795_636_800,
+                    0x7a3f,
+                ),
+                "ana@laptop (pid 42) since 2026-11-25T20:00:00Z, lock id 7a3f",
+            ),
+            (
+                "GitHub Actions",
+                ApplyLockHolder::new(
+                    env(&[
+                        ("USER", "runner"),
+                        ("GITHUB_ACTOR", "octo"),
+                        ("GITHUB_SERVER_URL", "https://github.com"),
+                        ("GITHUB_REPOSITORY", "acme/db"),
+                        ("GITHUB_RUN_ID", "991"),
+                    ]),
+                    "runner-3",
+                    7,
+                    1_795_636_800,
+                    1,
+                ),
+                "octo@runner-3 (pid 7, CI job https://github.com/acme/db/actions/runs/991) since 2026-11-25T20:00:00Z, lock id 1",
+            ),
+            (
+                "GitLab CI",
+                ApplyLockHolder::new(
+                    env(&[
+                        ("GITLAB_USER_LOGIN", "bo"),
+                        ("CI_JOB_URL", "https://gitlab.example/acme/db/-/jobs/5"),
+                    ]),
+                    "gl",
+                    9,
+                    0,
+                    255,
+                ),
+                "bo@gl (pid 9, CI job https://gitlab.example/acme/db/-/jobs/5) since 1970-01-01T00:00:00Z, lock id ff",
+            ),
+            (
+                "hostile text read back from etcd",
+                ApplyLockHolder {
+                    user: "x\u{1b}[2J".into(),
+                    host: "h\nFAKE".into(),
+                    ..Default::default()
+                },
+                "x[2J@hFAKE (pid 0) since 1970-01-01T00:00:00Z, lock id ",
+            ),
+        ];
+        for (name, holder, want) in cases {
+            assert_eq!(holder.describe(), want, "{name}");
         }
     }
 

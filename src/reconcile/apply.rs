@@ -11,80 +11,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::lock::Lock;
 use super::progress::Progress;
 use super::{ReconcileError, Run};
 use crate::agent::config::{AgentConfig, Paths};
 use crate::citus::metadata::NodeChange;
-use crate::dcs::Dcs;
 use crate::observe::SQL_TIMEOUT;
 use crate::plan::{Action, Kind, Observed, Phase, Plan, Target};
 use crate::provision;
 use crate::ssh::{self, Session};
-
-/// The apply lock: one etcd key on a lease, so two pipelines never apply at once.
-pub struct Lock {
-    dcs: Dcs,
-    lease: i64,
-    keeper: tokio::task::JoinHandle<()>,
-}
-
-impl Lock {
-    pub async fn take(dcs: &Dcs) -> Result<Lock, ReconcileError> {
-        let key = dcs.keys.apply_lock();
-        let lease = dcs
-            .grant(30)
-            .await
-            .map_err(|e| ReconcileError::Lock(format!("cannot take the apply lock: {e}")))?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let holder = serde_json::json!({
-            "host": host.trim(),
-            "pid": std::process::id(),
-            "since_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        })
-        .to_string();
-        let won = dcs
-            .create(&key, holder.as_bytes(), Some(lease))
-            .await
-            .map_err(|e| ReconcileError::Lock(e.to_string()))?;
-        if !won {
-            let _ = dcs.revoke(lease).await;
-            let current = dcs
-                .get(&key)
-                .await
-                .ok()
-                .flatten()
-                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-                .unwrap_or_default();
-            return Err(ReconcileError::Lock(format!(
-                "another apply is running ({current}); try again when it is done"
-            )));
-        }
-        let keeper_dcs = dcs.clone();
-        let keeper = tokio::spawn(async move {
-            let Ok(mut r) = keeper_dcs.keeper(lease).await else {
-                return;
-            };
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                if r.refresh(Duration::from_secs(5)).await.is_err() {
-                    if let Ok(n) = keeper_dcs.keeper(lease).await {
-                        r = n;
-                    }
-                }
-            }
-        });
-        Ok(Lock {
-            dcs: dcs.clone(),
-            lease,
-            keeper,
-        })
-    }
-
-    pub async fn release(self) {
-        self.keeper.abort();
-        let _ = self.dcs.revoke(self.lease).await;
-    }
-}
 
 fn host_of(a: &Action) -> Option<&str> {
     match &a.target {
@@ -100,6 +35,7 @@ async fn run_host_actions(
     progress: &Arc<Progress>,
     binary: &Option<Arc<Vec<u8>>>,
 ) -> Result<(), ReconcileError> {
+    run.check_lock()?;
     let mut per_host: BTreeMap<String, Vec<Action>> = BTreeMap::new();
     for a in actions {
         if let Some(h) = host_of(a) {
@@ -612,7 +548,7 @@ pub async fn apply(
         .dcs
         .as_ref()
         .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
-    let lock = Lock::take(dcs).await?;
+    let lock = Lock::take(dcs, run.options.lock_timeout, run.lock_lost.clone()).await?;
     let result = apply_locked(run, plan, observed, progress).await;
     lock.release().await;
     result
@@ -649,6 +585,7 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
     let mut redo = 0;
     let mut last_pending = String::new();
     loop {
+        run.check_lock()?;
         let o = run.observe().await;
         let p = run.plan(&o);
         let pending: Vec<&Action> = p

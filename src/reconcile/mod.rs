@@ -3,6 +3,7 @@
 //! phase; `status` summarises the cluster like `patronictl list`.
 
 pub mod apply;
+pub mod lock;
 pub mod progress;
 pub mod rebalance;
 pub mod status;
@@ -32,6 +33,8 @@ pub struct Options {
     /// How long `apply` waits for the agents to converge.
     pub timeout: Duration,
     pub allow_destroy: bool,
+    /// How long `apply` waits for another apply's lock before failing.
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,8 @@ pub struct Run {
     pub sessions: Sessions,
     pub dcs: Option<Dcs>,
     pub etcd_error: Option<String>,
+    /// Set when the apply lock's lease is lost: every step checks it first.
+    pub lock_lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Run {
@@ -185,7 +190,18 @@ impl Run {
             sessions,
             dcs,
             etcd_error,
+            lock_lost: Default::default(),
         })
+    }
+
+    /// Err when this run's apply lock was lost: stop before the next step.
+    pub fn check_lock(&self) -> Result<(), ReconcileError> {
+        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ReconcileError::Lock(
+                "the apply lock's lease was lost (etcd unreachable for longer than its time to live); stopped before the next step — run apply again".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub async fn observe(&self) -> Observed {

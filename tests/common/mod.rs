@@ -29,6 +29,7 @@
 //! | 145 | citus::pause_on_loss… |
 //! | 146 | citus::credentials_rotate… |
 //! | 147 | lifecycle::a_worker_group_joins… |
+//! | 148 | lifecycle::configuration_and_agent_upgrades… |
 //! | 200 | benches/apply.rs |
 //! | 201–209 | benches/ha.rs |
 //! | 210, 211 | benches/citus.rs |
@@ -370,4 +371,27 @@ pub fn agent_logs(t: &TestLab, n: usize) -> String {
         }
     }
     out
+}
+
+/// Run etcdctl against a lab's etcd; stdout on success.
+pub fn etcdctl(t: &TestLab, args: &[&str]) -> Option<String> {
+    let endpoints = t.spec.etcd.endpoints.join(",");
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoints, "--command-timeout=2s"])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The full key of the apply lock of a lab's cluster.
+pub fn apply_lock_key(t: &TestLab) -> String {
+    format!(
+        "{}/.citus-reconcile/{}/apply-lock",
+        t.spec.etcd.namespace.trim_end_matches('/'),
+        t.spec.cluster
+    )
 }
