@@ -435,9 +435,11 @@ fn a_write_pause_never_leaves_a_group_blocked() {
         144,
         &[(0, 2), (1, 2), (2, 2)],
         3,
-        // Long enough that group 2's switchover below fits inside group 1's held pause even
-        // on a loaded machine (at 8 s a busy CI host could miss it).
-        &format!("citus: {{ pause_timeout: 15, lock_cooldown_ms: 1000 }}\n{FAST_HA}"),
+        // Group 1's held pause lasts until its deadline or until the frozen candidate's
+        // member key expires (a ttl) and the old leader leads again: both long enough that
+        // group 2's switchover below fits inside it even on a loaded 2-core host (with a
+        // 5 s ttl a busy CI run missed the window).
+        "citus: { pause_timeout: 20, lock_cooldown_ms: 1000 }\nha: { ttl: 15, loop_wait: 1, retry_timeout: 2 }\n",
     ));
     let mut c = coordinator(&t);
     c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")

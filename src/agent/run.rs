@@ -200,7 +200,10 @@ async fn run_async(
             _ = hup.recv() => {
                 match load_config_with_sha(&config_path) {
                     Ok((new, sha)) if new == node.cfg => {
-                        node.config_sha256 = sha;
+                        // Not while parameters wait for a restart: it does not run them yet.
+                        if node.pending_config_sha256.is_none() {
+                            node.config_sha256 = sha;
+                        }
                         // Nothing new: look at roles, passwords and this node's
                         // pg_dist_authinfo row again (`apply` asks for this when they drifted).
                         tracing::info!("reload with the same configuration; checking the database setup again");
@@ -210,7 +213,11 @@ async fn run_async(
                     Ok((new, sha)) => match node.cfg.secret_changes(&new) {
                         // New passwords: applied in place, PostgreSQL keeps running.
                         Some(changed) => {
-                            node.config_sha256 = sha;
+                            // Parameters still waiting for a restart stay waiting.
+                            match node.pending_config_sha256.is_some() {
+                                true => node.pending_config_sha256 = Some(sha),
+                                false => node.config_sha256 = sha,
+                            }
                             tracing::info!(?changed, "new secrets; reloaded without a restart");
                             api.set_auth(new.api.auth.clone());
                             if let Some(p) = &node.pauses {
@@ -227,6 +234,11 @@ async fn run_async(
                             // with a reload; any other stays pending until a restart.
                             let names = node.cfg.parameter_changes(&new).unwrap_or_default();
                             tracing::info!(?names, "new parameters; reloading PostgreSQL's configuration");
+                            // Against the configuration in force, before anything adopts `new`.
+                            let lowered = crate::postgres::conf::lowered_standby_minimums(
+                                &crate::postgres::conf::render_postgresql_conf(&node.cfg),
+                                &crate::postgres::conf::render_postgresql_conf(&new),
+                            );
                             if node.cfg.secret_digests() != new.secret_digests() {
                                 api.set_auth(new.api.auth.clone());
                                 if let Err(e) = node.reload_secrets(new.clone()) {
@@ -236,15 +248,11 @@ async fn run_async(
                             if let Some(p) = &node.pauses {
                                 p.set_config(new.clone());
                             }
-                            let lowered = crate::postgres::conf::lowered_standby_minimums(
-                                &crate::postgres::conf::render_postgresql_conf(&node.cfg),
-                                &crate::postgres::conf::render_postgresql_conf(&new),
-                            );
                             match node.reload_parameters(new).await {
-                                Ok(pending) if pending.is_empty() => node.config_sha256 = sha,
-                                // A primary lowering what standbys need restarts in place first
-                                // (`apply` has stopped its replicas): started as a standby, it
-                                // would refuse values below those its control file records.
+                                // A primary lowering what standbys need restarts in place, keeping
+                                // its leadership, before its replicas take the lower value (a
+                                // restart as a standby would refuse values below those its
+                                // control file records). Always: a reload never lowers them.
                                 Ok(pending) if !lowered.is_empty() && node.is_running_primary() => {
                                     tracing::info!(?lowered, ?pending, "lowering what standbys need: restarting the primary in place");
                                     node.pending_config_sha256 = Some(sha);
@@ -252,10 +260,17 @@ async fn run_async(
                                         q.push_back(super::node::Request::Restart);
                                     }
                                 }
+                                Ok(pending) if pending.is_empty() => node.config_sha256 = sha,
                                 // The old values stay in effect: `plan` sees an agent running an
                                 // older configuration than its file, and restarts it.
-                                Ok(pending) => tracing::warn!(?pending, "parameters need a restart to take effect"),
-                                Err(e) => tracing::error!(error = %e, "cannot reload the configuration"),
+                                Ok(pending) => {
+                                    tracing::warn!(?pending, "parameters need a restart to take effect");
+                                    node.pending_config_sha256 = Some(sha);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot reload the configuration");
+                                    node.pending_config_sha256 = Some(sha);
+                                }
                             }
                             wake.notify_one();
                         }

@@ -119,6 +119,21 @@ fn reload_or_restart(d: &Desired, o: &Observed, actions: &mut [Action]) {
         let Some(h) = d.hosts.get(name) else {
             continue;
         };
+        // Only when the agent runs what its file says: otherwise the file holds other
+        // changes too (an apply stopped half way), and the agent must restart for them.
+        let running = o
+            .etcd
+            .groups
+            .get(&h.group)
+            .and_then(|g| g.members.get(name))
+            .map(|m| m.config_sha256.as_str());
+        let file = match o.hosts.get(name) {
+            Some(HostObserved::Reachable(f)) => f.agent_config_sha256.as_deref(),
+            _ => None,
+        };
+        if running.is_none_or(str::is_empty) || running != file {
+            continue;
+        }
         let Some(names) = parameter_only_change(d, h, o.hosts.get(name)) else {
             continue;
         };
@@ -184,7 +199,7 @@ fn rolling_notes(d: &Desired, o: &Observed, actions: &mut [Action]) -> Vec<Strin
             let what = lowered.join(", ");
             if g.leader.as_deref() == Some(name.as_str()) {
                 format!(
-                    "; lowers {what}, which standbys need at least as high as the primary: its replicas stop, its agent restarts PostgreSQL in place keeping the leadership (writes to group {group} fail meanwhile), then they start"
+                    "; lowers {what}, which standbys need at least as high as the primary: first its agent restarts PostgreSQL in place keeping the leadership (writes to group {group} fail meanwhile), then its replicas one at a time"
                 )
             } else {
                 format!("; lowers {what}: after the primary of group {group}")

@@ -239,10 +239,25 @@ async fn rolling_restarts(
     let coordinator = per_group.remove(&0);
     let groups = per_group.into_iter().chain(coordinator.map(|c| (0, c)));
     for (group, list) in groups {
-        let seen = observed.etcd.groups.get(&group);
-        let leader = seen.and_then(|g| g.leader.clone());
-        let was_streaming = |name: &str| {
-            seen.and_then(|g| g.members.get(name))
+        run.check_lock()?;
+        // Who leads and who streams now, not when the plan was made: a failover since then
+        // must not turn the new leader's restart into a replica's.
+        let fresh = match run.dcs.as_ref() {
+            Some(d) => crate::dcs::handover::group_state(d, group).await.ok(),
+            None => None,
+        };
+        let leader = match &fresh {
+            Some(g) => g.leader.as_ref().map(|l| l.name.clone()),
+            None => observed
+                .etcd
+                .groups
+                .get(&group)
+                .and_then(|g| g.leader.clone()),
+        };
+        let streaming = |name: &str| {
+            fresh
+                .as_ref()
+                .and_then(|g| g.members.get(name))
                 .is_some_and(|m| m.state == "streaming")
         };
         let lowers = list
@@ -251,18 +266,26 @@ async fn rolling_restarts(
         let (lead, replicas): (Vec<Action>, Vec<Action>) = list
             .into_iter()
             .partition(|a| host_of(a).is_some() && host_of(a) == leader.as_deref());
-        if lowers && !lead.is_empty() {
-            primary_first(run, group, &lead, &replicas, &was_streaming, progress).await?;
-            continue;
-        }
+        let lowered_first = match (&leader, lowers && !lead.is_empty()) {
+            (Some(l), true) => {
+                primary_first(run, group, l, progress).await?;
+                true
+            }
+            _ => false,
+        };
         for a in replicas {
+            run.check_lock()?;
             let host = host_of(&a).unwrap_or_default().to_string();
             run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
-            if was_streaming(&host) {
+            if streaming(&host) {
                 wait_streaming(run, group, &host, progress).await?;
             }
         }
+        if lowered_first {
+            continue;
+        }
         for a in lead {
+            run.check_lock()?;
             let host = host_of(&a).unwrap_or_default().to_string();
             let handed_over = hand_over(run, group, &host, progress).await?;
             run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
@@ -275,72 +298,32 @@ async fn rolling_restarts(
 }
 
 /// A change that lowers a parameter standbys must keep at least as high as the primary: the
-/// replicas stop, the leader restarts in place (alone, it takes its leadership back: nothing
-/// newer exists), then the replicas start with the lower value.
+/// leader goes first. Its agent reloads the new parameters and, seeing a lowered value,
+/// restarts PostgreSQL in place keeping its leadership (`plan` allows this path only for a
+/// change of parameters alone); the replicas, still running with the higher value (allowed),
+/// restart after it, one at a time.
 async fn primary_first(
     run: &Run,
     group: u32,
-    lead: &[Action],
-    replicas: &[Action],
-    was_streaming: &dyn Fn(&str) -> bool,
+    leader: &str,
     progress: &Arc<Progress>,
 ) -> Result<(), ReconcileError> {
-    let Some(leader) = lead.first().and_then(host_of).map(str::to_string) else {
-        return Ok(());
-    };
-    for a in replicas {
-        let host = host_of(a).unwrap_or_default();
-        let (session, paths) = agent_access(run, host)?;
-        progress.step(
-            host,
-            "stop the agent: the primary restarts first, with the lower value",
-        );
-        provision::stop_agent(
-            &session,
-            run.spec.agent.service,
-            &paths,
-            &run.spec.cluster,
-            host,
-        )
-        .await
-        .map_err(|e| step_error(host, "stop the agent", e))?;
-    }
-    // The leader reloads the new parameters and, seeing a lowered value its standbys must
-    // match, restarts PostgreSQL in place itself, keeping its leadership (`plan` allows this
-    // path only for a change of parameters alone).
-    let (session, paths) = agent_access(run, &leader)?;
+    run.check_lock()?;
+    let (session, paths) = agent_access(run, leader)?;
     progress.step(
-        &leader,
-        "reload the agent: it restarts PostgreSQL in place, as primary",
+        leader,
+        "reload the agent: it restarts PostgreSQL in place, as primary, before its replicas",
     );
     provision::reload_agent(
         &session,
         run.spec.agent.service,
         &paths,
         &run.spec.cluster,
-        &leader,
+        leader,
     )
     .await
-    .map_err(|e| step_error(&leader, "reload the agent", e))?;
-    wait_leading(run, group, &leader, progress).await?;
-    for a in replicas {
-        let host = host_of(a).unwrap_or_default();
-        let (session, paths) = agent_access(run, host)?;
-        progress.step(host, "start the agent");
-        provision::start_agent(
-            &session,
-            run.spec.agent.service,
-            &paths,
-            &run.spec.cluster,
-            host,
-        )
-        .await
-        .map_err(|e| step_error(host, "start the agent", e))?;
-        if was_streaming(host) {
-            wait_streaming(run, group, host, progress).await?;
-        }
-    }
-    Ok(())
+    .map_err(|e| step_error(leader, "reload the agent", e))?;
+    wait_leading(run, group, leader, progress).await
 }
 
 /// The SSH session and install paths of a host in the spec.
@@ -388,7 +371,7 @@ async fn wait_leading(
                 && g.members.get(member).is_some_and(|m| {
                     m.role == "primary"
                         && m.state == "running"
-                        && (m.config_sha256.is_empty() || Some(m.config_sha256.as_str()) == sha)
+                        && Some(m.config_sha256.as_str()) == sha
                 })
             {
                 progress.step(
@@ -406,7 +389,7 @@ async fn wait_leading(
                 host: member.into(),
                 step: "wait until it runs the new configuration as primary".into(),
                 detail: format!(
-                    "not running its new configuration as group {group}'s primary after {}s; its replicas stay stopped (see its agent log); the next apply starts them",
+                    "not running its new configuration as group {group}'s primary after {}s (see its agent log); its replicas keep the old value until it does",
                     run.options.timeout.as_secs()
                 ),
             });
@@ -444,6 +427,13 @@ async fn hand_over(
     }
     let candidate = match state.switchover_candidate(leader) {
         Ok(c) => c,
+        // Other members that cannot take over now could still win the key if the leader let
+        // go of it: restarting the leader would be a failover. Refuse instead.
+        Err(why) if state.members.keys().any(|m| m != leader) => {
+            return Err(step(format!(
+                "{why}; its other members are not ready to take over, and restarting the leader would fail the group over: apply again once they stream"
+            )));
+        }
         Err(why) => {
             progress.step(leader, &format!("restart in place: {why}"));
             return Ok(false);
