@@ -176,8 +176,14 @@ pub fn remove(t: &Topology, namespaces: &[String]) -> Result<(), LabError> {
             run("ip", &["netns", "del", ns])?;
         }
     }
+    // The kernel removes a namespace's links in the background, the peer of our link with
+    // them: it can vanish between the check and the delete, which is what we wanted anyway.
     if link_exists(None, &t.root_if()) {
-        run("ip", &["link", "del", &t.root_if()])?;
+        if let Err(e) = run("ip", &["link", "del", &t.root_if()]) {
+            if link_exists(None, &t.root_if()) {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }

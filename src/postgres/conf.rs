@@ -71,9 +71,13 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
             user_timeout_ms.div_ceil(1000)
         ),
     );
+    // Setting up a connection (fork, TLS, SCRAM, Citus's backend start) takes well over a
+    // second on a loaded host, and a statement whose connection times out fails: 5 s keeps
+    // that from happening to a live server, and a dead one costs only a statement that was
+    // going to fail until its row moves anyway (after the lease, longer than this).
     set(
         "citus.node_connection_timeout",
-        user_timeout_ms.max(2000).to_string(),
+        user_timeout_ms.max(NODE_CONNECTION_TIMEOUT_MS).to_string(),
     );
     // Citus connects to its own server for background work (the rebalancer's tasks, shard
     // splits) at this name; the default, localhost, is not where the server listens.
@@ -141,8 +145,12 @@ pub fn lowered_standby_minimums(current: &str, desired: &str) -> Vec<String> {
         .collect()
 }
 
+/// Lower bound of `citus.node_connection_timeout`.
+const NODE_CONNECTION_TIMEOUT_MS: u64 = 5000;
+
 /// How long data sent on one of Citus's connections may stay unacknowledged before the kernel
 /// drops the connection: a third of the lease, at most 5 s.
+
 pub fn citus_tcp_user_timeout_ms(ttl_s: u32) -> u64 {
     (u64::from(ttl_s) * 1000 / 3).clamp(1000, 5000)
 }
