@@ -1032,6 +1032,7 @@ impl Node {
         self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
             .await
             .ok();
+        self.reset_alter_system().await;
         if matches!(role, Role::Primary { .. }) {
             let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
             self.lease.primary_pid.store(pid, Ordering::SeqCst);
@@ -1233,6 +1234,7 @@ impl Node {
         let c = sql::connect_local(&self.cfg, "postgres", t)
             .await
             .map_err(|e| e.to_string())?;
+        self.reset_alter_system().await;
         sql::bounded(
             "reload the configuration",
             t,
@@ -1269,6 +1271,21 @@ impl Node {
     /// (as primary), repairing what was changed by hand.
     pub fn recheck_setup(&mut self) {
         self.setup_done = false;
+    }
+
+    /// The configuration is the spec's: settings made with `ALTER SYSTEM` (which override
+    /// postgresql.conf) are removed whenever this agent starts PostgreSQL or is reloaded.
+    /// `plan` shows them as drift before.
+    pub async fn reset_alter_system(&mut self) {
+        let Some(c) = &self.client else { return };
+        match sql::reset_alter_system(c, self.timeout()).await {
+            Ok(names) if !names.is_empty() => tracing::warn!(
+                parameters = %names.join(", "),
+                "removed ALTER SYSTEM settings: the spec's postgresql.conf applies"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check ALTER SYSTEM settings"),
+        }
     }
 
     pub fn data_dir_exists(&self) -> bool {

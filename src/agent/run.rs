@@ -208,6 +208,7 @@ async fn run_async(
                         // pg_dist_authinfo row again (`apply` asks for this when they drifted).
                         tracing::info!("reload with the same configuration; checking the database setup again");
                         node.recheck_setup();
+                        node.reset_alter_system().await;
                         wake.notify_one();
                     }
                     Ok((new, sha)) => match node.cfg.secret_changes(&new) {

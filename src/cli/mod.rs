@@ -45,6 +45,8 @@ pub enum Command {
     Diff(reconcile::RunArgs),
     /// Bring the hosts to the spec: provision, start agents, wait for convergence
     Apply(reconcile::ApplyArgs),
+    /// Keep comparing the cluster with the spec: report drift as it comes and goes, and with --repair fix it
+    Watch(reconcile::WatchArgs),
     /// Members, roles, lag and pg_dist_node, like `patronictl list`
     Status(reconcile::StatusArgs),
     /// Hand a group's leadership to another member (planned, no lost commits)
@@ -93,6 +95,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Diff(args) => reconcile::diff(args),
         Command::Apply(args) => reconcile::apply(args),
         Command::Status(args) => reconcile::status(args),
+        Command::Watch(args) => reconcile::watch(args),
         Command::Switchover(args) => switchover::switchover(args),
         Command::Failover(args) => switchover::failover(args),
         Command::Pause(args) => switchover::set_paused(args, true),

@@ -58,6 +58,34 @@ pub struct ApplyArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Seconds between observations (sooner when the spec or a secret file changes)
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    pub interval: f64,
+    /// Apply what drifted, except removals, under the apply lock
+    #[arg(long)]
+    pub repair: bool,
+    /// Seconds a repair waits for the agents to converge
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Events as JSON lines (with a format version) instead of text
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9187)
+    #[arg(long, value_name = "ADDRESS")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: expected seconds between 0.1 and 86400")),
+    }
+}
+
+#[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub run: RunArgs,
@@ -314,6 +342,23 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
             }
             Err(e) => Err(miette::miette!("apply failed: {e}\nThe steps before it were completed; run apply again to continue.")),
         }
+    })
+}
+
+pub fn watch(args: WatchArgs) -> miette::Result<ExitCode> {
+    let opts = options(&args.run, args.timeout, false)?;
+    runtime()?.block_on(async {
+        crate::reconcile::watch::watch(crate::reconcile::watch::WatchOptions {
+            spec: args.run.spec.clone(),
+            run: opts,
+            interval: Duration::from_secs_f64(args.interval),
+            repair: args.repair,
+            json: args.json,
+            listen: args.listen,
+        })
+        .await
+        .map_err(|e| miette::miette!("{e}"))?;
+        Ok(ExitCode::SUCCESS)
     })
 }
 

@@ -96,11 +96,11 @@ if [ -f {binary} ]; then
 fi
 if [ -f {config} ]; then echo "config_sha=$(sha256sum {config} | cut -d' ' -f1)"; echo "config_b64=$(base64 -w0 {config})"; fi
 [ -f {data}/postgresql.conf ] && echo "pgconf_b64=$(base64 -w0 {data}/postgresql.conf)"
-if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -q -- "--config {config_raw}"; then echo agent_pid=$pid; fi; fi
+[ -f {data}/postgresql.auto.conf ] && echo "autoconf_b64=$(base64 -w0 {data}/postgresql.auto.conf)"
+if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -qF -- "--config "{config}; then echo agent_pid=$pid; fi; fi
 [ -f {unit} ] && echo unit=yes
 true
 "#,
-        config_raw = p.config(),
     )
 }
 
@@ -144,6 +144,15 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
                 })
             }
             "pgconf_b64" => f.postgresql_conf = b64(v),
+            "autoconf_b64" => {
+                f.alter_system = b64(v)
+                    .map(|t| {
+                        crate::postgres::conf::foreign_alter_system(
+                            &crate::postgres::conf::parse_postgresql_conf(&t),
+                        )
+                    })
+                    .unwrap_or_default()
+            }
             "agent_pid" => f.agent_pid = v.trim().parse().ok(),
             "unit" => f.unit_installed = true,
             _ => {}

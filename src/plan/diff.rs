@@ -76,6 +76,7 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
         metadata_actions(d, o, &mut actions);
         rebalance_actions(d, o, &mut actions);
         destroy_actions(d, o, &mut actions);
+        alter_system_actions(d, o, &mut actions);
         setup_repairs(o, &mut actions);
     }
     reload_or_restart(d, o, &mut actions);
@@ -402,6 +403,12 @@ fn host_actions(
             },
             "reload the agent (new secrets; PostgreSQL keeps running)".into(),
         )),
+        // The file was edited by hand while the agent runs the spec's configuration: putting
+        // the file back is all there is to do.
+        Some(_)
+            if config_changed
+                && !binary_changed
+                && running_config == Some(h.agent_config_sha256.as_str()) => {}
         Some(_) if binary_changed || config_changed => {
             let reason = match (binary_changed, config_changed) {
                 (true, true) => "new binary and configuration",
@@ -472,6 +479,36 @@ fn host_actions(
                 }
             }
         }
+    }
+}
+
+/// Settings made with `ALTER SYSTEM` on a member that runs: they override the spec.
+fn alter_system_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    for (name, hd) in &d.hosts {
+        let Some(HostObserved::Reachable(f)) = o.hosts.get(name) else {
+            continue;
+        };
+        let up = o
+            .etcd
+            .groups
+            .get(&hd.group)
+            .and_then(|g| g.members.get(name))
+            .is_some_and(running);
+        if f.alter_system.is_empty() || !up || f.data_dir != DataDirState::Initialized {
+            continue;
+        }
+        out.push(act(
+            Phase::Converge,
+            Target::Host(name.clone()),
+            Change::Change,
+            Kind::AlterSystem {
+                parameters: f.alter_system.clone(),
+            },
+            format!(
+                "remove ALTER SYSTEM settings that override the spec: {} (postgresql.auto.conf; values not shown)",
+                f.alter_system.join(", ")
+            ),
+        ));
     }
 }
 
@@ -709,6 +746,7 @@ fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
 /// nothing new to take (edited by hand, say): the agent set them up once and does not look
 /// again on its own. A reload makes it (one transaction, PostgreSQL keeps running) — unless
 /// the host's agent is being started, restarted or reloaded anyway.
+/// The same for `ALTER SYSTEM` settings on any member: a reload makes the agent remove them.
 fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
     let groups: BTreeSet<u32> = out
         .iter()
@@ -717,24 +755,40 @@ fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
             _ => None,
         })
         .collect();
-    for g in groups {
-        let Some(leader) = o.etcd.groups.get(&g).and_then(|e| e.leader.clone()) else {
-            continue;
-        };
+    let mut hosts: BTreeMap<String, &str> = groups
+        .iter()
+        .filter_map(|g| o.etcd.groups.get(g).and_then(|e| e.leader.clone()))
+        .map(|leader| {
+            (
+                leader,
+                "reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)",
+            )
+        })
+        .collect();
+    for a in out.iter() {
+        if let (Kind::AlterSystem { .. }, Target::Host(h)) = (&a.kind, &a.target) {
+            hosts
+                .entry(h.clone())
+                .and_modify(|s| *s = "reload the agent (it sets roles and pg_dist_authinfo again and removes ALTER SYSTEM settings; PostgreSQL keeps running)")
+                .or_insert("reload the agent (it removes ALTER SYSTEM settings; PostgreSQL keeps running)");
+        }
+    }
+    for (host, summary) in hosts {
         let agent_runs = matches!(
-            o.hosts.get(&leader),
+            o.hosts.get(&host),
             Some(HostObserved::Reachable(f)) if f.agent_pid.is_some()
         );
+        // Started, restarted or reloaded anyway: that does it too.
         let busy = out
             .iter()
-            .any(|a| a.phase == Phase::Start && a.target == Target::Host(leader.clone()));
+            .any(|a| a.phase == Phase::Start && a.target == Target::Host(host.clone()));
         if agent_runs && !busy {
             out.push(act(
                 Phase::Start,
-                Target::Host(leader),
+                Target::Host(host),
                 Change::Change,
                 Kind::RecheckSetup,
-                "reload the agent (it sets roles and pg_dist_authinfo again; PostgreSQL keeps running)".into(),
+                summary.into(),
             ));
         }
     }

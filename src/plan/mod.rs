@@ -3,6 +3,7 @@
 //! Nothing here reaches a host, etcd or PostgreSQL.
 
 pub mod diff;
+pub mod drift;
 pub mod model;
 pub mod render;
 pub mod saved;
@@ -103,6 +104,11 @@ pub enum Kind {
     },
     /// postgresql.conf differs from what the agent will write.
     PostgresConf,
+    /// `ALTER SYSTEM` settings override the spec; the agent removes them when it reloads or
+    /// starts PostgreSQL.
+    AlterSystem {
+        parameters: Vec<String>,
+    },
     /// A member in etcd that the spec no longer has.
     RemoveMember {
         member: String,

@@ -121,6 +121,9 @@ pub struct HostFacts {
     #[serde(skip)]
     pub secret_digests: BTreeMap<String, String>,
     pub postgresql_conf: Option<String>,
+    /// Parameters set with `ALTER SYSTEM` (postgresql.auto.conf), which override the spec.
+    /// Names only: values may hold secrets (a conninfo, say).
+    pub alter_system: Vec<String>,
     pub agent_pid: Option<u32>,
     pub unit_installed: bool,
 }

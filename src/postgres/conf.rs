@@ -145,12 +145,31 @@ pub fn lowered_standby_minimums(current: &str, desired: &str) -> Vec<String> {
         .collect()
 }
 
+/// The ciphers `CREATE EXTENSION citus` sets with `ALTER SYSTEM` (with `ssl = on`) on a
+/// server that has SSL off: TLS 1.2 and up.
+pub const CITUS_SSL_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA384";
+
+/// Settings of postgresql.auto.conf (name → value) that override the spec: all but the two
+/// Citus writes itself when it turns SSL on (`ssl = on` and its cipher list), which its
+/// connections between nodes need.
+pub fn foreign_alter_system(auto_conf: &BTreeMap<String, String>) -> Vec<String> {
+    auto_conf
+        .iter()
+        .filter(|(k, v)| {
+            !matches!(
+                (k.as_str(), v.as_str()),
+                ("ssl", "on") | ("ssl", "true") | ("ssl_ciphers", CITUS_SSL_CIPHERS)
+            )
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Lower bound of `citus.node_connection_timeout`.
 const NODE_CONNECTION_TIMEOUT_MS: u64 = 5000;
 
 /// How long data sent on one of Citus's connections may stay unacknowledged before the kernel
 /// drops the connection: a third of the lease, at most 5 s.
-
 pub fn citus_tcp_user_timeout_ms(ttl_s: u32) -> u64 {
     (u64::from(ttl_s) * 1000 / 3).clamp(1000, 5000)
 }
@@ -195,9 +214,12 @@ pub fn render_role_conf(cfg: &AgentConfig, role: &Role) -> String {
                 let conninfo = replication_conninfo(cfg, host, *port);
                 out.push_str(&format!("primary_conninfo = {}\n", quote_conf(&conninfo)));
             }
-            out.push_str("recovery_target_timeline = 'latest'\n");
         }
     }
+    // On every role: a restart-only parameter removed from the files counts as pending a
+    // restart even when its default is the same, so a promoted member whose role file lost
+    // it would report `pending_restart` on its next reload (and its reload look unconfirmed).
+    out.push_str("recovery_target_timeline = 'latest'\n");
     out
 }
 
@@ -255,6 +277,37 @@ pub fn render_pgpass(cfg: &AgentConfig) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn alter_system_but_citus_ssl_is_foreign() {
+        let auto = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for (settings, want) in [
+            (
+                auto(&[("ssl", "on"), ("ssl_ciphers", CITUS_SSL_CIPHERS)]),
+                vec![],
+            ),
+            (
+                auto(&[("ssl", "off"), ("work_mem", "1GB")]),
+                vec!["ssl", "work_mem"],
+            ),
+            (
+                auto(&[
+                    ("ssl", "on"),
+                    ("ssl_ciphers", "ALL"),
+                    ("citus.node_conninfo", "x"),
+                ]),
+                vec!["citus.node_conninfo", "ssl_ciphers"],
+            ),
+        ] {
+            assert_eq!(foreign_alter_system(&settings), want, "{settings:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

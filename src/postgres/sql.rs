@@ -345,6 +345,45 @@ pub async fn promote(client: &Client, timeout: Duration) -> Result<(), SqlError>
     }
 }
 
+/// Remove what `ALTER SYSTEM` put in postgresql.auto.conf (it overrides the spec's
+/// postgresql.conf) and reload — but what Citus writes there itself to turn SSL on (see
+/// `conf::foreign_alter_system`). Returns the parameters it removed; nothing is done when
+/// there are none. Allowed on a standby too.
+pub async fn reset_alter_system(
+    client: &Client,
+    timeout: Duration,
+) -> Result<Vec<String>, SqlError> {
+    let rows = bounded(
+        "read postgresql.auto.conf",
+        timeout,
+        client.query(
+            "SELECT name, setting FROM pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf'",
+            &[],
+        ),
+    )
+    .await?;
+    let settings: std::collections::BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+        .collect();
+    let names = crate::postgres::conf::foreign_alter_system(&settings);
+    for name in &names {
+        bounded(
+            "ALTER SYSTEM RESET",
+            timeout,
+            client.batch_execute(&format!(
+                "ALTER SYSTEM RESET {}",
+                name.split('.').map(ident).collect::<Vec<_>>().join(".")
+            )),
+        )
+        .await?;
+    }
+    if !names.is_empty() {
+        reload(client, timeout).await?;
+    }
+    Ok(names)
+}
+
 pub async fn reload(client: &Client, timeout: Duration) -> Result<(), SqlError> {
     bounded(
         "reload",

@@ -7,6 +7,7 @@ pub mod lock;
 pub mod progress;
 pub mod rebalance;
 pub mod status;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -159,6 +160,9 @@ pub struct Run {
     pub etcd_error: Option<String>,
     /// Set when the apply lock's lease is lost: every step checks it first.
     pub lock_lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the process was asked to stop (`watch` on SIGTERM): the same check stops
+    /// an apply before its next step, and it releases its lock on the way out.
+    pub stop_requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Run {
@@ -191,11 +195,38 @@ impl Run {
             dcs,
             etcd_error,
             lock_lost: Default::default(),
+            stop_requested: Default::default(),
         })
+    }
+
+    /// Whether this run's connections and agent binary serve an edited spec too: every host
+    /// reached the same way and the same etcd (a parameter edit, say). `watch` then plans
+    /// an edit at once instead of connecting again.
+    pub fn can_serve(&self, spec: &Spec) -> bool {
+        let targets = |s: &Spec| -> Vec<ssh::Target> { s.hosts().map(ssh::Target::of).collect() };
+        targets(&self.spec) == targets(spec)
+            && self.spec.etcd.endpoints == spec.etcd.endpoints
+            && self.spec.etcd.namespace == spec.etcd.namespace
+            && self.spec.cluster == spec.cluster
+    }
+
+    /// This run for an edited spec (see `can_serve`).
+    pub fn with_spec(mut self, spec: &Spec) -> Run {
+        self.desired = desired(spec, &self.binary.sha256);
+        self.spec = spec.clone();
+        self
     }
 
     /// Err when this run's apply lock was lost: stop before the next step.
     pub fn check_lock(&self) -> Result<(), ReconcileError> {
+        if self
+            .stop_requested
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(ReconcileError::Lock(
+                "asked to stop: stopped before the next step — run apply again to finish".into(),
+            ));
+        }
         if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ReconcileError::Lock(
                 "the apply lock's lease was lost (etcd unreachable for longer than its time to live); stopped before the next step — run apply again".into(),

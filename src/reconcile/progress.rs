@@ -39,6 +39,16 @@ impl Progress {
         }
     }
 
+    /// Plain timestamped lines even on a terminal (a long-running `watch` prints its own
+    /// lines between applies; spinners would fight them).
+    pub fn lines() -> Progress {
+        Progress {
+            bars: None,
+            started: Instant::now(),
+            lines: Mutex::new(()),
+        }
+    }
+
     pub fn step(&self, host: &str, what: &str) {
         match &self.bars {
             Some((_, bars)) => {

@@ -176,6 +176,21 @@ impl Spec {
     pub fn group(&self, id: u32) -> Option<&GroupSpec> {
         self.groups.iter().find(|g| g.id == id)
     }
+    /// Local files the spec reads secrets from (`watch` follows them).
+    pub fn secret_files(&self) -> Vec<std::path::PathBuf> {
+        [
+            Some(&self.postgres.superuser),
+            Some(&self.postgres.replication),
+            self.agent.api_auth.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|c| match &c.password_source {
+            SecretSource::File(p) => Some(std::path::PathBuf::from(p)),
+            _ => None,
+        })
+        .collect()
+    }
     /// Install folder of a member by name, also for members no longer in the spec.
     pub fn install_dir_of(&self, member: &str) -> String {
         match self.host(member) {

@@ -16,7 +16,7 @@ use russh::keys::{self, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use russh::{ChannelMsg, ChannelStream};
 
 /// Where and how to reach one host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// Member name, for messages.
     pub name: String,

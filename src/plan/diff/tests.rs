@@ -87,6 +87,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         agent_config_redacted: Some(h.agent_config_redacted.clone()),
         secret_digests: h.secret_digests.clone(),
         postgresql_conf: Some(h.postgresql_conf.clone()),
+        alter_system: vec![],
         agent_pid: Some(100),
         unit_installed: false,
     }
@@ -846,6 +847,73 @@ fn setup_drift_is_repaired_by_a_reload_of_the_group_primarys_agent() {
             .filter(|l| l.contains("sets roles and pg_dist_authinfo again"))
             .count(),
         0,
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn alter_system_settings_are_drift_that_a_reload_removes() {
+    let d = desired();
+    let mut o = converged(&d);
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.alter_system = vec!["primary_conninfo".into(), "work_mem".into()];
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "~ w1 reload the agent (it removes ALTER SYSTEM settings; PostgreSQL keeps running)",
+            "~ w1 remove ALTER SYSTEM settings that override the spec: primary_conninfo, work_mem (postgresql.auto.conf; values not shown)",
+        ],
+    );
+    // With authinfo drift on the same host, one reload does both.
+    o.authinfo.insert(
+        1,
+        vec![AuthinfoRow {
+            nodeid: 0,
+            rolename: "postgres".into(),
+            authinfo: Secret::new("password=edited"),
+        }],
+    );
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.contains(&"~ w1 reload the agent (it sets roles and pg_dist_authinfo again and removes ALTER SYSTEM settings; PostgreSQL keeps running)".to_string()),
+        "{got:#?}"
+    );
+    // A member that is not up: nothing to say yet (it is being started).
+    if let Some(m) = o
+        .etcd
+        .groups
+        .get_mut(&1)
+        .and_then(|g| g.members.get_mut("w1"))
+    {
+        m.state = "starting".into();
+    }
+    let got = lines(&diff(&d, &o));
+    assert!(!got.iter().any(|l| l.contains("ALTER SYSTEM")), "{got:#?}");
+}
+
+#[test]
+fn an_agent_file_edited_by_hand_is_put_back_without_a_restart() {
+    let d = desired();
+    let mut o = converged(&d);
+    // The agent runs the spec's configuration; only its file differs.
+    if let Some(m) = o
+        .etcd
+        .groups
+        .get_mut(&1)
+        .and_then(|g| g.members.get_mut("w1"))
+    {
+        m.config_sha256 = d.hosts["w1"].agent_config_sha256.clone();
+    }
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.agent_config_sha256 = Some("edited".into());
+    }
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("~ w1 update agent configuration"))
+            && !got.iter().any(|l| l.contains("restart")),
         "{got:#?}"
     );
 }
