@@ -1,5 +1,6 @@
-//! `apply`, `plan` and `status` end to end in the lab: bare hosts to a replicated Citus
-//! cluster, an empty plan afterwards, adding a standby, and the SSH host-key policy.
+//! `apply`, `plan`, `status` and `watch` end to end in the lab: bare hosts to a replicated
+//! Citus cluster, an empty plan afterwards, adding a standby, the SSH host-key policy, and
+//! drift made by hand reported (and with `--repair` repaired) while a client writes.
 
 mod common;
 
@@ -489,4 +490,379 @@ fn apply_restarts_what_should_run_after_a_reboot() {
     // The worker's data survived the crash: same system identifier, no re-initialisation.
     let status = cli(&t, &["status"]);
     assert!(text(&status).contains("Leader"), "{}", text(&status));
+}
+
+/// A running `watch --json`: its events as they come, its stderr in a file.
+struct Watch {
+    child: std::process::Child,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    stderr: std::path::PathBuf,
+}
+
+impl Watch {
+    fn start(t: &TestLab, extra: &[&str]) -> Watch {
+        use std::io::BufRead;
+        let stderr = t.dir.path().join(format!("watch-{}.err", extra.join("")));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citus-reconcile"))
+            .args(["watch", "--json", "--interval", "1"])
+            .args(extra)
+            .arg(&t.spec_path)
+            .env("CR_LAB_SUPERUSER", "lab-superuser-pw")
+            .env("CR_LAB_REPLICATION", "lab-replication-pw")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("watch starts");
+        let events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+        let stdout = child.stdout.take().expect("stdout");
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("watch printed a line that is not JSON ({e}): {line}")
+                });
+                assert_eq!(v["format_version"], 1, "{line}");
+                if let Ok(mut s) = sink.lock() {
+                    s.push(v);
+                }
+            }
+        });
+        Watch {
+            child,
+            events,
+            stderr,
+        }
+    }
+
+    fn all(&self) -> Vec<serde_json::Value> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// The first event from index `from` on that `pred` accepts, and its index.
+    fn wait(
+        &self,
+        what: &str,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> (usize, serde_json::Value) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(found) = self
+                .all()
+                .into_iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, e)| pred(e))
+            {
+                return found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "watch: no {what} within {timeout:?}; events:\n{}\nstderr:\n{}",
+                self.all()
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM; it must stop by itself, say so and exit 0.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on the child this test started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "watch did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "watch exited with {status}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(self.all().iter().any(|e| e["event"] == "stopped"));
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn drift_of(kind: &'static str, target: String) -> impl Fn(&serde_json::Value) -> bool {
+    move |e| e["event"] == "drift" && e["kind"] == kind && e["target"] == target.as_str()
+}
+
+/// Scrape the watch's /metrics: the value of one sample (`name{labels}` as printed).
+fn metric(port: u16, sample: &str) -> Option<String> {
+    let (status, body) = common::http("GET", &format!("127.0.0.1:{port}"), "/metrics", None, "");
+    (status == 200).then_some(())?;
+    body.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')
+            .map(str::to_string)
+    })
+}
+
+#[test]
+fn watch_reports_drift_once_and_repairs_it_only_when_asked() {
+    if !common::citus_client::real_citus("watch") {
+        return;
+    }
+    set_lab_secrets();
+    let spec = lab_spec(
+        "watching",
+        150,
+        &[(0, 1), (1, 2)],
+        1,
+        "ha: { ttl: 30, loop_wait: 1, retry_timeout: 3 }\n",
+    );
+    let t = TestLab::up(&spec);
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", text(&o));
+    psql(
+        &t,
+        "g0m0",
+        "CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id')",
+    );
+    let coord = common::citus_client::addresses(&t, 0);
+    let writer = common::citus_client::Writer::start(&coord, "w", Duration::from_millis(20));
+    common::citus_client::writes_resume(&writer, "the writer to start");
+    let replica = common::members(&t, 1)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .find(|m| common::leader(&t, 1).as_deref() != Some(m.as_str()))
+        .expect("a replica in group 1");
+    let host = |m: &str| format!("host {m}");
+
+    // 1. Report only: each drift made by hand is reported once, and left alone.
+    let port = 18150;
+    let watch = Watch::start(&t, &["--listen", &format!("127.0.0.1:{port}")]);
+    let (mut at, _) = watch.wait("in_sync", 0, Duration::from_secs(60), |e| {
+        e["event"] == "in_sync"
+    });
+    let install = t.spec.host(&replica).expect("replica").install_dir.clone();
+    psql(&t, &replica, "ALTER SYSTEM SET work_mem = '77MB'");
+    at = watch
+        .wait(
+            "ALTER SYSTEM drift",
+            at,
+            Duration::from_secs(30),
+            drift_of("alter_system", host(&replica)),
+        )
+        .0;
+    // A pg_dist_node row deleted (before the authinfo edit, which would keep the agent from
+    // adding it back): the coordinator's agent puts it back within a loop, so it
+    // is frozen meanwhile (well inside its lease) for the drift to be there to see.
+    common::signal_agent(&t, "g0m0", libc::SIGSTOP);
+    psql(&t, "g0m0", "DELETE FROM pg_dist_node WHERE groupid = 1");
+    let seen = watch.wait("pg_dist_node drift", at, Duration::from_secs(8), |e| {
+        e["event"] == "drift" && (e["kind"] == "node_pending" || e["kind"] == "node")
+    });
+    common::signal_agent(&t, "g0m0", libc::SIGCONT);
+    let row = seen.1.clone();
+    at = watch
+        .wait(
+            "the row back (the agent's own repair)",
+            seen.0,
+            Duration::from_secs(30),
+            move |e| e["event"] == "resolved" && e["summary"] == row["summary"],
+        )
+        .0;
+    psql(
+        &t,
+        "g0m0",
+        "UPDATE pg_dist_authinfo SET authinfo = 'password=edited' WHERE nodeid = 0",
+    );
+    at = watch
+        .wait(
+            "authinfo drift",
+            at,
+            Duration::from_secs(30),
+            drift_of("authinfo", "group 0".into()),
+        )
+        .0;
+    let config = format!("{install}/agent.yaml");
+    let edited = std::fs::read_to_string(&config)
+        .expect("agent config")
+        .replace("shared_buffers: 16MB", "shared_buffers: 24MB");
+    std::fs::write(&config, edited).expect("edit the agent config");
+    at = watch
+        .wait(
+            "agent config drift",
+            at,
+            Duration::from_secs(30),
+            drift_of("write_agent_config", host(&replica)),
+        )
+        .0;
+    assert_eq!(
+        metric(
+            port,
+            "citus_reconcile_drift_items{cluster=\"watching\",kind=\"alter_system\"}"
+        )
+        .as_deref(),
+        Some("1"),
+        "metrics"
+    );
+    assert_eq!(
+        metric(port, "citus_reconcile_in_sync{cluster=\"watching\"}").as_deref(),
+        Some("0")
+    );
+    // Several intervals later: nothing repaired, nothing reported twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let events = watch.all();
+    let drifts: Vec<String> = events
+        .iter()
+        .filter(|e| e["event"] == "drift")
+        .map(|e| format!("{} {} {}", e["target"], e["kind"], e["summary"]))
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = drifts.iter().collect();
+    assert_eq!(
+        unique.len(),
+        drifts.len(),
+        "a drift reported twice: {drifts:#?}"
+    );
+    assert!(
+        !events[at..].iter().any(|e| e["event"] == "repair"),
+        "report-only watch repaired something"
+    );
+    let auto_conf = "SELECT coalesce(string_agg(name || '=' || setting, ','), '') FROM pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf' AND name NOT LIKE 'ssl%'";
+    assert_eq!(psql(&t, &replica, auto_conf), "work_mem=77MB");
+    // Last, as it takes the replica's server down with it: an agent killed, supervisor and
+    // all (a killed child alone is restarted by its supervisor).
+    let supervisor: i32 = std::fs::read_to_string(format!("{install}/agent.pid"))
+        .expect("agent pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: kill(2) on the agent the lab test started.
+    unsafe {
+        libc::kill(supervisor, libc::SIGKILL);
+    }
+    watch.wait(
+        "agent drift",
+        at,
+        Duration::from_secs(30),
+        drift_of("start_agent", host(&replica)),
+    );
+    watch.stop();
+
+    // 2. --repair: all of it repaired, under the lock, and reported resolved.
+    let watch = Watch::start(&t, &["--repair"]);
+    let (mut at, _) = watch.wait("repair", 0, Duration::from_secs(60), |e| {
+        e["event"] == "repair"
+    });
+    at = watch
+        .wait("back in sync", at, Duration::from_secs(180), |e| {
+            e["event"] == "in_sync"
+        })
+        .0;
+    assert!(
+        watch.all().iter().any(|e| e["event"] == "repaired"),
+        "{:#?}",
+        watch.all()
+    );
+    assert_eq!(
+        psql(&t, &replica, auto_conf),
+        "",
+        "ALTER SYSTEM settings left"
+    );
+    assert_eq!(
+        psql(
+            &t,
+            "g0m0",
+            "SELECT authinfo FROM pg_dist_authinfo WHERE nodeid = 0"
+        ),
+        "password=lab-superuser-pw"
+    );
+    assert!(common::agent_pid(&t, &replica).is_some());
+    assert_eq!(
+        common::etcdctl(
+            &t,
+            &["get", &common::apply_lock_key(&t), "--print-value-only"]
+        )
+        .as_deref(),
+        Some(""),
+        "the apply lock is held outside of a repair"
+    );
+    common::citus_client::writes_resume(&writer, "writes after the repair");
+
+    // 3. An edit of the spec is planned at once (and repaired: a reload, no restart).
+    let before = std::fs::read_to_string(&t.spec_path).expect("spec");
+    let edited = before.replace(
+        "shared_buffers: 16MB }",
+        "shared_buffers: 16MB, work_mem: 5MB }",
+    );
+    assert_ne!(edited, before);
+    let edit_at = std::time::Instant::now();
+    std::fs::write(&t.spec_path, &edited).expect("edit the spec");
+    at = watch
+        .wait("the edit planned", at, Duration::from_secs(30), |e| {
+            e["event"] == "drift" && e["kind"] == "reload_agent"
+        })
+        .0;
+    eprintln!(
+        "watch: spec edit planned {:.2}s after the write",
+        edit_at.elapsed().as_secs_f64()
+    );
+    at = watch
+        .wait(
+            "in sync after the edit",
+            at,
+            Duration::from_secs(120),
+            |e| e["event"] == "in_sync",
+        )
+        .0;
+    for m in ["g0m0", "g1m0", "g1m1"] {
+        assert_eq!(psql(&t, m, "SHOW work_mem"), "5MB", "{m}");
+    }
+
+    // 4. An invalid edit: reported with its position; the last valid spec stays in force.
+    std::fs::write(
+        &t.spec_path,
+        edited.replace("cluster: watching", "cluster: [watching"),
+    )
+    .expect("break the spec");
+    let (i, bad) = watch.wait("the invalid edit", at, Duration::from_secs(30), |e| {
+        e["event"] == "spec_invalid"
+    });
+    assert!(bad["diagnostics"][0]["line"].as_u64().is_some(), "{bad}");
+    std::fs::write(&t.spec_path, &edited).expect("repair the spec");
+    at = i;
+
+    // 5. etcd out of reach: reported, retried with backoff, and gone when etcd is back.
+    t.lab.partition("etcd2", false).expect("partition etcd");
+    at = watch
+        .wait("etcd error", at, Duration::from_secs(60), |e| {
+            e["event"] == "drift"
+                && e["kind"] == "error"
+                && e["summary"].as_str().is_some_and(|s| s.contains("etcd"))
+        })
+        .0;
+    std::thread::sleep(Duration::from_secs(4));
+    t.lab.heal("etcd2").expect("heal etcd");
+    watch.wait("etcd back", at, Duration::from_secs(120), |e| {
+        e["event"] == "resolved" && e["kind"] == "error"
+    });
+    watch.stop();
+
+    let log = writer.stop();
+    let summary = common::citus_client::summarize(&log);
+    eprintln!("writes through the coordinator during the watch test: {summary}");
+    common::citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
 }
