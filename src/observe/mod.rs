@@ -87,6 +87,7 @@ command -v apt-get >/dev/null 2>&1 && echo apt=yes
 if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
 share=$({bin}/pg_config --sharedir 2>/dev/null || echo /usr/share/postgresql/{version})
 [ -f "$share/extension/citus.control" ] && echo citus=yes
+[ -f {data}/PG_VERSION ] && echo "data_major=$(head -c 8 {data}/PG_VERSION)"
 if [ -f {data}/global/pg_control ]; then echo data=initialized; echo "sysid=$({bin}/pg_controldata {data} 2>/dev/null | sed -n 's/^Database system identifier: *//p')"
 elif [ -d {data} ] && [ -n "$(ls -A {data} 2>/dev/null)" ]; then echo data=partial
 else echo data=absent; fi
@@ -130,6 +131,7 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
                     _ => DataDirState::Absent,
                 }
             }
+            "data_major" => f.data_major = v.trim().parse().ok(),
             "sysid" if !v.trim().is_empty() => f.sysid = Some(v.trim().to_string()),
             "binary_sha" => f.agent_binary_sha256 = Some(v.to_string()),
             "config_sha" => f.agent_config_sha256 = Some(v.to_string()),

@@ -261,6 +261,15 @@ fn host_actions(
     errors: &mut Vec<String>,
 ) {
     let target = || Target::Host(h.name.clone());
+    // A major upgrade needs pg_upgrade (or a logical copy), which nothing here does: refuse
+    // before anything starts a server of another version on these files.
+    if let Some(found) = f.data_major.filter(|v| *v != h.pg_major) {
+        errors.push(format!(
+            "{}: the data directory is PostgreSQL {found} but the spec says postgres.version {}; changing the major version of a running cluster is not supported (major upgrades are not implemented): set postgres.version back to {found}",
+            h.name, h.pg_major
+        ));
+        return;
+    }
     // Software.
     let mut packages = Vec::new();
     if f.postgres_version.is_none() {

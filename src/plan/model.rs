@@ -34,6 +34,8 @@ pub struct HostDesired {
     pub group: u32,
     pub address: String,
     pub pg_port: u16,
+    /// `postgres.version`: the PostgreSQL major version.
+    pub pg_major: u32,
     pub install: InstallMode,
     /// apt packages to install (empty with `install: none`).
     pub packages: Vec<String>,
@@ -111,6 +113,8 @@ pub struct HostFacts {
     pub postgres_version: Option<String>,
     pub citus_available: bool,
     pub data_dir: DataDirState,
+    /// The major version the data directory was made with (its PG_VERSION file).
+    pub data_major: Option<u32>,
     /// The data directory's system identifier (from pg_controldata).
     pub sysid: Option<String>,
     pub agent_binary_sha256: Option<String>,

@@ -102,6 +102,7 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                 group: h.group,
                 address: h.address.clone(),
                 pg_port: h.pg_port,
+                pg_major: spec.postgres.version,
                 install: spec.postgres.install,
                 packages: match spec.postgres.install {
                     InstallMode::Apt => vec![format!("postgresql-{}", spec.postgres.version)],

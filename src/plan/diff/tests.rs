@@ -16,6 +16,7 @@ fn host(name: &str, group: u32, address: &str) -> HostDesired {
         group,
         address: address.into(),
         pg_port: 5432,
+        pg_major: 15,
         install: InstallMode::None,
         packages: vec!["postgresql-15".into()],
         citus_package: None,
@@ -81,6 +82,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         postgres_version: Some("postgres (PostgreSQL) 15.18".into()),
         citus_available: true,
         data_dir: DataDirState::Initialized,
+        data_major: Some(15),
         sysid: None,
         agent_binary_sha256: Some(SHA.into()),
         agent_config_sha256: Some(h.agent_config_sha256.clone()),
@@ -915,5 +917,21 @@ fn an_agent_file_edited_by_hand_is_put_back_without_a_restart() {
             .any(|l| l.starts_with("~ w1 update agent configuration"))
             && !got.iter().any(|l| l.contains("restart")),
         "{got:#?}"
+    );
+}
+
+#[test]
+fn a_major_version_change_is_refused_not_attempted() {
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.pg_major = 16;
+    }
+    let plan = diff(&d, &converged(&d));
+    assert!(plan.actions.iter().all(|a| a.target != Target::Host("w1".into())));
+    assert!(
+        plan.errors.iter().any(|e| e.starts_with("w1: the data directory is PostgreSQL 15 but the spec says postgres.version 16")
+            && e.contains("not supported")),
+        "{:#?}",
+        plan.errors
     );
 }
