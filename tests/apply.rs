@@ -866,3 +866,136 @@ fn watch_reports_drift_once_and_repairs_it_only_when_asked() {
     eprintln!("writes through the coordinator during the watch test: {summary}");
     common::citus_client::assert_nothing_acknowledged_lost(&coord, "w", &log);
 }
+
+/// The shell lines of a GitHub Actions job, in order: its `run:` steps but the installs.
+fn github_lines(workflow: &serde_yaml::Value, job: &str) -> Vec<String> {
+    workflow["jobs"][job]["steps"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("github-actions.yml: no job {job}"))
+        .iter()
+        .filter(|s| !s["name"].as_str().is_some_and(|n| n.starts_with("Install")))
+        .filter_map(|s| s["run"].as_str())
+        .flat_map(|r| {
+            r.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The script lines of a GitLab CI job, in order.
+fn gitlab_lines(pipeline: &serde_yaml::Value, job: &str) -> Vec<String> {
+    pipeline[job]["script"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("gitlab-ci.yml: no job {job}"))
+        .iter()
+        .filter_map(|l| l.as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn the_ci_examples_deploy_a_lab_from_a_merge_request_to_main() {
+    let read = |f: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&std::fs::read_to_string(f).expect("example")).expect("YAML")
+    };
+    let (github, gitlab) = (
+        read("examples/ci/github-actions.yml"),
+        read("examples/ci/gitlab-ci.yml"),
+    );
+    let jobs = ["validate", "plan", "apply"];
+    for job in jobs {
+        assert_eq!(
+            github_lines(&github, job),
+            gitlab_lines(&gitlab, job),
+            "the two pipelines run different commands in {job}"
+        );
+        assert!(
+            github_lines(&github, job)
+                .iter()
+                .any(|l| l.starts_with("citus-reconcile ")),
+            "{job}"
+        );
+    }
+    assert_eq!(github["env"]["SPEC"], gitlab["variables"]["SPEC"]);
+    let spec_path = github["env"]["SPEC"].as_str().expect("SPEC").to_string();
+    if !lab_available("ci examples") {
+        return;
+    }
+    set_lab_secrets();
+    let t = TestLab::up(&lab_spec("cipipe", 151, &[(0, 1), (1, 1)], 1, ""));
+    // The repository a team would have: the spec as examples/ci/cluster.yaml writes it, with
+    // the lab's hosts.
+    let repo = t.dir.path().join("repo");
+    let home = t.dir.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let spec = std::fs::read_to_string(&t.spec_path)
+        .expect("lab spec")
+        .replace(
+            "ssh: { identity_file: .lab/id_ed25519, known_hosts: .lab/known_hosts }",
+            "ssh: { identity_file: ~/.ssh/citus_deploy, known_hosts: ~/.ssh/citus_known_hosts }",
+        )
+        .replace("CR_LAB_SUPERUSER", "CITUS_SUPERUSER_PASSWORD")
+        .replace("CR_LAB_REPLICATION", "CITUS_REPLICATION_PASSWORD");
+    assert!(spec.contains("~/.ssh/citus_deploy"), "{spec}");
+    let spec_file = repo.join(&spec_path);
+    std::fs::create_dir_all(spec_file.parent().expect("folder")).expect("spec folder");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let lab_file = |f: &str| {
+        std::fs::read_to_string(t.dir.path().join(".lab").join(f)).expect("lab credentials")
+    };
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_citus-reconcile"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // One pipeline run: the jobs' lines in order, as the CI's shell would run them, with the
+    // secrets in the environment as the CI's secret store gives them.
+    let pipeline = |jobs: &[&str]| {
+        for job in jobs {
+            for line in github_lines(&github, job) {
+                let o = std::process::Command::new("bash")
+                    .args(["-eo", "pipefail", "-c", &line])
+                    .current_dir(&repo)
+                    .env_clear()
+                    .env("PATH", &path)
+                    .env("HOME", &home)
+                    .env("SPEC", &spec_path)
+                    .env("CI", "true")
+                    .env("CITUS_SSH_KEY", lab_file("id_ed25519").trim_end())
+                    .env("CITUS_KNOWN_HOSTS", lab_file("known_hosts").trim_end())
+                    .env("CITUS_SUPERUSER_PASSWORD", "lab-superuser-pw")
+                    .env("CITUS_REPLICATION_PASSWORD", "lab-replication-pw")
+                    .output()
+                    .expect("bash runs");
+                assert!(o.status.success(), "{job}: `{line}` failed:\n{}", text(&o));
+            }
+        }
+    };
+    // A merge request: validated and planned; the plan artifact holds no secret.
+    pipeline(&["validate", "plan"]);
+    let saved = std::fs::read_to_string(repo.join("plan.json")).expect("plan artifact");
+    assert!(saved.contains("start the agent"), "{saved}");
+    for secret in ["lab-superuser-pw", "lab-replication-pw", "PRIVATE KEY"] {
+        assert!(!saved.contains(secret), "the plan artifact holds {secret}");
+    }
+    // Merged: planned again and that plan applied; nothing is left to do afterwards.
+    pipeline(&jobs);
+    let o = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The next change through the same pipeline: a reload, applied.
+    std::fs::write(
+        &spec_file,
+        spec.replace(
+            "shared_buffers: 16MB }",
+            "shared_buffers: 16MB, work_mem: 6MB }",
+        ),
+    )
+    .expect("edit");
+    pipeline(&jobs);
+    assert_eq!(psql(&t, "g1m0", "SHOW work_mem"), "6MB");
+}

@@ -927,10 +927,15 @@ fn a_major_version_change_is_refused_not_attempted() {
         h.pg_major = 16;
     }
     let plan = diff(&d, &converged(&d));
-    assert!(plan.actions.iter().all(|a| a.target != Target::Host("w1".into())));
     assert!(
-        plan.errors.iter().any(|e| e.starts_with("w1: the data directory is PostgreSQL 15 but the spec says postgres.version 16")
-            && e.contains("not supported")),
+        plan.actions
+            .iter()
+            .all(|a| a.target != Target::Host("w1".into()))
+    );
+    assert!(
+        plan.errors.iter().any(|e| e.starts_with(
+            "w1: the data directory is PostgreSQL 15 but the spec says postgres.version 16"
+        ) && e.contains("not supported")),
         "{:#?}",
         plan.errors
     );
