@@ -998,4 +998,41 @@ fn the_ci_examples_deploy_a_lab_from_a_merge_request_to_main() {
     .expect("edit");
     pipeline(&jobs);
     assert_eq!(psql(&t, "g1m0", "SHOW work_mem"), "6MB");
+
+    // `apply --json`: JSON lines only on stdout, from the plan to the outcome.
+    let lines = |o: &Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))
+            })
+            .collect()
+    };
+    let o = cli(&t, &["apply", "--json"]);
+    assert!(!o.status.success());
+    let events = lines(&o);
+    assert_eq!(
+        events.last().expect("an event")["event"],
+        "failed",
+        "{events:?}"
+    );
+    // The lab's own spec has no work_mem: a reload back to the default.
+    let o = cli(&t, &["apply", "--json", "--auto-approve"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let events = lines(&o);
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names.first(), Some(&"plan"), "{names:?}");
+    assert_eq!(names.last(), Some(&"applied"), "{names:?}");
+    assert!(names.contains(&"step"), "{names:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["format_version"] == 1 && e["time"].is_string())
+    );
+    assert_eq!(
+        events.last().expect("applied")["summary"]["change"],
+        6,
+        "{events:?}"
+    );
+    assert_eq!(psql(&t, "g1m0", "SHOW work_mem"), "4MB");
 }

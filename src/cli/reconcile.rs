@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::load_spec;
 use crate::plan::{render, saved};
+use crate::reconcile::progress::json_line;
 use crate::reconcile::{Options, Run, apply, progress::Progress, status};
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +56,10 @@ pub struct ApplyArgs {
     /// Seconds to wait for another apply's lock (0: fail at once, naming its holder)
     #[arg(long, default_value_t = 0, value_name = "SECONDS")]
     pub lock_timeout: u64,
+    /// Plan, progress and outcome as JSON lines on stdout (with a format version); needs
+    /// --auto-approve or a saved plan
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -262,6 +267,20 @@ fn confirm() -> Result<bool, String> {
 }
 
 pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
+    if !args.json {
+        return apply_run(args);
+    }
+    // Everything a program reading the lines needs is on stdout, failures included.
+    match apply_run(args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            json_line("failed", serde_json::json!({ "message": format!("{e}") }));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn apply_run(args: ApplyArgs) -> miette::Result<ExitCode> {
     let started = Instant::now();
     let saved = read_saved_plan(&args.run.spec)?;
     let spec_path = match &saved {
@@ -275,7 +294,10 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         };
         let plan = run.plan(&observed);
-        print!("{}", render::text(&plan, &run.desired));
+        match args.json {
+            true => json_line("plan", serde_json::json!({ "plan": plan })),
+            false => print!("{}", render::text(&plan, &run.desired)),
+        }
         if let Some(saved) = &saved {
             let spec_bytes = std::fs::read(&spec_path).unwrap_or_default();
             let why = saved.stale(&spec_bytes, &secrets_material(&run), &plan);
@@ -287,7 +309,11 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
                     why.join("\n  ")
                 ));
             }
-            eprintln!("The saved plan {} still holds: applying it.", args.run.spec.display());
+            let holds = format!("The saved plan {} still holds: applying it.", args.run.spec.display());
+            match args.json {
+                true => json_line("note", serde_json::json!({ "message": holds })),
+                false => eprintln!("{holds}"),
+            }
         }
         if !plan.errors.is_empty() {
             run.close().await;
@@ -295,6 +321,9 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
         }
         if plan.is_empty() {
             run.close().await;
+            if args.json {
+                json_line("applied", serde_json::json!({ "seconds": started.elapsed().as_secs_f64(), "summary": plan.summary }));
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if plan.has_destroys() && !args.allow_destroy {
@@ -305,6 +334,10 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
             ));
         }
         // A saved plan was reviewed when it was made.
+        if args.json && !args.auto_approve && saved.is_none() {
+            run.close().await;
+            return Err(miette::miette!("nothing was changed: --json does not ask for confirmation; pass --auto-approve (after reviewing the plan) or apply a saved plan"));
+        }
         if !args.auto_approve && saved.is_none() {
             match confirm() {
                 Ok(true) => {}
@@ -320,11 +353,27 @@ pub fn apply(args: ApplyArgs) -> miette::Result<ExitCode> {
             }
         }
         let hosts: Vec<String> = run.spec.hosts().map(|h| h.name.clone()).collect();
-        let progress = Arc::new(Progress::new(&hosts));
+        let progress = Arc::new(match args.json {
+            true => Progress::json(),
+            false => Progress::new(&hosts),
+        });
         let result = apply::apply(&run, &plan, &observed, &progress).await;
         progress.finish();
         run.close().await;
         match result {
+            Ok(final_state) if args.json => {
+                let after = run.plan(&final_state);
+                json_line(
+                    "applied",
+                    serde_json::json!({
+                        "seconds": started.elapsed().as_secs_f64(),
+                        "summary": plan.summary,
+                        "drifted_again": !after.is_empty(),
+                        "status": status::of(&run.spec, &final_state),
+                    }),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             Ok(final_state) => {
                 let after = run.plan(&final_state);
                 print!("{}", status::text(&status::of(&run.spec, &final_state)));

@@ -12,6 +12,28 @@ pub struct Progress {
     bars: Option<(MultiProgress, BTreeMap<String, ProgressBar>)>,
     started: Instant,
     lines: Mutex<()>,
+    /// JSON lines on stdout instead (`apply --json`).
+    json: bool,
+}
+
+/// Version of the JSON progress lines.
+pub const JSON_FORMAT_VERSION: u32 = 1;
+
+/// One JSON line on stdout: `{"format_version", "time", "event", …fields}`.
+pub fn json_line(event: &str, fields: serde_json::Value) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut v = serde_json::json!({
+        "format_version": JSON_FORMAT_VERSION,
+        "time": crate::dcs::keys::format_rfc3339(now),
+        "event": event,
+    });
+    if let (Some(o), Some(extra)) = (v.as_object_mut(), fields.as_object()) {
+        o.extend(extra.clone());
+    }
+    println!("{v}");
 }
 
 impl Progress {
@@ -36,6 +58,15 @@ impl Progress {
             bars,
             started: Instant::now(),
             lines: Mutex::new(()),
+            json: false,
+        }
+    }
+
+    /// JSON lines on stdout (`apply --json`): one per step, for CI logs a program reads.
+    pub fn json() -> Progress {
+        Progress {
+            json: true,
+            ..Progress::lines()
         }
     }
 
@@ -46,10 +77,14 @@ impl Progress {
             bars: None,
             started: Instant::now(),
             lines: Mutex::new(()),
+            json: false,
         }
     }
 
     pub fn step(&self, host: &str, what: &str) {
+        if self.json {
+            return self.json_event("step", host, what);
+        }
         match &self.bars {
             Some((_, bars)) => {
                 if let Some(b) = bars.get(host) {
@@ -61,6 +96,9 @@ impl Progress {
     }
 
     pub fn done(&self, host: &str, what: &str) {
+        if self.json {
+            return self.json_event("done", host, what);
+        }
         match &self.bars {
             Some((_, bars)) => {
                 if let Some(b) = bars.get(host) {
@@ -72,12 +110,27 @@ impl Progress {
     }
 
     pub fn note(&self, what: &str) {
+        if self.json {
+            return self.json_event("note", "", what);
+        }
         match &self.bars {
             Some((multi, _)) => {
                 let _ = multi.println(what);
             }
             None => self.line("", what),
         }
+    }
+
+    fn json_event(&self, event: &str, host: &str, what: &str) {
+        let _guard = self.lines.lock();
+        let mut fields = serde_json::json!({
+            "elapsed_s": (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "message": what,
+        });
+        if !host.is_empty() {
+            fields["host"] = host.into();
+        }
+        json_line(event, fields);
     }
 
     fn line(&self, host: &str, what: &str) {

@@ -21,9 +21,6 @@ use super::{Options, Run, apply};
 use crate::plan::drift::{self, Event, Tracker};
 use crate::spec::{self, Spec};
 
-/// Version of the `--json` event lines.
-pub const EVENT_FORMAT_VERSION: u32 = 1;
-
 /// How long file events settle before the spec is read again (an editor writes in steps).
 const FILE_SETTLE: Duration = Duration::from_millis(150);
 
@@ -185,18 +182,10 @@ struct Out {
 
 impl Out {
     fn emit(&self, event: &str, text: &str, fields: serde_json::Value) {
-        let time = crate::dcs::keys::format_rfc3339(unix_now() as i64);
         if self.json {
-            let mut v = serde_json::json!({
-                "format_version": EVENT_FORMAT_VERSION,
-                "time": time,
-                "event": event,
-            });
-            if let (Some(o), Some(extra)) = (v.as_object_mut(), fields.as_object()) {
-                o.extend(extra.clone());
-            }
-            println!("{v}");
+            super::progress::json_line(event, fields);
         } else {
+            let time = crate::dcs::keys::format_rfc3339(unix_now() as i64);
             for (i, line) in text.lines().enumerate() {
                 match i {
                     0 => println!("{time} {event:<9} {line}"),
