@@ -1152,6 +1152,14 @@ impl Node {
             tags,
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_sha256: self.config_sha256.clone(),
+            pending_restart: match &server {
+                Server::Running(_) => self
+                    .last_probe
+                    .as_ref()
+                    .map(|p| p.pending_restart.clone())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            },
             host: self.cfg.address.clone(),
             port: self.cfg.postgres.port,
             upstream: self.upstream.clone().unwrap_or_default(),

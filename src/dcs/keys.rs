@@ -102,6 +102,9 @@ pub struct MemberInfo {
     /// SHA-256 of the agent configuration file the agent runs with.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub config_sha256: String,
+    /// Parameters PostgreSQL takes only at its next restart (`pg_settings.pending_restart`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 fn is_zero(p: &u16) -> bool {

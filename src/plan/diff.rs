@@ -77,6 +77,7 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
         rebalance_actions(d, o, &mut actions);
         destroy_actions(d, o, &mut actions);
         alter_system_actions(d, o, &mut actions);
+        pending_restarts(d, o, &mut actions);
         setup_repairs(o, &mut actions);
     }
     reload_or_restart(d, o, &mut actions);
@@ -518,6 +519,55 @@ fn alter_system_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
                 f.alter_system.join(", ")
             ),
         ));
+    }
+}
+
+/// Members whose PostgreSQL waits for a restart to run what its files say (a parameter
+/// reloaded that needs a restart, say): shown, and restarted (rolling) unless something
+/// planned already restarts the agent, or removes the `ALTER SYSTEM` setting behind it.
+fn pending_restarts(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    for (name, hd) in &d.hosts {
+        let Some(m) = o
+            .etcd
+            .groups
+            .get(&hd.group)
+            .and_then(|g| g.members.get(name))
+        else {
+            continue;
+        };
+        if m.pending_restart.is_empty() || !running(m) {
+            continue;
+        }
+        let target = Target::Host(name.clone());
+        let list = m.pending_restart.join(", ");
+        out.push(act(
+            Phase::Converge,
+            target.clone(),
+            Change::Change,
+            Kind::PendingRestart {
+                parameters: m.pending_restart.clone(),
+            },
+            format!("pending restart: {list} (PostgreSQL runs other values than its files say)"),
+        ));
+        let handled = out.iter().any(|a| {
+            a.target == target
+                && (a.phase == Phase::Start || matches!(a.kind, Kind::AlterSystem { .. }))
+        });
+        let agent_runs =
+            matches!(o.hosts.get(name), Some(HostObserved::Reachable(f)) if f.agent_pid.is_some());
+        if !handled && agent_runs {
+            let reason = format!("pending restart: {list}");
+            out.push(act(
+                Phase::Start,
+                target,
+                Change::Change,
+                Kind::RestartAgent {
+                    reason: reason.clone(),
+                    lowered: vec![],
+                },
+                format!("restart the agent ({reason})"),
+            ));
+        }
     }
 }
 

@@ -104,6 +104,11 @@ pub enum Kind {
     },
     /// postgresql.conf differs from what the agent will write.
     PostgresConf,
+    /// PostgreSQL runs other values than its files say until it restarts
+    /// (`pg_settings.pending_restart`, published by the agent).
+    PendingRestart {
+        parameters: Vec<String>,
+    },
     /// `ALTER SYSTEM` settings override the spec; the agent removes them when it reloads or
     /// starts PostgreSQL.
     AlterSystem {

@@ -97,6 +97,8 @@ pub struct Probe {
     pub streaming: bool,
     /// `host` of the WAL receiver's connection, if any.
     pub sender_host: Option<String>,
+    /// Parameters whose files say another value than the server runs until a restart.
+    pub pending_restart: Vec<String>,
 }
 
 const PROBE: &str = "
@@ -107,7 +109,8 @@ SELECT pg_is_in_recovery(),
        (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END - '0/0')::bigint,
        (pg_last_wal_receive_lsn() - '0/0')::bigint,
        COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false),
-       (SELECT sender_host FROM pg_stat_wal_receiver)";
+       (SELECT sender_host FROM pg_stat_wal_receiver),
+       ARRAY(SELECT name FROM pg_settings WHERE pending_restart ORDER BY name)::text[]";
 
 pub async fn probe(client: &Client, timeout: Duration) -> Result<Probe, SqlError> {
     let row = bounded("probe", timeout, client.query_one(PROBE, &[])).await?;
@@ -118,6 +121,7 @@ pub async fn probe(client: &Client, timeout: Duration) -> Result<Probe, SqlError
         receive: row.get::<_, Option<i64>>(3).map(|v| v.max(0) as u64),
         streaming: row.get(4),
         sender_host: row.get(5),
+        pending_restart: row.get::<_, Option<Vec<String>>>(6).unwrap_or_default(),
     })
 }
 

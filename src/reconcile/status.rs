@@ -17,6 +17,9 @@ pub struct MemberStatus {
     pub state: String,
     pub timeline: Option<u32>,
     pub lag_mb: Option<f64>,
+    /// Parameters that take effect only at the member's next restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +82,7 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
                     .unwrap_or_else(|| "not running".into()),
                 timeline: m.map(|m| m.timeline).filter(|t| *t > 0),
                 lag_mb,
+                pending_restart: m.map(|m| m.pending_restart.clone()).unwrap_or_default(),
             });
         }
     }
@@ -101,6 +105,7 @@ pub fn text(s: &Status) -> String {
         "State",
         "TL",
         "Lag in MB",
+        "Pending restart",
     ]);
     for m in &s.members {
         t.add_row([
@@ -111,6 +116,7 @@ pub fn text(s: &Status) -> String {
             m.state.clone(),
             m.timeline.map(|x| x.to_string()).unwrap_or_default(),
             m.lag_mb.map(|x| format!("{x:.1}")).unwrap_or_default(),
+            m.pending_restart.join(", "),
         ]);
     }
     let mut out = format!("Cluster: {}\n{t}\n", s.cluster);

@@ -940,3 +940,36 @@ fn a_major_version_change_is_refused_not_attempted() {
         plan.errors
     );
 }
+
+#[test]
+fn a_pending_restart_is_shown_and_rolled_unless_something_else_takes_care_of_it() {
+    let d = desired();
+    let mut o = converged(&d);
+    if let Some(m) = o
+        .etcd
+        .groups
+        .get_mut(&1)
+        .and_then(|g| g.members.get_mut("w1"))
+    {
+        m.pending_restart = vec!["shared_buffers".into()];
+    }
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("~ w1 restart the agent (pending restart: shared_buffers)")),
+        "{got:#?}"
+    );
+    assert!(
+        got.contains(&"~ w1 pending restart: shared_buffers (PostgreSQL runs other values than its files say)".to_string()),
+        "{got:#?}"
+    );
+    // Behind it an ALTER SYSTEM setting: removing it (a reload) is the repair, no restart.
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.alter_system = vec!["shared_buffers".into()];
+    }
+    let got = lines(&diff(&d, &o));
+    assert!(
+        !got.iter().any(|l| l.contains("restart the agent")),
+        "{got:#?}"
+    );
+}
