@@ -3,7 +3,7 @@
 //! the lab's key pair and the known_hosts entries with the real host keys.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,8 +20,17 @@ pub fn write_private(path: &Path, content: &str, mode: u32) -> Result<(), LabErr
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
     }
+    // Private keys among them: the mode holds from the first byte, never a moment open.
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, content).map_err(io(format!("write {}", tmp.display())))?;
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(format!("create {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, content.as_bytes())
+        .map_err(io(format!("write {}", tmp.display())))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
         .map_err(io(format!("chmod {}", tmp.display())))?;
     fs::rename(&tmp, path).map_err(io(format!("rename to {}", path.display())))

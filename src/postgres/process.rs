@@ -7,7 +7,7 @@
 //! The agent runs a single-threaded runtime, so the thread that spawned it lives as long as
 //! the agent.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -207,11 +207,31 @@ impl Pg {
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
         ));
-        std::fs::write(&tmp, content).map_err(|e| failed(&step, e))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        // The folder may be the data directory, which the database superuser can write to
+        // (`COPY … TO PROGRAM`): a link planted at the temporary name must not be followed.
+        // A leftover (link or file) is removed, not followed; the new file is created
+        // exclusively, never through a link, with its final mode from the first byte, and
+        // owned through its descriptor; the rename replaces the entry, not what it points to.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(&step, e)),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
             .map_err(|e| failed(&step, e))?;
-        std::os::unix::fs::chown(&tmp, Some(self.user.uid), Some(self.user.gid))
+        // The umask may have taken bits off `mode`; it never adds any.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| failed(&step, e))?;
+        std::os::unix::fs::fchown(&f, Some(self.user.uid), Some(self.user.gid))
+            .map_err(|e| failed(&step, e))?;
+        std::io::Write::write_all(&mut f, content.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| failed(&step, e))?;
+        drop(f);
         std::fs::rename(&tmp, path).map_err(|e| failed(&step, e))
     }
 
@@ -280,13 +300,13 @@ impl Pg {
         Ok(())
     }
 
+    /// The data directory's missing parents, created by and for root (`data_dir: /pgdata`
+    /// must not hand `/` to postgres): only the data directory itself becomes postgres's.
     fn ensure_parent(&self) -> Result<(), PgError> {
         let dir = self.data_dir();
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| failed("create the data directory's parent", e))?;
-            std::os::unix::fs::chown(parent, Some(self.user.uid), Some(self.user.gid))
-                .map_err(|e| failed("chown data parent", e))?;
         }
         Ok(())
     }
@@ -323,6 +343,8 @@ impl Pg {
     pub async fn basebackup(&self, host: &str, port: u16) -> Result<(), PgError> {
         self.set_aside_incomplete()?;
         self.ensure_parent()?;
+        // pg_basebackup (as postgres) fills an empty folder it owns; the parent is root's.
+        self.ensure_dir(&self.data_dir(), 0o700)?;
         let mut cmd = self.command("pg_basebackup");
         cmd.arg("-D")
             .arg(self.data_dir())
@@ -404,9 +426,13 @@ impl Pg {
     pub fn start(&self) -> Result<Postmaster, PgError> {
         self.prepare_host_files()?;
         self.remove_stale_pid_file();
+        // Server messages can carry data and statements: readable by root only, from the
+        // first byte (the install folder is root's; no link can be planted there).
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.paths.postgres_log())
             .map_err(|e| failed("open the PostgreSQL log", e))?;
         let log_err = log
@@ -532,6 +558,80 @@ impl Postmaster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Pg in a temporary folder, "postgres" being uid/gid 4242 (chown as root works for
+    /// any id). None when not root: ownership cannot be checked then.
+    fn pg_in(dir: &std::path::Path) -> Option<Pg> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let mut cfg = crate::agent::config::sample();
+        cfg.install_dir = dir.join("install").display().to_string();
+        cfg.postgres.data_dir = dir.join("a/b/data").display().to_string();
+        std::fs::create_dir_all(&cfg.install_dir).ok()?;
+        Some(Pg {
+            paths: Paths::new(&cfg.install_dir),
+            cfg,
+            user: OsUser {
+                name: "postgres".into(),
+                uid: 4242,
+                gid: 4242,
+                home: "/".into(),
+            },
+        })
+    }
+
+    #[test]
+    fn files_written_in_the_data_directory_never_follow_a_planted_link() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some(pg) = pg_in(dir.path()) else { return };
+        let target = dir.path().join("outside");
+        std::fs::write(&target, "untouched").expect("target");
+        std::fs::create_dir_all(pg.data_dir()).expect("data dir");
+        // What `COPY … TO PROGRAM 'ln -s …'` could leave at the temporary name.
+        let path = pg.data_dir().join("citus-reconcile.role.conf");
+        std::os::unix::fs::symlink(
+            &target,
+            pg.data_dir().join(".citus-reconcile.role.conf.tmp"),
+        )
+        .expect("plant a link");
+        pg.write_owned(&path, "secret = 1\n", 0o600).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("target"),
+            "untouched"
+        );
+        let meta = std::fs::symlink_metadata(&path).expect("written");
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("content"),
+            "secret = 1\n"
+        );
+        // A link at the final name is replaced, not written through.
+        std::fs::remove_file(&path).expect("remove");
+        std::os::unix::fs::symlink(&target, &path).expect("plant a link");
+        pg.write_owned(&path, "x\n", 0o600).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("target"),
+            "untouched"
+        );
+    }
+
+    #[test]
+    fn only_the_data_directory_becomes_postgres_s() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some(pg) = pg_in(dir.path()) else { return };
+        pg.ensure_parent().expect("parents");
+        pg.ensure_dir(&pg.data_dir(), 0o700).expect("data dir");
+        for (p, uid) in [("a", 0), ("a/b", 0), ("a/b/data", 4242)] {
+            let meta = std::fs::metadata(dir.path().join(p)).expect("created");
+            assert_eq!(meta.uid(), uid, "{p}");
+        }
+    }
 
     #[test]
     fn the_postgres_user_from_passwd() {

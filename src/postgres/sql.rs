@@ -130,8 +130,12 @@ pub fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Quote a string literal.
+/// Quote a string literal: right whatever `standard_conforming_strings` says (a backslash
+/// goes into an escape string, doubled).
 pub fn literal(s: &str) -> String {
+    if s.contains('\\') {
+        return format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
+    }
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -173,17 +177,20 @@ pub async fn ensure_database_and_extension(
 /// A role's password as PostgreSQL should store it: a SCRAM verifier computed here (with a
 /// fresh salt), so the password itself is never part of a statement; only a password that
 /// needs SASLprep goes as text for the server to hash.
-fn password_value(password: &str) -> String {
+fn password_value(password: &str) -> Result<String, SqlError> {
     let mut salt = [0u8; 16];
     let random = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut salt));
-    match random
+    // Only ever a verifier computed here: the password itself never reaches the server as
+    // SQL text (where `log_statement` or an error message could keep it).
+    random
         .ok()
         .and_then(|_| super::scram::verifier(password, &salt, super::scram::ITERATIONS))
-    {
-        Some(v) => literal(&v),
-        None => literal(password),
-    }
+        .map(|v| literal(&v))
+        .ok_or_else(|| SqlError::Failed {
+            what: "set a password".into(),
+            detail: "cannot compute a SCRAM verifier (no /dev/urandom?)".into(),
+        })
 }
 
 /// The superuser's and the replication role's passwords, and this node's pg_dist_authinfo
@@ -226,13 +233,13 @@ pub async fn set_credentials(
         None => statements.push(format!(
             "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
             ident(&repl.username),
-            password_value(repl.password.expose())
+            password_value(repl.password.expose())?
         )),
         Some(v) if !super::scram::verifier_matches(&v, repl.password.expose()) => {
             statements.push(format!(
                 "ALTER ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
                 ident(&repl.username),
-                password_value(repl.password.expose())
+                password_value(repl.password.expose())?
             ))
         }
         Some(_) => {}
@@ -242,7 +249,7 @@ pub async fn set_credentials(
         _ => statements.push(format!(
             "ALTER ROLE {} WITH PASSWORD {}",
             ident(&su.username),
-            password_value(su.password.expose())
+            password_value(su.password.expose())?
         )),
     }
     let mut t = bounded(

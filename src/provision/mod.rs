@@ -72,13 +72,44 @@ pub async fn write_config(s: &Session, paths: &Paths, text: &str) -> Result<(), 
     .await
 }
 
+/// One word of a unit file's command line, quoted as systemd.syntax(7) and
+/// systemd.service(5) define: double quotes with C-style escapes, `%` as `%%` (specifiers)
+/// and `$` as `$$` (variable expansion), so a path is taken as written.
+pub fn systemd_quote(word: &str) -> String {
+    let mut out = String::from("\"");
+    for c in word.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '%' => out.push_str("%%"),
+            '$' => out.push_str("$$"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32 & 0xff)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Text for a unit file's free-form values (Description=): specifiers escaped, one line.
+fn systemd_text(value: &str) -> String {
+    value
+        .replace('%', "%%")
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 pub fn unit_text(paths: &Paths, cluster: &str, member: &str) -> String {
     format!(
-        "# Written by citus-reconcile apply.\n[Unit]\nDescription=citus-reconcile agent ({cluster}/{member})\nAfter=network-online.target\nWants=network-online.target\n\n\
+        "# Written by citus-reconcile apply.\n[Unit]\nDescription={}\nAfter=network-online.target\nWants=network-online.target\n\n\
          [Service]\nExecStart={} agent --config {}\nExecReload=/bin/kill -HUP $MAINPID\nRestart=always\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=90\nLimitNOFILE=65536\n\n\
          [Install]\nWantedBy=multi-user.target\n",
-        paths.binary(),
-        paths.config()
+        systemd_text(&format!("citus-reconcile agent ({cluster}/{member})")),
+        systemd_quote(&paths.binary()),
+        systemd_quote(&paths.config())
     )
 }
 
@@ -144,14 +175,13 @@ pub async fn start_agent(
                 "set -e\nif {alive}; then exit 0; fi\nrm -f {pid}\n\
                  env -i PATH={path} LANG=C.UTF-8 setsid {bin} agent --config {cfg} --supervise --pid-file {pid} >> {log} 2>&1 < /dev/null &\n\
                  i=0; while [ $i -lt 100 ]; do [ -s {pid} ] && exit 0; sleep 0.05; i=$((i+1)); done\n\
-                 echo \"the agent did not start; see {log_raw}\" >&2; tail -n 5 {log} >&2; exit 1\n",
+                 echo \"the agent did not start; see \"{log} >&2; tail -n 5 {log} >&2; exit 1\n",
                 alive = agent_alive_test(paths),
                 path = shell_quote(crate::postgres::process::SERVICE_PATH),
                 pid = shell_quote(&paths.pid_file()),
                 bin = shell_quote(&paths.binary()),
                 cfg = shell_quote(&paths.config()),
                 log = shell_quote(&paths.log_file()),
-                log_raw = paths.log_file(),
             );
             s.run("start the agent", &script, STEP_TIMEOUT)
                 .await
@@ -263,4 +293,64 @@ pub async fn restart_agent(
 ) -> Result<(), SshError> {
     stop_agent(s, service, paths, cluster, member).await?;
     start_agent(s, service, paths, cluster, member).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_files_take_hostile_paths_as_written() {
+        for (path, quoted) in [
+            ("/opt/cr/bin", r#""/opt/cr/bin""#),
+            ("/opt/a b/$(reboot)", r#""/opt/a b/$$(reboot)""#),
+            ("/x/%n%i", r#""/x/%%n%%i""#),
+            ("/x/\"q\"\\`id`", r#""/x/\"q\"\\`id`""#),
+            (
+                "/x/a\nExecStartPre=/bin/sh",
+                r#""/x/a\nExecStartPre=/bin/sh""#,
+            ),
+        ] {
+            assert_eq!(systemd_quote(path), quoted, "{path:?}");
+        }
+        let paths = Paths::new("/srv/$HOME/%h\nExecStartPre=/bin/false");
+        let unit = unit_text(&paths, "c%n", "m");
+        // Every line is one of ours: nothing smuggled a directive in.
+        for line in unit
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let key = line.split('=').next().unwrap_or_default();
+            assert!(
+                [
+                    "[Unit]",
+                    "Description",
+                    "After",
+                    "Wants",
+                    "[Service]",
+                    "ExecStart",
+                    "ExecReload",
+                    "Restart",
+                    "RestartSec",
+                    "KillMode",
+                    "TimeoutStopSec",
+                    "LimitNOFILE",
+                    "[Install]",
+                    "WantedBy"
+                ]
+                .contains(&key),
+                "{line}"
+            );
+        }
+        assert!(
+            unit.contains("Description=citus-reconcile agent (c%%n/m)"),
+            "{unit}"
+        );
+        assert!(
+            unit.contains(
+                r#"ExecStart="/srv/$$HOME/%%h\nExecStartPre=/bin/false/bin/citus-reconcile" agent"#
+            ),
+            "{unit}"
+        );
+    }
 }

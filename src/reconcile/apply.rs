@@ -278,7 +278,8 @@ async fn rolling_restarts(
             let host = host_of(&a).unwrap_or_default().to_string();
             run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
             if streaming(&host) {
-                wait_streaming(run, group, &host, progress).await?;
+                let after = member_revision(run, group, &host).await;
+                wait_streaming(run, group, &host, after, progress).await?;
             }
         }
         if lowered_first {
@@ -290,7 +291,8 @@ async fn rolling_restarts(
             let handed_over = hand_over(run, group, &host, progress).await?;
             run_host_actions(run, std::slice::from_ref(&a), progress, binary).await?;
             if handed_over {
-                wait_streaming(run, group, &host, progress).await?;
+                let after = member_revision(run, group, &host).await;
+                wait_streaming(run, group, &host, after, progress).await?;
             }
         }
     }
@@ -354,48 +356,82 @@ async fn wait_leading(
     member: &str,
     progress: &Arc<Progress>,
 ) -> Result<(), ReconcileError> {
-    let dcs = run
-        .dcs
-        .as_ref()
-        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
+    let sha = run
+        .desired
+        .hosts
+        .get(member)
+        .map(|d| d.agent_config_sha256.clone())
+        .unwrap_or_default();
+    let took = wait_member(run, group, member, 0, |g, m| {
+        g.leader.as_ref().is_some_and(|l| l.name == member)
+            && m.role == "primary"
+            && m.state == "running"
+            && m.config_sha256 == sha
+    })
+    .await
+    .map_err(|waited| ReconcileError::Step {
+        host: member.into(),
+        step: "wait until it runs the new configuration as primary".into(),
+        detail: format!(
+            "not running its new configuration as group {group}'s primary after {waited}s (see its agent log); its replicas keep the old value until it does"
+        ),
+    })?;
+    progress.step(
+        member,
+        &format!("restarted in place with the new configuration, leads group {group} ({took:.1}s)"),
+    );
+    Ok(())
+}
+
+/// Poll `member`'s key in its group until `done` accepts it, written after etcd revision
+/// `after` (so a key the agent wrote before it was restarted does not count). Ok(seconds
+/// waited), or Err(the timeout in seconds).
+async fn wait_member(
+    run: &Run,
+    group: u32,
+    member: &str,
+    after: i64,
+    done: impl Fn(&crate::dcs::keys::GroupState, &crate::dcs::keys::MemberInfo) -> bool,
+) -> Result<f64, u64> {
     let started = Instant::now();
+    let Some(dcs) = run.dcs.as_ref() else {
+        return Err(0);
+    };
     loop {
-        if let Ok(g) = crate::dcs::handover::group_state(dcs, group).await {
-            let leads = g.leader.as_ref().is_some_and(|l| l.name == member);
-            let sha = run
-                .desired
-                .hosts
-                .get(member)
-                .map(|d| d.agent_config_sha256.as_str());
-            if leads
-                && g.members.get(member).is_some_and(|m| {
-                    m.role == "primary"
-                        && m.state == "running"
-                        && Some(m.config_sha256.as_str()) == sha
-                })
-            {
-                progress.step(
-                    member,
-                    &format!(
-                        "restarted in place with the new configuration, leads group {group} ({:.1}s)",
-                        started.elapsed().as_secs_f64()
-                    ),
-                );
-                return Ok(());
+        let fresh = match after {
+            0 => true,
+            _ => dcs
+                .get(&dcs.keys.member(group, member))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|kv| kv.mod_revision > after),
+        };
+        if fresh {
+            if let Ok(g) = crate::dcs::handover::group_state(dcs, group).await {
+                if g.members.get(member).is_some_and(|m| done(&g, m)) {
+                    return Ok(started.elapsed().as_secs_f64());
+                }
             }
         }
         if started.elapsed() > run.options.timeout {
-            return Err(ReconcileError::Step {
-                host: member.into(),
-                step: "wait until it runs the new configuration as primary".into(),
-                detail: format!(
-                    "not running its new configuration as group {group}'s primary after {}s (see its agent log); its replicas keep the old value until it does",
-                    run.options.timeout.as_secs()
-                ),
-            });
+            return Err(run.options.timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The etcd revision of `member`'s key now (0 when unknown).
+async fn member_revision(run: &Run, group: u32, member: &str) -> i64 {
+    let Some(dcs) = run.dcs.as_ref() else {
+        return 0;
+    };
+    dcs.get(&dcs.keys.member(group, member))
+        .await
+        .ok()
+        .flatten()
+        .map(|kv| kv.mod_revision)
+        .unwrap_or(0)
 }
 
 /// Before its agent restarts, a leader hands over to the best streaming replica. Returns
@@ -470,45 +506,29 @@ async fn hand_over(
 /// How long a planned switchover before a restart may take.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Wait until a restarted member streams again (its member key comes back only from the
-/// new agent: the old one revoked its lease on the way out).
+/// After its agent restarted: wait until `member` streams again, as its new agent says (a key
+/// written after revision `after`, the one it had once the restart returned).
 async fn wait_streaming(
     run: &Run,
     group: u32,
     member: &str,
+    after: i64,
     progress: &Arc<Progress>,
 ) -> Result<(), ReconcileError> {
-    let dcs = run
-        .dcs
-        .as_ref()
-        .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
-    let started = Instant::now();
     progress.step(member, "waiting until it streams again");
-    loop {
-        if let Ok(g) = crate::dcs::handover::group_state(dcs, group).await {
-            if g.members
-                .get(member)
-                .is_some_and(|m| m.role == "replica" && m.state == "streaming")
-            {
-                progress.step(
-                    member,
-                    &format!("streaming again ({:.1}s)", started.elapsed().as_secs_f64()),
-                );
-                return Ok(());
-            }
-        }
-        if started.elapsed() > run.options.timeout {
-            return Err(ReconcileError::Step {
-                host: member.into(),
-                step: "wait until it streams again after the restart".into(),
-                detail: format!(
-                    "not streaming after {}s; the rest of group {group} waits (see its agent log), and the next apply continues",
-                    run.options.timeout.as_secs()
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let took = wait_member(run, group, member, after, |_, m| {
+        m.role == "replica" && m.state == "streaming"
+    })
+    .await
+    .map_err(|waited| ReconcileError::Step {
+        host: member.into(),
+        step: "wait until it streams again after the restart".into(),
+        detail: format!(
+            "not streaming after {waited}s; the rest of group {group} waits (see its agent log), and the next apply continues"
+        ),
+    })?;
+    progress.step(member, &format!("streaming again ({took:.1}s)"));
+    Ok(())
 }
 
 /// Apply a plan that the caller has shown and had confirmed.
