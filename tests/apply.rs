@@ -1036,3 +1036,104 @@ fn the_ci_examples_deploy_a_lab_from_a_merge_request_to_main() {
     );
     assert_eq!(psql(&t, "g1m0", "SHOW work_mem"), "4MB");
 }
+
+/// etcdctl as etcd's root user (once authentication is on).
+fn etcd_root(t: &TestLab, args: &[&str]) -> Output {
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &t.spec.etcd.endpoints.join(","),
+            "--command-timeout=5s",
+        ])
+        .args(args)
+        .output()
+        .expect("etcdctl runs")
+}
+
+#[test]
+fn an_etcd_that_requires_authentication() {
+    if !lab_available("etcd authentication") {
+        return;
+    }
+    set_lab_secrets();
+    let spec = lab_spec("etcdauth", 152, &[(0, 1), (1, 1)], 1, "").replacen(
+        "]\nssh:",
+        "]\n  auth: { username: citus, password: { env: CR_LAB_ETCD } }\nssh:",
+        1,
+    );
+    assert!(spec.contains("auth: { username: citus"), "{spec}");
+    let t = TestLab::up(&spec);
+    // etcd's authentication on, with a user that may use the cluster's namespace only.
+    for args in [
+        &["user", "add", "root", "--new-user-password=lab-etcd-root"][..],
+        &["user", "add", "citus", "--new-user-password=lab-etcd-pw"],
+        &["role", "add", "citus"],
+        &[
+            "role",
+            "grant-permission",
+            "citus",
+            "readwrite",
+            "--prefix=true",
+            "/service/",
+        ],
+        &["user", "grant-role", "citus", "citus"],
+        &["auth", "enable"],
+    ] {
+        let o = etcd_root(&t, args);
+        assert!(o.status.success(), "etcdctl {args:?}: {}", text(&o));
+    }
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(psql(&t, "g1m0", "SELECT 1"), "1");
+    let o = cli(&t, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The agents hold their keys through etcd's authentication.
+    let o = etcd_root(
+        &t,
+        &[
+            "--user",
+            "root:lab-etcd-root",
+            "get",
+            "/service/etcdauth/1/leader",
+            "--print-value-only",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "g1m0",
+        "{}",
+        text(&o)
+    );
+    // Without the user or with a wrong password: a clear error, nothing touched.
+    let anonymous = std::fs::read_to_string(&t.spec_path)
+        .expect("spec")
+        .replace(
+            "  auth: { username: citus, password: { env: CR_LAB_ETCD } }\n",
+            "",
+        );
+    let wrong = t.dir.path().join("wrong.yaml");
+    for (text_of, what) in [
+        (anonymous, "no user"),
+        (
+            spec.replace("CR_LAB_ETCD", "CR_LAB_REPLICATION"),
+            "a wrong password",
+        ),
+    ] {
+        std::fs::write(&wrong, &text_of).expect("spec");
+        let o = Command::cargo_bin("citus-reconcile")
+            .expect("binary")
+            .args(["plan"])
+            .arg(&wrong)
+            .timeout(Duration::from_secs(120))
+            .output()
+            .expect("runs");
+        let out = text(&o);
+        assert!(!o.status.success(), "{what}: {out}");
+        assert!(out.contains("etcd"), "{what}: {out}");
+        assert!(
+            !out.contains("lab-etcd-pw") && !out.contains("lab-replication-pw"),
+            "{what}: a secret in the output: {out}"
+        );
+    }
+}

@@ -34,6 +34,17 @@ pub struct AgentConfig {
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub namespace: String,
+    /// etcd user and password, when etcd requires authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Credential>,
+}
+
+impl EtcdConfig {
+    pub fn user(&self) -> Option<(&str, &str)> {
+        self.auth
+            .as_ref()
+            .map(|c| (c.username.as_str(), c.password.expose()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +148,7 @@ impl AgentConfig {
             etcd: EtcdConfig {
                 endpoints: spec.etcd.endpoints.clone(),
                 namespace: spec.etcd.namespace.clone(),
+                auth: spec.etcd.auth.as_ref().map(cred),
             },
             postgres: PgConfig {
                 version: spec.postgres.version,
@@ -198,6 +210,9 @@ impl AgentConfig {
         if let Some(a) = c.api.auth.as_mut() {
             hide(a);
         }
+        if let Some(a) = c.etcd.auth.as_mut() {
+            hide(a);
+        }
         c.render()
     }
 
@@ -205,7 +220,10 @@ impl AgentConfig {
     /// none); None when anything else differs. Secrets can change under a running agent (a
     /// reload); anything else restarts it.
     pub fn secret_changes(&self, new: &AgentConfig) -> Option<Vec<&'static str>> {
-        if self.render_redacted() != new.render_redacted() {
+        // The etcd session authenticates once, at connect: a new etcd password takes a
+        // restart of the agent.
+        let etcd = |c: &AgentConfig| c.etcd.auth.as_ref().map(|a| a.password.clone());
+        if self.render_redacted() != new.render_redacted() || etcd(self) != etcd(new) {
             return None;
         }
         let mut changed = Vec::new();
@@ -231,7 +249,7 @@ impl AgentConfig {
             c.postgres.parameters.clear();
             c.render_redacted()
         };
-        if without(self) != without(new) {
+        if without(self) != without(new) || self.etcd.auth != new.etcd.auth {
             return None;
         }
         let (old, now) = (&self.postgres.parameters, &new.postgres.parameters);
@@ -266,6 +284,9 @@ impl AgentConfig {
         );
         if let Some(a) = &self.api.auth {
             out.insert("api".to_string(), digest(&a.password));
+        }
+        if let Some(a) = &self.etcd.auth {
+            out.insert("etcd".to_string(), digest(&a.password));
         }
         out
     }
@@ -334,6 +355,10 @@ pub(crate) fn sample() -> AgentConfig {
         etcd: EtcdConfig {
             endpoints: vec!["http://e:2379".into()],
             namespace: "/service".into(),
+            auth: Some(Credential {
+                username: "citus".into(),
+                password: Secret::new("etcd-secret"),
+            }),
         },
         postgres: PgConfig {
             version: 15,
@@ -417,11 +442,11 @@ mod tests {
     fn redaction_hides_every_password() {
         let cfg = sample();
         let full = cfg.render();
-        for s in ["su-secret", "repl-secret", "api-secret"] {
+        for s in ["su-secret", "repl-secret", "api-secret", "etcd-secret"] {
             assert!(full.contains(s));
         }
         let shown = cfg.render_redacted();
-        for s in ["su-secret", "repl-secret", "api-secret"] {
+        for s in ["su-secret", "repl-secret", "api-secret", "etcd-secret"] {
             assert!(!shown.contains(s), "{s} leaked:\n{shown}");
         }
         assert_eq!(AgentConfig::parse(&full).as_ref(), Ok(&cfg));
@@ -433,6 +458,16 @@ mod tests {
             assert_eq!(cfg.secret_changes(&new), expected);
         };
         check(&|_| {}, Some(vec![]));
+        // The etcd session authenticated at connect: a new etcd password is a restart.
+        let etcd = |c: &mut AgentConfig| {
+            if let Some(a) = c.etcd.auth.as_mut() {
+                a.password = Secret::new("new");
+            }
+        };
+        check(&etcd, None);
+        let mut new = cfg.clone();
+        etcd(&mut new);
+        assert_eq!(cfg.parameter_changes(&new), None);
         check(
             &|c| c.postgres.superuser.password = Secret::new("new"),
             Some(vec!["superuser password"]),

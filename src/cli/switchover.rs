@@ -66,9 +66,14 @@ async fn open(spec_path: &std::path::Path, group: u32) -> miette::Result<Option<
         return Err(miette::miette!("the spec has no group {group}"));
     }
     let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-    let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
-        .await
-        .map_err(|e| miette::miette!("{e}"))?;
+    let dcs = Dcs::connect(
+        &spec.etcd.endpoints,
+        spec.etcd.user(),
+        keys,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| miette::miette!("{e}"))?;
     Ok(Some(Context { dcs, group }))
 }
 
@@ -225,9 +230,14 @@ pub fn set_paused(args: PauseArgs, paused: bool) -> miette::Result<ExitCode> {
             None => spec.groups.iter().map(|g| g.id).collect(),
         };
         let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-        let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
-            .await
-            .map_err(|e| miette::miette!("{e}"))?;
+        let dcs = Dcs::connect(
+            &spec.etcd.endpoints,
+            spec.etcd.user(),
+            keys,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| miette::miette!("{e}"))?;
         for g in groups {
             let key = format!("{}config", dcs.keys.group(g));
             let mut config = dcs
@@ -272,9 +282,14 @@ pub fn force_unlock(args: ForceUnlockArgs) -> miette::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         };
         let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-        let dcs = Dcs::connect(&spec.etcd.endpoints, keys, Duration::from_secs(5))
-            .await
-            .map_err(|e| miette::miette!("{e}"))?;
+        let dcs = Dcs::connect(
+            &spec.etcd.endpoints,
+            spec.etcd.user(),
+            keys,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| miette::miette!("{e}"))?;
         let holder = crate::reconcile::lock::holder(&dcs)
             .await
             .map_err(|e| miette::miette!("{e}"))?

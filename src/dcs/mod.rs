@@ -48,6 +48,12 @@ async fn bounded<T>(
 
 /// Whether an error means the request never reached a working member (a dead endpoint, a
 /// broken connection): then another endpoint is worth a try.
+/// An authentication token etcd no longer accepts (it expired), as opposed to a refusal.
+fn auth_expired(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::Unauthenticated && s.message().contains("invalid auth token"))
+}
+
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -103,6 +109,17 @@ where
         };
         match tokio::time::timeout(attempt, f(client)).await {
             Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if auth_expired(&e) => {
+                // The token from the connect expired (etcd's auth-token TTL): a new client
+                // authenticates again.
+                tracing::debug!(
+                    op,
+                    endpoint = i,
+                    "etcd auth token expired; connecting again"
+                );
+                last = e.to_string();
+                dcs.forget(i).await;
+            }
             Ok(Err(e)) if transient(&e) => {
                 tracing::debug!(op, endpoint = i, error = %e, "etcd endpoint failed; trying the next");
                 last = e.to_string();
@@ -137,6 +154,8 @@ pub struct Dcs {
 }
 
 struct Endpoints {
+    /// etcd user and password: each client authenticates when it connects.
+    user: Option<(String, crate::spec::secret::Secret)>,
     urls: Vec<String>,
     clients: Vec<tokio::sync::Mutex<Option<Client>>>,
     current: std::sync::atomic::AtomicUsize,
@@ -146,6 +165,7 @@ impl Dcs {
     /// Connect to the endpoints (any reachable one will do). `timeout` bounds every call.
     pub async fn connect(
         endpoints: &[String],
+        user: Option<(&str, &str)>,
         keys: ClusterKeys,
         timeout: Duration,
     ) -> Result<Dcs, DcsError> {
@@ -160,6 +180,7 @@ impl Dcs {
         }
         let dcs = Dcs {
             inner: std::sync::Arc::new(Endpoints {
+                user: user.map(|(u, p)| (u.to_string(), crate::spec::secret::Secret::new(p))),
                 urls: endpoints.to_vec(),
                 clients: endpoints
                     .iter()
@@ -201,6 +222,10 @@ impl Dcs {
             .with_timeout(self.timeout)
             .with_keep_alive(Duration::from_secs(2), self.timeout)
             .with_keep_alive_while_idle(true);
+        let options = match &self.inner.user {
+            Some((name, password)) => options.with_user(name.clone(), password.expose()),
+            None => options,
+        };
         let url = self.inner.urls[i].clone();
         match tokio::time::timeout(connect_timeout, Client::connect([url], Some(options))).await {
             Ok(Ok(c)) => {
@@ -219,6 +244,13 @@ impl Dcs {
     }
 
     /// Move on from endpoint `i` (unless another call already did).
+    /// Drop endpoint `i`'s client: the next call connects (and authenticates) again.
+    async fn forget(&self, i: usize) {
+        if let Some(slot) = self.inner.clients.get(i) {
+            *slot.lock().await = None;
+        }
+    }
+
     fn rotate(&self, i: usize) {
         let n = self.inner.urls.len();
         let _ = self.inner.current.compare_exchange(

@@ -376,9 +376,11 @@ fn host_actions(
         out.push(a);
     }
     // Only secrets changed (the redacted texts match): the running agent takes them.
+    // (Not the etcd password: the agent's etcd session logs in once, so that restarts it.)
     let secrets_only = config_changed
         && f.agent_config_sha256.is_some()
-        && f.agent_config_redacted.as_deref() == Some(h.agent_config_redacted.as_str());
+        && f.agent_config_redacted.as_deref() == Some(h.agent_config_redacted.as_str())
+        && !changed_secrets(f, h).contains(&"etcd password");
     if h.service == Service::Systemd && !f.unit_installed {
         out.push(act(
             Phase::Install,
@@ -577,6 +579,7 @@ fn changed_secrets(f: &HostFacts, h: &HostDesired) -> Vec<&'static str> {
         ("superuser", "superuser password"),
         ("replication", "replication password"),
         ("api", "REST API password"),
+        ("etcd", "etcd password"),
     ]
     .into_iter()
     .filter(|(k, _)| f.secret_digests.get(*k) != h.secret_digests.get(*k))

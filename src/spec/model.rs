@@ -36,6 +36,17 @@ pub struct Spec {
 pub struct EtcdSpec {
     pub endpoints: Vec<String>,
     pub namespace: String,
+    /// etcd authentication (user and password), when etcd requires it.
+    pub auth: Option<Credential>,
+}
+
+impl EtcdSpec {
+    /// The user and password to present to etcd, if any.
+    pub fn user(&self) -> Option<(&str, &str)> {
+        self.auth
+            .as_ref()
+            .map(|c| (c.username.as_str(), c.password.expose()))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,6 +193,7 @@ impl Spec {
             Some(&self.postgres.superuser),
             Some(&self.postgres.replication),
             self.agent.api_auth.as_ref(),
+            self.etcd.auth.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -259,6 +271,11 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         &raw.postgres.replication,
         FieldPath::root().key("postgres").key("replication"),
     );
+    let etcd_auth = raw
+        .etcd
+        .auth
+        .as_ref()
+        .map(|c| credential(c, FieldPath::root().key("etcd").key("auth")));
     let api_auth = raw
         .agent
         .api_auth
@@ -348,6 +365,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         etcd: EtcdSpec {
             endpoints: raw.etcd.endpoints.clone(),
             namespace: raw.etcd.namespace.clone(),
+            auth: etcd_auth,
         },
         postgres: PostgresSpec {
             version,

@@ -47,6 +47,11 @@ pub struct RawEtcd {
     /// Key prefix; keys live under `{namespace}/{cluster}/{group}/`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// etcd user and password (etcd's authentication, `etcdctl auth enable`), used by
+    /// citus-reconcile and by every agent. The user needs read-write access to the
+    /// namespace's keys.
+    #[serde(default)]
+    pub auth: Option<RawCredential>,
 }
 
 fn default_namespace() -> String {

@@ -167,6 +167,7 @@ pub fn set_lab_secrets() {
     unsafe {
         std::env::set_var("CR_LAB_SUPERUSER", "lab-superuser-pw");
         std::env::set_var("CR_LAB_REPLICATION", "lab-replication-pw");
+        std::env::set_var("CR_LAB_ETCD", "lab-etcd-pw");
     }
 }
 
