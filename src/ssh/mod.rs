@@ -133,13 +133,32 @@ impl Client {
     }
 }
 
+/// The key a host offers against the keys recorded for it: Ok(true) recorded, Ok(false)
+/// nothing recorded for this host (new), Err(KeyChanged) when keys are recorded and the
+/// offered one is not among them — also when it is of another algorithm than those, which
+/// is how a host impersonated with a fresh key would look (never "new", so never recorded
+/// by `--accept-new-host-keys`).
+fn judge_host_key(
+    recorded: &[(usize, PublicKey)],
+    offered: &PublicKey,
+) -> Result<bool, keys::Error> {
+    if recorded.iter().any(|(_, k)| k == offered) {
+        return Ok(true);
+    }
+    match recorded.first() {
+        Some((line, _)) => Err(keys::Error::KeyChanged { line: *line }),
+        None => Ok(false),
+    }
+}
+
 impl client::Handler for Client {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, key: &PublicKey) -> Result<bool, Self::Error> {
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let known = if self.known_hosts.exists() {
-            keys::check_known_hosts_path(&self.address, self.port, key, &self.known_hosts)
+            keys::known_hosts::known_host_keys_path(&self.address, self.port, &self.known_hosts)
+                .and_then(|recorded| judge_host_key(&recorded, key))
         } else {
             Ok(false)
         };
@@ -567,6 +586,29 @@ fn last_lines(text: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_host_offering_an_unrecorded_key_has_changed_whatever_its_algorithm() {
+        let parse = |b64: &str| keys::parse_public_key_base64(b64).expect("key");
+        let ed = parse("AAAAC3NzaC1lZDI1NTE5AAAAIEoCBql0z13UFwdp/1JZFK2pnbjOmqA42xIuUW+5UvI8");
+        let ecdsa = parse(
+            "AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEfYrsiZPbFLNrzT9picAYxaYlPRUU2l2AgduK8SMkt71e3zLUxmUZrEpikmB8WDLgv6SeVvqxXSjiu1mtmqCI0=",
+        );
+        assert!(
+            matches!(judge_host_key(&[], &ed), Ok(false)),
+            "nothing recorded: new"
+        );
+        assert!(matches!(judge_host_key(&[(3, ed.clone())], &ed), Ok(true)));
+        assert!(matches!(
+            judge_host_key(&[(1, ecdsa.clone()), (2, ed.clone())], &ed),
+            Ok(true)
+        ));
+        // Only an ECDSA key recorded, an Ed25519 one offered: changed, not new.
+        assert!(matches!(
+            judge_host_key(&[(7, ecdsa)], &ed),
+            Err(keys::Error::KeyChanged { line: 7 })
+        ));
+    }
 
     #[test]
     fn quoting() {
