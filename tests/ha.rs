@@ -788,3 +788,94 @@ fn agent_crash_restarts_and_reclaims_leadership_without_split_brain() {
         prober::longest_gap(&log)
     );
 }
+
+/// etcd content is untrusted input: a leader key without a lease (nobody could ever take
+/// it), a member key naming another host, a switchover scheduled for the year 900000. The
+/// group must lead again, nothing may follow or register the stranger, and the pending key
+/// must go — never a stuck group, never two primaries.
+#[test]
+fn hostile_etcd_content_neither_sticks_a_group_nor_becomes_a_clone_source() {
+    if !lab_available("hostile etcd content") {
+        return;
+    }
+    let t = worker_cluster("hahostile", 153);
+    let l = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let p = probe_group(&t, 1);
+    let prefix = format!("{}/{}/1", t.spec.etcd.namespace, t.spec.cluster);
+    let etcd = |args: &[&str]| {
+        let o = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &t.spec.etcd.endpoints.join(","),
+                "--command-timeout=5s",
+            ])
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(o.status.success(), "etcdctl {args:?}: {}", output_text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // A member key pointing at a host of the attacker's, and the leader key moved off its
+    // lease.
+    etcd(&[
+        "put",
+        &format!("{prefix}/members/intruder"),
+        r#"{"role":"replica","state":"streaming","host":"10.213.153.99 dbname=evil","port":5432,"timeline":99,"xlog_location":999999999999}"#,
+    ]);
+    // A put without a lease detaches the key from the leader's lease.
+    etcd(&["put", &format!("{prefix}/leader"), &l]);
+    etcd(&[
+        "put",
+        &format!("{prefix}/failover"),
+        r#"{"leader":"g1m0","member":"g1m1","scheduled_at":"900000-01-01T00:00:00Z"}"#,
+    ]);
+    // The group leads again, on a lease; the schedule is dropped.
+    wait_for(
+        "a leader key on a lease again",
+        Duration::from_secs(60),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&etcd(&["get", &format!("{prefix}/leader"), "-w", "json"]))
+                    .ok()?;
+            (v["kvs"][0]["lease"].as_i64().unwrap_or(0) != 0).then_some(())
+        },
+    );
+    wait_for("the failover key gone", Duration::from_secs(60), || {
+        etcd(&["get", &format!("{prefix}/failover"), "--print-value-only"])
+            .is_empty()
+            .then_some(())
+    });
+    let now = wait_for("a worker leader", Duration::from_secs(60), || leader(&t, 1));
+    assert_ne!(now, "intruder");
+    // No member follows the intruder, the coordinator never registers it, and `status`
+    // names it as a problem instead of a member.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = status(&t);
+    assert!(
+        !s["members"].to_string().contains("10.213.153.99")
+            && !s["pg_dist_node"].to_string().contains("10.213.153.99"),
+        "the intruder reached the cluster's view: {s}"
+    );
+    assert!(
+        s["problems"].to_string().contains("intruder"),
+        "status does not say: {s}"
+    );
+    for (m, _, _) in members(&t, 1) {
+        let conf = std::fs::read_to_string(format!(
+            "{}/citus-reconcile.role.conf",
+            t.spec.host(&m).expect("member").data_dir
+        ))
+        .unwrap_or_default();
+        assert!(
+            !conf.contains("10.213.153.99"),
+            "{m} follows the intruder: {conf}"
+        );
+    }
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    assert!(
+        common::agent_logs(&t, 200).contains("no agent wrote"),
+        "the agents did not say what they removed"
+    );
+}

@@ -362,6 +362,12 @@ fn switchover_target(s: &Snapshot, g: &GroupView, f: &FailoverRequest) -> Handov
     }
     if let Some(at) = f.scheduled_at.as_deref() {
         match f.scheduled_unix() {
+            Some(t) if t > s.now_unix + crate::dcs::keys::MAX_SCHEDULE_AHEAD_S => {
+                return Handover::Reject(format!(
+                    "scheduled_at {at:?} is more than {} days ahead",
+                    crate::dcs::keys::MAX_SCHEDULE_AHEAD_S / 86_400
+                ));
+            }
             Some(t) if t > s.now_unix => return Handover::Later,
             Some(_) => {}
             None => return Handover::Reject(format!("unreadable scheduled_at {at:?}")),
@@ -933,14 +939,34 @@ mod tests {
             with(&s, req(Some("m1"), None, None)),
             &[Switchover { to: "m3".into() }],
         );
+        // now_unix is 1 000 000 s: 1970-01-12T13:46:40Z.
         check(
             "not yet: scheduled later",
             with(
                 &s,
-                req(Some("m1"), Some("m2"), Some("2099-01-01T00:00:00Z")),
+                req(Some("m1"), Some("m2"), Some("1970-01-20T00:00:00Z")),
             ),
             &[PublishOptime],
         );
+        for (what, at) in [
+            (
+                "further ahead than 30 days: rejected",
+                "2099-01-01T00:00:00Z",
+            ),
+            ("in the year 900000: rejected", "900000-01-01T00:00:00Z"),
+            ("unreadable: rejected", "soon"),
+        ] {
+            check(
+                what,
+                with(&s, req(Some("m1"), Some("m2"), Some(at))),
+                &[
+                    ClearFailover {
+                        reason: String::new(),
+                    },
+                    PublishOptime,
+                ],
+            );
+        }
         check(
             "due: scheduled in the past",
             with(

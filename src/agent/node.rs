@@ -45,6 +45,8 @@ pub struct Node {
     /// The member this server was configured to follow.
     upstream: Option<String>,
     setup_done: bool,
+    /// What `distrust_etcd` last logged (logged again only when it changes).
+    untrusted_said: Vec<String>,
     give_up_leading: bool,
     /// When the current attempt to run as leader started (for "restart in place if quick").
     leader_start: Option<Instant>,
@@ -100,6 +102,7 @@ impl Node {
             client: None,
             upstream: None,
             setup_done: false,
+            untrusted_said: Vec::new(),
             give_up_leading: false,
             leader_start: None,
             not_streaming_since: None,
@@ -208,6 +211,7 @@ impl Node {
         let dcs = match self.dcs.read_cluster().await {
             Ok((kvs, _)) => {
                 self.cluster = crate::dcs::keys::parse_cluster(self.keys(), &kvs);
+                self.distrust_etcd().await;
                 let g = self
                     .cluster
                     .get(&self.cfg.group)
@@ -1293,6 +1297,35 @@ impl Node {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot check ALTER SYSTEM settings"),
+        }
+    }
+
+    /// Drop what no agent writes from the cluster just read (see `GroupState::sanitize`),
+    /// say so once per change, and remove a bogus leader key of this member's group so that
+    /// a member can lead again.
+    async fn distrust_etcd(&mut self) {
+        let mut problems = Vec::new();
+        let mut bogus_leader = None;
+        for (gid, g) in self.cluster.iter_mut() {
+            let u = g.sanitize();
+            problems.extend(u.problems.into_iter().map(|p| format!("group {gid}: {p}")));
+            if *gid == self.cfg.group {
+                bogus_leader = u.bogus_leader;
+            }
+        }
+        if problems != self.untrusted_said {
+            for p in &problems {
+                tracing::warn!("etcd: {p}");
+            }
+            self.untrusted_said = problems;
+        }
+        if let Some(name) = bogus_leader {
+            let key = self.keys().leader(self.cfg.group);
+            match self.dcs.delete_if(&key, name.as_bytes()).await {
+                Ok(true) => tracing::warn!(key, "removed a leader key no agent wrote"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key, error = %e, "cannot remove a bogus leader key"),
+            }
         }
     }
 

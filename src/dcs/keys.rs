@@ -188,7 +188,12 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         d.next()?.parse().ok()?,
         d.next()?.parse().ok()?,
     );
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+    // RFC 3339 years have four digits; beyond, the arithmetic below could overflow.
+    if d.next().is_some()
+        || !(0..=9999).contains(&y)
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+    {
         return None;
     }
     let (clock, offset) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
@@ -342,7 +347,65 @@ pub struct GroupState {
     pub citus_pause: Option<CitusPause>,
 }
 
+/// What `GroupState::sanitize` found wrong in a group's keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Untrusted {
+    /// One line per problem, for the log.
+    pub problems: Vec<String>,
+    /// A leader key no agent could have written (no lease, or a name that is not a member
+    /// name): nobody could ever take the key while it stays, so it is removed (by value).
+    pub bogus_leader: Option<String>,
+}
+
+/// Failover schedules further ahead than this are refused (a typo, or a key written to
+/// keep a group's switchover pending forever).
+pub const MAX_SCHEDULE_AHEAD_S: i64 = 30 * 86_400;
+
 impl GroupState {
+    /// etcd content is input like any other: whoever reaches etcd can write it. Drop what no
+    /// agent writes — member keys with a name that is not a member name, or a host that is
+    /// not an address (it would become a clone source and a pg_dist_node row); a leader key
+    /// without a lease or with such a name — and say what was dropped.
+    pub fn sanitize(&mut self) -> Untrusted {
+        use crate::spec::rules::{is_address, is_dns_label};
+        let mut out = Untrusted::default();
+        self.members.retain(|name, m| {
+            let ok_name = is_dns_label(name);
+            let ok_host = m.host.is_empty() || is_address(&m.host);
+            if !ok_name || !ok_host {
+                out.problems.push(format!(
+                    "ignored the member key {:?}: {}",
+                    name.escape_debug().to_string(),
+                    if ok_name {
+                        format!(
+                            "its host {:?} is not an address",
+                            m.host.escape_debug().to_string()
+                        )
+                    } else {
+                        "not a member name".to_string()
+                    }
+                ));
+            }
+            ok_name && ok_host
+        });
+        if let Some(l) = &self.leader {
+            let why = match (l.lease, is_dns_label(&l.name)) {
+                (0, _) => Some("it has no lease (an agent always writes it on one)"),
+                (_, false) => Some("it does not name a member"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                out.problems.push(format!(
+                    "removing the leader key {:?}: {why}; nobody could take the key while it stays",
+                    l.name.escape_debug().to_string()
+                ));
+                out.bogus_leader = Some(l.name.clone());
+                self.leader = None;
+            }
+        }
+        out
+    }
+
     /// Who should take over from `leader` in a planned switchover: a streaming replica not
     /// tagged `nofailover`, the furthest ahead (ties: by name); in synchronous mode only the
     /// synchronous standby, since any other could miss acknowledged commits.
@@ -427,6 +490,48 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_keys_are_dropped_and_said() {
+        let keys = ClusterKeys::new("/service", "c");
+        let member = |host: &str| {
+            format!(r#"{{"role":"replica","state":"streaming","host":"{host}","port":5432}}"#)
+        };
+        let mut leaderless = kv("/service/c/1/leader", "m1");
+        leaderless.lease = 0;
+        let kvs = vec![
+            leaderless,
+            kv("/service/c/1/members/m1", &member("10.0.0.1")),
+            kv("/service/c/1/members/m2", &member("10.0.0.2; rm -rf /")),
+            kv("/service/c/1/members/Bad Name", &member("10.0.0.3")),
+            kv("/service/c/2/leader", "../../etc"),
+            kv("/service/c/2/members/w1", &member("w1.example")),
+        ];
+        let mut groups = parse_cluster(&keys, &kvs);
+        let mut g1 = groups.remove(&1).expect("group 1");
+        let u = g1.sanitize();
+        assert_eq!(g1.members.keys().collect::<Vec<_>>(), vec!["m1"]);
+        assert!(g1.leader.is_none());
+        assert_eq!(u.bogus_leader.as_deref(), Some("m1"));
+        assert_eq!(u.problems.len(), 3, "{:#?}", u.problems);
+        assert!(u.problems.iter().any(|p| p.contains("no lease")));
+        let mut g2 = groups.remove(&2).expect("group 2");
+        let u = g2.sanitize();
+        assert_eq!(u.bogus_leader.as_deref(), Some("../../etc"));
+        assert!(g2.members.contains_key("w1"));
+        // A well-formed group has nothing to say.
+        let mut good = parse_cluster(
+            &keys,
+            &[
+                kv("/service/c/3/leader", "m1"),
+                kv("/service/c/3/members/m1", &member("10.0.0.1")),
+            ],
+        );
+        let u = good.get_mut(&3).expect("group 3").sanitize();
+        assert_eq!(u, Untrusted::default());
+        assert_eq!(parse_rfc3339("900000-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("9223372036854775807-01-01T00:00:00Z"), None);
+    }
 
     fn kv(key: &str, value: &str) -> RawKv {
         RawKv {

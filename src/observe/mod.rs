@@ -198,11 +198,18 @@ pub async fn connect_etcd(spec: &Spec) -> Result<Dcs, String> {
 
 pub async fn etcd_state(dcs: &Dcs) -> EtcdObserved {
     match dcs.read_cluster().await {
-        Ok((kvs, _)) => EtcdObserved {
-            error: None,
-            groups: keys::parse_cluster(&dcs.keys, &kvs)
+        Ok((kvs, _)) => {
+            let mut untrusted = Vec::new();
+            let groups = keys::parse_cluster(&dcs.keys, &kvs)
                 .into_iter()
-                .map(|(g, s)| {
+                .map(|(g, mut s)| {
+                    // What no agent writes is left out of the view (the agents ignore it too).
+                    untrusted.extend(
+                        s.sanitize()
+                            .problems
+                            .into_iter()
+                            .map(|p| format!("etcd, group {g}: {p}")),
+                    );
                     (
                         g,
                         GroupObserved {
@@ -212,11 +219,17 @@ pub async fn etcd_state(dcs: &Dcs) -> EtcdObserved {
                         },
                     )
                 })
-                .collect(),
-        },
+                .collect();
+            EtcdObserved {
+                error: None,
+                groups,
+                untrusted,
+            }
+        }
         Err(e) => EtcdObserved {
             error: Some(e.to_string()),
             groups: BTreeMap::new(),
+            untrusted: Vec::new(),
         },
     }
 }
@@ -405,6 +418,7 @@ pub async fn observe(
         None => EtcdObserved {
             error: Some("not connected".into()),
             groups: BTreeMap::new(),
+            untrusted: Vec::new(),
         },
     };
     tracing::debug!("etcd read");

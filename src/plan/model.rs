@@ -146,6 +146,9 @@ pub enum DataDirState {
 pub struct EtcdObserved {
     pub error: Option<String>,
     pub groups: BTreeMap<u32, GroupObserved>,
+    /// Keys no agent writes (a malformed member key, a leader key without a lease), left out
+    /// of `groups`: for `status` to show.
+    pub untrusted: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -35,6 +35,7 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
     let mut members = Vec::new();
     let mut problems: Vec<String> = o.etcd.error.iter().map(|e| format!("etcd: {e}")).collect();
     problems.extend(o.metadata_error.iter().cloned());
+    problems.extend(o.etcd.untrusted.iter().cloned());
     for g in &spec.groups {
         let obs = o.etcd.groups.get(&g.id);
         let leader = obs.and_then(|x| x.leader.clone());

@@ -157,6 +157,7 @@ fn converged(d: &Desired) -> Observed {
         etcd: EtcdObserved {
             error: None,
             groups: BTreeMap::from([(0, g0), (1, g1)]),
+            untrusted: Vec::new(),
         },
         nodes: Some(vec![node(1, 0, "10.0.0.11"), node(2, 1, "10.0.0.21")]),
         authinfo: BTreeMap::from([(0, auth.clone()), (1, auth)]),
