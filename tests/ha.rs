@@ -649,6 +649,31 @@ fn synchronous_mode_loses_no_acknowledged_write_across_a_crash() {
         Duration::from_secs(30),
         || sync_key(&t, 1).filter(|(l, _)| *l == old),
     );
+    // A manual failover to the other replica could lose acknowledged commits: refused at
+    // once, naming synchronous mode and the standby, unless the operator accepts the risk.
+    let other = members(&t, 1)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .find(|m| *m != old && *m != standby)
+        .expect("a third member");
+    let started = std::time::Instant::now();
+    let o = cli(
+        &t,
+        &["failover", "--group", "1", "--candidate", &other, "--force"],
+    );
+    let text = output_text(&o);
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("synchronous mode")
+            && text.contains(&standby)
+            && text.contains("--accept-data-loss"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it waited instead of refusing"
+    );
+    assert_eq!(leader(&t, 1).as_deref(), Some(old.as_str()));
     let p = probe_group(&t, 1);
     std::thread::sleep(Duration::from_secs(2));
     t.lab.crash(&old).expect("crash the primary's host");

@@ -379,6 +379,9 @@ struct HandoverBody {
     leader: Option<String>,
     candidate: Option<String>,
     scheduled_at: Option<String>,
+    /// `POST /failover` to a member that is not the synchronous standby in synchronous mode.
+    #[serde(default)]
+    accept_data_loss: bool,
 }
 
 /// Authorize a write request and parse its JSON body (an empty body means no fields). A
@@ -471,6 +474,20 @@ async fn failover(
     let Some(candidate) = b.candidate else {
         return (StatusCode::BAD_REQUEST, "failover needs a candidate\n").into_response();
     };
+    let refusal = match handover::group_state(&h.dcs, h.group).await {
+        Ok(g) => g.manual_failover_refusal(&candidate),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("etcd: {e}\n")).into_response(),
+    };
+    if let Some(why) = refusal {
+        if !(why.starts_with("synchronous mode") && b.accept_data_loss) {
+            return (
+                StatusCode::PRECONDITION_FAILED,
+                format!("refused: {why} (\"accept_data_loss\": true overrides the synchronous-mode check)\n"),
+            )
+                .into_response();
+        }
+        tracing::warn!(%candidate, %why, "manual failover accepted with possible data loss");
+    }
     let req = FailoverRequest {
         leader: h.view().leader,
         member: Some(candidate.clone()),

@@ -450,7 +450,11 @@ fn running_replica(
     // No leader, and a switchover or manual failover names a candidate: only it races, once it
     // has replayed everything the old leader wrote.
     if let Some(c) = g.failover.as_ref().and_then(|f| f.member.clone()) {
-        let candidate_alive = g.members.get(&c).is_some_and(|m| m.role == "replica");
+        // One that never promotes (tagged nofailover) is not waited for.
+        let candidate_alive = g
+            .members
+            .get(&c)
+            .is_some_and(|m| m.role == "replica" && !m.nofailover());
         if c == s.me {
             if let Some(final_wal) = g.last_leader_wal {
                 if r.wal < final_wal && g.failover.as_ref().is_some_and(|f| f.leader.is_some()) {
@@ -1045,7 +1049,17 @@ mod tests {
         );
         let mut o = c.clone();
         o.me = "m3".into();
-        check("the others wait for the candidate", o, &[w()]);
+        check("the others wait for the candidate", o.clone(), &[w()]);
+        // A candidate that never promotes (tagged nofailover) is not waited for.
+        if let Some(m2) = group(&mut o).members.get_mut("m2") {
+            m2.tags.insert("nofailover".into(), serde_json::json!(true));
+        }
+        group(&mut o).last_leader_wal = Some(900);
+        check(
+            "a nofailover candidate is not waited for",
+            o,
+            &[AcquireLeader, Promote],
+        );
 
         // The old leader, stopped cleanly, follows without pg_rewind.
         let mut old = base();

@@ -46,6 +46,10 @@ pub struct FailoverArgs {
     /// Seconds to wait for the candidate to lead
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// Promote a candidate that is not the synchronous standby in synchronous mode, accepting
+    /// that commits acknowledged to clients may be lost
+    #[arg(long)]
+    pub accept_data_loss: bool,
 }
 
 fn confirm(question: &str) -> Result<bool, String> {
@@ -176,6 +180,20 @@ pub fn failover(args: FailoverArgs) -> miette::Result<ExitCode> {
                 args.candidate,
                 m.role
             ));
+        }
+        if let Some(why) = g.manual_failover_refusal(&args.candidate) {
+            let risky = why.starts_with("synchronous mode");
+            if !(risky && args.accept_data_loss) {
+                return Err(miette::miette!(
+                    "refused: {why}{}",
+                    if risky {
+                        "; pass --accept-data-loss to promote it anyway"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            println!("warning: {why}; going ahead (--accept-data-loss)");
         }
         let leader = g.leader.as_ref().map(|l| l.name.clone());
         match &leader {

@@ -35,8 +35,19 @@ pub async fn request(
     let key = dcs.keys.failover(group);
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let started = Instant::now();
+    // A request that is not scheduled lives on a lease a little longer than the wait: if
+    // this process dies, or the candidate never promotes, it expires instead of holding
+    // the group's switchovers and failovers back for ever.
+    let lease = match req.scheduled_at {
+        Some(_) => None,
+        None => Some(
+            dcs.grant(timeout.as_secs() as i64 + 30)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     if !dcs
-        .create(&key, &body, None)
+        .create(&key, &body, lease)
         .await
         .map_err(|e| e.to_string())?
     {

@@ -406,6 +406,25 @@ impl GroupState {
         out
     }
 
+    /// Why promoting `candidate` by hand must not go ahead without the operator accepting
+    /// the risk, if it must not: in synchronous mode only the synchronous standby is sure to
+    /// hold every commit acknowledged to clients; a member tagged `nofailover` never
+    /// promotes (the request would only hang).
+    pub fn manual_failover_refusal(&self, candidate: &str) -> Option<String> {
+        let m = self.members.get(candidate)?;
+        if m.nofailover() {
+            return Some(format!(
+                "{candidate} is tagged nofailover: it never promotes"
+            ));
+        }
+        match self.sync.as_ref().and_then(|s| s.sync_standby.as_deref()) {
+            Some(sync) if sync != candidate => Some(format!(
+                "synchronous mode is on and {sync} is the synchronous standby: only it is sure to hold every commit acknowledged to clients; promoting {candidate} can lose some"
+            )),
+            _ => None,
+        }
+    }
+
     /// Who should take over from `leader` in a planned switchover: a streaming replica not
     /// tagged `nofailover`, the furthest ahead (ties: by name); in synchronous mode only the
     /// synchronous standby, since any other could miss acknowledged commits.
@@ -490,6 +509,48 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manual_failovers_that_can_lose_commits_or_never_happen_are_refused() {
+        let member = |tags: &str| -> MemberInfo {
+            serde_json::from_str(&format!(
+                r#"{{"role":"replica","state":"streaming","tags":{{{tags}}}}}"#
+            ))
+            .expect("member")
+        };
+        let mut g = GroupState::default();
+        g.members.insert("a".into(), member(""));
+        g.members.insert("b".into(), member(""));
+        g.members.insert("c".into(), member(r#""nofailover":true"#));
+        assert_eq!(
+            g.manual_failover_refusal("a"),
+            None,
+            "asynchronous: any replica"
+        );
+        assert!(
+            g.manual_failover_refusal("c")
+                .is_some_and(|r| r.contains("nofailover"))
+        );
+        g.sync = Some(SyncState {
+            leader: Some("old".into()),
+            sync_standby: Some("a".into()),
+        });
+        assert_eq!(
+            g.manual_failover_refusal("a"),
+            None,
+            "the synchronous standby"
+        );
+        let why = g.manual_failover_refusal("b").expect("refused");
+        assert!(
+            why.contains("synchronous mode") && why.contains("a is the synchronous standby"),
+            "{why}"
+        );
+        assert_eq!(
+            g.manual_failover_refusal("stranger"),
+            None,
+            "checked elsewhere"
+        );
+    }
 
     #[test]
     fn hostile_keys_are_dropped_and_said() {
