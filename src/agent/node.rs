@@ -760,19 +760,31 @@ impl Node {
             .await
             .map_err(|e| e.to_string())?
             .ok_or("no pg_control after shutdown")?;
-        let body = serde_json::to_vec(&Status {
-            optime: control.checkpoint_lsn,
-        })
-        .unwrap_or_default();
-        self.dcs
-            .put(&keys.status(self.cfg.group), &body, None)
-            .await
-            .map_err(|e| e.to_string())?;
+        // A stop that had to escalate (SIGQUIT after the timeout) or a crash meanwhile is no
+        // clean handoff: WAL written here may never have reached the candidate. Then no
+        // final position is published (the candidate goes by the last one the leader
+        // published) and this member rewinds before it follows.
+        let clean = shut_down_cleanly(&control.state);
+        if clean {
+            let body = serde_json::to_vec(&Status {
+                optime: control.checkpoint_lsn,
+            })
+            .unwrap_or_default();
+            self.dcs
+                .put(&keys.status(self.cfg.group), &body, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            tracing::error!(
+                state = %control.state,
+                "switchover: PostgreSQL did not shut down cleanly; no final position published, this member will rewind before following"
+            );
+        }
         self.dcs
             .delete_if(&keys.leader(self.cfg.group), self.cfg.member.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        self.clean_handoff = true;
+        self.clean_handoff = clean;
         self.handoff_started = Some(Instant::now());
         tracing::info!(
             %to,
@@ -1334,6 +1346,12 @@ impl Node {
     }
 }
 
+/// pg_controldata's "Database cluster state" after a primary's clean shutdown (a standby's
+/// says "shut down in recovery"; a SIGQUIT or a crash leaves "in production").
+fn shut_down_cleanly(state: &str) -> bool {
+    state.trim() == "shut down"
+}
+
 /// Actions after which the server's role or state differs from the cycle's snapshot.
 fn changes_server(a: &Action) -> bool {
     matches!(
@@ -1374,4 +1392,22 @@ pub fn group_members(
             .map(|m| (*g, m))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shut_down_cleanly;
+
+    #[test]
+    fn only_a_clean_primary_shutdown_is_a_clean_handoff() {
+        for (state, clean) in [
+            ("shut down", true),
+            ("shut down in recovery", false),
+            ("in production", false),
+            ("in crash recovery", false),
+            ("", false),
+        ] {
+            assert_eq!(shut_down_cleanly(state), clean, "{state:?}");
+        }
+    }
 }
