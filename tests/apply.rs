@@ -1088,6 +1088,19 @@ fn an_etcd_that_requires_authentication() {
     assert_eq!(psql(&t, "g1m0", "SELECT 1"), "1");
     let o = cli(&t, &["status"]);
     assert!(o.status.success(), "{}", text(&o));
+    // Commands that talk to etcd only read etcd's password, not the others.
+    for cmd in ["pause", "resume"] {
+        let o = Command::cargo_bin("citus-reconcile")
+            .expect("binary")
+            .arg(cmd)
+            .arg(&t.spec_path)
+            .env_remove("CR_LAB_SUPERUSER")
+            .env_remove("CR_LAB_REPLICATION")
+            .timeout(Duration::from_secs(60))
+            .output()
+            .expect("runs");
+        assert!(o.status.success(), "{cmd}: {}", text(&o));
+    }
     // The agents hold their keys through etcd's authentication.
     let o = etcd_root(
         &t,

@@ -126,7 +126,13 @@ pub(crate) fn load_spec(
     path: &std::path::Path,
     resolve_secrets: bool,
 ) -> miette::Result<Option<crate::spec::Spec>> {
-    let report = crate::spec::load_file(path, crate::spec::LoadOptions { resolve_secrets });
+    let report = crate::spec::load_file(
+        path,
+        crate::spec::LoadOptions {
+            resolve_secrets,
+            resolve_etcd_secret: resolve_secrets,
+        },
+    );
     eprint!("{}", report.render());
     Ok(report.spec)
 }

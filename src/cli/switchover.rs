@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::load_spec;
+use crate::dcs::Dcs;
 use crate::dcs::handover::{self, Outcome};
 use crate::dcs::keys::{FailoverRequest, parse_rfc3339};
-use crate::dcs::{ClusterKeys, Dcs};
 
 #[derive(Debug, clap::Args)]
 pub struct SwitchoverArgs {
@@ -63,22 +62,35 @@ struct Context {
 }
 
 async fn open(spec_path: &std::path::Path, group: u32) -> miette::Result<Option<Context>> {
-    let Some(spec) = load_spec(spec_path, false)? else {
+    let Some(spec) = load_for_etcd(spec_path)? else {
         return Ok(None);
     };
     if spec.group(group).is_none() {
         return Err(miette::miette!("the spec has no group {group}"));
     }
-    let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-    let dcs = Dcs::connect(
-        &spec.etcd.endpoints,
-        spec.etcd.user(),
-        keys,
-        Duration::from_secs(5),
-    )
-    .await
-    .map_err(|e| miette::miette!("{e}"))?;
+    let dcs = connect_etcd(&spec).await?;
     Ok(Some(Context { dcs, group }))
+}
+
+/// The spec for a command that talks to etcd only: no secret is read but etcd's password
+/// (an operator running `switchover` need not hold the database's).
+fn load_for_etcd(path: &std::path::Path) -> miette::Result<Option<crate::spec::Spec>> {
+    let report = crate::spec::load_file(
+        path,
+        crate::spec::LoadOptions {
+            resolve_secrets: false,
+            resolve_etcd_secret: true,
+        },
+    );
+    eprint!("{}", report.render());
+    let ok = !report.has_errors();
+    Ok(report.spec.filter(|_| ok))
+}
+
+async fn connect_etcd(spec: &crate::spec::Spec) -> miette::Result<Dcs> {
+    crate::observe::connect_etcd(spec)
+        .await
+        .map_err(|e| miette::miette!("{e}"))
 }
 
 async fn state(ctx: &Context) -> miette::Result<crate::dcs::GroupState> {
@@ -237,7 +249,7 @@ pub struct PauseArgs {
 /// mode). While paused, agents take no automatic action; fencing stays on.
 pub fn set_paused(args: PauseArgs, paused: bool) -> miette::Result<ExitCode> {
     runtime()?.block_on(async {
-        let Some(spec) = load_spec(&args.spec, false)? else {
+        let Some(spec) = load_for_etcd(&args.spec)? else {
             return Ok(ExitCode::FAILURE);
         };
         let groups: Vec<u32> = match args.group {
@@ -247,15 +259,7 @@ pub fn set_paused(args: PauseArgs, paused: bool) -> miette::Result<ExitCode> {
             Some(g) => vec![g],
             None => spec.groups.iter().map(|g| g.id).collect(),
         };
-        let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-        let dcs = Dcs::connect(
-            &spec.etcd.endpoints,
-            spec.etcd.user(),
-            keys,
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| miette::miette!("{e}"))?;
+        let dcs = connect_etcd(&spec).await?;
         for g in groups {
             let key = format!("{}config", dcs.keys.group(g));
             let mut config = dcs
@@ -296,18 +300,10 @@ pub struct ForceUnlockArgs {
 /// Terraform's force-unlock). Only that lock: a new holder is never removed by mistake.
 pub fn force_unlock(args: ForceUnlockArgs) -> miette::Result<ExitCode> {
     runtime()?.block_on(async {
-        let Some(spec) = load_spec(&args.spec, false)? else {
+        let Some(spec) = load_for_etcd(&args.spec)? else {
             return Ok(ExitCode::FAILURE);
         };
-        let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-        let dcs = Dcs::connect(
-            &spec.etcd.endpoints,
-            spec.etcd.user(),
-            keys,
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| miette::miette!("{e}"))?;
+        let dcs = connect_etcd(&spec).await?;
         let holder = crate::reconcile::lock::holder(&dcs)
             .await
             .map_err(|e| miette::miette!("{e}"))?

@@ -9,6 +9,7 @@ use crate::spec::{self, LoadOptions, Severity};
 pub fn run(files: &[PathBuf], format: Format, skip_secrets: bool) -> miette::Result<ExitCode> {
     let options = LoadOptions {
         resolve_secrets: !skip_secrets,
+        resolve_etcd_secret: !skip_secrets,
     };
     let mut all_ok = true;
     let mut json = Vec::new();

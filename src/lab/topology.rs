@@ -193,6 +193,7 @@ mod tests {
             env: &env,
             read_file: &read,
             resolve_secrets: true,
+            resolve_etcd_secret: true,
         };
         let report = spec::analyze(Path::new("t.yaml"), text.as_bytes(), &ctx);
         match report.spec {

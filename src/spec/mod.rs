@@ -62,12 +62,15 @@ impl Report {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub resolve_secrets: bool,
+    /// Read etcd's password even without `resolve_secrets`.
+    pub resolve_etcd_secret: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             resolve_secrets: true,
+            resolve_etcd_secret: true,
         }
     }
 }
@@ -91,6 +94,7 @@ pub fn load_file(file: &Path, options: LoadOptions) -> Report {
         env: &env,
         read_file: &read,
         resolve_secrets: options.resolve_secrets,
+        resolve_etcd_secret: options.resolve_etcd_secret,
     };
     match read_limited(file) {
         Ok(bytes) => analyze(file, &bytes, &ctx),
@@ -281,6 +285,7 @@ mod tests {
             env: &env,
             read_file: &read,
             resolve_secrets: true,
+            resolve_etcd_secret: true,
         };
         analyze(Path::new("/specs/s.yaml"), text.as_bytes(), &ctx)
     }

@@ -230,10 +230,18 @@ pub struct Context<'a> {
     pub read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
     /// When false, secrets are not looked up (validation of shape only, e.g. in CI without them).
     pub resolve_secrets: bool,
+    /// Resolve etcd's password even when `resolve_secrets` is off (commands that talk to
+    /// etcd only).
+    pub resolve_etcd_secret: bool,
 }
 
 impl Context<'_> {
     /// Expand `~/` and resolve relative paths against the spec's folder.
+    /// Whether the secret at `path` is to be read.
+    fn resolves(&self, path: &FieldPath) -> bool {
+        self.resolve_secrets || (self.resolve_etcd_secret && path.to_string().starts_with("etcd."))
+    }
+
     pub fn local_path(&self, p: &str) -> PathBuf {
         if let Some(rest) = p.strip_prefix("~/") {
             if let Some(home) = (self.env)("HOME") {
@@ -445,7 +453,7 @@ fn resolve_secret(
                 ));
                 return (Secret::default(), source);
             }
-            if !ctx.resolve_secrets {
+            if !ctx.resolves(path) {
                 return (Secret::default(), source);
             }
             match (ctx.env)(&r.env) {
@@ -472,7 +480,7 @@ fn resolve_secret(
         RawSecret::File(r) => {
             let resolved = ctx.local_path(&r.file);
             let source = SecretSource::File(resolved.display().to_string());
-            if !ctx.resolve_secrets {
+            if !ctx.resolves(path) {
                 return (Secret::default(), source);
             }
             match (ctx.read_file)(&resolved) {
