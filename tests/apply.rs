@@ -1037,20 +1037,6 @@ fn the_ci_examples_deploy_a_lab_from_a_merge_request_to_main() {
     assert_eq!(psql(&t, "g1m0", "SHOW work_mem"), "4MB");
 }
 
-/// etcdctl as etcd's root user (once authentication is on).
-fn etcd_root(t: &TestLab, args: &[&str]) -> Output {
-    std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &t.spec.etcd.endpoints.join(","),
-            "--command-timeout=5s",
-        ])
-        .args(args)
-        .output()
-        .expect("etcdctl runs")
-}
-
 #[test]
 fn an_etcd_that_requires_authentication() {
     if !lab_available("etcd authentication") {
@@ -1080,7 +1066,7 @@ fn an_etcd_that_requires_authentication() {
         &["user", "grant-role", "citus", "citus"],
         &["auth", "enable"],
     ] {
-        let o = etcd_root(&t, args);
+        let o = common::etcdctl_output(&t, args);
         assert!(o.status.success(), "etcdctl {args:?}: {}", text(&o));
     }
     let o = cli(&t, &["apply", "--auto-approve"]);
@@ -1102,7 +1088,7 @@ fn an_etcd_that_requires_authentication() {
         assert!(o.status.success(), "{cmd}: {}", text(&o));
     }
     // The agents hold their keys through etcd's authentication.
-    let o = etcd_root(
+    let o = common::etcdctl_output(
         &t,
         &[
             "--user",

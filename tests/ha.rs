@@ -828,16 +828,7 @@ fn hostile_etcd_content_neither_sticks_a_group_nor_becomes_a_clone_source() {
     let p = probe_group(&t, 1);
     let prefix = format!("{}/{}/1", t.spec.etcd.namespace, t.spec.cluster);
     let etcd = |args: &[&str]| {
-        let o = std::process::Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args([
-                "--endpoints",
-                &t.spec.etcd.endpoints.join(","),
-                "--command-timeout=5s",
-            ])
-            .args(args)
-            .output()
-            .expect("etcdctl runs");
+        let o = common::etcdctl_output(&t, args);
         assert!(o.status.success(), "etcdctl {args:?}: {}", output_text(&o));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };

@@ -376,16 +376,24 @@ pub fn agent_logs(t: &TestLab, n: usize) -> String {
 
 /// Run etcdctl against a lab's etcd; stdout on success.
 pub fn etcdctl(t: &TestLab, args: &[&str]) -> Option<String> {
-    let endpoints = t.spec.etcd.endpoints.join(",");
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &endpoints, "--command-timeout=2s"])
-        .args(args)
-        .output()
-        .ok()?;
+    let out = etcdctl_output(t, args);
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Run etcdctl against a lab's etcd: its whole output.
+pub fn etcdctl_output(t: &TestLab, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &t.spec.etcd.endpoints.join(","),
+            "--command-timeout=5s",
+        ])
+        .args(args)
+        .output()
+        .expect("etcdctl runs")
 }
 
 /// The full key of the apply lock of a lab's cluster.

@@ -884,12 +884,7 @@ fn alter_system_settings_are_drift_that_a_reload_removes() {
         "{got:#?}"
     );
     // A member that is not up: nothing to say yet (it is being started).
-    if let Some(m) = o
-        .etcd
-        .groups
-        .get_mut(&1)
-        .and_then(|g| g.members.get_mut("w1"))
-    {
+    if let Some(m) = member_mut(&mut o, 1, "w1") {
         m.state = "starting".into();
     }
     let got = lines(&diff(&d, &o));
@@ -901,12 +896,7 @@ fn an_agent_file_edited_by_hand_is_put_back_without_a_restart() {
     let d = desired();
     let mut o = converged(&d);
     // The agent runs the spec's configuration; only its file differs.
-    if let Some(m) = o
-        .etcd
-        .groups
-        .get_mut(&1)
-        .and_then(|g| g.members.get_mut("w1"))
-    {
+    if let Some(m) = member_mut(&mut o, 1, "w1") {
         m.config_sha256 = d.hosts["w1"].agent_config_sha256.clone();
     }
     if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
@@ -946,12 +936,7 @@ fn a_major_version_change_is_refused_not_attempted() {
 fn a_pending_restart_is_shown_and_rolled_unless_something_else_takes_care_of_it() {
     let d = desired();
     let mut o = converged(&d);
-    if let Some(m) = o
-        .etcd
-        .groups
-        .get_mut(&1)
-        .and_then(|g| g.members.get_mut("w1"))
-    {
+    if let Some(m) = member_mut(&mut o, 1, "w1") {
         m.pending_restart = vec!["shared_buffers".into()];
     }
     let got = lines(&diff(&d, &o));
@@ -973,4 +958,8 @@ fn a_pending_restart_is_shown_and_rolled_unless_something_else_takes_care_of_it(
         !got.iter().any(|l| l.contains("restart the agent")),
         "{got:#?}"
     );
+}
+
+fn member_mut<'a>(o: &'a mut Observed, group: u32, name: &str) -> Option<&'a mut MemberInfo> {
+    o.etcd.groups.get_mut(&group)?.members.get_mut(name)
 }
