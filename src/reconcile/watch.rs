@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::progress::Progress;
 use super::{Options, Run, apply};
+use crate::plan::Phase;
 use crate::plan::drift::{self, Event, Tracker};
 use crate::spec::{self, Spec};
 
@@ -502,7 +503,14 @@ pub async fn watch(o: WatchOptions) -> Result<(), String> {
 
         let mut repaired = false;
         let fix = drift::without_destroys(&plan);
-        if o.repair && complete && !fix.is_empty() {
+        // Only what `apply` itself does: items the agents settle on their own (a member
+        // coming up, a row they are about to move) are reported, not waited for under the
+        // lock, which would keep a pipeline's apply out meanwhile.
+        let actionable = fix
+            .actions
+            .iter()
+            .any(|a| a.phase < Phase::Converge || a.phase == Phase::Rebalance);
+        if o.repair && complete && actionable {
             out.note(
                 "repair",
                 &format!(
