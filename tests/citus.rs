@@ -16,7 +16,7 @@ use common::citus_client::{
 };
 use common::{
     TestLab, cli, cluster, etcd_get, lab_spec, leader, members, output_text, signal_agent, status,
-    wait_for,
+    sync_key, wait_for,
 };
 
 const FAST_HA: &str = "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2 }\n";
@@ -559,7 +559,10 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
         145,
         &[(0, 1), (1, 2), (2, 2)],
         3,
-        "citus: { pause_on_loss: true, pause_timeout: 20 }\nha: { ttl: 10, loop_wait: 2, retry_timeout: 4 }\n",
+        // Synchronous mode: the host dies without warning, and only a synchronous standby is
+        // sure to hold every commit the old primary acknowledged (asynchronously, CI once lost
+        // the one insert acknowledged in the milliseconds before the cut).
+        "citus: { pause_on_loss: true, pause_timeout: 20 }\nha: { ttl: 10, loop_wait: 2, retry_timeout: 4, synchronous_mode: on }\n",
     ));
     let mut c = coordinator(&t);
     c.exec("CREATE TABLE w (id bigint PRIMARY KEY); SELECT create_distributed_table('w', 'id');")
@@ -567,12 +570,17 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
     drop(c);
     let coord = addresses(&t, 0);
     let coordinator_member = leader(&t, 0).expect("coordinator");
+    let lost = leader(&t, 1).expect("group 1 leader");
+    wait_for(
+        "group 1's synchronous standby",
+        Duration::from_secs(30),
+        || sync_key(&t, 1).filter(|(l, _)| *l == lost),
+    );
     let w = Writer::start(&coord, "w", Duration::from_millis(10));
     writes_resume(&w, "the writer to start");
 
     // The worker primary's host goes silent: cut off first (no reset reaches anyone), then
     // everything on it dies.
-    let lost = leader(&t, 1).expect("group 1 leader");
     let lost_at = w.t0.elapsed();
     t.lab.partition(&lost, false).expect("cut the host off");
     t.lab.crash(&lost).expect("crash it");

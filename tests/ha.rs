@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::prober::{self, Prober};
 use common::{
     TestLab, agent_pid, cli, cluster, lab_available, lab_spec, leader, members, output_text,
-    status, wait_for,
+    status, sync_key, wait_for,
 };
 
 /// Short leases keep the tests quick: ttl 5 s ≥ loop_wait 1 + 2 × retry_timeout 2.
@@ -609,26 +609,6 @@ fn haproxy_checked_like_patroni_follows_switchover_and_crash() {
         "client through haproxy: longest gap {:?}",
         prober::longest_gap(&through_log)
     );
-}
-
-fn sync_key(t: &TestLab, group: u32) -> Option<(String, String)> {
-    let key = format!("{}/{}/{group}/sync", t.spec.etcd.namespace, t.spec.cluster);
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &t.spec.etcd.endpoints.join(","),
-            "get",
-            "--print-value-only",
-            &key,
-        ])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some((
-        v["leader"].as_str()?.to_string(),
-        v["sync_standby"].as_str()?.to_string(),
-    ))
 }
 
 #[test]

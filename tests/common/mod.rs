@@ -355,6 +355,16 @@ pub fn etcd_get(t: &TestLab, rest: &str) -> Option<String> {
     (out.status.success() && !v.is_empty()).then_some(v)
 }
 
+/// A group's `sync` key: (leader, synchronous standby).
+pub fn sync_key(t: &TestLab, group: u32) -> Option<(String, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd_get(t, &format!("{group}/sync"))?).ok()?;
+    Some((
+        v["leader"].as_str()?.to_string(),
+        v["sync_standby"].as_str()?.to_string(),
+    ))
+}
+
 /// The last `n` lines of every member's agent log, for a failure message.
 pub fn agent_logs(t: &TestLab, n: usize) -> String {
     let mut out = String::new();
