@@ -15,3 +15,4 @@ pub mod provision;
 pub mod reconcile;
 pub mod spec;
 pub mod ssh;
+pub mod tls;

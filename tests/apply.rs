@@ -1038,18 +1038,34 @@ fn the_ci_examples_deploy_a_lab_from_a_merge_request_to_main() {
 }
 
 #[test]
-fn an_etcd_that_requires_authentication() {
-    if !lab_available("etcd authentication") {
+fn an_etcd_with_tls_client_certificates_and_authentication() {
+    if !lab_available("etcd TLS and authentication") {
         return;
     }
     set_lab_secrets();
-    let spec = lab_spec("etcdauth", 152, &[(0, 1), (1, 1)], 1, "").replacen(
-        "]\nssh:",
-        "]\n  auth: { username: citus, password: { env: CR_LAB_ETCD } }\nssh:",
-        1,
-    );
+    // etcd over TLS, checking client certificates (the lab makes a CA and writes the files
+    // the spec names), and etcd's own users on top.
+    const TLS: &str = "  tls: { ca: { file: .lab/etcd-ca.pem }, cert: { file: .lab/etcd-client.pem }, key: { file: .lab/etcd-client.key } }\n";
+    let spec = lab_spec("etcdauth", 152, &[(0, 1), (1, 1)], 1, "")
+        .replacen(
+            "]\nssh:",
+            &format!(
+                "]\n  auth: {{ username: citus, password: {{ env: CR_LAB_ETCD }} }}\n{TLS}ssh:"
+            ),
+            1,
+        )
+        .replace("http://10.213.152.", "https://10.213.152.");
     assert!(spec.contains("auth: { username: citus"), "{spec}");
+    use std::os::unix::fs::PermissionsExt;
     let t = TestLab::up(&spec);
+    let key = t.dir.path().join(".lab/etcd-client.key");
+    assert_eq!(
+        std::fs::metadata(&key)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok(),
+        Some(0o600),
+        "the client key the lab wrote"
+    );
     // etcd's authentication on, with a user that may use the cluster's namespace only.
     for args in [
         &["user", "add", "root", "--new-user-password=lab-etcd-root"][..],
@@ -1104,19 +1120,48 @@ fn an_etcd_that_requires_authentication() {
         "{}",
         text(&o)
     );
-    // Without the user or with a wrong password: a clear error, nothing touched.
-    let anonymous = std::fs::read_to_string(&t.spec_path)
-        .expect("spec")
-        .replace(
-            "  auth: { username: citus, password: { env: CR_LAB_ETCD } }\n",
-            "",
-        );
+    // The agents' configuration carries the TLS material, 0600 like the rest of it.
+    let agent_config = format!(
+        "{}/agent.yaml",
+        t.spec.host("g1m0").expect("g1m0").install_dir
+    );
+    let cfg = std::fs::read_to_string(&agent_config).expect("agent config");
+    assert!(cfg.contains("BEGIN CERTIFICATE") && cfg.contains("PRIVATE KEY"));
+    assert_eq!(
+        std::fs::metadata(&agent_config)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok(),
+        Some(0o600)
+    );
+    // Without the user, with a wrong password, without a client certificate, trusting
+    // another CA, or in plain text: a clear error, nothing touched.
+    let anonymous = spec.replace(
+        "  auth: { username: citus, password: { env: CR_LAB_ETCD } }\n",
+        "",
+    );
+    let another_ca = std::fs::canonicalize("tests/specs/valid/etcd-ca.pem").expect("a test CA");
     let wrong = t.dir.path().join("wrong.yaml");
-    for (text_of, what) in [
-        (anonymous, "no user"),
+    for (text_of, what, expect) in [
+        (anonymous, "no user", "permission denied"),
         (
             spec.replace("CR_LAB_ETCD", "CR_LAB_REPLICATION"),
             "a wrong password",
+            "authentication failed",
+        ),
+        (
+            spec.replace(TLS, "  tls: { ca: { file: .lab/etcd-ca.pem } }\n"),
+            "no client certificate",
+            "etcd requires a client certificate",
+        ),
+        (
+            spec.replace(".lab/etcd-ca.pem", &another_ca.display().to_string()),
+            "another CA",
+            "not signed by the CA in etcd.tls.ca",
+        ),
+        (
+            spec.replace(TLS, "").replace("https://", "http://"),
+            "plain text to a TLS etcd",
+            "if it speaks TLS",
         ),
     ] {
         std::fs::write(&wrong, &text_of).expect("spec");
@@ -1128,8 +1173,9 @@ fn an_etcd_that_requires_authentication() {
             .output()
             .expect("runs");
         let out = text(&o);
+        eprintln!("{what}: {}", out.trim());
         assert!(!o.status.success(), "{what}: {out}");
-        assert!(out.contains("etcd"), "{what}: {out}");
+        assert!(out.contains(expect), "{what}: {out}");
         assert!(
             !out.contains("lab-etcd-pw") && !out.contains("lab-replication-pw"),
             "{what}: a secret in the output: {out}"

@@ -37,13 +37,40 @@ pub struct EtcdConfig {
     /// etcd user and password, when etcd requires authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Credential>,
+    /// TLS to etcd (PEM texts; this file is 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTlsConfig>,
 }
 
-impl EtcdConfig {
-    pub fn user(&self) -> Option<(&str, &str)> {
-        self.auth
-            .as_ref()
-            .map(|c| (c.username.as_str(), c.password.expose()))
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    pub ca: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "exposed_option"
+    )]
+    pub key: Option<Secret>,
+}
+
+/// An optional secret written as its value (the file is 0600).
+mod exposed_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::spec::secret::Secret;
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(secret) => s.serialize_some(secret.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Secret::new))
     }
 }
 
@@ -149,6 +176,11 @@ impl AgentConfig {
                 endpoints: spec.etcd.endpoints.clone(),
                 namespace: spec.etcd.namespace.clone(),
                 auth: spec.etcd.auth.as_ref().map(cred),
+                tls: spec.etcd.tls.as_ref().map(|t| EtcdTlsConfig {
+                    ca: t.ca.text.expose().to_string(),
+                    cert: t.cert.as_ref().map(|c| c.text.expose().to_string()),
+                    key: t.key.as_ref().map(|k| k.text.clone()),
+                }),
             },
             postgres: PgConfig {
                 version: spec.postgres.version,
@@ -213,6 +245,16 @@ impl AgentConfig {
         if let Some(a) = c.etcd.auth.as_mut() {
             hide(a);
         }
+        // Certificates are public but long: a digest shows that one changed.
+        if let Some(t) = c.etcd.tls.as_mut() {
+            t.ca = format!("sha256:{}", sha256_hex(&t.ca));
+            if let Some(cert) = t.cert.as_mut() {
+                *cert = format!("sha256:{}", sha256_hex(cert));
+            }
+            if let Some(k) = t.key.as_mut() {
+                *k = Secret::new(REDACTED);
+            }
+        }
         c.render()
     }
 
@@ -220,10 +262,9 @@ impl AgentConfig {
     /// none); None when anything else differs. Secrets can change under a running agent (a
     /// reload); anything else restarts it.
     pub fn secret_changes(&self, new: &AgentConfig) -> Option<Vec<&'static str>> {
-        // The etcd session authenticates once, at connect: a new etcd password takes a
-        // restart of the agent.
-        let etcd = |c: &AgentConfig| c.etcd.auth.as_ref().map(|a| a.password.clone());
-        if self.render_redacted() != new.render_redacted() || etcd(self) != etcd(new) {
+        // The etcd session authenticates once, at connect: a new etcd password or key
+        // takes a restart of the agent.
+        if self.render_redacted() != new.render_redacted() || self.etcd != new.etcd {
             return None;
         }
         let mut changed = Vec::new();
@@ -249,7 +290,7 @@ impl AgentConfig {
             c.postgres.parameters.clear();
             c.render_redacted()
         };
-        if without(self) != without(new) || self.etcd.auth != new.etcd.auth {
+        if without(self) != without(new) || self.etcd != new.etcd {
             return None;
         }
         let (old, now) = (&self.postgres.parameters, &new.postgres.parameters);
@@ -266,13 +307,7 @@ impl AgentConfig {
 
     /// A digest of each secret, to tell which changed without keeping or showing values.
     pub fn secret_digests(&self) -> BTreeMap<String, String> {
-        use sha2::{Digest, Sha256};
-        let digest = |s: &Secret| {
-            Sha256::digest(s.expose().as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
+        let digest = |s: &Secret| sha256_hex(s.expose());
         let mut out = BTreeMap::new();
         out.insert(
             "superuser".to_string(),
@@ -287,6 +322,9 @@ impl AgentConfig {
         }
         if let Some(a) = &self.etcd.auth {
             out.insert("etcd".to_string(), digest(&a.password));
+        }
+        if let Some(k) = self.etcd.tls.as_ref().and_then(|t| t.key.as_ref()) {
+            out.insert("etcd_tls_key".to_string(), digest(k));
         }
         out
     }
@@ -339,6 +377,14 @@ impl Paths {
     }
 }
 
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A configuration for tests elsewhere in the crate.
 #[cfg(test)]
 pub(crate) fn sample() -> AgentConfig {
@@ -358,6 +404,11 @@ pub(crate) fn sample() -> AgentConfig {
             auth: Some(Credential {
                 username: "citus".into(),
                 password: Secret::new("etcd-secret"),
+            }),
+            tls: Some(EtcdTlsConfig {
+                ca: "CA-PEM".into(),
+                cert: Some("CERT-PEM".into()),
+                key: Some(Secret::new("tls-key-secret")),
             }),
         },
         postgres: PgConfig {
@@ -442,11 +493,18 @@ mod tests {
     fn redaction_hides_every_password() {
         let cfg = sample();
         let full = cfg.render();
-        for s in ["su-secret", "repl-secret", "api-secret", "etcd-secret"] {
+        let secrets = [
+            "su-secret",
+            "repl-secret",
+            "api-secret",
+            "etcd-secret",
+            "tls-key-secret",
+        ];
+        for s in secrets {
             assert!(full.contains(s));
         }
         let shown = cfg.render_redacted();
-        for s in ["su-secret", "repl-secret", "api-secret", "etcd-secret"] {
+        for s in secrets {
             assert!(!shown.contains(s), "{s} leaked:\n{shown}");
         }
         assert_eq!(AgentConfig::parse(&full).as_ref(), Ok(&cfg));
@@ -468,6 +526,22 @@ mod tests {
         let mut new = cfg.clone();
         etcd(&mut new);
         assert_eq!(cfg.parameter_changes(&new), None);
+        // So is new TLS material: the key (hidden) and the CA (shown as a digest).
+        let key = |c: &mut AgentConfig| {
+            if let Some(t) = c.etcd.tls.as_mut() {
+                t.key = Some(Secret::new("new"));
+            }
+        };
+        check(&key, None);
+        let mut new = cfg.clone();
+        key(&mut new);
+        assert_ne!(cfg.secret_digests(), new.secret_digests());
+        let mut new = cfg.clone();
+        if let Some(t) = new.etcd.tls.as_mut() {
+            t.ca = "OTHER-CA".into();
+        }
+        assert_ne!(cfg.render_redacted(), new.render_redacted());
+        assert!(!cfg.render_redacted().contains("CA-PEM"));
         check(
             &|c| c.postgres.superuser.password = Secret::new("new"),
             Some(vec!["superuser password"]),

@@ -43,7 +43,14 @@ async fn connect_dcs(cfg: &AgentConfig, timeout: Duration) -> Dcs {
     let keys = ClusterKeys::new(&cfg.etcd.namespace, &cfg.cluster);
     let mut backoff = Duration::from_millis(200);
     loop {
-        match Dcs::connect(&cfg.etcd.endpoints, cfg.etcd.user(), keys.clone(), timeout).await {
+        match Dcs::connect(
+            &cfg.etcd.endpoints,
+            &crate::dcs::Access::from_agent(&cfg.etcd),
+            keys.clone(),
+            timeout,
+        )
+        .await
+        {
             Ok(d) => return d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach etcd; retrying");

@@ -2,6 +2,7 @@
 //! whose every call is bounded by a timeout, with the compare-and-set primitives leader
 //! election needs: create-if-absent, replace-if-unchanged, delete-if-mine, leases.
 
+pub mod diagnose;
 pub mod handover;
 pub mod keys;
 
@@ -22,10 +23,74 @@ pub enum DcsError {
     Timeout { op: String, ms: u128 },
     #[error("etcd {op}: {detail}")]
     Failed { op: String, detail: String },
-    #[error(
-        "etcd endpoint {0}: TLS to etcd is not supported yet; use http:// endpoints on a trusted network"
-    )]
-    Tls(String),
+    #[error("etcd endpoint {0}: {1}")]
+    Tls(String, String),
+}
+
+/// How to reach etcd beyond its URLs: who we are and whom we trust.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// etcd user and password: each client authenticates when it connects.
+    pub user: Option<(String, crate::spec::secret::Secret)>,
+    pub tls: Option<TlsMaterial>,
+}
+
+/// PEM texts for TLS to etcd.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// CA certificate(s) that signed the servers' certificates.
+    pub ca: String,
+    /// Client certificate and private key, when etcd checks client certificates.
+    pub identity: Option<(String, crate::spec::secret::Secret)>,
+}
+
+impl Access {
+    pub fn from_spec(etcd: &crate::spec::model::EtcdSpec) -> Access {
+        Access {
+            user: etcd
+                .auth
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone())),
+            tls: etcd.tls.as_ref().map(|t| TlsMaterial {
+                ca: t.ca.text.expose().to_string(),
+                identity: t
+                    .cert
+                    .as_ref()
+                    .zip(t.key.as_ref())
+                    .map(|(c, k)| (c.text.expose().to_string(), k.text.clone())),
+            }),
+        }
+    }
+
+    pub fn from_agent(etcd: &crate::agent::config::EtcdConfig) -> Access {
+        Access {
+            user: etcd
+                .auth
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone())),
+            tls: etcd.tls.as_ref().map(|t| TlsMaterial {
+                ca: t.ca.clone(),
+                identity: t
+                    .cert
+                    .as_ref()
+                    .zip(t.key.as_ref())
+                    .map(|(c, k)| (c.clone(), k.clone())),
+            }),
+        }
+    }
+
+    fn tls_options(&self) -> Option<etcd_client::TlsOptions> {
+        let t = self.tls.as_ref()?;
+        let options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(t.ca.as_bytes()));
+        Some(match &t.identity {
+            Some((cert, key)) => options.identity(etcd_client::Identity::from_pem(
+                cert.as_bytes(),
+                key.expose().as_bytes(),
+            )),
+            None => options,
+        })
+    }
 }
 
 async fn bounded<T>(
@@ -37,7 +102,7 @@ async fn bounded<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(DcsError::Failed {
             op: op.to_string(),
-            detail: e.to_string(),
+            detail: describe(&e),
         }),
         Err(_) => Err(DcsError::Timeout {
             op: op.to_string(),
@@ -52,6 +117,17 @@ async fn bounded<T>(
 fn auth_expired(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s)
         if s.code() == tonic::Code::Unauthenticated && s.message().contains("invalid auth token"))
+}
+
+/// An error in words: a gRPC status as its code and message (not the metadata dump).
+fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let message = s.message().trim_start_matches("etcdserver: ");
+            format!("{:?}: {message}", s.code())
+        }
+        other => other.to_string(),
+    }
 }
 
 fn transient(e: &etcd_client::Error) -> bool {
@@ -97,10 +173,22 @@ where
         let (i, client) = dcs.current(attempt).await;
         let client = match client {
             Ok(c) => c,
+            // Refused credentials do not get better with another try.
+            Err(e) if !transient(&e) && !matches!(e, etcd_client::Error::IoError(_)) => {
+                return Err(DcsError::Failed {
+                    op: op.to_string(),
+                    detail: format!(
+                        "{}: {}",
+                        dcs.inner.urls.get(i).cloned().unwrap_or_default(),
+                        describe(&e)
+                    ),
+                });
+            }
             Err(e) => {
                 last = format!(
-                    "{}: {e}",
-                    dcs.inner.urls.get(i).cloned().unwrap_or_default()
+                    "{}: {}",
+                    dcs.inner.urls.get(i).cloned().unwrap_or_default(),
+                    describe(&e)
                 );
                 dcs.rotate(i);
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -117,19 +205,19 @@ where
                     endpoint = i,
                     "etcd auth token expired; connecting again"
                 );
-                last = e.to_string();
+                last = describe(&e);
                 dcs.forget(i).await;
             }
             Ok(Err(e)) if transient(&e) => {
                 tracing::debug!(op, endpoint = i, error = %e, "etcd endpoint failed; trying the next");
-                last = e.to_string();
+                last = describe(&e);
                 dcs.rotate(i);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Ok(Err(e)) => {
                 return Err(DcsError::Failed {
                     op: op.to_string(),
-                    detail: e.to_string(),
+                    detail: describe(&e),
                 });
             }
             Err(_) => {
@@ -156,6 +244,7 @@ pub struct Dcs {
 struct Endpoints {
     /// etcd user and password: each client authenticates when it connects.
     user: Option<(String, crate::spec::secret::Secret)>,
+    tls: Option<etcd_client::TlsOptions>,
     urls: Vec<String>,
     clients: Vec<tokio::sync::Mutex<Option<Client>>>,
     current: std::sync::atomic::AtomicUsize,
@@ -165,12 +254,28 @@ impl Dcs {
     /// Connect to the endpoints (any reachable one will do). `timeout` bounds every call.
     pub async fn connect(
         endpoints: &[String],
-        user: Option<(&str, &str)>,
+        access: &Access,
         keys: ClusterKeys,
         timeout: Duration,
     ) -> Result<Dcs, DcsError> {
-        if let Some(e) = endpoints.iter().find(|e| e.starts_with("https://")) {
-            return Err(DcsError::Tls(e.clone()));
+        for e in endpoints {
+            match (e.starts_with("https://"), access.tls.is_some()) {
+                (true, false) => {
+                    return Err(DcsError::Tls(
+                        e.clone(),
+                        "https:// without a CA certificate (etcd.tls.ca)".into(),
+                    ));
+                }
+                // Never send a password or trust a leader election over plain text when TLS
+                // was asked for.
+                (false, true) => {
+                    return Err(DcsError::Tls(
+                        e.clone(),
+                        "plain http:// while etcd.tls is set".into(),
+                    ));
+                }
+                _ => {}
+            }
         }
         if endpoints.is_empty() {
             return Err(DcsError::Failed {
@@ -180,7 +285,8 @@ impl Dcs {
         }
         let dcs = Dcs {
             inner: std::sync::Arc::new(Endpoints {
-                user: user.map(|(u, p)| (u.to_string(), crate::spec::secret::Secret::new(p))),
+                user: access.user.clone(),
+                tls: access.tls_options(),
                 urls: endpoints.to_vec(),
                 clients: endpoints
                     .iter()
@@ -192,14 +298,38 @@ impl Dcs {
             timeout,
         };
         // Prove that one endpoint answers; later calls fail over on their own.
-        retried(
+        let answered = retried(
             "connect",
             timeout,
             &dcs,
             |mut c| async move { c.status().await },
         )
-        .await?;
-        Ok(dcs)
+        .await;
+        match answered {
+            Ok(_) => Ok(dcs),
+            Err(e) => {
+                // A channel that cannot connect waits or gives up without saying why (a
+                // certificate refused either way shows as a timeout or "canceled"): probe
+                // for the reason. The probe says nothing when TCP and TLS are fine.
+                let mut why = Vec::new();
+                for url in endpoints {
+                    let probe_timeout = Duration::from_secs(2).min(timeout);
+                    if let Some(w) =
+                        diagnose::why_unreachable(url, access.tls.as_ref(), probe_timeout).await
+                    {
+                        why.push(format!("{url}: {w}"));
+                    }
+                }
+                if why.is_empty() {
+                    Err(e)
+                } else {
+                    Err(DcsError::Failed {
+                        op: "connect".into(),
+                        detail: why.join("; "),
+                    })
+                }
+            }
+        }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -224,6 +354,10 @@ impl Dcs {
             .with_keep_alive_while_idle(true);
         let options = match &self.inner.user {
             Some((name, password)) => options.with_user(name.clone(), password.expose()),
+            None => options,
+        };
+        let options = match &self.inner.tls {
+            Some(tls) => options.with_tls(tls.clone()),
             None => options,
         };
         let url = self.inner.urls[i].clone();
@@ -452,7 +586,7 @@ impl Dcs {
                 Ok(Err(e)) => {
                     return Err(DcsError::Failed {
                         op: "watch".into(),
-                        detail: e.to_string(),
+                        detail: describe(&e),
                     });
                 }
                 Ok(Ok(None)) => return Ok(None),

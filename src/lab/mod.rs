@@ -8,6 +8,7 @@
 //! not routed to its own link.
 
 pub mod net;
+pub mod pki;
 pub mod services;
 pub mod standin;
 pub mod sys;
@@ -56,6 +57,9 @@ struct State {
     created_keys: Vec<PathBuf>,
     /// known_hosts files the lab wrote lines into.
     known_hosts: Vec<PathBuf>,
+    /// etcd TLS files the lab wrote at the paths the spec names (removed by `down`).
+    #[serde(default)]
+    created_files: Vec<PathBuf>,
     /// Members' data and install folders ever seen by `up` (a later spec may have fewer).
     #[serde(default)]
     member_dirs: Vec<PathBuf>,
@@ -180,6 +184,8 @@ impl Lab {
             0o600,
         )?;
         self.save_state(&state)?;
+        let pki = self.ensure_etcd_tls(&mut state)?;
+        self.save_state(&state)?;
 
         for node in &t.nodes {
             let pids = state.pids.entry(node.ns.clone()).or_default();
@@ -193,6 +199,7 @@ impl Lab {
                     t,
                     node,
                     member,
+                    pki.as_ref(),
                     pids.get("etcd").copied(),
                 )?;
                 pids.insert("etcd".into(), pid);
@@ -231,6 +238,64 @@ impl Lab {
         }
         self.wait_etcd(Duration::from_secs(30))?;
         standin::ensure(&self.spec.postgres.bin_dir)
+    }
+
+    /// When the lab's etcd speaks TLS: its CA, and the CA certificate, client certificate
+    /// and key at the paths the spec's `etcd.tls` names as files (when missing there; a file
+    /// holding something else is left alone and is an error).
+    fn ensure_etcd_tls(&self, state: &mut State) -> Result<Option<pki::Pki>, LabError> {
+        use crate::spec::secret::SecretSource;
+        if !self.topology.etcd_nodes().any(|(_, m)| m.tls) {
+            return Ok(None);
+        }
+        let pki = pki::Pki::ensure(&self.state_dir.join("etcd").join("tls"), &self.spec.cluster)?;
+        let Some(tls) = &self.spec.etcd.tls else {
+            return Ok(Some(pki));
+        };
+        let client = match &tls.cert {
+            Some(_) => Some(pki.client()?),
+            None => None,
+        };
+        let wanted = [
+            (Some(&tls.ca), Some(pki.ca()), 0o644),
+            (
+                tls.cert.as_ref(),
+                client.as_ref().map(|c| c.cert.clone()),
+                0o644,
+            ),
+            (
+                tls.key.as_ref(),
+                client.as_ref().map(|c| c.key.clone()),
+                0o600,
+            ),
+        ];
+        for (pem, made, mode) in wanted {
+            let (Some(pem), Some(made)) = (pem, made) else {
+                continue;
+            };
+            let SecretSource::File(target) = &pem.source else {
+                continue;
+            };
+            let target = PathBuf::from(target);
+            let content = fs::read_to_string(&made)
+                .map_err(|e| LabError::Io(format!("read {}: {e}", made.display())))?;
+            match fs::read_to_string(&target) {
+                Ok(existing) if existing == content => {}
+                Ok(_) => {
+                    return Err(LabError::Spec(format!(
+                        "{} holds something else than the lab's etcd TLS file; remove it or name another path",
+                        target.display()
+                    )));
+                }
+                Err(_) => {
+                    services::write_private(&target, &content, mode)?;
+                    if !state.created_files.contains(&target) {
+                        state.created_files.push(target);
+                    }
+                }
+            }
+        }
+        Ok(Some(pki))
     }
 
     /// Wait until every etcd member that runs reports healthy.
@@ -302,6 +367,9 @@ impl Lab {
             .collect();
         for file in &state.known_hosts {
             services::forget_known_hosts(file, &lab_addresses)?;
+        }
+        for file in &state.created_files {
+            let _ = fs::remove_file(file);
         }
         for key in &state.created_keys {
             let _ = fs::remove_file(key);

@@ -117,6 +117,7 @@ pub fn ensure_etcd(
     t: &Topology,
     node: &Node,
     member: &EtcdMember,
+    pki: Option<&super::pki::Pki>,
     known_pid: Option<u32>,
 ) -> Result<u32, LabError> {
     if let Some(pid) = known_pid.filter(|p| alive_in(*p, &node.ns)) {
@@ -125,12 +126,13 @@ pub fn ensure_etcd(
     let dir = state.join("etcd");
     fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let data = dir.join(&member.name);
-    let client = format!("http://{}:{}", node.address, member.client_port);
+    let scheme = if member.tls { "https" } else { "http" };
+    let client = format!("{scheme}://{}:{}", node.address, member.client_port);
     let peer = format!("http://{}:{}", node.address, member.peer_port);
     let token = format!("crl{}-{}", t.subnet, t.cluster);
     let initial = t.etcd_initial_cluster();
     let data_s = data.to_string_lossy().into_owned();
-    let args = [
+    let mut args = vec![
         "--name",
         &member.name,
         "--data-dir",
@@ -155,6 +157,33 @@ pub fn ensure_etcd(
         "--quota-backend-bytes",
         "268435456",
     ];
+    let tls_args: Vec<String> = match (member.tls, pki) {
+        (false, _) => Vec::new(),
+        (true, None) => {
+            return Err(LabError::Spec(format!(
+                "etcd member {} speaks TLS but the lab has no CA",
+                member.name
+            )));
+        }
+        (true, Some(pki)) => {
+            let server = pki.server(&member.name, node.address)?;
+            let mut a = vec![
+                "--cert-file".to_string(),
+                server.cert.to_string_lossy().into_owned(),
+                "--key-file".into(),
+                server.key.to_string_lossy().into_owned(),
+                "--trusted-ca-file".into(),
+                pki.ca().to_string_lossy().into_owned(),
+                "--listen-metrics-urls".into(),
+                format!("http://{}:{}", node.address, member.metrics_port()),
+            ];
+            if member.client_cert_auth {
+                a.push("--client-cert-auth".into());
+            }
+            a
+        }
+    };
+    args.extend(tls_args.iter().map(String::as_str));
     spawn_detached(
         &node.ns,
         Some(&member.name),
@@ -167,7 +196,12 @@ pub fn ensure_etcd(
 /// Whether an etcd member reports itself healthy (it has a leader).
 pub fn etcd_healthy(node: &Node, member: &EtcdMember) -> bool {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from((node.address, member.client_port));
+    let port = if member.tls {
+        member.metrics_port()
+    } else {
+        member.client_port
+    };
+    let addr = std::net::SocketAddr::from((node.address, port));
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
         return false;
     };

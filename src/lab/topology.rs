@@ -42,6 +42,17 @@ pub struct EtcdMember {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Clients speak TLS (`https://` endpoints); health is then read on `metrics_port`.
+    pub tls: bool,
+    /// Clients must present a certificate (the spec gives `etcd.tls.cert`).
+    pub client_cert_auth: bool,
+}
+
+impl EtcdMember {
+    /// Plain-http port for `/health` when clients speak TLS.
+    pub fn metrics_port(&self) -> u16 {
+        self.peer_port + 2
+    }
 }
 
 impl Topology {
@@ -131,11 +142,6 @@ pub fn of(spec: &Spec) -> Result<Topology, String> {
     }
     for (i, url) in spec.etcd.endpoints.iter().enumerate() {
         let ep = parse_endpoint(url).map_err(|e| format!("etcd.endpoints[{i}]: {e}"))?;
-        if ep.scheme != "http" {
-            return Err(format!(
-                "etcd.endpoints[{i}]: the lab runs etcd over http, found {url}"
-            ));
-        }
         let ip = check(&ep.host, &format!("etcd endpoint {url}"))?;
         let node = by_address.entry(ip).or_insert_with(|| Node {
             address: ip,
@@ -152,6 +158,8 @@ pub fn of(spec: &Spec) -> Result<Topology, String> {
             name: format!("etcd{}", ip.octets()[3]),
             client_port: ep.port,
             peer_port,
+            tls: ep.scheme == "https",
+            client_cert_auth: spec.etcd.tls.as_ref().is_some_and(|t| t.cert.is_some()),
         });
     }
     let Some((n, _)) = subnet else {

@@ -191,7 +191,8 @@ async fn host_facts(spec: &Spec, h: &HostSpec, s: &Session) -> Result<HostFacts,
 /// Connect to etcd (bounded); the error is part of the observation.
 pub async fn connect_etcd(spec: &Spec) -> Result<Dcs, String> {
     let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
-    Dcs::connect(&spec.etcd.endpoints, spec.etcd.user(), keys, ETCD_TIMEOUT)
+    let access = crate::dcs::Access::from_spec(&spec.etcd);
+    Dcs::connect(&spec.etcd.endpoints, &access, keys, ETCD_TIMEOUT)
         .await
         .map_err(|e| e.to_string())
 }

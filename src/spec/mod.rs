@@ -274,11 +274,14 @@ mod tests {
             "HOME" => Some("/home/op".to_string()),
             _ => None,
         };
-        let read = |p: &Path| {
-            Err(std::io::Error::new(
+        let read = |p: &Path| match p.to_str() {
+            Some("/specs/etcd-ca.pem") => {
+                Ok(include_str!("../../tests/specs/valid/etcd-ca.pem").to_string())
+            }
+            _ => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 p.display().to_string(),
-            ))
+            )),
         };
         let ctx = Context {
             spec_dir: PathBuf::from("/specs"),
@@ -332,6 +335,18 @@ mod tests {
             Some("1GB")
         );
         assert_eq!(spec.group_prefix(7), "/citus/overrides/7/");
+        let tls = spec.etcd.tls.as_ref().expect("etcd.tls");
+        assert!(
+            tls.ca
+                .text
+                .expose()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        assert!(tls.cert.is_none() && tls.key.is_none());
+        assert_eq!(
+            spec.secret_files(),
+            vec![PathBuf::from("/specs/etcd-ca.pem")]
+        );
     }
 
     #[test]

@@ -38,15 +38,24 @@ pub struct EtcdSpec {
     pub namespace: String,
     /// etcd authentication (user and password), when etcd requires it.
     pub auth: Option<Credential>,
+    /// TLS to etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
 }
 
-impl EtcdSpec {
-    /// The user and password to present to etcd, if any.
-    pub fn user(&self) -> Option<(&str, &str)> {
-        self.auth
-            .as_ref()
-            .map(|c| (c.username.as_str(), c.password.expose()))
-    }
+/// PEM texts for TLS to etcd, as read from their sources.
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdTls {
+    pub ca: Pem,
+    pub cert: Option<Pem>,
+    pub key: Option<Pem>,
+}
+
+/// A PEM text and where it came from. Held as a `Secret` so that neither `Debug` nor output
+/// shows it (a private key is secret; certificates are merely long).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pem {
+    pub text: Secret,
+    pub source: SecretSource,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -197,7 +206,14 @@ impl Spec {
         ]
         .into_iter()
         .flatten()
-        .filter_map(|c| match &c.password_source {
+        .map(|c| &c.password_source)
+        .chain(self.etcd.tls.iter().flat_map(|t| {
+            [Some(&t.ca), t.cert.as_ref(), t.key.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|p| &p.source)
+        }))
+        .filter_map(|s| match s {
             SecretSource::File(p) => Some(std::path::PathBuf::from(p)),
             _ => None,
         })
@@ -263,8 +279,13 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
     let mut diags = Vec::new();
     let version = raw.postgres.version;
     let mut credential = |c: &RawCredential, path: FieldPath| -> Credential {
-        let (password, password_source) =
-            resolve_secret(&c.password, &path.key("password"), ctx, &mut diags);
+        let (password, password_source) = resolve_secret(
+            &c.password,
+            &path.key("password"),
+            SecretKind::PASSWORD,
+            ctx,
+            &mut diags,
+        );
         Credential {
             username: c.username.clone(),
             password,
@@ -289,6 +310,24 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         .api_auth
         .as_ref()
         .map(|c| credential(c, FieldPath::root().key("agent").key("api_auth")));
+    let etcd_tls = raw.etcd.tls.as_ref().map(|t| {
+        let base = FieldPath::root().key("etcd").key("tls");
+        let mut pem = |r: &RawSecret, field: &str, kind: SecretKind| {
+            let (text, source) = resolve_secret(r, &base.key(field), kind, ctx, &mut diags);
+            Pem { text, source }
+        };
+        EtcdTls {
+            ca: pem(&t.ca, "ca", SecretKind::CERTIFICATE),
+            cert: t
+                .cert
+                .as_ref()
+                .map(|c| pem(c, "cert", SecretKind::CERTIFICATE)),
+            key: t
+                .key
+                .as_ref()
+                .map(|k| pem(k, "key", SecretKind::PRIVATE_KEY)),
+        }
+    });
 
     let expand = |template: &str, member: &str| {
         template
@@ -374,6 +413,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             endpoints: raw.etcd.endpoints.clone(),
             namespace: raw.etcd.namespace.clone(),
             auth: etcd_auth,
+            tls: etcd_tls,
         },
         postgres: PostgresSpec {
             version,
@@ -427,20 +467,52 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
     (spec, diags)
 }
 
+/// What a secret source holds, for messages: whether writing it in the spec is worth a
+/// warning.
+#[derive(Clone, Copy)]
+struct SecretKind {
+    noun: &'static str,
+    secret: bool,
+}
+
+impl SecretKind {
+    const PASSWORD: SecretKind = SecretKind {
+        noun: "password",
+        secret: true,
+    };
+    const CERTIFICATE: SecretKind = SecretKind {
+        noun: "certificate",
+        secret: false,
+    };
+    const PRIVATE_KEY: SecretKind = SecretKind {
+        noun: "private key",
+        secret: true,
+    };
+}
+
 fn resolve_secret(
     raw: &RawSecret,
     path: &FieldPath,
+    kind: SecretKind,
     ctx: &Context<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> (Secret, SecretSource) {
     match raw {
         RawSecret::Plain(value) => {
-            diags.push(
-                Diagnostic::warning(path.clone(), "password written in the spec in plain text")
+            if kind.secret {
+                diags.push(
+                    Diagnostic::warning(
+                        path.clone(),
+                        format!("{} written in the spec in plain text", kind.noun),
+                    )
                     .with_hint("use {env: NAME} or {file: PATH} so the secret stays out of Git"),
-            );
+                );
+            }
             if value.is_empty() {
-                diags.push(Diagnostic::error(path.clone(), "password is empty"));
+                diags.push(Diagnostic::error(
+                    path.clone(),
+                    format!("{} is empty", kind.noun),
+                ));
             }
             (Secret::new(value.clone()), SecretSource::Inline)
         }

@@ -52,6 +52,26 @@ pub struct RawEtcd {
     /// namespace's keys.
     #[serde(default)]
     pub auth: Option<RawCredential>,
+    /// TLS to etcd: required by `https://` endpoints, refused with `http://` ones.
+    #[serde(default)]
+    pub tls: Option<RawEtcdTls>,
+}
+
+/// TLS material for etcd, each a PEM text given as `{file: PATH}` or `{env: NAME}` on the
+/// machine running citus-reconcile; `apply` hands it to every agent in the agent's 0600
+/// configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdTls {
+    /// The CA certificate(s) that signed etcd's server certificates. The server certificates
+    /// must name the endpoints' hosts (an IP address as an IP subject alternative name).
+    pub ca: RawSecret,
+    /// A client certificate, when etcd checks them (`--client-cert-auth`); needs `key`.
+    #[serde(default)]
+    pub cert: Option<RawSecret>,
+    /// The client certificate's private key (a secret: keep it out of Git).
+    #[serde(default)]
+    pub key: Option<RawSecret>,
 }
 
 fn default_namespace() -> String {

@@ -86,9 +86,23 @@ fn etcd(spec: &Spec, out: &mut Vec<Diagnostic>) {
             Ok(ep) => {
                 if let Some(first) = seen.insert((ep.host.clone(), ep.port), i) {
                     out.push(Diagnostic::error(
-                        p,
+                        p.clone(),
                         format!("endpoint {e:?} repeats etcd.endpoints[{first}]"),
                     ));
+                }
+                match (ep.scheme.as_str(), spec.etcd.tls.is_some()) {
+                    ("https", false) => out.push(
+                        Diagnostic::error(p, format!("endpoint {e:?} uses TLS but etcd.tls is not set"))
+                            .with_hint("add etcd.tls.ca: the CA certificate that signed etcd's server certificates"),
+                    ),
+                    ("http", true) => out.push(
+                        Diagnostic::error(
+                            p,
+                            format!("endpoint {e:?} is plain http while etcd.tls is set"),
+                        )
+                        .with_hint("write every endpoint as https://host:port"),
+                    ),
+                    _ => {}
                 }
             }
             Err(why) => out.push(
@@ -96,6 +110,9 @@ fn etcd(spec: &Spec, out: &mut Vec<Diagnostic>) {
                     .with_hint("write endpoints as http://host:port, e.g. http://10.0.0.5:2379"),
             ),
         }
+    }
+    if let Some(tls) = &spec.etcd.tls {
+        etcd_tls(tls, out);
     }
     let ns = &spec.etcd.namespace;
     if !ns.starts_with('/')
@@ -109,6 +126,43 @@ fn etcd(spec: &Spec, out: &mut Vec<Diagnostic>) {
                     "a key prefix such as `/service`: starts with `/`, no trailing `/`, no spaces",
                 ),
         );
+    }
+}
+
+fn etcd_tls(tls: &crate::spec::model::EtcdTls, out: &mut Vec<Diagnostic>) {
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => out.push(
+            Diagnostic::error(
+                path("etcd.tls.cert"),
+                "a client certificate without its key",
+            )
+            .with_hint("add etcd.tls.key"),
+        ),
+        (None, Some(_)) => out.push(
+            Diagnostic::error(
+                path("etcd.tls.key"),
+                "a private key without its certificate",
+            )
+            .with_hint("add etcd.tls.cert"),
+        ),
+        _ => {}
+    }
+    // Only what was read is checked (validation without secrets reads none).
+    let pem = [
+        ("etcd.tls.ca", Some(&tls.ca), "CERTIFICATE-----"),
+        ("etcd.tls.cert", tls.cert.as_ref(), "CERTIFICATE-----"),
+        ("etcd.tls.key", tls.key.as_ref(), "PRIVATE KEY-----"),
+    ];
+    for (field, value, marker) in pem {
+        let Some(text) = value.map(|p| p.text.expose()).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        if !(text.contains("-----BEGIN ") && text.contains(marker)) {
+            out.push(
+                Diagnostic::error(path(field), "not a PEM text of the expected kind")
+                    .with_hint(format!("expected a block ending in `{marker}`")),
+            );
+        }
     }
 }
 

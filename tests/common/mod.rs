@@ -79,8 +79,10 @@ pub struct TestLab {
 impl TestLab {
     /// Write the spec, clear leftovers of an earlier crashed run, and bring the lab up.
     pub fn up(spec_text: &str) -> TestLab {
-        let t = Self::prepare(spec_text);
+        let mut t = Self::prepare(spec_text);
         t.lab.up().unwrap_or_else(|e| panic!("lab up: {e}"));
+        // The lab may have written files the spec reads (etcd's TLS material).
+        t.spec = load_spec(&t.spec_path, true).unwrap_or_else(|e| panic!("{e}"));
         t
     }
 
@@ -89,12 +91,14 @@ impl TestLab {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec_path = dir.path().join("spec.yaml");
         std::fs::write(&spec_path, spec_text).expect("write spec");
-        let report = spec::load_file(&spec_path, LoadOptions::default());
-        let spec = report
-            .spec
-            .clone()
-            .unwrap_or_else(|| panic!("test spec invalid:\n{}", report.render()));
-        let lab = Lab::new(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let shape = load_spec(&spec_path, false).unwrap_or_else(|e| panic!("{e}"));
+        let lab = Lab::new(&shape).unwrap_or_else(|e| panic!("{e}"));
+        // Files the lab writes (etcd's TLS material) exist only after `up`.
+        let spec = match (load_spec(&spec_path, true), &shape.etcd.tls) {
+            (Ok(s), _) => s,
+            (Err(_), Some(_)) => shape,
+            (Err(e), None) => panic!("{e}"),
+        };
         let _ = lab.down();
         TestLab {
             lab,
@@ -124,6 +128,21 @@ impl Drop for TestLab {
             eprintln!("lab down failed: {e}");
         }
     }
+}
+
+/// Load a test spec, with its secrets or only its shape.
+fn load_spec(path: &std::path::Path, secrets: bool) -> Result<Spec, String> {
+    let report = spec::load_file(
+        path,
+        LoadOptions {
+            resolve_secrets: secrets,
+            resolve_etcd_secret: secrets,
+        },
+    );
+    report
+        .spec
+        .clone()
+        .ok_or_else(|| format!("test spec invalid:\n{}", report.render()))
 }
 
 /// A spec for a lab on 10.213.{subnet}.0/24 with the given groups (`[(group, n_hosts)]`) and
@@ -333,24 +352,12 @@ pub fn signal_agent(t: &TestLab, member: &str, sig: i32) {
 
 /// The value of one of the cluster's etcd keys (`{namespace}/{cluster}/{rest}`).
 pub fn etcd_get(t: &TestLab, rest: &str) -> Option<String> {
-    let endpoints = t.spec.etcd.endpoints.join(",");
     let key = format!(
         "{}/{}/{rest}",
         t.spec.etcd.namespace.trim_end_matches('/'),
         t.spec.cluster
     );
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &endpoints,
-            "--command-timeout=2s",
-            "get",
-            &key,
-            "--print-value-only",
-        ])
-        .output()
-        .ok()?;
+    let out = etcdctl_output(t, &["get", &key, "--print-value-only"]);
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && !v.is_empty()).then_some(v)
 }
@@ -394,6 +401,20 @@ pub fn etcdctl(t: &TestLab, args: &[&str]) -> Option<String> {
 
 /// Run etcdctl against a lab's etcd: its whole output.
 pub fn etcdctl_output(t: &TestLab, args: &[&str]) -> std::process::Output {
+    use citus_reconcile::spec::secret::SecretSource;
+    // With TLS: the files the spec names (the lab wrote them).
+    let mut tls = Vec::new();
+    if let Some(spec_tls) = &t.spec.etcd.tls {
+        for (flag, pem) in [
+            ("--cacert", Some(&spec_tls.ca)),
+            ("--cert", spec_tls.cert.as_ref()),
+            ("--key", spec_tls.key.as_ref()),
+        ] {
+            if let Some(SecretSource::File(path)) = pem.map(|p| &p.source) {
+                tls.push(format!("{flag}={path}"));
+            }
+        }
+    }
     std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args([
@@ -401,6 +422,7 @@ pub fn etcdctl_output(t: &TestLab, args: &[&str]) -> std::process::Output {
             &t.spec.etcd.endpoints.join(","),
             "--command-timeout=5s",
         ])
+        .args(&tls)
         .args(args)
         .output()
         .expect("etcdctl runs")
