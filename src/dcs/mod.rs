@@ -130,6 +130,14 @@ fn describe(e: &etcd_client::Error) -> String {
     }
 }
 
+/// etcd refused who we are: a wrong password, a user without a role, bad arguments.
+fn refused(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
+        s.code(),
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    ))
+}
+
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -173,8 +181,9 @@ where
         let (i, client) = dcs.current(attempt).await;
         let client = match client {
             Ok(c) => c,
-            // Refused credentials do not get better with another try.
-            Err(e) if !transient(&e) && !matches!(e, etcd_client::Error::IoError(_)) => {
+            // Refused credentials do not get better with another try (an election in
+            // progress, "leader changed", does: it is Unavailable).
+            Err(e) if refused(&e) => {
                 return Err(DcsError::Failed {
                     op: op.to_string(),
                     detail: format!(
