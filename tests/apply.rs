@@ -1056,6 +1056,29 @@ fn an_etcd_with_tls_client_certificates_and_authentication() {
         )
         .replace("http://10.213.152.", "https://10.213.152.");
     assert!(spec.contains("auth: { username: citus"), "{spec}");
+    // The REST API over TLS too, its read endpoints behind the credentials: a certificate
+    // for both hosts from a CA of the test's own.
+    let api_pki_dir = tempfile::tempdir().expect("temp dir");
+    let api_pki = citus_reconcile::lab::pki::Pki::ensure(api_pki_dir.path(), "api").expect("CA");
+    let api_cert = api_pki
+        .server(
+            "api",
+            &[
+                "10.213.152.10".parse().expect("ip"),
+                "10.213.152.20".parse().expect("ip"),
+            ],
+        )
+        .expect("API certificate");
+    let spec = spec.replacen(
+        "agent: { service: process, ",
+        &format!(
+            "agent: {{ service: process, api_auth_reads: true, api_tls: {{ cert: {{ file: {} }}, key: {{ file: {} }} }}, ",
+            api_cert.cert.display(),
+            api_cert.key.display()
+        ),
+        1,
+    );
+    assert!(spec.contains("api_tls"), "{spec}");
     use std::os::unix::fs::PermissionsExt;
     let t = TestLab::up(&spec);
     let key = t.dir.path().join(".lab/etcd-client.key");
@@ -1119,6 +1142,57 @@ fn an_etcd_with_tls_client_certificates_and_authentication() {
         "g1m0",
         "{}",
         text(&o)
+    );
+    // The REST API: health checks over TLS without credentials, the topology only with
+    // them, and no plain text.
+    let ca = std::fs::read_to_string(api_pki.ca()).expect("CA");
+    let api = "10.213.152.20:8008";
+    let https = |path: &str, auth| common::https("GET", api, path, auth, "", &ca);
+    assert_eq!(https("/primary", None).0, 200);
+    assert_eq!(https("/cluster", None).0, 401);
+    let (code, body) = https("/cluster", Some(("admin", "lab-superuser-pw")));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("g1m0"), "{body}");
+    assert_eq!(https("/metrics", None).0, 401);
+    assert_eq!(common::http("GET", api, "/primary", None, "").0, 0);
+    // A flood of requests and idle connections on the leader's API leaves its lease alone.
+    let leader_before = common::leader(&t, 1);
+    let flood_until = std::time::Instant::now() + Duration::from_secs(8);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(api).ok())
+        .collect();
+    let served: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while std::time::Instant::now() < flood_until {
+                        if https("/primary", None).0 == 200 {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    drop(idle);
+    eprintln!("REST API flood: {served} health checks answered in 8 s beside 300 idle connections");
+    assert!(served > 0, "no health check answered during the flood");
+    assert_eq!(
+        common::leader(&t, 1),
+        leader_before,
+        "leadership moved during the flood"
+    );
+    let log = std::fs::read_to_string(format!(
+        "{}/agent.log",
+        t.spec.host("g1m0").expect("g1m0").install_dir
+    ))
+    .unwrap_or_default();
+    assert!(
+        !log.contains("lease can no longer be trusted") && !log.contains("the etcd lease expired"),
+        "the leader lost its lease during the flood:\n{log}"
     );
     // The agents' configuration carries the TLS material, 0600 like the rest of it.
     let agent_config = format!(

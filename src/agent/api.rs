@@ -57,6 +57,11 @@ pub struct Handle {
     auth: Arc<Mutex<Option<super::config::Credential>>>,
     group: u32,
     requests: Arc<Mutex<std::collections::VecDeque<Request>>>,
+    /// The agent's runtime: etcd work of a request runs there, where the etcd clients live,
+    /// not on the API's own thread.
+    agent_runtime: tokio::runtime::Handle,
+    /// `/status`, `/patroni`, `/cluster` and `/metrics` need the credentials too.
+    auth_reads: bool,
 }
 
 impl Handle {
@@ -68,7 +73,20 @@ impl Handle {
             auth: Arc::new(Mutex::new(node.cfg.api.auth.clone())),
             group: node.cfg.group,
             requests: node.requests.clone(),
+            agent_runtime: tokio::runtime::Handle::current(),
+            auth_reads: node.cfg.api.auth_reads,
         }
+    }
+
+    /// Run `work` on the agent's runtime and wait for it here.
+    async fn on_agent<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        self.agent_runtime
+            .spawn(work)
+            .await
+            .map_err(|e| format!("the agent's runtime dropped the request: {e}"))
     }
 
     /// The REST API's credentials after a reload.
@@ -239,11 +257,27 @@ async fn readiness(State(h): State<Handle>, Query(q): Query<BTreeMap<String, Str
     (code(ok), "").into_response()
 }
 
-async fn status(State(h): State<Handle>) -> Response {
+/// The read endpoints that reveal the cluster: open, or behind the write credentials when
+/// `agent.api_auth_reads` says so.
+fn may_read(h: &Handle, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if h.auth_reads {
+        authorized(h, headers)
+    } else {
+        Ok(())
+    }
+}
+
+async fn status(State(h): State<Handle>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&h, &headers) {
+        return *r;
+    }
     status_response(&h, true)
 }
 
-async fn cluster(State(h): State<Handle>) -> Response {
+async fn cluster(State(h): State<Handle>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&h, &headers) {
+        return *r;
+    }
     let v = h.view();
     let members: Vec<serde_json::Value> = v
         .members
@@ -265,7 +299,10 @@ async fn cluster(State(h): State<Handle>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(h): State<Handle>) -> Response {
+async fn metrics(State(h): State<Handle>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&h, &headers) {
+        return *r;
+    }
     let v = h.view();
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: String| {
@@ -450,16 +487,20 @@ async fn switchover(
         member: b.candidate.clone(),
         scheduled_at: b.scheduled_at,
     };
-    handover_response(
-        handover::request(
-            &h.dcs,
-            h.group,
-            &req,
-            b.candidate.as_deref(),
-            Duration::from_secs(30),
-        )
-        .await,
-    )
+    let (dcs, group) = (h.dcs.clone(), h.group);
+    let outcome = h
+        .on_agent(async move {
+            handover::request(
+                &dcs,
+                group,
+                &req,
+                b.candidate.as_deref(),
+                Duration::from_secs(30),
+            )
+            .await
+        })
+        .await;
+    handover_response(outcome.and_then(|r| r))
 }
 
 async fn failover(
@@ -474,7 +515,16 @@ async fn failover(
     let Some(candidate) = b.candidate else {
         return (StatusCode::BAD_REQUEST, "failover needs a candidate\n").into_response();
     };
-    let refusal = match handover::group_state(&h.dcs, h.group).await {
+    let (dcs, group) = (h.dcs.clone(), h.group);
+    let state = h
+        .on_agent(async move {
+            handover::group_state(&dcs, group)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .and_then(|r| r);
+    let refusal = match state {
         Ok(g) => g.manual_failover_refusal(&candidate),
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("etcd: {e}\n")).into_response(),
     };
@@ -493,16 +543,13 @@ async fn failover(
         member: Some(candidate.clone()),
         scheduled_at: None,
     };
-    handover_response(
-        handover::request(
-            &h.dcs,
-            h.group,
-            &req,
-            Some(&candidate),
-            Duration::from_secs(30),
-        )
-        .await,
-    )
+    let (dcs, group) = (h.dcs.clone(), h.group);
+    let outcome = h
+        .on_agent(async move {
+            handover::request(&dcs, group, &req, Some(&candidate), Duration::from_secs(30)).await
+        })
+        .await;
+    handover_response(outcome.and_then(|r| r))
 }
 
 fn enqueue(h: &Handle, r: Request) {
@@ -572,25 +619,22 @@ async fn options_ok_or_404(method: axum::http::Method, headers: HeaderMap) -> Re
     StatusCode::NOT_FOUND.into_response()
 }
 
-/// Serve the API on `address:port`, binding in the background (retrying) so the HA loop
-/// never waits for it.
-pub async fn serve(cfg: &AgentConfig, handle: Handle) {
+/// The API's TLS configuration, if it serves TLS. A certificate or key that cannot be used
+/// is an error (the agent does not start): plain text instead would be a silent downgrade.
+pub fn tls_config(cfg: &AgentConfig) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    match &cfg.api.tls {
+        Some(t) => crate::tls::server_config(&t.cert, t.key.expose())
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| format!("REST API TLS: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// Serve the API on `address:port` from its own thread (see `api_server`), binding in the
+/// background (retrying) so the HA loop never waits for it.
+pub fn serve(cfg: &AgentConfig, handle: Handle, tls: Option<Arc<rustls::ServerConfig>>) {
     let addr = format!("{}:{}", cfg.address, cfg.api.port);
-    let app = router(handle);
-    tokio::spawn(async move {
-        loop {
-            match tokio::net::TcpListener::bind(&addr).await {
-                Ok(listener) => {
-                    tracing::info!(%addr, "REST API listening");
-                    if let Err(e) = axum::serve(listener, app.clone()).await {
-                        tracing::error!(error = %e, "REST API stopped");
-                    }
-                }
-                Err(e) => tracing::error!(%addr, error = %e, "cannot bind the REST API; retrying"),
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
+    super::api_server::spawn(addr, router(handle), tls);
 }
 
 #[cfg(test)]

@@ -150,6 +150,20 @@ pub enum SyncModeConfig {
 pub struct ApiConfig {
     pub port: u16,
     pub auth: Option<Credential>,
+    /// The read endpoints that reveal the cluster need `auth` too.
+    #[serde(default)]
+    pub auth_reads: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// The REST API's certificate (chain) and key, as PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    pub cert: String,
+    #[serde(with = "exposed")]
+    pub key: Secret,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -217,6 +231,11 @@ impl AgentConfig {
             api: ApiConfig {
                 port: host.api_port,
                 auth: spec.agent.api_auth.as_ref().map(cred),
+                auth_reads: spec.agent.api_auth_reads,
+                tls: spec.agent.api_tls.as_ref().map(|t| ApiTlsConfig {
+                    cert: t.cert.text.expose().to_string(),
+                    key: t.key.text.clone(),
+                }),
             },
             tags: TagsConfig {
                 nofailover: host.tags.nofailover,
@@ -255,6 +274,10 @@ impl AgentConfig {
                 *k = Secret::new(REDACTED);
             }
         }
+        if let Some(t) = c.api.tls.as_mut() {
+            t.cert = format!("sha256:{}", sha256_hex(&t.cert));
+            t.key = Secret::new(REDACTED);
+        }
         c.render()
     }
 
@@ -264,7 +287,11 @@ impl AgentConfig {
     pub fn secret_changes(&self, new: &AgentConfig) -> Option<Vec<&'static str>> {
         // The etcd session authenticates once, at connect: a new etcd password or key
         // takes a restart of the agent.
-        if self.render_redacted() != new.render_redacted() || self.etcd != new.etcd {
+        // The API's TLS material is loaded at start, too.
+        if self.render_redacted() != new.render_redacted()
+            || self.etcd != new.etcd
+            || self.api.tls != new.api.tls
+        {
             return None;
         }
         let mut changed = Vec::new();
@@ -290,7 +317,7 @@ impl AgentConfig {
             c.postgres.parameters.clear();
             c.render_redacted()
         };
-        if without(self) != without(new) || self.etcd != new.etcd {
+        if without(self) != without(new) || self.etcd != new.etcd || self.api.tls != new.api.tls {
             return None;
         }
         let (old, now) = (&self.postgres.parameters, &new.postgres.parameters);
@@ -325,6 +352,9 @@ impl AgentConfig {
         }
         if let Some(k) = self.etcd.tls.as_ref().and_then(|t| t.key.as_ref()) {
             out.insert("etcd_tls_key".to_string(), digest(k));
+        }
+        if let Some(t) = &self.api.tls {
+            out.insert("api_tls_key".to_string(), digest(&t.key));
         }
         out
     }
@@ -442,6 +472,11 @@ pub(crate) fn sample() -> AgentConfig {
         api: ApiConfig {
             port: 8008,
             auth: Some(cred("api-secret")),
+            auth_reads: true,
+            tls: Some(ApiTlsConfig {
+                cert: "API-CERT".into(),
+                key: Secret::new("api-key-secret"),
+            }),
         },
         tags: TagsConfig::default(),
     }
@@ -499,6 +534,7 @@ mod tests {
             "api-secret",
             "etcd-secret",
             "tls-key-secret",
+            "api-key-secret",
         ];
         for s in secrets {
             assert!(full.contains(s));

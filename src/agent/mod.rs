@@ -1,9 +1,10 @@
 //! The per-host HA agent (`citus-reconcile agent --config FILE`): its configuration
 //! (`config`, pure), the decision core (`decide`, pure), and the edges around it — the lease
 //! and fence (`lease`), the executor (`node`), the loop and supervisor (`run`), the REST API
-//! (`api`), and on the coordinator the write pauses around worker handovers (`citus_pause`).
+//! (`api`: its routes; `api_server`: its own thread, connection limits and TLS), and on the coordinator the write pauses around worker handovers (`citus_pause`).
 
 pub mod api;
+pub mod api_server;
 pub mod citus_pause;
 pub mod config;
 pub mod decide;

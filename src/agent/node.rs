@@ -1159,7 +1159,16 @@ impl Node {
                 "postgres://{}:{}/{}",
                 self.cfg.address, self.cfg.postgres.port, self.cfg.citus.database
             ),
-            api_url: format!("http://{}:{}/patroni", self.cfg.address, self.cfg.api.port),
+            api_url: format!(
+                "{}://{}:{}/patroni",
+                if self.cfg.api.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                self.cfg.address,
+                self.cfg.api.port
+            ),
             state,
             role,
             timeline,

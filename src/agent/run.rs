@@ -141,6 +141,7 @@ async fn run_async(
 ) -> Result<(), String> {
     let timing = Timing::new(cfg.ha.ttl, cfg.ha.loop_wait, cfg.ha.retry_timeout);
     tracing::info!(cluster = %cfg.cluster, group = cfg.group, member = %cfg.member, ?timing, "agent starting");
+    let api_tls = super::api::tls_config(&cfg)?;
     let pg = Pg::new(&cfg).map_err(|e| e.to_string())?;
     pg.prepare_host_files().map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -172,7 +173,7 @@ async fn run_async(
     node.config_sha256 = config_sha256;
     node.pauses = pauses;
     let api = super::api::Handle::new(&node);
-    super::api::serve(&cfg, api.clone()).await;
+    super::api::serve(&cfg, api.clone(), api_tls);
 
     let loop_wait = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
     // After failed cycles, watch events wake the loop only after a growing pause: members

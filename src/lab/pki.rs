@@ -1,6 +1,6 @@
-//! A throwaway certificate authority for a lab whose etcd speaks TLS: a CA, a server
-//! certificate per etcd member (its address as an IP subject alternative name) and one client
-//! certificate. Made with the `openssl` command, kept in the lab's 0700 state folder, and gone
+//! A throwaway certificate authority for a lab whose etcd speaks TLS (and for tests that
+//! need certificates): a CA, server certificates (addresses as IP subject alternative names)
+//! and a client certificate. Made with the `openssl` command, kept in the lab's 0700 state folder, and gone
 //! with `lab down`. Never for anything but the lab.
 
 use std::fs;
@@ -69,13 +69,18 @@ impl Pki {
         self.dir.join("ca.pem")
     }
 
-    /// A server certificate for an etcd member at `address` (also valid as a client, for its
-    /// peers), made when missing.
-    pub fn server(&self, name: &str, address: Ipv4Addr) -> Result<Pair, LabError> {
+    /// A server certificate for `addresses` (also valid as a client, as etcd's peers use
+    /// theirs), made when missing.
+    pub fn server(&self, name: &str, addresses: &[Ipv4Addr]) -> Result<Pair, LabError> {
+        let names: Vec<String> = addresses
+            .iter()
+            .map(|a| format!("IP:{a}"))
+            .chain(["IP:127.0.0.1".to_string()])
+            .collect();
         self.issue(
             name,
             &[
-                format!("subjectAltName=IP:{address},IP:127.0.0.1"),
+                format!("subjectAltName={}", names.join(",")),
                 "extendedKeyUsage=serverAuth,clientAuth".into(),
             ],
         )

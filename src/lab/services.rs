@@ -166,7 +166,7 @@ pub fn ensure_etcd(
             )));
         }
         (true, Some(pki)) => {
-            let server = pki.server(&member.name, node.address)?;
+            let server = pki.server(&member.name, &[node.address])?;
             let mut a = vec![
                 "--cert-file".to_string(),
                 server.cert.to_string_lossy().into_owned(),

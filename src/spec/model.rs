@@ -50,6 +50,13 @@ pub struct EtcdTls {
     pub key: Option<Pem>,
 }
 
+/// The REST API's server certificate and key.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiTls {
+    pub cert: Pem,
+    pub key: Pem,
+}
+
 /// A PEM text and where it came from. Held as a `Secret` so that neither `Debug` nor output
 /// shows it (a private key is secret; certificates are merely long).
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +125,8 @@ pub struct HaSpec {
 pub struct AgentSpec {
     pub service: ServiceKind,
     pub api_auth: Option<Credential>,
+    pub api_auth_reads: bool,
+    pub api_tls: Option<ApiTls>,
     /// `agent.install_dir` with `{cluster}`/`{version}` expanded and `{member}` left in, for
     /// members that are no longer in the spec (they must still be found to be removed).
     pub install_dir_template: String,
@@ -213,6 +222,12 @@ impl Spec {
                 .flatten()
                 .map(|p| &p.source)
         }))
+        .chain(
+            self.agent
+                .api_tls
+                .iter()
+                .flat_map(|t| [&t.cert.source, &t.key.source]),
+        )
         .filter_map(|s| match s {
             SecretSource::File(p) => Some(std::path::PathBuf::from(p)),
             _ => None,
@@ -310,12 +325,20 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         .api_auth
         .as_ref()
         .map(|c| credential(c, FieldPath::root().key("agent").key("api_auth")));
+    let mut pem = |r: &RawSecret, path: FieldPath, kind: SecretKind| {
+        let (text, source) = resolve_secret(r, &path, kind, ctx, &mut diags);
+        Pem { text, source }
+    };
+    let api_tls = raw.agent.api_tls.as_ref().map(|t| {
+        let base = FieldPath::root().key("agent").key("api_tls");
+        ApiTls {
+            cert: pem(&t.cert, base.key("cert"), SecretKind::CERTIFICATE),
+            key: pem(&t.key, base.key("key"), SecretKind::PRIVATE_KEY),
+        }
+    });
     let etcd_tls = raw.etcd.tls.as_ref().map(|t| {
         let base = FieldPath::root().key("etcd").key("tls");
-        let mut pem = |r: &RawSecret, field: &str, kind: SecretKind| {
-            let (text, source) = resolve_secret(r, &base.key(field), kind, ctx, &mut diags);
-            Pem { text, source }
-        };
+        let mut pem = |r: &RawSecret, field: &str, kind: SecretKind| pem(r, base.key(field), kind);
         EtcdTls {
             ca: pem(&t.ca, "ca", SecretKind::CERTIFICATE),
             cert: t
@@ -458,6 +481,8 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         agent: AgentSpec {
             service: raw.agent.service,
             api_auth,
+            api_auth_reads: raw.agent.api_auth_reads,
+            api_tls,
             install_dir_template: default_install_dir
                 .replace("{version}", &version.to_string())
                 .replace("{cluster}", &raw.cluster),

@@ -435,6 +435,23 @@ pub struct RawAgent {
     /// When absent, those endpoints are refused.
     #[serde(default)]
     pub api_auth: Option<RawCredential>,
+    /// Require `api_auth` for the read endpoints that reveal the cluster (`/status`,
+    /// `/patroni`, `/cluster`, `/metrics`) too. Health checks (`/primary`, `/replica`, …)
+    /// stay open: load balancers call them.
+    #[serde(default)]
+    pub api_auth_reads: bool,
+    /// Serve the REST API over TLS: a certificate (chain) valid for every host's address and
+    /// its key, as PEM from `{file: PATH}` or `{env: NAME}`.
+    #[serde(default)]
+    pub api_tls: Option<RawApiTls>,
+}
+
+/// The REST API's server certificate and key.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiTls {
+    pub cert: RawSecret,
+    pub key: RawSecret,
 }
 
 impl Default for RawAgent {
@@ -444,6 +461,8 @@ impl Default for RawAgent {
             service: default_service(),
             install_dir: None,
             api_auth: None,
+            api_auth_reads: false,
+            api_tls: None,
         }
     }
 }

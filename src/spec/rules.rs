@@ -43,6 +43,7 @@ pub fn check(spec: &Spec) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     document(spec, &mut out);
     etcd(spec, &mut out);
+    api(spec, &mut out);
     postgres(spec, &mut out);
     citus(spec, &mut out);
     ha(spec, &mut out);
@@ -68,6 +69,32 @@ fn document(spec: &Spec, out: &mut Vec<Diagnostic>) {
                 format!("invalid cluster name {:?}", spec.cluster),
             )
             .with_hint("use 1 to 63 lower-case letters, digits and `-`"),
+        );
+    }
+}
+
+fn api(spec: &Spec, out: &mut Vec<Diagnostic>) {
+    if spec.agent.api_auth_reads && spec.agent.api_auth.is_none() {
+        out.push(
+            Diagnostic::error(
+                path("agent.api_auth_reads"),
+                "read endpoints behind credentials, but agent.api_auth gives none",
+            )
+            .with_hint("set agent.api_auth"),
+        );
+    }
+    if let Some(t) = &spec.agent.api_tls {
+        pem_kind(
+            "agent.api_tls.cert",
+            Some(t.cert.text.expose()),
+            "CERTIFICATE-----",
+            out,
+        );
+        pem_kind(
+            "agent.api_tls.key",
+            Some(t.key.text.expose()),
+            "PRIVATE KEY-----",
+            out,
         );
     }
 }
@@ -147,22 +174,27 @@ fn etcd_tls(tls: &crate::spec::model::EtcdTls, out: &mut Vec<Diagnostic>) {
         ),
         _ => {}
     }
-    // Only what was read is checked (validation without secrets reads none).
     let pem = [
         ("etcd.tls.ca", Some(&tls.ca), "CERTIFICATE-----"),
         ("etcd.tls.cert", tls.cert.as_ref(), "CERTIFICATE-----"),
         ("etcd.tls.key", tls.key.as_ref(), "PRIVATE KEY-----"),
     ];
     for (field, value, marker) in pem {
-        let Some(text) = value.map(|p| p.text.expose()).filter(|t| !t.is_empty()) else {
-            continue;
-        };
-        if !(text.contains("-----BEGIN ") && text.contains(marker)) {
-            out.push(
-                Diagnostic::error(path(field), "not a PEM text of the expected kind")
-                    .with_hint(format!("expected a block ending in `{marker}`")),
-            );
-        }
+        pem_kind(field, value.map(|p| p.text.expose()), marker, out);
+    }
+}
+
+/// A PEM text that was read (validation without secrets reads none) holds a block of the
+/// expected kind.
+fn pem_kind(field: &str, text: Option<&str>, marker: &str, out: &mut Vec<Diagnostic>) {
+    let Some(text) = text.filter(|t| !t.is_empty()) else {
+        return;
+    };
+    if !(text.contains("-----BEGIN ") && text.contains(marker)) {
+        out.push(
+            Diagnostic::error(path(field), "not a PEM text of the expected kind")
+                .with_hint(format!("expected a block ending in `{marker}`")),
+        );
     }
 }
 

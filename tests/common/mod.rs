@@ -279,7 +279,8 @@ pub fn cluster(spec: &str) -> TestLab {
     t
 }
 
-/// A minimal HTTP/1.0 client for the agents' REST API: (status, body).
+/// One HTTP/1.0 request to an agent's REST API: (status, body); status 0 when the server
+/// cannot be reached.
 pub fn http(
     method: &str,
     addr: &str,
@@ -287,15 +288,57 @@ pub fn http(
     auth: Option<(&str, &str)>,
     body: &str,
 ) -> (u16, String) {
-    use base64::Engine;
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(
-        &addr.parse().expect("address"),
-        std::time::Duration::from_secs(2),
-    ) else {
+    let Some(s) = connect(addr) else {
         return (0, String::new());
     };
+    exchange(s, method, addr, path, auth, body)
+}
+
+/// The same over TLS, trusting `ca_pem` (status 0 also when the handshake fails).
+pub fn https(
+    method: &str,
+    addr: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+    ca_pem: &str,
+) -> (u16, String) {
+    let Some(s) = connect(addr) else {
+        return (0, String::new());
+    };
+    let config = citus_reconcile::tls::client_config(ca_pem, None).expect("a CA");
+    let host: std::net::SocketAddr = addr.parse().expect("address");
+    let name = rustls::pki_types::ServerName::IpAddress(host.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+    exchange(
+        rustls::StreamOwned::new(conn, s),
+        method,
+        addr,
+        path,
+        auth,
+        body,
+    )
+}
+
+fn connect(addr: &str) -> Option<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("address"),
+        std::time::Duration::from_secs(2),
+    )
+    .ok()?;
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+    Some(s)
+}
+
+fn exchange(
+    mut s: impl std::io::Read + std::io::Write,
+    method: &str,
+    addr: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+) -> (u16, String) {
+    use base64::Engine;
     let auth = auth
         .map(|(u, p)| {
             format!(
@@ -311,8 +354,9 @@ pub fn http(
     if s.write_all(req.as_bytes()).is_err() {
         return (0, String::new());
     }
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let resp = String::from_utf8_lossy(&raw);
     let status = resp
         .split_whitespace()
         .nth(1)
