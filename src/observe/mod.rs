@@ -17,7 +17,7 @@ use crate::dcs::{ClusterKeys, Dcs, keys};
 use crate::plan::{DataDirState, EtcdObserved, GroupObserved, HostFacts, HostObserved, Observed};
 use crate::spec::model::Service;
 use crate::spec::{HostSpec, Spec};
-use crate::ssh::{self, Session, Target, shell_quote};
+use crate::ssh::{self, Script, Session, Target, quote};
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const SQL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,40 +68,48 @@ impl Sessions {
 
 /// The shell probe: prints `key=value` lines about PostgreSQL, Citus, the data directory and
 /// the agent. File contents travel base64-encoded.
-pub fn probe_script(spec: &Spec, h: &HostSpec) -> String {
+pub fn probe_script(spec: &Spec, h: &HostSpec) -> Script {
     let p = Paths::new(&h.install_dir);
-    let bin = shell_quote(&spec.postgres.bin_dir);
-    let data = shell_quote(&h.data_dir);
-    let binary = shell_quote(&p.binary());
-    let config = shell_quote(&p.config());
-    let pid_file = shell_quote(&p.pid_file());
-    let unit = shell_quote(&format!(
+    let unit = format!(
         "/etc/systemd/system/{}",
         Paths::unit_name(&spec.cluster, &h.name)
-    ));
-    let version = spec.postgres.version;
-    format!(
-        r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${{ID:-unknown}}-${{VERSION_ID:-}})"
+    );
+    Script::render(
+        r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${ID:-unknown}-${VERSION_ID:-})"
 echo "user=$(id -un)"
 command -v apt-get >/dev/null 2>&1 && echo apt=yes
 if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
-share=$({bin}/pg_config --sharedir 2>/dev/null || echo /usr/share/postgresql/{version})
+share=$({bin}/pg_config --sharedir 2>/dev/null || echo {default_share})
 [ -f "$share/extension/citus.control" ] && echo citus=yes
 [ -f {data}/PG_VERSION ] && echo "data_major=$(head -c 8 {data}/PG_VERSION)"
 if [ -f {data}/global/pg_control ]; then echo data=initialized; echo "sysid=$({bin}/pg_controldata {data} 2>/dev/null | sed -n 's/^Database system identifier: *//p')"
 elif [ -d {data} ] && [ -n "$(ls -A {data} 2>/dev/null)" ]; then echo data=partial
 else echo data=absent; fi
 if [ -f {binary} ]; then
-  if [ -f {binary}.sha256 ] && [ "$(stat -c %s.%Y {binary})" = "$(sed -n 2p {binary}.sha256)" ]; then echo "binary_sha=$(sed -n 1p {binary}.sha256)"
+  if [ -f {binary_sha} ] && [ "$(stat -c %s.%Y {binary})" = "$(sed -n 2p {binary_sha})" ]; then echo "binary_sha=$(sed -n 1p {binary_sha})"
   else echo "binary_sha=$(sha256sum {binary} | cut -d' ' -f1)"; fi
 fi
 if [ -f {config} ]; then echo "config_sha=$(sha256sum {config} | cut -d' ' -f1)"; echo "config_b64=$(base64 -w0 {config})"; fi
 [ -f {data}/postgresql.conf ] && echo "pgconf_b64=$(base64 -w0 {data}/postgresql.conf)"
 [ -f {data}/postgresql.auto.conf ] && echo "autoconf_b64=$(base64 -w0 {data}/postgresql.auto.conf)"
-if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -qF -- "--config "{config}; then echo agent_pid=$pid; fi; fi
+if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -qF -- {agent_args}; then echo agent_pid=$pid; fi; fi
 [ -f {unit} ] && echo unit=yes
 true
 "#,
+        &[
+            ("bin", &quote(&spec.postgres.bin_dir)),
+            (
+                "default_share",
+                &quote(&format!("/usr/share/postgresql/{}", spec.postgres.version)),
+            ),
+            ("data", &quote(&h.data_dir)),
+            ("binary", &quote(&p.binary())),
+            ("binary_sha", &quote(&format!("{}.sha256", p.binary()))),
+            ("config", &quote(&p.config())),
+            ("agent_args", &quote(&format!("--config {}", p.config()))),
+            ("pid_file", &quote(&p.pid_file())),
+            ("unit", &quote(&unit)),
+        ],
     )
 }
 
@@ -173,9 +181,9 @@ async fn host_facts(spec: &Spec, h: &HostSpec, s: &Session) -> Result<HostFacts,
         .map_err(|e| e.to_string())?;
     let systemd = if spec.agent.service == Service::Systemd {
         let unit = Paths::unit_name(&spec.cluster, &h.name);
-        let cmd = format!(
-            "systemctl show -p MainPID --value {} 2>/dev/null || true",
-            shell_quote(&unit)
+        let cmd = Script::render(
+            "systemctl show -p MainPID --value {unit} 2>/dev/null || true",
+            &[("unit", &quote(&unit))],
         );
         s.run("systemctl show", &cmd, PROBE_TIMEOUT)
             .await

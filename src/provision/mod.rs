@@ -6,35 +6,48 @@ use std::time::Duration;
 
 use crate::agent::config::Paths;
 use crate::spec::model::Service;
-use crate::ssh::{Session, SshError, shell_quote};
+use crate::ssh::{Quoted, Script, Session, SshError, quote, quote_words};
 
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 pub const PACKAGE_TIMEOUT: Duration = Duration::from_secs(900);
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
+pub fn install_packages_script(packages: &[String]) -> Script {
+    Script::render(
+        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages}",
+        &[(
+            "packages",
+            &quote_words(packages.iter().map(String::as_str)),
+        )],
+    )
+}
+
 pub async fn install_packages(s: &Session, packages: &[String]) -> Result<(), SshError> {
-    let list: Vec<String> = packages.iter().map(|p| shell_quote(p)).collect();
-    let cmd = format!(
-        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {}",
-        list.join(" ")
-    );
-    s.run("install packages", &cmd, PACKAGE_TIMEOUT)
-        .await
-        .map(|_| ())
+    s.run(
+        "install packages",
+        &install_packages_script(packages),
+        PACKAGE_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// The install folder: traversable by postgres (socket and passfile live below it), readable
 /// by root only otherwise.
-pub async fn prepare_dirs(s: &Session, paths: &Paths) -> Result<(), SshError> {
-    let dir = shell_quote(&paths.install_dir);
-    let bin = shell_quote(&format!("{}/bin", paths.install_dir));
-    s.run(
-        "create folders",
-        &format!("mkdir -p {dir} {bin} && chmod 0711 {dir}"),
-        STEP_TIMEOUT,
+pub fn prepare_dirs_script(paths: &Paths) -> Script {
+    Script::render(
+        "mkdir -p {dir} {bin} && chmod 0711 {dir}",
+        &[
+            ("dir", &quote(&paths.install_dir)),
+            ("bin", &quote(&format!("{}/bin", paths.install_dir))),
+        ],
     )
-    .await
-    .map(|_| ())
+}
+
+pub async fn prepare_dirs(s: &Session, paths: &Paths) -> Result<(), SshError> {
+    s.run("create folders", &prepare_dirs_script(paths), STEP_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 /// Upload the agent binary, then record its hash with its size and mtime beside it, so that
@@ -49,14 +62,24 @@ pub async fn upload_binary(
     prepare_dirs(s, paths).await?;
     s.upload(&paths.binary(), binary, 0o755, "root:root", UPLOAD_TIMEOUT)
         .await?;
-    let bin = shell_quote(&paths.binary());
-    let cmd = format!(
-        "printf '%s\\n%s\\n' {} \"$(stat -c %s.%Y {bin})\" > {bin}.sha256",
-        shell_quote(sha256)
-    );
-    s.run("record the binary's hash", &cmd, STEP_TIMEOUT)
-        .await
-        .map(|_| ())
+    s.run(
+        "record the binary's hash",
+        &record_hash_script(paths, sha256),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+pub fn record_hash_script(paths: &Paths, sha256: &str) -> Script {
+    Script::render(
+        "printf '%s\\n%s\\n' {sha} \"$(stat -c %s.%Y {bin})\" > {record}",
+        &[
+            ("sha", &quote(sha256)),
+            ("bin", &quote(&paths.binary())),
+            ("record", &quote(&format!("{}.sha256", paths.binary()))),
+        ],
+    )
 }
 
 /// The agent configuration holds secrets: mode 0600, root only.
@@ -130,9 +153,9 @@ pub async fn install_unit(
     .await?;
     s.run(
         "enable the unit",
-        &format!(
-            "systemctl daemon-reload && systemctl enable {}",
-            shell_quote(&unit)
+        &Script::render(
+            "systemctl daemon-reload && systemctl enable {unit}",
+            &[("unit", &quote(&unit))],
         ),
         STEP_TIMEOUT,
     )
@@ -140,13 +163,53 @@ pub async fn install_unit(
     .map(|_| ())
 }
 
-/// A shell test that is true when the pid file names a live agent for this config.
-fn agent_alive_test(paths: &Paths) -> String {
-    format!(
-        "[ -f {pid} ] && pid=$(cat {pid}) && [ -r /proc/$pid/cmdline ] && tr '\\0' ' ' < /proc/$pid/cmdline | grep -q -- {needle}",
-        pid = shell_quote(&paths.pid_file()),
-        needle = shell_quote(&format!("--config {}", paths.config())),
+/// The shell test that is true when the pid file names a live agent for this config
+/// (placeholders `{pid}` and `{needle}`, from `alive_args`).
+macro_rules! alive {
+    () => {
+        "[ -f {pid} ] && pid=$(cat {pid}) && [ -r /proc/$pid/cmdline ] && tr '\\0' ' ' < /proc/$pid/cmdline | grep -q -- {needle}"
+    };
+}
+
+fn alive_args(paths: &Paths) -> (Quoted, Quoted) {
+    (
+        quote(&paths.pid_file()),
+        quote(&format!("--config {}", paths.config())),
     )
+}
+
+/// The script that starts the agent (idempotent).
+pub fn start_script(service: Service, paths: &Paths, cluster: &str, member: &str) -> Script {
+    match service {
+        Service::Systemd => Script::render(
+            "systemctl start {unit}",
+            &[("unit", &quote(&Paths::unit_name(cluster, member)))],
+        ),
+        Service::Process => {
+            // A detached, self-supervising process; its pid file proves it started. Its
+            // environment is what systemd gives a system service (a plain PATH and a locale),
+            // not the SSH session's.
+            let (pid, needle) = alive_args(paths);
+            Script::render(
+                concat!(
+                    "set -e\nif ",
+                    alive!(),
+                    "; then exit 0; fi\nrm -f {pid}\n",
+                    "env -i PATH={path} LANG=C.UTF-8 setsid {bin} agent --config {cfg} --supervise --pid-file {pid} >> {log} 2>&1 < /dev/null &\n",
+                    "i=0; while [ $i -lt 100 ]; do [ -s {pid} ] && exit 0; sleep 0.05; i=$((i+1)); done\n",
+                    "echo \"the agent did not start; see \"{log} >&2; tail -n 5 {log} >&2; exit 1\n",
+                ),
+                &[
+                    ("pid", &pid),
+                    ("needle", &needle),
+                    ("path", &quote(crate::postgres::process::SERVICE_PATH)),
+                    ("bin", &quote(&paths.binary())),
+                    ("cfg", &quote(&paths.config())),
+                    ("log", &quote(&paths.log_file())),
+                ],
+            )
+        }
+    }
 }
 
 pub async fn start_agent(
@@ -156,41 +219,38 @@ pub async fn start_agent(
     cluster: &str,
     member: &str,
 ) -> Result<(), SshError> {
+    s.run(
+        "start the agent",
+        &start_script(service, paths, cluster, member),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The script that stops the agent gracefully (it stops PostgreSQL and hands leadership over
+/// first).
+pub fn stop_script(service: Service, paths: &Paths, cluster: &str, member: &str) -> Script {
     match service {
-        Service::Systemd => {
-            let unit = shell_quote(&Paths::unit_name(cluster, member));
-            s.run(
-                "start the agent",
-                &format!("systemctl start {unit}"),
-                STEP_TIMEOUT,
-            )
-            .await
-            .map(|_| ())
-        }
+        Service::Systemd => Script::render(
+            "systemctl stop {unit} || true",
+            &[("unit", &quote(&Paths::unit_name(cluster, member)))],
+        ),
         Service::Process => {
-            // A detached, self-supervising process; its pid file proves it started. Its
-            // environment is what systemd gives a system service (a plain PATH and a locale),
-            // not the SSH session's.
-            let script = format!(
-                "set -e\nif {alive}; then exit 0; fi\nrm -f {pid}\n\
-                 env -i PATH={path} LANG=C.UTF-8 setsid {bin} agent --config {cfg} --supervise --pid-file {pid} >> {log} 2>&1 < /dev/null &\n\
-                 i=0; while [ $i -lt 100 ]; do [ -s {pid} ] && exit 0; sleep 0.05; i=$((i+1)); done\n\
-                 echo \"the agent did not start; see \"{log} >&2; tail -n 5 {log} >&2; exit 1\n",
-                alive = agent_alive_test(paths),
-                path = shell_quote(crate::postgres::process::SERVICE_PATH),
-                pid = shell_quote(&paths.pid_file()),
-                bin = shell_quote(&paths.binary()),
-                cfg = shell_quote(&paths.config()),
-                log = shell_quote(&paths.log_file()),
-            );
-            s.run("start the agent", &script, STEP_TIMEOUT)
-                .await
-                .map(|_| ())
+            let (pid, needle) = alive_args(paths);
+            Script::render(
+                concat!(
+                    "if ",
+                    alive!(),
+                    "; then kill -TERM $pid; i=0; while [ -d /proc/$pid ] && [ $i -lt 1800 ]; do sleep 0.05; i=$((i+1)); done; ",
+                    "[ -d /proc/$pid ] && kill -KILL $pid; fi; rm -f {pid}; true",
+                ),
+                &[("pid", &pid), ("needle", &needle)],
+            )
         }
     }
 }
 
-/// Stop the agent gracefully: it stops PostgreSQL and hands leadership over first.
 pub async fn stop_agent(
     s: &Session,
     service: Service,
@@ -198,33 +258,37 @@ pub async fn stop_agent(
     cluster: &str,
     member: &str,
 ) -> Result<(), SshError> {
-    match service {
-        Service::Systemd => {
-            let unit = shell_quote(&Paths::unit_name(cluster, member));
-            s.run(
-                "stop the agent",
-                &format!("systemctl stop {unit} || true"),
-                STEP_TIMEOUT,
-            )
-            .await
-            .map(|_| ())
-        }
-        Service::Process => {
-            let script = format!(
-                "if {alive}; then kill -TERM $pid; i=0; while [ -d /proc/$pid ] && [ $i -lt 1800 ]; do sleep 0.05; i=$((i+1)); done; \
-                 [ -d /proc/$pid ] && kill -KILL $pid; fi; rm -f {pid_file}; true",
-                alive = agent_alive_test(paths),
-                pid_file = shell_quote(&paths.pid_file()),
-            );
-            s.run("stop the agent", &script, STEP_TIMEOUT)
-                .await
-                .map(|_| ())
-        }
-    }
+    s.run(
+        "stop the agent",
+        &stop_script(service, paths, cluster, member),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// New secrets for a running agent: it takes them without a restart (SIGHUP; the supervisor
 /// of a `process` agent forwards it).
+pub fn reload_script(service: Service, paths: &Paths, cluster: &str, member: &str) -> Script {
+    match service {
+        Service::Systemd => Script::render(
+            "systemctl reload {unit}",
+            &[("unit", &quote(&Paths::unit_name(cluster, member)))],
+        ),
+        Service::Process => {
+            let (pid, needle) = alive_args(paths);
+            Script::render(
+                concat!(
+                    "if ",
+                    alive!(),
+                    "; then kill -HUP $pid; else echo 'the agent is not running' >&2; exit 1; fi"
+                ),
+                &[("pid", &pid), ("needle", &needle)],
+            )
+        }
+    }
+}
+
 pub async fn reload_agent(
     s: &Session,
     service: Service,
@@ -232,19 +296,29 @@ pub async fn reload_agent(
     cluster: &str,
     member: &str,
 ) -> Result<(), SshError> {
-    let script = match service {
-        Service::Systemd => format!(
-            "systemctl reload {}",
-            shell_quote(&Paths::unit_name(cluster, member))
-        ),
-        Service::Process => format!(
-            "if {alive}; then kill -HUP $pid; else echo 'the agent is not running' >&2; exit 1; fi",
-            alive = agent_alive_test(paths),
-        ),
-    };
-    s.run("reload the agent", &script, STEP_TIMEOUT)
-        .await
-        .map(|_| ())
+    s.run(
+        "reload the agent",
+        &reload_script(service, paths, cluster, member),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Print the agent configuration, if there is one.
+pub fn read_config_script(paths: &Paths) -> Script {
+    Script::render(
+        "cat {config} 2>/dev/null || true",
+        &[("config", &quote(&paths.config()))],
+    )
+}
+
+/// Rename `dir` to `aside` when it exists (prints `moved`).
+pub fn set_aside_script(dir: &str, aside: &str) -> Script {
+    Script::render(
+        "if [ -d {dir} ]; then mv -T -- {dir} {aside} && echo moved; fi",
+        &[("dir", &quote(dir)), ("aside", &quote(aside))],
+    )
 }
 
 /// Rename a retired member's data directory (named in its agent configuration) to
@@ -254,7 +328,7 @@ pub async fn set_data_aside(s: &Session, paths: &Paths) -> Result<Option<String>
     let text = s
         .run(
             "read the agent configuration",
-            &format!("cat {} 2>/dev/null || true", shell_quote(&paths.config())),
+            &read_config_script(paths),
             STEP_TIMEOUT,
         )
         .await?;
@@ -273,11 +347,7 @@ pub async fn set_data_aside(s: &Session, paths: &Paths) -> Result<Option<String>
     let out = s
         .run(
             "set the data directory aside",
-            &format!(
-                "if [ -d {d} ]; then mv -T -- {d} {a} && echo moved; fi",
-                d = shell_quote(&dir),
-                a = shell_quote(&aside)
-            ),
+            &set_aside_script(&dir, &aside),
             STEP_TIMEOUT,
         )
         .await?;

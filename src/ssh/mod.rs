@@ -15,6 +15,9 @@ use russh::client::{self, Handle};
 use russh::keys::{self, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use russh::{ChannelMsg, ChannelStream};
 
+pub mod script;
+pub use script::{Quoted, Script, quote, quote_words};
+
 /// Where and how to reach one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -217,21 +220,25 @@ impl Default for Options {
     }
 }
 
+/// Write stdin to `path` atomically (a temporary file beside it, then a rename), with `mode`
+/// and `owner` set before the rename.
+pub fn upload_script(dir: &str, name: &str, path: &str, mode: u32, owner: &str) -> Script {
+    Script::render(
+        "set -e; mkdir -p {dir}; t=$(mktemp {tmp}); trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; chmod {mode} \"$t\"; chown {owner} \"$t\"; mv -f \"$t\" {path}; trap - EXIT",
+        &[
+            ("dir", &quote(dir)),
+            ("tmp", &quote(&format!("{dir}/.{name}.XXXXXX"))),
+            ("mode", &quote(&format!("{mode:o}"))),
+            ("owner", &quote(owner)),
+            ("path", &quote(path)),
+        ],
+    )
+}
+
 /// An authenticated SSH connection to one host. Cheap to share: commands open channels.
 pub struct Session {
     handle: Handle<Client>,
     pub target: Target,
-}
-
-/// Quote a string for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@%+,".contains(c))
-    {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 impl Session {
@@ -319,11 +326,11 @@ impl Session {
         self.target.user != "root"
     }
 
-    fn wrap(&self, command: &str) -> String {
+    fn wrap(&self, script: &Script) -> Script {
         if self.needs_sudo() {
-            format!("sudo -n sh -c {}", shell_quote(command))
+            Script::render("sudo -n sh -c {script}", &[("script", &script.quoted())])
         } else {
-            command.to_string()
+            script.clone()
         }
     }
 
@@ -332,7 +339,7 @@ impl Session {
     pub async fn exec(
         &self,
         step: &str,
-        command: &str,
+        command: &Script,
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Output, SshError> {
@@ -347,7 +354,7 @@ impl Session {
                         detail: format!("cannot open a channel: {e}"),
                     })?;
             channel
-                .exec(true, self.wrap(command))
+                .exec(true, self.wrap(command).text())
                 .await
                 .map_err(|e| SshError::Protocol {
                     host: host.clone(),
@@ -407,7 +414,7 @@ impl Session {
     pub async fn run(
         &self,
         step: &str,
-        command: &str,
+        command: &Script,
         timeout: Duration,
     ) -> Result<String, SshError> {
         let out = self.exec(step, command, None, timeout).await?;
@@ -440,13 +447,7 @@ impl Session {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let script = format!(
-            "set -e; mkdir -p {dir}; t=$(mktemp {tmp}); trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; chmod {mode:o} \"$t\"; chown {owner} \"$t\"; mv -f \"$t\" {path}; trap - EXIT",
-            dir = shell_quote(&dir),
-            tmp = shell_quote(&format!("{dir}/.{name}.XXXXXX")),
-            owner = shell_quote(owner),
-            path = shell_quote(path),
-        );
+        let script = upload_script(&dir, &name, path, mode, owner);
         let out = self
             .exec(&format!("upload {path}"), &script, Some(content), timeout)
             .await?;
@@ -608,18 +609,5 @@ mod tests {
             judge_host_key(&[(7, ecdsa)], &ed),
             Err(keys::Error::KeyChanged { line: 7 })
         ));
-    }
-
-    #[test]
-    fn quoting() {
-        for (raw, quoted) in [
-            ("/var/lib/x", "/var/lib/x"),
-            ("a b", "'a b'"),
-            ("it's", r"'it'\''s'"),
-            ("", "''"),
-            ("$(rm -rf /)", "'$(rm -rf /)'"),
-        ] {
-            assert_eq!(shell_quote(raw), quoted);
-        }
     }
 }

@@ -1,0 +1,238 @@
+//! Hostile spec values never run as commands on a host. Every script `plan` and `apply` send
+//! over SSH is rendered from a spec whose free-form fields hold `$(…)`, backticks, quotes,
+//! newlines, spaces, `%`, `;`, `&` and globs, then run by real shells (`sh` and `bash`) whose
+//! PATH holds only stubs that do nothing, except `touch`, which leaves a mark: a mark means a
+//! value escaped its quoting. The systemd unit gets the same values: every line stays one of
+//! ours.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use citus_reconcile::agent::config::Paths;
+use citus_reconcile::observe::probe_script;
+use citus_reconcile::provision::{
+    install_packages_script, prepare_dirs_script, read_config_script, record_hash_script,
+    reload_script, set_aside_script, start_script, stop_script, unit_text,
+};
+use citus_reconcile::spec::model::Service;
+use citus_reconcile::spec::{self, Context, Spec};
+use citus_reconcile::ssh::{Script, upload_script};
+use proptest::prelude::*;
+
+/// Commands the scripts call; each becomes a stub that exits 0 without doing anything.
+const STUBS: &[&str] = &[
+    "apt-get",
+    "base64",
+    "cat",
+    "chmod",
+    "chown",
+    "cut",
+    "env",
+    "grep",
+    "head",
+    "id",
+    "ls",
+    "mkdir",
+    "mktemp",
+    "mv",
+    "rm",
+    "sed",
+    "setsid",
+    "sha256sum",
+    "sleep",
+    "stat",
+    "sudo",
+    "systemctl",
+    "tail",
+    "tr",
+    "citus-reconcile",
+    "postgres",
+    "pg_config",
+    "pg_controldata",
+];
+
+/// A folder of stubs, and a `touch` that marks `$MARK`.
+fn sandbox() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("stub");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    };
+    for s in STUBS {
+        write(s, "#!/bin/sh\nexit 0\n");
+    }
+    write("touch", "#!/bin/sh\necho \"$@\" >> \"$MARK\"\n");
+    dir
+}
+
+/// Run `script` under `shell` with only the stubs on PATH; what an injected `touch` marked.
+fn marks(shell: &str, script: &Script, stubs: &Path) -> String {
+    let mark = stubs.join("mark");
+    let _ = std::fs::remove_file(&mark);
+    let status = Command::new(shell)
+        .arg("-c")
+        .arg(script.text())
+        .env_clear()
+        .env("PATH", stubs)
+        .env("MARK", &mark)
+        .current_dir(stubs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("the shell runs");
+    let _ = status;
+    std::fs::read_to_string(&mark).unwrap_or_default()
+}
+
+/// Fragments that would run `touch` if a shell read them as code.
+const HOSTILE: &[&str] = &[
+    "$(touch dollar)",
+    "`touch backtick`",
+    "'; touch single; '",
+    "\"; touch double; \"",
+    "\ntouch newline\n",
+    "; touch semicolon",
+    "& touch amp",
+    "| touch pipe",
+    "$(IFS=_;touch${IFS}ifs)",
+    "%n%i%h",
+    " space ",
+    "*",
+    "\\",
+    "{dir}",
+    "${HOME}",
+    "'",
+    "\"",
+    "#",
+];
+
+fn hostile() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            prop::sample::select(HOSTILE).prop_map(str::to_string),
+            "[a-z0-9/._-]{0,6}",
+        ],
+        1..4,
+    )
+    .prop_map(|parts| format!("/nonexistent/{}", parts.concat()))
+}
+
+/// A spec whose free-form fields hold the given values (as YAML double-quoted strings).
+fn spec_with(bin_dir: &str, data_dir: &str, install_dir: &str) -> Option<Spec> {
+    let q = |s: &str| serde_json::to_string(s).expect("json");
+    let text = format!(
+        "apiVersion: citus-reconcile/v1\ncluster: c\netcd: {{ endpoints: [http://10.0.0.5:2379] }}\n\
+         postgres:\n  install: none\n  bin_dir: {}\n  superuser: {{ username: postgres, password: su }}\n  \
+         replication: {{ username: replicator, password: re }}\n\
+         groups:\n  - group: 0\n    hosts:\n      - {{ name: m1, address: 10.0.0.11, postgres: {{ data_dir: {} }}, agent: {{ install_dir: {} }} }}\n",
+        q(bin_dir),
+        q(data_dir),
+        q(install_dir)
+    );
+    let env = |_: &str| None;
+    let read = |p: &Path| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            p.display().to_string(),
+        ))
+    };
+    let ctx = Context {
+        spec_dir: "/".into(),
+        env: &env,
+        read_file: &read,
+        resolve_secrets: true,
+        resolve_etcd_secret: true,
+    };
+    spec::analyze(Path::new("/s.yaml"), text.as_bytes(), &ctx).spec
+}
+
+/// Every script for one host of `spec`, with `odd` where a function takes a free value.
+fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
+    let h = &spec.groups[0].hosts[0];
+    let paths = Paths::new(&h.install_dir);
+    let mut out = vec![
+        ("probe", probe_script(spec, h)),
+        (
+            "install packages",
+            install_packages_script(&[odd.to_string(), "citus".into()]),
+        ),
+        ("prepare dirs", prepare_dirs_script(&paths)),
+        ("record hash", record_hash_script(&paths, odd)),
+        ("read config", read_config_script(&paths)),
+        (
+            "set aside",
+            set_aside_script(&h.data_dir, &format!("{}.removed-1", h.data_dir)),
+        ),
+        (
+            "upload",
+            upload_script(&h.install_dir, odd, &paths.config(), 0o600, odd),
+        ),
+    ];
+    for service in [Service::Process, Service::Systemd] {
+        out.push(("start", start_script(service, &paths, odd, odd)));
+        out.push(("stop", stop_script(service, &paths, odd, odd)));
+        out.push(("reload", reload_script(service, &paths, odd, odd)));
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hostile_values_stay_data_in_every_remote_script(
+        bin_dir in hostile(),
+        data_dir in hostile(),
+        install_dir in hostile(),
+        odd in hostile(),
+    ) {
+        // A value validation refuses never reaches a host: draw another (rejected draws do
+        // not count toward the cases).
+        let spec = spec_with(&bin_dir, &data_dir, &install_dir);
+        prop_assume!(spec.is_some());
+        let Some(spec) = spec else { return Ok(()) };
+        let stubs = sandbox();
+        for (name, script) in every_script(&spec, &odd) {
+            for shell in ["/bin/sh", "/bin/bash"] {
+                let m = marks(shell, &script, stubs.path());
+                prop_assert!(m.is_empty(), "{name} under {shell} ran an injected command ({m}):\n{}", script.text());
+            }
+        }
+        // The unit file: every line is a directive of ours, whatever the paths and names.
+        let unit = unit_text(&Paths::new(&install_dir), &odd, &odd);
+        for line in unit.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let key = line.split('=').next().unwrap_or_default();
+            prop_assert!(
+                ["[Unit]", "Description", "After", "Wants", "[Service]", "ExecStart", "ExecReload",
+                 "Restart", "RestartSec", "KillMode", "TimeoutStopSec", "LimitNOFILE", "[Install]",
+                 "WantedBy"].contains(&key),
+                "a line not of ours: {line:?}\n{unit}"
+            );
+        }
+    }
+}
+
+/// The stubs must not hide a real injection: the same harness marks an unquoted value.
+#[test]
+fn the_harness_sees_an_injection() {
+    let stubs = sandbox();
+    let quoted = citus_reconcile::ssh::quote("$(touch dollar)");
+    let safe = Script::render("mkdir -p {dir}", &[("dir", &quoted)]);
+    assert_eq!(marks("/bin/sh", &safe, stubs.path()), "");
+    // A value spliced in by hand, as a bug would: the mark appears.
+    let unquoted = citus_reconcile::ssh::quote("x");
+    let bug = Script::render("mkdir -p $(touch dollar) {dir}", &[("dir", &unquoted)]);
+    assert_eq!(marks("/bin/sh", &bug, stubs.path()).trim(), "dollar");
+}
+
+/// The property above is not vacuous: validation lets such values through to the scripts.
+#[test]
+fn validation_lets_hostile_paths_through() {
+    let all = format!("/nonexistent-cr-test/{}", HOSTILE.concat());
+    // The install folder is short: the PostgreSQL socket lives below it (107 bytes at most).
+    let install = "/i/$(touch d)`touch b`'\";\n%*&|";
+    assert!(spec_with(&all, &format!("{all}/data"), install).is_some());
+}
