@@ -875,3 +875,102 @@ fn hostile_etcd_content_neither_sticks_a_group_nor_becomes_a_clone_source() {
         "the agents did not say what they removed"
     );
 }
+
+#[test]
+fn a_leader_whose_postgres_hangs_while_starting_gives_the_key_up() {
+    if !lab_available("primary start timeout") {
+        return;
+    }
+    let t = cluster(&lab_spec(
+        "hastart",
+        154,
+        &[(0, 1), (1, 2)],
+        1,
+        "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2, primary_start_timeout: 8 }\n",
+    ));
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    // The leader's PostgreSQL will hang while starting: the configuration file it reads
+    // first thing becomes a pipe nobody writes to. Then it crashes, and its agent restarts
+    // it in place, as it should.
+    let data_dir = t
+        .spec
+        .host(&old)
+        .map(|h| h.data_dir.clone())
+        .unwrap_or_default();
+    let auto = format!("{data_dir}/postgresql.auto.conf");
+    let kept = std::fs::read(&auto).unwrap_or_default();
+    std::fs::remove_file(&auto).expect("remove postgresql.auto.conf");
+    let fifo = std::ffi::CString::new(auto.clone()).expect("path");
+    // SAFETY: mkfifo(3) on a path in the lab's data directory.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
+    let pid: i32 = std::fs::read_to_string(format!("{data_dir}/postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("pid");
+    // SAFETY: kill(2) on the postmaster the lab's agent runs.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let crashed = std::time::Instant::now();
+    let new = wait_for(
+        "another member to lead (the hung one gave the key up)",
+        Duration::from_secs(60),
+        || leader(&t, 1).filter(|l| *l != old),
+    );
+    eprintln!(
+        "{old} gave the key up; {new} leads {:.1} s after the crash (primary_start_timeout 8 s)",
+        crashed.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(format!(
+        "{}/agent.log",
+        t.spec.host(&old).expect("member").install_dir
+    ))
+    .unwrap_or_default();
+    assert!(
+        log.contains("primary_start_timeout"),
+        "the agent did not say why it gave up:\n{log}"
+    );
+    let mark = p.t0.elapsed();
+    wait_for("writes on the new primary", Duration::from_secs(30), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.member == new && a.started > mark)
+            .then_some(())
+    });
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    // Its configuration readable again, the old leader rejoins as a replica. (Its agent may
+    // already be starting it, blocked on the pipe: feed the pipe once, then replace it.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        use std::os::unix::fs::OpenOptionsExt;
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&auto);
+        if let Ok(mut w) = writer {
+            let _ = std::io::Write::write_all(&mut w, &kept);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&auto).expect("remove the pipe");
+    std::fs::write(&auto, &kept).expect("restore postgresql.auto.conf");
+    let owner = std::fs::metadata(&data_dir).expect("data dir");
+    use std::os::unix::fs::MetadataExt;
+    std::os::unix::fs::chown(&auto, Some(owner.uid()), Some(owner.gid())).expect("chown");
+    wait_for(
+        "the old leader to stream again",
+        Duration::from_secs(90),
+        || {
+            let (role, state) = member_state(&t, &old);
+            (role == "Replica" && state == "streaming").then_some(())
+        },
+    );
+}

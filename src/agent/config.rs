@@ -135,6 +135,13 @@ pub struct HaConfig {
     pub retry_timeout: u32,
     pub synchronous_mode: SyncModeConfig,
     pub maximum_lag_on_failover: u64,
+    /// See the spec's `ha.primary_start_timeout`; older configurations lack it.
+    #[serde(default = "default_primary_start_timeout")]
+    pub primary_start_timeout: u32,
+}
+
+fn default_primary_start_timeout() -> u32 {
+    300
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +234,7 @@ impl AgentConfig {
                     SyncMode::Strict => SyncModeConfig::Strict,
                 },
                 maximum_lag_on_failover: spec.ha.maximum_lag_on_failover,
+                primary_start_timeout: spec.ha.primary_start_timeout,
             },
             api: ApiConfig {
                 port: host.api_port,
@@ -468,6 +476,7 @@ pub(crate) fn sample() -> AgentConfig {
             retry_timeout: 10,
             synchronous_mode: SyncModeConfig::Off,
             maximum_lag_on_failover: 1,
+            primary_start_timeout: 300,
         },
         api: ApiConfig {
             port: 8008,

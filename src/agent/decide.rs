@@ -182,8 +182,10 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
         DataDir::Empty => return uninitialized(s, g, other_leader, i_lead),
         DataDir::Initialized { sysid, .. } => sysid,
     };
+    // An empty identifier is one we could not read this cycle (PostgreSQL just died), not
+    // another cluster's.
     if let Some(expected) = g.initialize.as_deref().filter(|v| !v.is_empty()) {
-        if expected != sysid {
+        if !sysid.is_empty() && expected != sysid {
             return vec![Wait(format!(
                 "the data directory belongs to another cluster (system identifier {sysid}, the group's is {expected}); reinitialize this member"
             ))];

@@ -91,6 +91,12 @@ impl LeaseShared {
         self.lease_id().is_some() && self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
+    /// Guard the postmaster `pid` as a primary from now on (the fence looks at once).
+    pub fn arm_fence(&self, pid: u32) {
+        self.primary_pid.store(pid, Ordering::SeqCst);
+        self.fence_wake.notify_one();
+    }
+
     fn set_valid_until(&self, v: Option<Instant>) {
         if let Ok(mut slot) = self.valid_until.lock() {
             *slot = v;

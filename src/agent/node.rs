@@ -1018,12 +1018,25 @@ impl Node {
             self.stop(StopMode::Fast).await;
         }
         self.pg.write_conf(&role).map_err(|e| e.to_string())?;
+        let primary = matches!(role, Role::Primary { .. });
         let pm = self.pg.start().map_err(|e| e.to_string())?;
+        // A primary is fenced from its first moment: should the lease lapse before it is
+        // ready, it must never accept a write.
+        if primary {
+            self.lease.arm_fence(pm.pid);
+        }
         tracing::info!(pid = pm.pid, ?role, "PostgreSQL started");
         self.postmaster = Some(pm);
         self.upstream = upstream;
         self.lease.fenced.store(false, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // A primary that does not come up in time gives leadership up (a standby takes
+        // over); a replica only makes the loop wait.
+        let limit = if primary {
+            Duration::from_secs(u64::from(self.cfg.ha.primary_start_timeout))
+        } else {
+            Duration::from_secs(120)
+        };
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(pm) = self.postmaster.as_mut() {
                 if let Some(status) = pm.exited() {
@@ -1041,7 +1054,25 @@ impl Node {
                 break;
             }
             if Instant::now() > deadline {
-                return Err("PostgreSQL did not become ready within 120s".into());
+                if primary {
+                    // Never leave a half-started primary behind: stopped, the next cycle
+                    // sees a leader without a server and releases the key. (A postmaster
+                    // hung early in its start may have signals blocked: SIGKILL follows
+                    // soon.)
+                    self.lease.primary_pid.store(0, Ordering::SeqCst);
+                    self.client = None;
+                    if let Some(mut pm) = self.postmaster.take() {
+                        pm.stop(StopMode::Immediate, Duration::from_secs(3)).await;
+                    }
+                    return Err(format!(
+                        "PostgreSQL did not start as primary within primary_start_timeout ({}s); stopped it",
+                        limit.as_secs()
+                    ));
+                }
+                return Err(format!(
+                    "PostgreSQL did not become ready within {}s",
+                    limit.as_secs()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

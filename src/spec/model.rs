@@ -119,6 +119,7 @@ pub struct HaSpec {
     pub retry_timeout: u32,
     pub synchronous_mode: SyncMode,
     pub maximum_lag_on_failover: u64,
+    pub primary_start_timeout: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -477,6 +478,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             retry_timeout: raw.ha.retry_timeout,
             synchronous_mode,
             maximum_lag_on_failover: raw.ha.maximum_lag_on_failover,
+            primary_start_timeout: raw.ha.primary_start_timeout,
         },
         agent: AgentSpec {
             service: raw.agent.service,

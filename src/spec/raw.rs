@@ -359,6 +359,15 @@ pub struct RawHa {
     /// A standby whose WAL is further behind the leader than this many bytes never promotes.
     #[serde(default = "default_max_lag")]
     pub maximum_lag_on_failover: u64,
+    /// Seconds a leader's PostgreSQL may take to start as primary (crash recovery included)
+    /// before the leader gives the key up so a standby takes over; 0 fails over at once
+    /// rather than restart in place. Patroni's `primary_start_timeout`.
+    #[serde(default = "default_primary_start_timeout")]
+    pub primary_start_timeout: u32,
+}
+
+fn default_primary_start_timeout() -> u32 {
+    300
 }
 
 impl Default for RawHa {
@@ -369,6 +378,7 @@ impl Default for RawHa {
             retry_timeout: default_retry_timeout(),
             synchronous_mode: RawSyncMode::default(),
             maximum_lag_on_failover: default_max_lag(),
+            primary_start_timeout: default_primary_start_timeout(),
         }
     }
 }
