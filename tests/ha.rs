@@ -974,3 +974,85 @@ fn a_leader_whose_postgres_hangs_while_starting_gives_the_key_up() {
         },
     );
 }
+
+#[test]
+fn etcd_losing_quorum_stops_every_primary_until_it_returns() {
+    if !lab_available("etcd quorum loss") {
+        return;
+    }
+    // Synchronous mode: whoever leads after the outage holds every acknowledged write.
+    let t = cluster(&lab_spec(
+        "haquorum",
+        155,
+        &[(0, 1), (1, 2)],
+        3,
+        "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2, synchronous_mode: on }\n",
+    ));
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    wait_for("a synchronous standby", Duration::from_secs(30), || {
+        common::sync_key(&t, 1).filter(|(l, _)| *l == old)
+    });
+    // `status` shows every endpoint healthy, one of them etcd's leader.
+    let s = status(&t);
+    let endpoints = s["etcd"].as_array().cloned().unwrap_or_default();
+    assert_eq!(endpoints.len(), 3, "{s}");
+    assert_eq!(
+        endpoints.iter().filter(|e| e["leader"] == true).count(),
+        1,
+        "{s}"
+    );
+    assert!(endpoints.iter().all(|e| e["error"].is_null()), "{s}");
+
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    // Two of three etcd members die: no quorum, no lease can be renewed. We run no failsafe
+    // (Patroni's failsafe_mode): every primary must stop accepting writes within its lease.
+    t.lab.crash("etcd3").expect("crash etcd3");
+    t.lab.crash("etcd4").expect("crash etcd4");
+    let lost = p.t0.elapsed();
+    std::thread::sleep(Duration::from_secs(12));
+    let during = p.t0.elapsed();
+    let o = cli(&t, &["status"]);
+    let text = output_text(&o);
+    assert!(!o.status.success(), "status without etcd quorum: {text}");
+    assert!(text.contains("etcd"), "{text}");
+    eprintln!("status without quorum:\n{text}");
+    t.lab.up().expect("etcd members back");
+    let new = wait_for("a leader again", Duration::from_secs(90), || leader(&t, 1));
+    let back = p.t0.elapsed();
+    wait_for("writes again", Duration::from_secs(60), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.started > back)
+            .then_some(())
+    });
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    // No write was acknowledged later than the lease allows after quorum went, nor while it
+    // was gone.
+    let ttl = Duration::from_secs(5);
+    let late: Vec<&prober::Attempt> = log
+        .iter()
+        .filter(|a| a.ok && a.ended > lost + ttl && a.started < during)
+        .collect();
+    let last_ok = log
+        .iter()
+        .filter(|a| a.ok && a.started < during)
+        .map(|a| a.ended)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "quorum lost at +{:.1} s; last write acknowledged at +{:.1} s; {new} leads again {:.1} s after etcd returned",
+        lost.as_secs_f64(),
+        last_ok.as_secs_f64(),
+        (back - during).as_secs_f64()
+    );
+    assert!(
+        late.is_empty(),
+        "writes acknowledged after the lease ran out: {:?}",
+        late.iter().take(3).collect::<Vec<_>>()
+    );
+    assert_nothing_acknowledged_lost(&t, &new, &log);
+}

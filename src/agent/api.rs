@@ -46,6 +46,9 @@ pub struct View {
     pub loop_seconds: f64,
     pub leader_changes: u64,
     pub ttl: Duration,
+    /// The last cycle could read etcd.
+    pub etcd_reachable: bool,
+    pub member_writes: u64,
 }
 
 #[derive(Clone)]
@@ -140,6 +143,8 @@ impl Handle {
                 loop_seconds,
                 leader_changes: node.leader_changes,
                 ttl: node.lease.timing.ttl,
+                etcd_reachable: matches!(s.dcs, Dcs::Available(_)),
+                member_writes: node.member_writes,
             };
         }
     }
@@ -343,6 +348,11 @@ async fn metrics(State(h): State<Handle>, headers: HeaderMap) -> Response {
         "1 while the etcd lease is trusted",
         u8::from(h.lease.valid()).to_string(),
     );
+    gauge(
+        "citus_reconcile_etcd_reachable",
+        "1 when the agent's last cycle could read etcd",
+        u8::from(v.etcd_reachable).to_string(),
+    );
     let counter = |out: &mut String, name: &str, help: &str, value: String| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}{{cluster=\"{}\",group=\"{}\",member=\"{}\"}} {value}\n", v.cluster, v.group, v.name));
     };
@@ -357,6 +367,12 @@ async fn metrics(State(h): State<Handle>, headers: HeaderMap) -> Response {
         "citus_reconcile_lease_renewals_total",
         "successful lease refreshes",
         h.lease.renewals.load(Ordering::Relaxed).to_string(),
+    );
+    counter(
+        &mut out,
+        "citus_reconcile_member_key_writes_total",
+        "writes of this member's key to etcd (only when it changed)",
+        v.member_writes.to_string(),
     );
     (
         StatusCode::OK,

@@ -52,7 +52,10 @@ pub struct Node {
     leader_start: Option<Instant>,
     not_streaming_since: Option<Instant>,
     busy: Option<String>,
-    last_published: Option<(MemberInfo, Instant)>,
+    /// What the member key holds, and on which lease.
+    last_published: Option<(MemberInfo, i64)>,
+    /// Member-key writes so far (`/metrics`).
+    pub member_writes: u64,
     last_optime: Option<(u64, Instant)>,
     /// All groups as last read (the coordinator needs every leader).
     pub cluster: BTreeMap<u32, GroupState>,
@@ -108,6 +111,7 @@ impl Node {
             not_streaming_since: None,
             busy: None,
             last_published: None,
+            member_writes: 0,
             last_optime: None,
             cluster: BTreeMap::new(),
             last_snapshot: None,
@@ -1228,16 +1232,25 @@ impl Node {
             return;
         };
         let info = self.member_info();
-        let refresh = Duration::from_secs(u64::from(self.cfg.ha.loop_wait.max(1)));
-        if let Some((last, at)) = &self.last_published {
-            if *last == info && at.elapsed() < refresh {
+        // etcd keeps every write until compaction and counts it against its quota: write only
+        // what changed. The key lives on our lease, so it needs no refreshing; it is written
+        // again when the lease changed or the last read did not show it (deleted by hand).
+        let present = self
+            .cluster
+            .get(&self.cfg.group)
+            .is_some_and(|g| g.members.contains_key(&self.cfg.member));
+        if let Some((last, last_lease)) = &self.last_published {
+            if *last == info && *last_lease == lease && present {
                 return;
             }
         }
         let body = serde_json::to_vec(&info).unwrap_or_default();
         let key = self.keys().member(self.cfg.group, &self.cfg.member);
         match self.dcs.put(&key, &body, Some(lease)).await {
-            Ok(()) => self.last_published = Some((info, Instant::now())),
+            Ok(()) => {
+                self.member_writes += 1;
+                self.last_published = Some((info, lease));
+            }
             Err(e) => tracing::warn!(error = %e, "cannot publish the member key"),
         }
     }

@@ -416,8 +416,12 @@ pub fn status(args: StatusArgs) -> miette::Result<ExitCode> {
         let Some((run, observed)) = open(&args.run, options(&args.run, 300, false)?).await? else {
             return Ok(ExitCode::FAILURE);
         };
+        let etcd = match &run.dcs {
+            Some(d) => d.endpoint_health().await,
+            None => Vec::new(),
+        };
         run.close().await;
-        let s = status::of(&run.spec, &observed);
+        let s = status::of(&run.spec, &observed).with_etcd(etcd);
         if args.json {
             println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         } else {

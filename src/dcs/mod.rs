@@ -238,6 +238,55 @@ where
     }
 }
 
+/// One etcd endpoint as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EndpointHealth {
+    pub url: String,
+    /// Why it could not be asked; None when it answered.
+    pub error: Option<String>,
+    pub version: String,
+    /// Bytes of its backend database (what the space quota counts).
+    pub db_size: i64,
+    pub leader: bool,
+    pub errors: Vec<String>,
+    /// Active alarms of the cluster (`NOSPACE`, `CORRUPT`).
+    pub alarms: Vec<String>,
+}
+
+impl EndpointHealth {
+    fn unreachable(url: &str, why: String) -> EndpointHealth {
+        EndpointHealth {
+            url: url.to_string(),
+            error: Some(why),
+            ..EndpointHealth::default()
+        }
+    }
+
+    /// What an operator must hear about, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(e) = &self.error {
+            return Some(format!("etcd {}: {e}", self.url));
+        }
+        if self.alarms.iter().any(|a| a == "NOSPACE") {
+            return Some(format!(
+                "etcd {}: NOSPACE alarm — the database reached its space quota and etcd refuses writes (leases cannot be renewed, every primary stops); compact, defragment and disarm (see the README)",
+                self.url
+            ));
+        }
+        if !self.alarms.is_empty() {
+            return Some(format!(
+                "etcd {}: alarms {}",
+                self.url,
+                self.alarms.join(", ")
+            ));
+        }
+        if !self.errors.is_empty() {
+            return Some(format!("etcd {}: {}", self.url, self.errors.join("; ")));
+        }
+        None
+    }
+}
+
 /// A connection to etcd for one cluster.
 ///
 /// One client per endpoint, used one at a time: the current endpoint serves every call until
@@ -352,9 +401,18 @@ impl Dcs {
     ) -> (usize, Result<Client, etcd_client::Error>) {
         let n = self.inner.urls.len();
         let i = self.inner.current.load(std::sync::atomic::Ordering::SeqCst) % n;
+        (i, self.client_at(i, connect_timeout).await)
+    }
+
+    /// The client of endpoint `i`, connecting it if needed.
+    async fn client_at(
+        &self,
+        i: usize,
+        connect_timeout: Duration,
+    ) -> Result<Client, etcd_client::Error> {
         let mut slot = self.inner.clients[i].lock().await;
         if let Some(c) = slot.as_ref() {
-            return (i, Ok(c.clone()));
+            return Ok(c.clone());
         }
         let options = ConnectOptions::new()
             .with_connect_timeout(connect_timeout)
@@ -373,17 +431,82 @@ impl Dcs {
         match tokio::time::timeout(connect_timeout, Client::connect([url], Some(options))).await {
             Ok(Ok(c)) => {
                 *slot = Some(c.clone());
-                (i, Ok(c))
+                Ok(c)
             }
-            Ok(Err(e)) => (i, Err(e)),
-            Err(_) => (
-                i,
-                Err(etcd_client::Error::IoError(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))),
-            ),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))),
         }
+    }
+
+    /// Each endpoint's own view of itself: reachable, version, database size, leader or
+    /// not, errors it reports, and the cluster's alarms (`NOSPACE`: writes refused until an
+    /// operator compacts, defragments and disarms). Each endpoint bounded by the timeout.
+    pub async fn endpoint_health(&self) -> Vec<EndpointHealth> {
+        let mut out = Vec::new();
+        for (i, url) in self.inner.urls.iter().enumerate() {
+            out.push(self.health_of(i, url).await);
+        }
+        out
+    }
+
+    async fn health_of(&self, i: usize, url: &str) -> EndpointHealth {
+        let status = async {
+            let mut c = self.client_at(i, self.timeout).await?;
+            let st = c.status().await?;
+            Ok::<_, etcd_client::Error>((c, st))
+        };
+        // Status is answered by the member alone; alarms need a quorum.
+        let (mut c, st) = match tokio::time::timeout(self.timeout, status).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.forget(i).await;
+                return EndpointHealth::unreachable(url, describe(&e));
+            }
+            Err(_) => {
+                self.forget(i).await;
+                return EndpointHealth::unreachable(
+                    url,
+                    format!("no answer within {} ms", self.timeout.as_millis()),
+                );
+            }
+        };
+        let mut h = EndpointHealth {
+            url: url.to_string(),
+            error: None,
+            version: st.version().to_string(),
+            db_size: st.db_size(),
+            leader: st.header().is_some_and(|h| h.member_id() == st.leader()),
+            errors: st.errors().to_vec(),
+            alarms: Vec::new(),
+        };
+        if st.leader() == 0 {
+            h.error = Some("up, but without a leader: the etcd cluster has lost its quorum".into());
+            return h;
+        }
+        let alarms = c.alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        );
+        match tokio::time::timeout(self.timeout, alarms).await {
+            Ok(Ok(a)) => {
+                h.alarms = a
+                    .alarms()
+                    .iter()
+                    .map(|a| match a.alarm() {
+                        etcd_client::AlarmType::Nospace => "NOSPACE".to_string(),
+                        etcd_client::AlarmType::Corrupt => "CORRUPT".to_string(),
+                        other => format!("{other:?}").to_uppercase(),
+                    })
+                    .collect();
+            }
+            Ok(Err(e)) => h.errors.push(format!("alarms: {}", describe(&e))),
+            Err(_) => h.errors.push("alarms: no answer".into()),
+        }
+        h
     }
 
     /// Move on from endpoint `i` (unless another call already did).
@@ -654,5 +777,33 @@ impl LeaseRefresher {
                 detail: "stream closed".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EndpointHealth;
+
+    #[test]
+    fn endpoint_problems_name_what_to_do() {
+        let ok = EndpointHealth {
+            url: "http://e:2379".into(),
+            version: "3.4.23".into(),
+            ..EndpointHealth::default()
+        };
+        assert_eq!(ok.problem(), None);
+        let full = EndpointHealth {
+            alarms: vec!["NOSPACE".into()],
+            ..ok.clone()
+        };
+        let p = full.problem().unwrap_or_default();
+        assert!(p.contains("NOSPACE") && p.contains("defragment"), "{p}");
+        let gone = EndpointHealth::unreachable("http://e:2379", "tcp connect error".into());
+        assert!(gone.problem().unwrap_or_default().contains("tcp connect error"));
+        let noisy = EndpointHealth {
+            errors: vec!["slow disk".into()],
+            ..ok
+        };
+        assert!(noisy.problem().unwrap_or_default().contains("slow disk"));
     }
 }

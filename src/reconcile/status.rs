@@ -5,6 +5,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
 use crate::citus::metadata::NodeRow;
+use crate::dcs::EndpointHealth;
 use crate::plan::Observed;
 use crate::spec::Spec;
 
@@ -27,8 +28,21 @@ pub struct Status {
     pub cluster: String,
     pub members: Vec<MemberStatus>,
     pub pg_dist_node: Option<Vec<NodeRow>>,
+    /// Each etcd endpoint's health (when etcd could be reached at all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<EndpointHealth>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+}
+
+impl Status {
+    /// Add the endpoints' health, and their problems.
+    pub fn with_etcd(mut self, endpoints: Vec<EndpointHealth>) -> Status {
+        self.problems
+            .extend(endpoints.iter().filter_map(EndpointHealth::problem));
+        self.etcd = endpoints;
+        self
+    }
 }
 
 pub fn of(spec: &Spec, o: &Observed) -> Status {
@@ -91,6 +105,7 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
         cluster: spec.cluster.clone(),
         members,
         pg_dist_node: o.nodes.clone(),
+        etcd: Vec::new(),
         problems,
     }
 }
@@ -148,6 +163,23 @@ pub fn text(s: &Status) -> String {
             out.push_str(&format!("pg_dist_node (coordinator primary):\n{n}\n"));
         }
         None => out.push_str("pg_dist_node: not available (no coordinator primary yet)\n"),
+    }
+    for e in &s.etcd {
+        let line = match &e.error {
+            Some(why) => why.clone(),
+            None => format!(
+                "{}v{}, database {:.1} MB{}",
+                if e.leader { "leader, " } else { "" },
+                e.version,
+                e.db_size as f64 / 1_048_576.0,
+                if e.alarms.is_empty() {
+                    String::new()
+                } else {
+                    format!(", alarms: {}", e.alarms.join(", "))
+                }
+            ),
+        };
+        out.push_str(&format!("etcd {}: {line}\n", e.url));
     }
     for p in &s.problems {
         out.push_str(&format!("problem: {p}\n"));
