@@ -168,10 +168,14 @@ pub fn text(s: &Status) -> String {
         let line = match &e.error {
             Some(why) => why.clone(),
             None => format!(
-                "{}v{}, database {:.1} MB{}",
+                "{}v{}, database {}{}",
                 if e.leader { "leader, " } else { "" },
                 e.version,
-                e.db_size as f64 / 1_048_576.0,
+                if e.db_size < 1_048_576 {
+                    format!("{} kB", e.db_size / 1024)
+                } else {
+                    format!("{:.1} MB", e.db_size as f64 / 1_048_576.0)
+                },
                 if e.alarms.is_empty() {
                     String::new()
                 } else {
