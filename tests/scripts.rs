@@ -180,7 +180,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn hostile_values_stay_data_in_every_remote_script(
