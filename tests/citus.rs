@@ -15,8 +15,8 @@ use common::citus_client::{
     writes_resume,
 };
 use common::{
-    TestLab, cli, cluster, etcd_get, lab_spec, leader, members, output_text, signal_agent, status,
-    sync_key, wait_for,
+    TestLab, cli, cluster, etcd_get, lab_spec, leader, members, output_text, postmaster_pid,
+    signal_agent, status, sync_key, wait_for,
 };
 
 const FAST_HA: &str = "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2 }\n";
@@ -73,15 +73,7 @@ fn check_sql_everywhere(t: &TestLab, round: i64) {
 
 /// The environment of a member's running postmaster.
 fn postmaster_env(t: &TestLab, member: &str) -> Vec<String> {
-    let dir = t
-        .spec
-        .host(member)
-        .map(|h| h.data_dir.clone())
-        .unwrap_or_default();
-    let pid = std::fs::read_to_string(format!("{dir}/postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
-        .unwrap_or_default();
+    let pid = postmaster_pid(t, member).unwrap_or_default();
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|b| {
             b.split(|c| *c == 0)
@@ -670,16 +662,6 @@ fn pause_on_loss_turns_a_silent_worker_primary_into_a_wait() {
     t.lab.up().expect("reboot");
 }
 
-/// The postmaster pid of a member (from postmaster.pid).
-fn postmaster_pid(t: &TestLab, member: &str) -> Option<String> {
-    let dir = t.spec.host(member)?.data_dir.clone();
-    std::fs::read_to_string(format!("{dir}/postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()
-        .map(|l| l.trim().to_string())
-}
-
 #[test]
 fn credentials_rotate_without_a_restart_or_a_failed_query() {
     if !real_citus("credential rotation") {
@@ -702,7 +684,7 @@ fn credentials_rotate_without_a_restart_or_a_failed_query() {
         .flat_map(|g| members(&t, *g))
         .map(|(m, _, _)| m)
         .collect();
-    let pids: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    let pids: Vec<Option<i32>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
     let leaders: Vec<Option<String>> = [0u64, 1, 2].iter().map(|g| leader(&t, *g)).collect();
     let w = Writer::start(&coord, "w", Duration::from_millis(10));
     writes_resume(&w, "the writer to start");
@@ -739,7 +721,7 @@ fn credentials_rotate_without_a_restart_or_a_failed_query() {
     assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
 
     // No restart, no failover: the same postmasters, the same leaders, replicas streaming.
-    let after: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    let after: Vec<Option<i32>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
     assert_eq!(pids, after, "PostgreSQL restarted");
     let now: Vec<Option<String>> = [0u64, 1, 2].iter().map(|g| leader(&t, *g)).collect();
     assert_eq!(leaders, now, "leadership moved");
@@ -798,7 +780,7 @@ fn credentials_rotate_without_a_restart_or_a_failed_query() {
         .one("SELECT authinfo FROM pg_dist_authinfo WHERE nodeid = 0 AND rolename = 'postgres'")
         .expect("authinfo row");
     assert_eq!(row, format!("password={su}"));
-    let again: Vec<Option<String>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
+    let again: Vec<Option<i32>> = all.iter().map(|m| postmaster_pid(&t, m)).collect();
     assert_eq!(pids, again, "PostgreSQL restarted");
 }
 

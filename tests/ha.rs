@@ -187,22 +187,7 @@ fn postgres_crash_restarts_in_place_under_the_same_leader() {
     let l = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
     let p = probe_group(&t, 1);
     std::thread::sleep(Duration::from_secs(1));
-    let data_dir = t
-        .spec
-        .host(&l)
-        .map(|h| h.data_dir.clone())
-        .unwrap_or_default();
-    let pid_text =
-        std::fs::read_to_string(format!("{data_dir}/postmaster.pid")).expect("postmaster.pid");
-    let pid: i32 = pid_text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("pid");
-    // SAFETY: kill(2) on the postmaster the lab's agent runs; the lab owns it.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    common::kill_postmaster(&t, &l);
     let crashed_at = p.t0.elapsed();
     wait_for(
         "writes to resume on the same leader",
@@ -905,16 +890,7 @@ fn a_leader_whose_postgres_hangs_while_starting_gives_the_key_up() {
     let fifo = std::ffi::CString::new(auto.clone()).expect("path");
     // SAFETY: mkfifo(3) on a path in the lab's data directory.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
-    let pid: i32 = std::fs::read_to_string(format!("{data_dir}/postmaster.pid"))
-        .expect("postmaster.pid")
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("pid");
-    // SAFETY: kill(2) on the postmaster the lab's agent runs.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    common::kill_postmaster(&t, &old);
     let crashed = std::time::Instant::now();
     let new = wait_for(
         "another member to lead (the hung one gave the key up)",

@@ -56,6 +56,25 @@ pub struct EtcdTlsConfig {
     pub key: Option<Secret>,
 }
 
+impl EtcdConfig {
+    /// How the spec says to reach etcd (also what `citus-reconcile` itself uses).
+    pub fn from_spec(etcd: &crate::spec::model::EtcdSpec) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: etcd.endpoints.clone(),
+            namespace: etcd.namespace.clone(),
+            auth: etcd.auth.as_ref().map(|c| Credential {
+                username: c.username.clone(),
+                password: c.password.clone(),
+            }),
+            tls: etcd.tls.as_ref().map(|t| EtcdTlsConfig {
+                ca: t.ca.text.expose().to_string(),
+                cert: t.cert.as_ref().map(|c| c.text.expose().to_string()),
+                key: t.key.as_ref().map(|k| k.text.clone()),
+            }),
+        }
+    }
+}
+
 /// An optional secret written as its value (the file is 0600).
 mod exposed_option {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -193,16 +212,7 @@ impl AgentConfig {
             member: host.name.clone(),
             address: host.address.clone(),
             install_dir: host.install_dir.clone(),
-            etcd: EtcdConfig {
-                endpoints: spec.etcd.endpoints.clone(),
-                namespace: spec.etcd.namespace.clone(),
-                auth: spec.etcd.auth.as_ref().map(cred),
-                tls: spec.etcd.tls.as_ref().map(|t| EtcdTlsConfig {
-                    ca: t.ca.text.expose().to_string(),
-                    cert: t.cert.as_ref().map(|c| c.text.expose().to_string()),
-                    key: t.key.as_ref().map(|k| k.text.clone()),
-                }),
-            },
+            etcd: EtcdConfig::from_spec(&spec.etcd),
             postgres: PgConfig {
                 version: spec.postgres.version,
                 bin_dir: spec.postgres.bin_dir.clone(),

@@ -46,20 +46,7 @@ pub struct TlsMaterial {
 
 impl Access {
     pub fn from_spec(etcd: &crate::spec::model::EtcdSpec) -> Access {
-        Access {
-            user: etcd
-                .auth
-                .as_ref()
-                .map(|c| (c.username.clone(), c.password.clone())),
-            tls: etcd.tls.as_ref().map(|t| TlsMaterial {
-                ca: t.ca.text.expose().to_string(),
-                identity: t
-                    .cert
-                    .as_ref()
-                    .zip(t.key.as_ref())
-                    .map(|(c, k)| (c.text.expose().to_string(), k.text.clone())),
-            }),
-        }
+        Access::from_agent(&crate::agent::config::EtcdConfig::from_spec(etcd))
     }
 
     pub fn from_agent(etcd: &crate::agent::config::EtcdConfig) -> Access {
@@ -799,7 +786,11 @@ mod tests {
         let p = full.problem().unwrap_or_default();
         assert!(p.contains("NOSPACE") && p.contains("defragment"), "{p}");
         let gone = EndpointHealth::unreachable("http://e:2379", "tcp connect error".into());
-        assert!(gone.problem().unwrap_or_default().contains("tcp connect error"));
+        assert!(
+            gone.problem()
+                .unwrap_or_default()
+                .contains("tcp connect error")
+        );
         let noisy = EndpointHealth {
             errors: vec!["slow disk".into()],
             ..ok

@@ -22,6 +22,14 @@ pub struct Pair {
 }
 
 const DAYS: &str = "30";
+/// A new P-256 key, unencrypted.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -36,31 +44,25 @@ impl Pki {
             dir: dir.to_path_buf(),
         };
         if !pki.ca().exists() {
-            let key = dir.join("ca.key");
-            run(
-                "openssl",
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    &s(&key),
-                    "-out",
-                    &s(&pki.ca()),
-                    "-days",
-                    DAYS,
-                    "-subj",
-                    &format!("/CN=citus-reconcile lab CA {name}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
-            )?;
+            let (key, ca) = (s(&dir.join("ca.key")), s(&pki.ca()));
+            let subject = format!("/CN=citus-reconcile lab CA {name}");
+            let mut args = vec!["req", "-x509"];
+            args.extend(NEW_KEY);
+            args.extend([
+                "-keyout",
+                &key,
+                "-out",
+                &ca,
+                "-days",
+                DAYS,
+                "-subj",
+                &subject,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            run("openssl", &args)?;
         }
         Ok(pki)
     }
@@ -101,18 +103,17 @@ impl Pki {
         }
         let csr = self.dir.join(format!("{name}.csr"));
         let subject = format!("/CN={name}");
-        let mut req = vec![
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-        ];
+        let mut req = vec!["req", "-new"];
+        req.extend(NEW_KEY);
         let (key, csr_s) = (s(&pair.key), s(&csr));
-        req.extend([key.as_str(), "-out", csr_s.as_str(), "-subj", &subject]);
+        req.extend([
+            "-keyout",
+            key.as_str(),
+            "-out",
+            csr_s.as_str(),
+            "-subj",
+            &subject,
+        ]);
         for e in extensions {
             req.extend(["-addext", e.as_str()]);
         }

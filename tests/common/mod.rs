@@ -416,6 +416,27 @@ pub fn sync_key(t: &TestLab, group: u32) -> Option<(String, String)> {
     ))
 }
 
+/// The postmaster pid of a member (from postmaster.pid).
+pub fn postmaster_pid(t: &TestLab, member: &str) -> Option<i32> {
+    let dir = &t.spec.host(member)?.data_dir;
+    std::fs::read_to_string(format!("{dir}/postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// SIGKILL a member's postmaster (the agent notices and acts).
+pub fn kill_postmaster(t: &TestLab, member: &str) {
+    let pid = postmaster_pid(t, member).expect("a running postmaster");
+    // SAFETY: kill(2) on the postmaster the lab's agent runs; the lab owns it.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
 /// The last `n` lines of every member's agent log, for a failure message.
 pub fn agent_logs(t: &TestLab, n: usize) -> String {
     let mut out = String::new();
