@@ -1,0 +1,118 @@
+//! `vagrant/`: the Vagrantfile and the spec it is made for agree, and both are valid as far as
+//! this machine can tell without VMs — `vagrant validate` (Debian's vagrant, installed by
+//! `.ci/setup`) and `citus-reconcile validate` (secrets skipped: `vagrant up` makes them).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+const VAGRANTFILE: &str = include_str!("../vagrant/Vagrantfile");
+
+/// `"name" => octet` pairs of one Ruby hash constant, with the network prefix.
+fn machines(constant: &str) -> BTreeMap<String, String> {
+    let net = VAGRANTFILE
+        .lines()
+        .find_map(|l| l.strip_prefix("NET = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("NET in the Vagrantfile");
+    let start = VAGRANTFILE
+        .find(&format!("{constant} = {{"))
+        .expect("the constant");
+    let body = &VAGRANTFILE[start..];
+    let body = &body[..body.find('}').expect("closing brace")];
+    body.split(',')
+        .filter_map(|pair| {
+            let (name, octet) = pair.split_once("=>")?;
+            let name = name
+                .trim()
+                .trim_start_matches(&format!("{constant} = {{"))
+                .trim();
+            Some((
+                name.trim_matches('"').to_string(),
+                format!("{net}.{}", octet.trim()),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn the_vagrantfile_makes_the_hosts_the_spec_names() {
+    let report = citus_reconcile::spec::load_file(
+        std::path::Path::new("vagrant/cluster.yaml"),
+        citus_reconcile::spec::LoadOptions {
+            resolve_secrets: false,
+            resolve_etcd_secret: false,
+        },
+    );
+    let spec = report
+        .spec
+        .clone()
+        .unwrap_or_else(|| panic!("vagrant/cluster.yaml:\n{}", report.render()));
+    let hosts: BTreeMap<String, String> = spec
+        .hosts()
+        .map(|h| (h.name.clone(), h.address.clone()))
+        .collect();
+    assert_eq!(machines("DATABASE"), hosts);
+    let etcd: Vec<String> = machines("ETCD")
+        .values()
+        .map(|a| format!("http://{a}:2379"))
+        .collect();
+    let mut endpoints = spec.etcd.endpoints.clone();
+    endpoints.sort();
+    assert_eq!(etcd, endpoints);
+    // The seed's shape: 3 coordinators, 2 worker groups of 2, 3 etcd members.
+    let sizes: Vec<usize> = spec.groups.iter().map(|g| g.hosts.len()).collect();
+    assert_eq!(sizes, vec![3, 2, 2]);
+}
+
+#[test]
+fn the_spec_validates_without_its_generated_secrets() {
+    let out = Command::new(env!("CARGO_BIN_EXE_citus-reconcile"))
+        .args(["validate", "--skip-secrets", "vagrant/cluster.yaml"])
+        .output()
+        .expect("runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+}
+
+#[test]
+fn vagrant_validates_the_vagrantfile() {
+    if Command::new("vagrant").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("CITUS_RECONCILE_REQUIRE_LAB").as_deref(),
+            Ok("1"),
+            "vagrant is not installed; run .ci/setup"
+        );
+        eprintln!("skipped: vagrant is not installed");
+        return;
+    }
+    // In a copy: loading the Vagrantfile writes keys and passwords beside it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy("vagrant/Vagrantfile", dir.path().join("Vagrantfile")).expect("copy");
+    let out = Command::new("vagrant")
+        .args(["validate", "--ignore-provider"])
+        .current_dir(dir.path())
+        .env("VAGRANT_HOME", dir.path().join(".vagrant.d"))
+        .output()
+        .expect("vagrant runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    // What `vagrant up` leaves for citus-reconcile: a key, known_hosts for every database
+    // VM, the passwords — private files private.
+    use std::os::unix::fs::PermissionsExt;
+    let generated = dir.path().join(".generated");
+    let known = std::fs::read_to_string(generated.join("known_hosts")).expect("known_hosts");
+    assert_eq!(known.lines().count(), 7, "{known}");
+    for f in [
+        "id_ed25519",
+        "superuser.password",
+        "replication.password",
+        "host_coord1",
+    ] {
+        let mode = std::fs::metadata(generated.join(f))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_default();
+        assert_eq!(mode, 0o600, "{f}");
+    }
+}
