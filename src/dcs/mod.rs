@@ -569,14 +569,16 @@ impl Dcs {
 
     /// Open a keep-alive stream for a lease.
     pub async fn keeper(&self, lease: i64) -> Result<LeaseRefresher, DcsError> {
-        let (keeper, stream) =
+        let (keeper, stream, client) =
             retried("lease keep-alive", self.timeout, self, |mut c| async move {
-                c.lease_keep_alive(lease).await
+                let (keeper, stream) = c.lease_keep_alive(lease).await?;
+                Ok((keeper, stream, c))
             })
             .await?;
         Ok(LeaseRefresher {
             keeper,
             stream,
+            client,
             lease,
         })
     }
@@ -747,15 +749,40 @@ impl Dcs {
 pub struct LeaseRefresher {
     keeper: LeaseKeeper,
     stream: LeaseKeepAliveStream,
+    /// The connection the keep-alives go through, for the quorum check.
+    client: Client,
     pub lease: i64,
 }
 
+/// A key nobody writes: the quorum check only counts it.
+const QUORUM_PROBE_KEY: &str = "/citus-reconcile-quorum-probe";
+
 impl LeaseRefresher {
     /// Refresh the lease. Returns the remaining TTL in seconds; 0 means the lease is gone.
+    ///
+    /// A keep-alive alone proves little: etcd releases without the fix for etcd-io/etcd#15247
+    /// (Debian 12's 3.4.23 among them) renew leases on a leader that has lost its quorum and
+    /// does not know it yet (it steps down only after an election timeout), so an agent could
+    /// keep trusting a lease for that long after every other member stopped hearing from it. A linearizable read through the same connection after
+    /// the keep-alive needs a quorum's acknowledgement: when it succeeds, the renewal happened
+    /// on a leader that still had its quorum afterwards, so any later leader extends the
+    /// lease by a full TTL from its own election.
     pub async fn refresh(&mut self, timeout: Duration) -> Result<i64, DcsError> {
-        let round_trip = async {
-            self.keeper.keep_alive().await?;
-            self.stream.message().await
+        let client = &mut self.client;
+        let keeper = &mut self.keeper;
+        let stream = &mut self.stream;
+        let round_trip = async move {
+            keeper.keep_alive().await?;
+            let resp = stream.message().await?;
+            if resp.as_ref().is_some_and(|r| r.ttl() > 0) {
+                client
+                    .get(
+                        QUORUM_PROBE_KEY,
+                        Some(etcd_client::GetOptions::new().with_count_only()),
+                    )
+                    .await?;
+            }
+            Ok(resp)
         };
         match bounded("lease keep-alive", timeout, round_trip).await? {
             Some(resp) => Ok(resp.ttl()),
