@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use citus_reconcile::agent::config::Paths;
 use citus_reconcile::observe::probe_script;
 use citus_reconcile::provision::{
-    install_packages_script, prepare_dirs_script, read_config_script, record_hash_script,
-    reload_script, set_aside_script, start_script, stop_script, unit_text,
+    UNIT_KEYS, install_packages_script, prepare_dirs_script, read_config_script,
+    record_hash_script, reload_script, set_aside_script, start_script, stop_script, unit_text,
 };
 use citus_reconcile::spec::model::Service;
 use citus_reconcile::spec::{self, Context, Spec};
@@ -121,12 +121,16 @@ fn hostile() -> impl Strategy<Value = String> {
 }
 
 /// A spec whose free-form fields hold the given values (as YAML double-quoted strings).
+/// A one-host spec with these folders. The agent runs as a `process`: for `systemd` the spec
+/// refuses quotes and backslashes in the install folder (systemd refuses them in an
+/// executable's path), and the scripts of both services are rendered below anyway.
 fn spec_with(bin_dir: &str, data_dir: &str, install_dir: &str) -> Option<Spec> {
     let q = |s: &str| serde_json::to_string(s).expect("json");
     let text = format!(
         "apiVersion: citus-reconcile/v1\ncluster: c\netcd: {{ endpoints: [http://10.0.0.5:2379] }}\n\
          postgres:\n  install: none\n  bin_dir: {}\n  superuser: {{ username: postgres, password: su }}\n  \
          replication: {{ username: replicator, password: re }}\n\
+         agent: {{ service: process }}\n\
          groups:\n  - group: 0\n    hosts:\n      - {{ name: m1, address: 10.0.0.11, postgres: {{ data_dir: {} }}, agent: {{ install_dir: {} }} }}\n",
         q(bin_dir),
         q(data_dir),
@@ -206,9 +210,7 @@ proptest! {
         for line in unit.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
             let key = line.split('=').next().unwrap_or_default();
             prop_assert!(
-                ["[Unit]", "Description", "After", "Wants", "[Service]", "ExecStart", "ExecReload",
-                 "Restart", "RestartSec", "KillMode", "TimeoutStopSec", "LimitNOFILE", "[Install]",
-                 "WantedBy"].contains(&key),
+                UNIT_KEYS.contains(&key),
                 "a line not of ours: {line:?}\n{unit}"
             );
         }
@@ -235,4 +237,54 @@ fn validation_lets_hostile_paths_through() {
     // The install folder is short: the PostgreSQL socket lives below it (107 bytes at most).
     let install = "/i/$(touch d)`touch b`'\";\n%*&|";
     assert!(spec_with(&all, &format!("{all}/data"), install).is_some());
+}
+
+/// systemd itself reads the unit as meant: `systemd-analyze verify` accepts it without a
+/// warning, and finds the agent's binary in an install folder whose name holds what systemd
+/// treats specially (`%` specifiers, `$` variables, spaces; quotes and backslashes it refuses
+/// in an executable's path, and so does the spec). A quoting mistake would point ExecStart= at
+/// a file that does not exist (as doubling `$` in the executable did).
+#[test]
+fn systemd_analyze_verifies_the_agent_unit() {
+    let analyze = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is missing: install Debian's `systemd` package (.ci/setup does)"
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let install = tmp.path().join("odd %n $HOME ${X} & b;|");
+    let paths = Paths::new(&install.to_string_lossy());
+    let binary = std::path::PathBuf::from(paths.binary());
+    std::fs::create_dir_all(binary.parent().expect("a folder")).expect("install folder");
+    std::fs::copy("/bin/true", &binary).expect("a binary to start");
+    let unit = tmp.path().join("citus-reconcile-verify-test.service");
+    std::fs::write(&unit, unit_text(&paths, "c%n$x", "m1")).expect("write the unit");
+    let o = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}\n{}",
+        std::fs::read_to_string(&unit).unwrap_or_default()
+    );
+    // The check bites: the same unit pointing at a binary that is not there is refused.
+    std::fs::remove_file(&binary).expect("remove the binary");
+    let o = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze runs");
+    assert!(
+        !o.status.success(),
+        "a missing ExecStart binary went unnoticed"
+    );
 }

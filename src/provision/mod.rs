@@ -95,10 +95,23 @@ pub async fn write_config(s: &Session, paths: &Paths, text: &str) -> Result<(), 
     .await
 }
 
-/// One word of a unit file's command line, quoted as systemd.syntax(7) and
+/// One argument of a unit file's command line, quoted as systemd.syntax(7) and
 /// systemd.service(5) define: double quotes with C-style escapes, `%` as `%%` (specifiers)
 /// and `$` as `$$` (variable expansion), so a path is taken as written.
 pub fn systemd_quote(word: &str) -> String {
+    systemd_word(word, true)
+}
+
+/// The executable of a command line: systemd expands specifiers there but not variables
+/// (`$$` would stay `$$`), and refuses quotes, backslashes and control characters in it
+/// (checked by `systemd-analyze verify` in the tests), so the spec keeps those out of
+/// `agent.install_dir` for systemd. They are still escaped here: whatever the path, it
+/// cannot end the line or the word.
+pub fn systemd_executable(path: &str) -> String {
+    systemd_word(path, false)
+}
+
+fn systemd_word(word: &str, expands_variables: bool) -> String {
     let mut out = String::from("\"");
     for c in word.chars() {
         match c {
@@ -107,7 +120,7 @@ pub fn systemd_quote(word: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '%' => out.push_str("%%"),
-            '$' => out.push_str("$$"),
+            '$' if expands_variables => out.push_str("$$"),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32 & 0xff)),
             c => out.push(c),
         }
@@ -125,16 +138,59 @@ fn systemd_text(value: &str) -> String {
         .collect()
 }
 
+/// The agent's systemd unit. Why each setting:
+/// - `Restart=always` with no start limit: the agent is what keeps PostgreSQL's lease honest;
+///   it must come back however often it dies (its fence and PostgreSQL's parent-death signal
+///   make a dead agent stop its primary, so a restart loop is never a split brain).
+/// - `KillMode=mixed`: `systemctl stop` sends SIGTERM to the agent alone, which shuts
+///   PostgreSQL down cleanly (a fast shutdown: every standby gets the WAL); whatever is left
+///   after `TimeoutStopSec` is killed.
+/// - `TasksMax=infinity`, `LimitNOFILE`: a backend per connection, a file per relation.
+/// - Hardening that leaves an agent that runs PostgreSQL and writes only under `/var`-like
+///   folders working: no privilege gains, `/usr`, `/boot` and `/etc` read-only (the spec
+///   refuses data and install folders there), a private `/tmp`, no kernel tunables, modules,
+///   cgroups, realtime scheduling or personality changes. Devices stay visible (a watchdog
+///   device is one) and homes stay writable (data folders live there on some hosts).
 pub fn unit_text(paths: &Paths, cluster: &str, member: &str) -> String {
     format!(
-        "# Written by citus-reconcile apply.\n[Unit]\nDescription={}\nAfter=network-online.target\nWants=network-online.target\n\n\
-         [Service]\nExecStart={} agent --config {}\nExecReload=/bin/kill -HUP $MAINPID\nRestart=always\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=90\nLimitNOFILE=65536\n\n\
+        "# Written by citus-reconcile apply.\n[Unit]\nDescription={}\nAfter=network-online.target\nWants=network-online.target\nStartLimitIntervalSec=0\n\n\
+         [Service]\nType=simple\nExecStart={} agent --config {}\nExecReload=/bin/kill -HUP $MAINPID\nRestart=always\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=90\nLimitNOFILE=65536\nTasksMax=infinity\n\
+         NoNewPrivileges=yes\nProtectSystem=full\nPrivateTmp=yes\nProtectKernelTunables=yes\nProtectKernelModules=yes\nProtectControlGroups=yes\nRestrictRealtime=yes\nLockPersonality=yes\n\n\
          [Install]\nWantedBy=multi-user.target\n",
         systemd_text(&format!("citus-reconcile agent ({cluster}/{member})")),
-        systemd_quote(&paths.binary()),
+        systemd_executable(&paths.binary()),
         systemd_quote(&paths.config())
     )
 }
+
+/// Every key `unit_text` writes (tests check that no value can add another).
+pub const UNIT_KEYS: [&str; 25] = [
+    "[Unit]",
+    "Description",
+    "After",
+    "Wants",
+    "StartLimitIntervalSec",
+    "[Service]",
+    "Type",
+    "ExecStart",
+    "ExecReload",
+    "Restart",
+    "RestartSec",
+    "KillMode",
+    "TimeoutStopSec",
+    "LimitNOFILE",
+    "TasksMax",
+    "NoNewPrivileges",
+    "ProtectSystem",
+    "PrivateTmp",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectControlGroups",
+    "RestrictRealtime",
+    "LockPersonality",
+    "[Install]",
+    "WantedBy",
+];
 
 pub async fn install_unit(
     s: &Session,
@@ -391,26 +447,7 @@ mod tests {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
         {
             let key = line.split('=').next().unwrap_or_default();
-            assert!(
-                [
-                    "[Unit]",
-                    "Description",
-                    "After",
-                    "Wants",
-                    "[Service]",
-                    "ExecStart",
-                    "ExecReload",
-                    "Restart",
-                    "RestartSec",
-                    "KillMode",
-                    "TimeoutStopSec",
-                    "LimitNOFILE",
-                    "[Install]",
-                    "WantedBy"
-                ]
-                .contains(&key),
-                "{line}"
-            );
+            assert!(UNIT_KEYS.contains(&key), "{line}");
         }
         assert!(
             unit.contains("Description=citus-reconcile agent (c%%n/m)"),
@@ -418,7 +455,7 @@ mod tests {
         );
         assert!(
             unit.contains(
-                r#"ExecStart="/srv/$$HOME/%%h\nExecStartPre=/bin/false/bin/citus-reconcile" agent"#
+                r#"ExecStart="/srv/$HOME/%%h\nExecStartPre=/bin/false/bin/citus-reconcile" agent --config "/srv/$$HOME/%%h\nExecStartPre=/bin/false/agent.yaml""#
             ),
             "{unit}"
         );

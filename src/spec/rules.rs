@@ -484,6 +484,9 @@ fn groups(spec: &Spec, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// Folders the agent's systemd unit mounts read-only (`ProtectSystem=full`).
+const SYSTEMD_READ_ONLY: [&str; 4] = ["/usr", "/boot", "/efi", "/etc"];
+
 fn hosts(spec: &Spec, out: &mut Vec<Diagnostic>) {
     let mut names: HashMap<&str, &HostSpec> = HashMap::new();
     // (address, port) → who uses it and for what.
@@ -565,6 +568,34 @@ fn hosts(spec: &Spec, out: &mut Vec<Diagnostic>) {
                     format!("expected an absolute path, found {dir:?}"),
                 ));
                 continue;
+            }
+            if spec.agent.service == crate::spec::model::Service::Systemd
+                && field == "agent.install_dir"
+                && dir
+                    .chars()
+                    .any(|c| matches!(c, '"' | '\'' | '\\') || c.is_control())
+            {
+                out.push(
+                    Diagnostic::error(
+                        field_path.clone(),
+                        format!("{dir:?}: systemd refuses quotes, backslashes and control characters in the agent's executable path"),
+                    )
+                    .with_hint("the agent's binary lives in this folder; choose a plainer name"),
+                );
+            }
+            if spec.agent.service == crate::spec::model::Service::Systemd {
+                if let Some(ro) = SYSTEMD_READ_ONLY
+                    .iter()
+                    .find(|ro| dir == *ro || dir.starts_with(&format!("{ro}/")))
+                {
+                    out.push(
+                        Diagnostic::error(
+                            field_path.clone(),
+                            format!("{dir} is below {ro}, which the agent's systemd unit makes read-only"),
+                        )
+                        .with_hint("use a folder under /var or /srv (the unit sets ProtectSystem=full)"),
+                    );
+                }
             }
             if let Some(other) = dirs.insert((address.clone(), dir.clone()), h) {
                 out.push(
