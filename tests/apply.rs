@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use assert_cmd::Command;
-use common::{TestLab, lab_available, lab_spec, set_lab_secrets};
+use common::{TestLab, lab_available, lab_spec, psql, set_lab_secrets};
 
 fn cli(t: &TestLab, args: &[&str]) -> Output {
     Command::cargo_bin("citus-reconcile")
@@ -28,33 +28,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn psql(t: &TestLab, member: &str, sql: &str) -> String {
-    let h = t.spec.host(member).expect("member");
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            &h.address,
-            "-p",
-            &h.pg_port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "citus",
-            "-XAtc",
-            sql,
-        ])
-        .env("PGPASSWORD", "lab-superuser-pw")
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql on {member}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

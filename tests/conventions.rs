@@ -78,6 +78,8 @@ fn pure_cores_import_no_io_modules() {
         "crate::postgres::scram",
         "crate::agent::config",
         "crate::agent::decide",
+        "crate::agent::sync",
+        "crate::agent::slots",
     ];
     let mut files = Vec::new();
     rust_files(Path::new("src/spec"), &mut files);
@@ -86,6 +88,8 @@ fn pure_cores_import_no_io_modules() {
         [
             "src/agent/decide.rs",
             "src/agent/config.rs",
+            "src/agent/sync.rs",
+            "src/agent/slots.rs",
             "src/citus/metadata.rs",
             "src/citus/pause.rs",
             "src/dcs/keys.rs",

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::prober::{self, Prober};
 use common::{
-    TestLab, agent_pid, cli, cluster, lab_available, lab_spec, leader, members, output_text,
-    status, sync_key, wait_for,
+    TestLab, agent_pid, cli, cluster, etcd_get, lab_available, lab_spec, leader, members,
+    output_text, psql, status, sync_key, wait_for,
 };
 
 /// Short leases keep the tests quick: ttl 5 s ≥ loop_wait 1 + 2 × retry_timeout 2.
@@ -164,18 +164,24 @@ fn host_crash_fails_over_without_split_brain_and_citus_follows() {
     prober::assert_no_split_brain(&p.stop());
     let set_aside: Vec<String> = members(&t, 1)
         .iter()
-        .filter_map(|(m, _, _)| t.spec.host(m).map(|h| h.data_dir.clone()))
-        .flat_map(|d| {
-            let dir = std::path::Path::new(&d).parent().map(|p| p.to_path_buf());
-            let name = format!("{}.", d.rsplit('/').next().unwrap_or_default());
-            dir.and_then(|p| std::fs::read_dir(p).ok())
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(move |f| f.starts_with(&name))
-        })
+        .flat_map(|(m, _, _)| set_aside_dirs(&t, m))
         .collect();
     assert!(set_aside.is_empty(), "data set aside: {set_aside:?}");
+}
+
+/// The data directories set aside beside a member's (`{data_dir}.{why}-{time}`).
+fn set_aside_dirs(t: &TestLab, member: &str) -> Vec<String> {
+    let Some(d) = t.spec.host(member).map(|h| h.data_dir.clone()) else {
+        return Vec::new();
+    };
+    let dir = std::path::Path::new(&d).parent().map(|p| p.to_path_buf());
+    let name = format!("{}.", d.rsplit('/').next().unwrap_or_default());
+    dir.and_then(|p| std::fs::read_dir(p).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.starts_with(&name))
+        .collect()
 }
 
 #[test]
@@ -1031,4 +1037,260 @@ fn etcd_losing_quorum_stops_every_primary_until_it_returns() {
         late.iter().take(3).collect::<Vec<_>>()
     );
     assert_nothing_acknowledged_lost(&t, &new, &log);
+}
+
+#[test]
+fn member_slots_keep_a_standbys_wal_and_a_standby_past_them_is_cloned_again() {
+    if !lab_available("member replication slots") {
+        return;
+    }
+    // Little WAL kept without a slot, and slots bounded at 48 MB: what a standby down for a
+    // while needs must come from its slot, and past the bound the slot is given up.
+    let spec = lab_spec(
+        "haslots",
+        156,
+        &[(0, 1), (1, 2)],
+        1,
+        "ha: { ttl: 5, loop_wait: 1, retry_timeout: 2, member_slots_ttl: 600 }\n",
+    )
+    .replace(
+        "parameters: { max_connections: 50, shared_buffers: 16MB }",
+        "parameters: { max_connections: 50, shared_buffers: 16MB, wal_keep_size: 0, max_wal_size: 64MB, min_wal_size: 32MB, max_slot_wal_keep_size: 48MB }",
+    );
+    let t = cluster(&spec);
+    let primary = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let standby = members(&t, 1)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .find(|m| *m != primary)
+        .expect("a second member");
+    let slot = standby.replace('-', "_");
+    wait_for("the standby's slot in use", Duration::from_secs(30), || {
+        (psql(
+            &t,
+            &primary,
+            &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        ) == "t")
+            .then_some(())
+    });
+    psql(&t, &primary, "CREATE TABLE filler (id bigint, pad text)");
+    // About `mb` MB of WAL, with segment switches and checkpoints so that PostgreSQL removes
+    // every segment nothing holds.
+    let write_wal = |mb: u32| {
+        for _ in 0..mb.div_ceil(8) {
+            psql(
+                &t,
+                &primary,
+                "INSERT INTO filler SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 7000) g",
+            );
+            psql(&t, &primary, "SELECT pg_switch_wal()");
+        }
+        psql(&t, &primary, "CHECKPOINT");
+        psql(&t, &primary, "CHECKPOINT");
+    };
+    let slot_state = || {
+        psql(
+            &t,
+            &primary,
+            &format!(
+                "SELECT COALESCE(wal_status, '') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ),
+        )
+    };
+
+    // 1. The standby's host goes down for longer than its member key lives; 24 MB of WAL go
+    // by. Its slot stays and holds them, so it streams again when it is back, without a clone.
+    t.lab.crash(&standby).expect("crash the standby's host");
+    wait_for(
+        "the standby's member key to expire",
+        Duration::from_secs(30),
+        || {
+            etcd_get(&t, &format!("1/members/{standby}"))
+                .is_none()
+                .then_some(())
+        },
+    );
+    write_wal(24);
+    let held = slot_state();
+    assert!(
+        held == "reserved" || held == "extended",
+        "the slot of a standby that is down must hold its WAL: wal_status {held:?}"
+    );
+    t.lab.up().expect("the standby's host back");
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    wait_for(
+        "the standby to stream again",
+        Duration::from_secs(60),
+        || {
+            (member_state(&t, &standby) == ("Replica".to_string(), "streaming".to_string()))
+                .then_some(())
+        },
+    );
+    assert!(
+        set_aside_dirs(&t, &standby).is_empty(),
+        "cloned again: {:?}",
+        set_aside_dirs(&t, &standby)
+    );
+    let rows = psql(&t, &primary, "SELECT count(*) FROM filler");
+    wait_for(
+        "the standby to hold every row",
+        Duration::from_secs(30),
+        || (psql(&t, &standby, "SELECT count(*) FROM filler") == rows).then_some(()),
+    );
+
+    // 2. Down again, and 96 MB go by: past max_slot_wal_keep_size, PostgreSQL gives the slot
+    // up. The primary recreates it and says so in the status key; the standby, when it is
+    // back, finds its WAL gone, answers 503 on /replica and is cloned again.
+    t.lab
+        .crash(&standby)
+        .expect("crash the standby's host again");
+    write_wal(96);
+    // (It may be lost more than once: recreated while the filler still runs, it falls behind
+    // again. The primary recreates it each time.)
+    wait_for("the lost slot recreated", Duration::from_secs(30), || {
+        let state = slot_state();
+        (state == "reserved" || state == "extended").then_some(())
+    });
+    let lost_at = wait_for("the recreation published", Duration::from_secs(30), || {
+        let status: serde_json::Value = serde_json::from_str(&etcd_get(&t, "1/status")?).ok()?;
+        status["lost_slots"][&standby].as_u64()
+    });
+    t.lab.up().expect("the standby's host back again");
+    let api = format!("{}:8008", address(&t, &standby));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (api, stop) = (api.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Running (health 200) yet not to be read from (replica 503): the lost standby.
+            let mut seen = false;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let health = common::http("GET", &api, "/health", None, "").0;
+                let replica = common::http("GET", &api, "/replica", None, "").0;
+                seen |= health == 200 && replica == 503;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            seen
+        })
+    };
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    wait_for(
+        "the standby to stream after a new clone",
+        Duration::from_secs(120),
+        || {
+            (member_state(&t, &standby) == ("Replica".to_string(), "streaming".to_string()))
+                .then_some(())
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen_503 = watcher.join().unwrap_or(false);
+    let aside = set_aside_dirs(&t, &standby);
+    assert!(
+        aside.iter().any(|d| d.contains(".wal-gone-")),
+        "the lost standby was not cloned again: {aside:?}"
+    );
+    assert!(
+        seen_503,
+        "/replica never answered 503 for the standby whose WAL was gone"
+    );
+    let rows = psql(&t, &primary, "SELECT count(*) FROM filler");
+    wait_for(
+        "the clone to hold every row",
+        Duration::from_secs(30),
+        || (psql(&t, &standby, "SELECT count(*) FROM filler") == rows).then_some(()),
+    );
+    wait_for("the lost record to go", Duration::from_secs(30), || {
+        let status: serde_json::Value = serde_json::from_str(&etcd_get(&t, "1/status")?).ok()?;
+        status["lost_slots"].get(&standby).is_none().then_some(())
+    });
+    eprintln!("slot recreated at {lost_at}; the standby was cloned again ({aside:?})");
+}
+
+/// Put 1 MiB values under `/junk/` until etcd refuses for want of space; how many it took.
+fn fill_etcd_until_nospace(t: &TestLab) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect(t.spec.etcd.endpoints.clone(), None)
+            .await
+            .expect("connect to etcd");
+        let value = vec![b'x'; 1 << 20];
+        for i in 0..4000 {
+            let put = c.put(format!("/junk/{i}"), value.clone(), None);
+            match tokio::time::timeout(Duration::from_secs(20), put).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.to_string().contains("space exceeded") => return i,
+                other => panic!("filling etcd: {other:?}"),
+            }
+        }
+        panic!("etcd never ran out of space")
+    })
+}
+
+#[test]
+fn etcd_out_of_space_freezes_the_cluster_as_it_is_until_cleared() {
+    if !lab_available("etcd out of space") {
+        return;
+    }
+    let t = cluster(&lab_spec("hanospace", 157, &[(0, 1), (1, 2)], 1, FAST_HA));
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let puts = fill_etcd_until_nospace(&t);
+    let full = p.t0.elapsed();
+    let alarms = common::etcdctl(&t, &["alarm", "list"]).unwrap_or_default();
+    assert!(alarms.contains("NOSPACE"), "alarms: {alarms}");
+    // Three leases' worth of time with etcd refusing every write but deletes.
+    std::thread::sleep(Duration::from_secs(15));
+    let o = cli(&t, &["status"]);
+    let text = output_text(&o);
+    assert!(
+        text.contains("NOSPACE"),
+        "status with etcd out of space: {text}"
+    );
+    let during = p.t0.elapsed();
+    let leader_during = leader(&t, 1);
+    let acked_while_full = p
+        .log
+        .lock()
+        .map(|l| l.iter().filter(|a| a.ok && a.started > full).count())
+        .unwrap_or(0);
+
+    // What the README tells the operator to do.
+    common::etcdctl(&t, &["del", "/junk/", "--prefix"]).expect("delete the filler");
+    let status = common::etcdctl(&t, &["endpoint", "status", "-w", "json"]).expect("status");
+    let revision = serde_json::from_str::<serde_json::Value>(&status)
+        .ok()
+        .and_then(|v| v[0]["Status"]["header"]["revision"].as_i64())
+        .expect("a revision");
+    common::etcdctl(&t, &["compact", &revision.to_string()]).expect("compact");
+    common::etcdctl(&t, &["defrag"]).expect("defrag");
+    common::etcdctl(&t, &["alarm", "disarm"]).expect("disarm");
+    // The cluster can change again: a switchover goes through.
+    let o = cli(&t, &["switchover", "--group", "1", "--force"]);
+    assert!(
+        o.status.success(),
+        "switchover after recovery: {}",
+        output_text(&o)
+    );
+    let new = wait_for("the new leader", Duration::from_secs(30), || {
+        leader(&t, 1).filter(|l| *l != old)
+    });
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    eprintln!(
+        "etcd full after {puts} puts of 1 MiB at +{:.1} s; {acked_while_full} writes acknowledged in the {:.1} s it stayed full; leader then {leader_during:?}; {new} leads after the recovery",
+        full.as_secs_f64(),
+        (during - full).as_secs_f64()
+    );
+    // Leases live on (renewing one is no write), so the primaries keep theirs and serve; no
+    // key can be written, so nothing changes (no failover, no new member) until it is cleared.
+    assert_eq!(leader_during.as_deref(), Some(old.as_str()));
+    assert!(
+        acked_while_full > 100,
+        "the primary stopped serving while etcd was full"
+    );
 }

@@ -39,6 +39,8 @@ pub struct View {
     pub primary: bool,
     pub streaming: bool,
     pub noloadbalance: bool,
+    /// A standby the leader no longer has the WAL for (`decide::wal_gone`): no reads here.
+    pub wal_gone: bool,
     pub members: BTreeMap<String, MemberInfo>,
     /// Bytes behind the leader (replicas), from the leader's published position.
     pub lag: Option<u64>,
@@ -112,6 +114,10 @@ impl Handle {
             Dcs::Available(g) => (g.leader.clone(), g.members.clone()),
             Dcs::Unavailable => (None, BTreeMap::new()),
         };
+        let wal_gone = match (&s.dcs, &s.server) {
+            (Dcs::Available(g), Server::Running(r)) => super::decide::wal_gone(s, g, r),
+            _ => false,
+        };
         let (running, primary, streaming, wal) = match &s.server {
             Server::Running(r) => (true, r.primary, r.streaming, r.wal),
             _ => (false, false, false, 0),
@@ -137,6 +143,7 @@ impl Handle {
                 primary,
                 streaming,
                 noloadbalance: node.cfg.tags.noloadbalance,
+                wal_gone,
                 members,
                 lag,
                 last_tick: Some(now),
@@ -233,13 +240,14 @@ async fn leader(State(h): State<Handle>) -> Response {
 
 async fn replica(State(h): State<Handle>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let v = h.view();
-    let ok = v.running && !v.primary && !v.noloadbalance && lag_ok(&v, &q);
+    let ok = v.running && !v.primary && !v.noloadbalance && !v.wal_gone && lag_ok(&v, &q);
     status_response(&h, ok)
 }
 
 async fn read_only(State(h): State<Handle>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let v = h.view();
-    let ok = is_primary(&h, &v) || (v.running && !v.primary && !v.noloadbalance && lag_ok(&v, &q));
+    let ok = is_primary(&h, &v)
+        || (v.running && !v.primary && !v.noloadbalance && !v.wal_gone && lag_ok(&v, &q));
     status_response(&h, ok)
 }
 

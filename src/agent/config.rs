@@ -157,10 +157,19 @@ pub struct HaConfig {
     /// See the spec's `ha.primary_start_timeout`; older configurations lack it.
     #[serde(default = "default_primary_start_timeout")]
     pub primary_start_timeout: u32,
+    /// See the spec's `ha.use_slots` (configurations written before it had no slots).
+    #[serde(default)]
+    pub use_slots: bool,
+    #[serde(default = "default_member_slots_ttl")]
+    pub member_slots_ttl: u32,
 }
 
 fn default_primary_start_timeout() -> u32 {
     300
+}
+
+fn default_member_slots_ttl() -> u32 {
+    1800
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +254,8 @@ impl AgentConfig {
                 },
                 maximum_lag_on_failover: spec.ha.maximum_lag_on_failover,
                 primary_start_timeout: spec.ha.primary_start_timeout,
+                use_slots: spec.ha.use_slots,
+                member_slots_ttl: spec.ha.member_slots_ttl,
             },
             api: ApiConfig {
                 port: host.api_port,
@@ -487,6 +498,8 @@ pub(crate) fn sample() -> AgentConfig {
             synchronous_mode: SyncModeConfig::Off,
             maximum_lag_on_failover: 1,
             primary_start_timeout: 300,
+            use_slots: true,
+            member_slots_ttl: 1800,
         },
         api: ApiConfig {
             port: 8008,

@@ -67,6 +67,9 @@ pub struct GroupView {
     pub failover: Option<FailoverRequest>,
     /// Maintenance mode (Patroni's `pause`): no automatic action but fencing.
     pub paused: bool,
+    /// Members whose slot the leader recreated after PostgreSQL gave it up, with the WAL
+    /// position then (`status` key).
+    pub lost_slots: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +78,8 @@ pub struct Snapshot {
     pub nofailover: bool,
     pub maximum_lag_on_failover: u64,
     pub synchronous_mode: SyncModeConfig,
+    /// Member replication slots (`ha.use_slots`).
+    pub use_slots: bool,
     /// The lease can still be trusted (refreshed recently enough that no one else can have
     /// won the leader key yet).
     pub lease_valid: bool,
@@ -96,6 +101,18 @@ pub struct Snapshot {
     pub clean_handoff: bool,
     /// Wall-clock time, seconds since the Unix epoch (for scheduled switchovers).
     pub now_unix: i64,
+    /// How long this replica has been running without a WAL receiver that streams.
+    pub not_streaming_for: std::time::Duration,
+}
+
+/// A standby whose WAL the leader no longer has is cloned again only after this long without
+/// streaming: a receiver between two attempts is not a lost standby.
+pub const RECLONE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The leader recreated this member's slot after PostgreSQL gave it up, and this member is
+/// still behind the position it was recreated at and not streaming: the WAL it needs is gone.
+pub fn wal_gone(s: &Snapshot, g: &GroupView, r: &Running) -> bool {
+    !r.primary && !r.streaming && g.lost_slots.get(&s.me).is_some_and(|&at| r.wal < at)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +162,13 @@ pub enum Action {
     /// release the leader key.
     Switchover {
         to: String,
+    },
+    /// Keep a replication slot for every other member (see `agent::slots`).
+    ManageSlots,
+    /// Stop, set the data directory aside (never deleted) and let the member be cloned again:
+    /// the WAL it needs to catch up is gone.
+    Reinit {
+        reason: String,
     },
     /// Delete the `failover` key (done, stale or impossible).
     ClearFailover {
@@ -413,6 +437,9 @@ fn leader_duties(s: &Snapshot) -> Vec<Action> {
     if s.synchronous_mode != SyncModeConfig::Off {
         a.push(ManageSync);
     }
+    if s.use_slots {
+        a.push(ManageSlots);
+    }
     a.push(PublishOptime);
     a
 }
@@ -445,6 +472,15 @@ fn running_replica(
         if r.upstream.as_deref() != Some(l) {
             return vec![Follow {
                 upstream: l.to_string(),
+            }];
+        }
+        if wal_gone(s, g, r) && s.not_streaming_for >= RECLONE_AFTER {
+            return vec![Reinit {
+                reason: format!(
+                    "the leader no longer has the WAL this member needs (its slot was lost; replayed up to {}, the slot was recreated at {})",
+                    r.wal,
+                    g.lost_slots.get(&s.me).copied().unwrap_or_default()
+                ),
             }];
         }
         return Vec::new();
@@ -569,6 +605,8 @@ mod tests {
             coordinator: false,
             clean_handoff: false,
             now_unix: 1_000_000,
+            use_slots: false,
+            not_streaming_for: std::time::Duration::ZERO,
         }
     }
 
@@ -616,6 +654,9 @@ mod tests {
                 .map(|x| match x {
                     Wait(_) => Wait(String::new()),
                     ClearFailover { .. } => ClearFailover {
+                        reason: String::new(),
+                    },
+                    Reinit { .. } => Reinit {
                         reason: String::new(),
                     },
                     other => other.clone(),
@@ -812,6 +853,57 @@ mod tests {
             t,
             &[Demote { immediate: true }],
         );
+    }
+
+    #[test]
+    fn a_standby_whose_wal_is_gone_is_cloned_again() {
+        let mut s = base();
+        s.server = Server::Running(Running {
+            primary: false,
+            timeline: 1,
+            wal: 100,
+            upstream: Some("m2".into()),
+            streaming: false,
+        });
+        s.not_streaming_for = RECLONE_AFTER;
+        set_leader(&mut s, "m2");
+        check("not streaming, no lost slot: wait it out", s.clone(), &[]);
+
+        let mut t = s.clone();
+        group(&mut t).lost_slots.insert("m1".into(), 101);
+        check(
+            "slot recreated past our position: clone again",
+            t.clone(),
+            &[Reinit {
+                reason: String::new(),
+            }],
+        );
+        let mut u = t.clone();
+        u.not_streaming_for = RECLONE_AFTER - std::time::Duration::from_millis(1);
+        check("not for long yet", u, &[]);
+        let mut u = t.clone();
+        if let Server::Running(r) = &mut u.server {
+            r.streaming = true;
+        }
+        check("streaming after all", u, &[]);
+        let mut u = t.clone();
+        if let Server::Running(r) = &mut u.server {
+            r.wal = 101;
+        }
+        check("already past the recreated slot", u, &[]);
+        let mut u = t;
+        group(&mut u).lost_slots = [("m3".to_string(), 500)].into();
+        check("another member's slot", u, &[]);
+    }
+
+    #[test]
+    fn a_leader_keeps_member_slots_when_asked() {
+        let mut s = base();
+        s.server = running(true, 100, None);
+        set_leader(&mut s, "m1");
+        check("no slots", s.clone(), &[PublishOptime]);
+        s.use_slots = true;
+        check("slots", s, &[ManageSlots, PublishOptime]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The per-host HA agent (`citus-reconcile agent --config FILE`): its configuration
-//! (`config`, pure), the decision core (`decide`, pure), and the edges around it — the lease
+//! (`config`, pure), the decision core (`decide`, pure) with its pure planners for synchronous
+//! replication (`sync`) and member slots (`slots`), and the edges around it — the lease
 //! and fence (`lease`), the executor (`node`), the loop and supervisor (`run`), the REST API
 //! (`api`: its routes; `api_server`: its own thread, connection limits and TLS), and on the coordinator the write pauses around worker handovers (`citus_pause`).
 
@@ -11,4 +12,5 @@ pub mod decide;
 pub mod lease;
 pub mod node;
 pub mod run;
+pub mod slots;
 pub mod sync;

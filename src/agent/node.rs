@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use super::config::{AgentConfig, Paths};
 use super::decide::{self, Action, DataDir, Dcs as DcsView, GroupView, Running, Server, Snapshot};
 use super::lease::LeaseShared;
+use super::slots;
 use crate::citus::metadata::{self, GroupMembers};
 use crate::dcs::{Dcs, GroupState, MemberInfo, Status};
-use crate::postgres::conf::Role;
+use crate::postgres::conf::{Role, member_slot_name};
 use crate::postgres::process::{Pg, Postmaster, StopMode};
 use crate::postgres::sql;
 
@@ -57,6 +58,13 @@ pub struct Node {
     /// Member-key writes so far (`/metrics`).
     pub member_writes: u64,
     last_optime: Option<(u64, Instant)>,
+    /// Member slots while leading (see `agent::slots`): when each member last had a key (ms
+    /// since `started`), the members whose slot was recreated after it was lost, and the
+    /// latter as last published in the `status` key.
+    slots_seen: BTreeMap<String, u64>,
+    slots_lost: BTreeMap<String, u64>,
+    published_lost: BTreeMap<String, u64>,
+    started: Instant,
     /// All groups as last read (the coordinator needs every leader).
     pub cluster: BTreeMap<u32, GroupState>,
     pub last_snapshot: Option<Snapshot>,
@@ -113,6 +121,10 @@ impl Node {
             last_published: None,
             member_writes: 0,
             last_optime: None,
+            slots_seen: BTreeMap::new(),
+            slots_lost: BTreeMap::new(),
+            published_lost: BTreeMap::new(),
+            started: Instant::now(),
             cluster: BTreeMap::new(),
             last_snapshot: None,
             last_actions: Vec::new(),
@@ -237,6 +249,7 @@ impl Node {
                     last_leader_wal: g.optime,
                     sync: g.sync.clone(),
                     failover: g.failover.clone(),
+                    lost_slots: g.lost_slots.clone(),
                     paused: g
                         .config
                         .as_ref()
@@ -268,6 +281,8 @@ impl Node {
         if !i_lead {
             self.give_up_leading = false;
             self.leader_start = None;
+            self.slots_seen.clear();
+            self.slots_lost.clear();
         }
         let diverged = self.detect_divergence(&server, &dcs).await;
         Snapshot {
@@ -285,6 +300,11 @@ impl Node {
             setup_done: self.setup_done,
             coordinator: self.cfg.is_coordinator(),
             clean_handoff: self.clean_handoff,
+            use_slots: self.cfg.ha.use_slots,
+            not_streaming_for: self
+                .not_streaming_since
+                .map(|t| t.elapsed())
+                .unwrap_or_default(),
             now_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -628,6 +648,14 @@ impl Node {
                 Ok(true)
             }
             Action::Promote => {
+                if self.cfg.ha.use_slots {
+                    // Slots made on the standby survive its promotion: the other members'
+                    // WAL receivers find theirs at once, instead of failing on a missing slot
+                    // and retrying after `wal_retrieve_retry_interval` (5 s).
+                    if let Err(e) = self.manage_slots(s).await {
+                        tracing::warn!(error = %e, "cannot prepare member slots before promoting");
+                    }
+                }
                 let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
                 let started = Instant::now();
                 sql::promote(c, Duration::from_secs(60))
@@ -715,6 +743,20 @@ impl Node {
             Action::SyncCitus => self.sync_citus().await.map(|_| true),
             Action::Switchover { to } => self.switchover(&to).await.map(|_| true),
             Action::ManageSync => self.manage_sync().await.map(|_| true),
+            Action::ManageSlots => {
+                // Best effort: a slot that cannot be made now is made next cycle, and must
+                // not keep the status key (published next) from being written.
+                if let Err(e) = self.manage_slots(s).await {
+                    tracing::warn!(error = %e, "cannot manage member replication slots");
+                }
+                Ok(true)
+            }
+            Action::Reinit { reason } => {
+                tracing::error!(%reason, "setting the data directory aside; the member will be cloned again");
+                self.stop(StopMode::Fast).await;
+                self.set_aside("wal-gone")?;
+                Ok(false)
+            }
             Action::ClearFailover { reason } => {
                 tracing::info!(%reason, "clearing the failover key");
                 self.dcs
@@ -727,15 +769,19 @@ impl Node {
                 if let Server::Running(r) = &s.server {
                     let fresh = self.last_optime.as_ref().is_some_and(|(w, at)| {
                         *w == r.wal || at.elapsed() < Duration::from_millis(500)
-                    });
+                    }) && self.published_lost == self.slots_lost;
                     if !fresh {
-                        let body =
-                            serde_json::to_vec(&Status { optime: r.wal }).unwrap_or_default();
+                        let status = Status {
+                            optime: r.wal,
+                            lost_slots: self.slots_lost.clone(),
+                        };
+                        let body = serde_json::to_vec(&status).unwrap_or_default();
                         self.dcs
                             .put(&keys.status(g), &body, None)
                             .await
                             .map_err(|e| e.to_string())?;
                         self.last_optime = Some((r.wal, Instant::now()));
+                        self.published_lost = self.slots_lost.clone();
                     }
                 }
                 Ok(true)
@@ -772,6 +818,7 @@ impl Node {
         if clean {
             let body = serde_json::to_vec(&Status {
                 optime: control.checkpoint_lsn,
+                lost_slots: self.slots_lost.clone(),
             })
             .unwrap_or_default();
             self.dcs
@@ -1269,6 +1316,63 @@ impl Node {
         }
     }
 
+    /// Keep a replication slot for every other member of the group (`agent::slots` decides).
+    async fn manage_slots(&mut self, s: &Snapshot) -> Result<(), String> {
+        let DcsView::Available(g) = &s.dcs else {
+            return Ok(());
+        };
+        let t = self.timeout();
+        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+        let slots: Vec<slots::Slot> = sql::physical_slots(c, t)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(name, active, lost)| slots::Slot { name, active, lost })
+            .collect();
+        let members: BTreeMap<String, u64> = g
+            .members
+            .iter()
+            .map(|(n, m)| (n.clone(), m.xlog_location))
+            .collect();
+        let plan = slots::plan(&slots::SlotInput {
+            me: &s.me,
+            members: &members,
+            slots: &slots,
+            seen: &self.slots_seen,
+            lost: &self.slots_lost,
+            now_ms: self.started.elapsed().as_millis() as u64,
+            ttl_ms: u64::from(self.cfg.ha.member_slots_ttl) * 1000,
+        });
+        self.slots_seen = plan.seen;
+        self.slots_lost = plan.lost;
+        for name in &plan.create {
+            sql::create_physical_slot(c, name, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(slot = %name, "created a member replication slot");
+        }
+        for member in &plan.recreate {
+            let name = member_slot_name(member);
+            sql::drop_inactive_slot(c, &name, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            let at = sql::create_physical_slot(c, &name, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::warn!(%member, slot = %name, recreated_at = at, "the member's slot was lost (max_slot_wal_keep_size): recreated; the member will be cloned again if it is behind");
+            self.slots_lost.insert(member.clone(), at);
+        }
+        for name in &plan.drop {
+            if sql::drop_inactive_slot(c, name, t)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                tracing::info!(slot = %name, "dropped the slot of a member gone for longer than member_slots_ttl");
+            }
+        }
+        Ok(())
+    }
+
     /// A standby drops the logical slots of Citus shard moves it was the source of as a
     /// primary (see `sql::drop_citus_slots_on_standby`). Best effort: logged, never fatal.
     async fn drop_leftover_slots(&mut self) {
@@ -1285,6 +1389,30 @@ impl Node {
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "cannot look for leftover Citus slots"),
+        }
+        // Member slots from its time as primary would hold WAL back here and, should it lead
+        // again, start out far behind: the primary of the day keeps the slots that count.
+        let mut ours: Vec<String> = self
+            .cluster
+            .get(&self.cfg.group)
+            .map(|g| g.members.keys().map(|m| member_slot_name(m)).collect())
+            .unwrap_or_default();
+        ours.push(member_slot_name(&self.cfg.member));
+        let Ok(existing) = sql::physical_slots(&c, t).await else {
+            return;
+        };
+        for (name, active, _) in existing {
+            if !active && ours.contains(&name) {
+                match sql::drop_inactive_slot(&c, &name, t).await {
+                    Ok(true) => {
+                        tracing::info!(slot = %name, "dropped a member slot left from this member's time as primary")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(slot = %name, error = %e, "cannot drop a leftover member slot")
+                    }
+                }
+            }
         }
     }
 
@@ -1415,6 +1543,7 @@ fn changes_server(a: &Action) -> bool {
             | Action::Demote { .. }
             | Action::Switchover { .. }
             | Action::Clone { .. }
+            | Action::Reinit { .. }
     )
     // Not Initdb: a new group's primary is published only once its setup is done. Replicas
     // cloning it earlier could copy the `ssl = on` that `CREATE EXTENSION citus` writes with

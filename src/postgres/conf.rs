@@ -54,6 +54,15 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     set("max_wal_senders", "10".into());
     set("max_replication_slots", "10".into());
     set("wal_keep_size", "512MB".into());
+    if cfg.ha.use_slots {
+        // Member slots keep WAL for standbys that are behind or down; this bounds how much,
+        // so a dead standby cannot fill the primary's disk (past it, the slot is lost and the
+        // standby is cloned again).
+        set(
+            "max_slot_wal_keep_size",
+            DEFAULT_MAX_SLOT_WAL_KEEP_SIZE.into(),
+        );
+    }
     set("password_encryption", "scram-sha-256".into());
     set("logging_collector", "off".into());
     // Citus's own connections between nodes: TLS, as Citus requires by default, and TCP
@@ -165,6 +174,24 @@ pub fn foreign_alter_system(auto_conf: &BTreeMap<String, String>) -> Vec<String>
         .collect()
 }
 
+/// WAL that member slots may hold back, unless the spec sets `max_slot_wal_keep_size`.
+pub const DEFAULT_MAX_SLOT_WAL_KEEP_SIZE: &str = "4GB";
+
+/// The physical replication slot the primary keeps for a member: PostgreSQL allows lower-case
+/// letters, digits and underscores, at most 63 bytes. Host names are DNS labels (no `_`), so
+/// two members never share a slot.
+pub fn member_slot_name(member: &str) -> String {
+    let mut name: String = member
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
 /// Lower bound of `citus.node_connection_timeout`.
 const NODE_CONNECTION_TIMEOUT_MS: u64 = 5000;
 
@@ -213,6 +240,12 @@ pub fn render_role_conf(cfg: &AgentConfig, role: &Role) -> String {
             if let Some((host, port)) = upstream {
                 let conninfo = replication_conninfo(cfg, host, *port);
                 out.push_str(&format!("primary_conninfo = {}\n", quote_conf(&conninfo)));
+            }
+            if cfg.ha.use_slots {
+                out.push_str(&format!(
+                    "primary_slot_name = {}\n",
+                    quote_conf(&member_slot_name(&cfg.member))
+                ));
             }
         }
     }

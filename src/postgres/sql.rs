@@ -317,6 +317,64 @@ pub async fn drop_citus_slots_on_standby(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The physical replication slots: (name, active, PostgreSQL gave it up: `wal_status = 'lost'`).
+pub async fn physical_slots(
+    client: &Client,
+    timeout: Duration,
+) -> Result<Vec<(String, bool, bool)>, SqlError> {
+    let rows = bounded(
+        "read pg_replication_slots",
+        timeout,
+        client.query(
+            "SELECT slot_name::text, active, COALESCE(wal_status, '') = 'lost'
+               FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        ),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Create a physical slot that holds WAL from now on; returns the position it holds from.
+pub async fn create_physical_slot(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<u64, SqlError> {
+    let row = bounded(
+        "create a replication slot",
+        timeout,
+        client.query_one(
+            "SELECT (lsn - '0/0')::bigint FROM pg_create_physical_replication_slot($1, true)",
+            &[&name],
+        ),
+    )
+    .await?;
+    Ok(row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64)
+}
+
+/// Drop a replication slot unless something uses it.
+pub async fn drop_inactive_slot(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<bool, SqlError> {
+    let rows = bounded(
+        "drop a replication slot",
+        timeout,
+        client.query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = $1 AND NOT active",
+            &[&name],
+        ),
+    )
+    .await?;
+    Ok(!rows.is_empty())
+}
+
 /// Promote and wait (bounded) until the server accepts writes. `pg_promote(wait => true)`
 /// looks only every 100 ms; during a switchover every one of those counts, so this asks
 /// without waiting and then looks every 5 ms.

@@ -120,6 +120,8 @@ pub struct HaSpec {
     pub synchronous_mode: SyncMode,
     pub maximum_lag_on_failover: u64,
     pub primary_start_timeout: u32,
+    pub use_slots: bool,
+    pub member_slots_ttl: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -479,6 +481,8 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             synchronous_mode,
             maximum_lag_on_failover: raw.ha.maximum_lag_on_failover,
             primary_start_timeout: raw.ha.primary_start_timeout,
+            use_slots: raw.ha.use_slots,
+            member_slots_ttl: raw.ha.member_slots_ttl,
         },
         agent: AgentSpec {
             service: raw.agent.service,

@@ -364,6 +364,24 @@ pub struct RawHa {
     /// rather than restart in place. Patroni's `primary_start_timeout`.
     #[serde(default = "default_primary_start_timeout")]
     pub primary_start_timeout: u32,
+    /// A physical replication slot on the primary for every other member of its group
+    /// (Patroni's member slots), so a standby that falls behind or restarts finds the WAL it
+    /// needs. Bounded by `max_slot_wal_keep_size` (4GB unless `postgres.parameters` sets it):
+    /// a standby that falls further behind is cloned again.
+    #[serde(default = "default_true")]
+    pub use_slots: bool,
+    /// Seconds a member's slot outlives its member key (the member is down or gone) before
+    /// the primary drops it.
+    #[serde(default = "default_member_slots_ttl")]
+    pub member_slots_ttl: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_member_slots_ttl() -> u32 {
+    1800
 }
 
 fn default_primary_start_timeout() -> u32 {
@@ -379,6 +397,8 @@ impl Default for RawHa {
             synchronous_mode: RawSyncMode::default(),
             maximum_lag_on_failover: default_max_lag(),
             primary_start_timeout: default_primary_start_timeout(),
+            use_slots: true,
+            member_slots_ttl: default_member_slots_ttl(),
         }
     }
 }

@@ -501,3 +501,31 @@ pub fn apply_lock_key(t: &TestLab) -> String {
         t.spec.cluster
     )
 }
+
+/// Run one SQL statement with psql on a member's server (database `citus`); its output.
+pub fn psql(t: &TestLab, member: &str, sql: &str) -> String {
+    let h = t.spec.host(member).expect("member");
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            &h.address,
+            "-p",
+            &h.pg_port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "citus",
+            "-XAtc",
+            sql,
+        ])
+        .env("PGPASSWORD", "lab-superuser-pw")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql on {member}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
