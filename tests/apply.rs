@@ -1150,9 +1150,20 @@ fn an_etcd_with_tls_client_certificates_and_authentication() {
             .collect();
         workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
     });
+    // More idle connections than the API admits (256): the ones beyond wait for a slot that
+    // a silent connection gives back after 3 s. How many checks fit into the 8 s depends on
+    // the machine's load (reported, not asserted); that one is answered while the idle
+    // connections still stand is not.
+    let answered_after = common::wait_for(
+        "a health check answered beside the idle connections",
+        Duration::from_secs(30),
+        || (https("/primary", None).0 == 200).then_some(flood_until.elapsed()),
+    );
     drop(idle);
-    eprintln!("REST API flood: {served} health checks answered in 8 s beside 300 idle connections");
-    assert!(served > 0, "no health check answered during the flood");
+    eprintln!(
+        "REST API flood: {served} health checks answered in 8 s beside 300 idle connections; one more {:.1} s after",
+        answered_after.as_secs_f64()
+    );
     assert_eq!(
         common::leader(&t, 1),
         leader_before,
