@@ -63,7 +63,27 @@ fn lifecycle_up_is_reachable_idempotent_and_down_is_clean() {
         return;
     }
     set_lab_secrets();
-    let t = TestLab::up(&lab_spec("lablife", 100, &[(0, 1), (1, 1)], 3, ""));
+    // One member keeps its folders where nothing names the cluster or the member: one below
+    // a folder that exists before the lab (it must survive `down`), one below folders that
+    // do not (they are the lab's).
+    let kept = std::path::Path::new("/var/tmp/crlab100-kept");
+    let _ = std::fs::remove_dir_all(kept);
+    let _ = std::fs::remove_dir_all("/var/tmp/crlab100-made");
+    std::fs::create_dir_all(kept).expect("a folder from before the lab");
+    std::fs::write(kept.join("marker"), "not the lab's").expect("marker");
+    let spec = lab_spec("lablife", 100, &[(0, 1), (1, 1)], 3, "").replace(
+        "{ name: g1m0, address: 10.213.100.20 }",
+        "{ name: g1m0, address: 10.213.100.20, postgres: { data_dir: /var/tmp/crlab100-kept/data }, agent: { install_dir: /var/tmp/crlab100-made/x/agent } }",
+    );
+    let t = TestLab::up(&spec);
+    // What the agent would make there: the folders, and a data folder set aside.
+    for dir in [
+        "/var/tmp/crlab100-kept/data",
+        "/var/tmp/crlab100-kept/data.rewind-failed-1795000000",
+        "/var/tmp/crlab100-made/x/agent/bin",
+    ] {
+        std::fs::create_dir_all(dir).expect("member folder");
+    }
     // Every host answers over SSH with strict host-key checking, under its own name.
     for (name, addr) in [("g0m0", "10.213.100.10"), ("g1m0", "10.213.100.20")] {
         assert_eq!(ssh(&t, addr, "hostname").as_deref(), Ok(name));
@@ -111,6 +131,18 @@ fn lifecycle_up_is_reachable_idempotent_and_down_is_clean() {
         namespaces_with_prefix("crl100-")
     );
     assert!(!state_dir.exists());
+    for gone in [
+        "/var/tmp/crlab100-kept/data",
+        "/var/tmp/crlab100-kept/data.rewind-failed-1795000000",
+        "/var/tmp/crlab100-made",
+    ] {
+        assert!(!std::path::Path::new(gone).exists(), "{gone} left behind");
+    }
+    assert!(
+        kept.join("marker").exists(),
+        "a folder from before the lab was removed"
+    );
+    std::fs::remove_dir_all(kept).expect("clean up");
     assert!(!t.dir.path().join(".lab/id_ed25519").exists());
     assert!(!t.dir.path().join(".lab/known_hosts").exists());
     // No connection is attempted now: without the lab's route a packet would leave the machine.

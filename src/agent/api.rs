@@ -115,7 +115,7 @@ impl Handle {
             Dcs::Unavailable => (None, BTreeMap::new()),
         };
         let wal_gone = match (&s.dcs, &s.server) {
-            (Dcs::Available(g), Server::Running(r)) => super::decide::wal_gone(s, g, r),
+            (Dcs::Available(g), Server::Running(r)) => super::decide::wal_gone(g, r),
             _ => false,
         };
         let (running, primary, streaming, wal) = match &s.server {

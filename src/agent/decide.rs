@@ -67,9 +67,8 @@ pub struct GroupView {
     pub failover: Option<FailoverRequest>,
     /// Maintenance mode (Patroni's `pause`): no automatic action but fencing.
     pub paused: bool,
-    /// Members whose slot the leader recreated after PostgreSQL gave it up, with the WAL
-    /// position then (`status` key).
-    pub lost_slots: std::collections::BTreeMap<String, u64>,
+    /// Where the oldest WAL segment the leader still has begins (`status` key).
+    pub oldest_wal: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -109,10 +108,10 @@ pub struct Snapshot {
 /// streaming: a receiver between two attempts is not a lost standby.
 pub const RECLONE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The leader recreated this member's slot after PostgreSQL gave it up, and this member is
-/// still behind the position it was recreated at and not streaming: the WAL it needs is gone.
-pub fn wal_gone(s: &Snapshot, g: &GroupView, r: &Running) -> bool {
-    !r.primary && !r.streaming && g.lost_slots.get(&s.me).is_some_and(|&at| r.wal < at)
+/// This standby does not stream and the leader no longer has the WAL it needs next (its slot
+/// was given up past `max_slot_wal_keep_size`, or it has none): it can never catch up.
+pub fn wal_gone(g: &GroupView, r: &Running) -> bool {
+    !r.primary && !r.streaming && g.oldest_wal.is_some_and(|oldest| r.wal < oldest)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,12 +473,12 @@ fn running_replica(
                 upstream: l.to_string(),
             }];
         }
-        if wal_gone(s, g, r) && s.not_streaming_for >= RECLONE_AFTER {
+        if wal_gone(g, r) && s.not_streaming_for >= RECLONE_AFTER {
             return vec![Reinit {
                 reason: format!(
-                    "the leader no longer has the WAL this member needs (its slot was lost; replayed up to {}, the slot was recreated at {})",
+                    "the leader no longer has the WAL this member needs (received up to {}, the leader's oldest WAL begins at {})",
                     r.wal,
-                    g.lost_slots.get(&s.me).copied().unwrap_or_default()
+                    g.oldest_wal.unwrap_or_default()
                 ),
             }];
         }
@@ -870,9 +869,9 @@ mod tests {
         check("not streaming, no lost slot: wait it out", s.clone(), &[]);
 
         let mut t = s.clone();
-        group(&mut t).lost_slots.insert("m1".into(), 101);
+        group(&mut t).oldest_wal = Some(101);
         check(
-            "slot recreated past our position: clone again",
+            "the leader's oldest WAL is past our position: clone again",
             t.clone(),
             &[Reinit {
                 reason: String::new(),
@@ -890,10 +889,10 @@ mod tests {
         if let Server::Running(r) = &mut u.server {
             r.wal = 101;
         }
-        check("already past the recreated slot", u, &[]);
+        check("the leader still has what we need", u, &[]);
         let mut u = t;
-        group(&mut u).lost_slots = [("m3".to_string(), 500)].into();
-        check("another member's slot", u, &[]);
+        group(&mut u).oldest_wal = None;
+        check("the leader did not say", u, &[]);
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl LeaseShared {
 
 /// Keep a lease alive forever: grant one when there is none, refresh it, and when etcd says it
 /// is gone, drop it (the main loop sees that and acts) and grant a new one.
-pub async fn keep_alive(dcs: Dcs, shared: Arc<LeaseShared>) {
+pub async fn keep_alive(dcs: Dcs, shared: Arc<LeaseShared>, probe_key: String) {
     let t = shared.timing;
     let ttl_secs = t.ttl.as_secs() as i64;
     let mut refresher = None;
@@ -132,7 +132,7 @@ pub async fn keep_alive(dcs: Dcs, shared: Arc<LeaseShared>) {
             continue;
         };
         if refresher.is_none() {
-            match dcs.keeper(id).await {
+            match dcs.keeper(id, &probe_key).await {
                 Ok(r) => refresher = Some(r),
                 Err(e) if lease_gone(&e) => {
                     lost(&shared, id);

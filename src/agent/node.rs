@@ -59,11 +59,8 @@ pub struct Node {
     pub member_writes: u64,
     last_optime: Option<(u64, Instant)>,
     /// Member slots while leading (see `agent::slots`): when each member last had a key (ms
-    /// since `started`), the members whose slot was recreated after it was lost, and the
-    /// latter as last published in the `status` key.
+    /// since `started`).
     slots_seen: BTreeMap<String, u64>,
-    slots_lost: BTreeMap<String, u64>,
-    published_lost: BTreeMap<String, u64>,
     started: Instant,
     /// All groups as last read (the coordinator needs every leader).
     pub cluster: BTreeMap<u32, GroupState>,
@@ -122,8 +119,6 @@ impl Node {
             member_writes: 0,
             last_optime: None,
             slots_seen: BTreeMap::new(),
-            slots_lost: BTreeMap::new(),
-            published_lost: BTreeMap::new(),
             started: Instant::now(),
             cluster: BTreeMap::new(),
             last_snapshot: None,
@@ -249,7 +244,7 @@ impl Node {
                     last_leader_wal: g.optime,
                     sync: g.sync.clone(),
                     failover: g.failover.clone(),
-                    lost_slots: g.lost_slots.clone(),
+                    oldest_wal: g.oldest_wal,
                     paused: g
                         .config
                         .as_ref()
@@ -282,7 +277,6 @@ impl Node {
             self.give_up_leading = false;
             self.leader_start = None;
             self.slots_seen.clear();
-            self.slots_lost.clear();
         }
         let diverged = self.detect_divergence(&server, &dcs).await;
         Snapshot {
@@ -644,6 +638,8 @@ impl Node {
                 }
                 tracing::info!(%upstream, "following a new upstream");
                 self.upstream = Some(upstream);
+                // A new upstream gets its own time to start streaming.
+                self.not_streaming_since = None;
                 self.drop_leftover_slots().await;
                 Ok(true)
             }
@@ -769,11 +765,16 @@ impl Node {
                 if let Server::Running(r) = &s.server {
                     let fresh = self.last_optime.as_ref().is_some_and(|(w, at)| {
                         *w == r.wal || at.elapsed() < Duration::from_millis(500)
-                    }) && self.published_lost == self.slots_lost;
+                    });
                     if !fresh {
+                        // Best effort: without it standbys only lose the re-clone shortcut.
+                        let oldest_wal = match self.client.as_ref() {
+                            Some(c) => sql::oldest_wal(c, self.timeout()).await.unwrap_or(None),
+                            None => None,
+                        };
                         let status = Status {
                             optime: r.wal,
-                            lost_slots: self.slots_lost.clone(),
+                            oldest_wal,
                         };
                         let body = serde_json::to_vec(&status).unwrap_or_default();
                         self.dcs
@@ -781,7 +782,6 @@ impl Node {
                             .await
                             .map_err(|e| e.to_string())?;
                         self.last_optime = Some((r.wal, Instant::now()));
-                        self.published_lost = self.slots_lost.clone();
                     }
                 }
                 Ok(true)
@@ -818,7 +818,7 @@ impl Node {
         if clean {
             let body = serde_json::to_vec(&Status {
                 optime: control.checkpoint_lsn,
-                lost_slots: self.slots_lost.clone(),
+                oldest_wal: None,
             })
             .unwrap_or_default();
             self.dcs
@@ -1317,6 +1317,7 @@ impl Node {
     }
 
     /// Keep a replication slot for every other member of the group (`agent::slots` decides).
+    /// One slot failing (a timeout, no free slot) does not keep the others from being done.
     async fn manage_slots(&mut self, s: &Snapshot) -> Result<(), String> {
         let DcsView::Available(g) = &s.dcs else {
             return Ok(());
@@ -1329,48 +1330,52 @@ impl Node {
             .into_iter()
             .map(|(name, active, lost)| slots::Slot { name, active, lost })
             .collect();
-        let members: BTreeMap<String, u64> = g
-            .members
-            .iter()
-            .map(|(n, m)| (n.clone(), m.xlog_location))
-            .collect();
+        let members: Vec<String> = g.members.keys().cloned().collect();
         let plan = slots::plan(&slots::SlotInput {
             me: &s.me,
             members: &members,
             slots: &slots,
             seen: &self.slots_seen,
-            lost: &self.slots_lost,
             now_ms: self.started.elapsed().as_millis() as u64,
             ttl_ms: u64::from(self.cfg.ha.member_slots_ttl) * 1000,
         });
         self.slots_seen = plan.seen;
-        self.slots_lost = plan.lost;
-        for name in &plan.create {
-            sql::create_physical_slot(c, name, t)
-                .await
-                .map_err(|e| e.to_string())?;
-            tracing::info!(slot = %name, "created a member replication slot");
-        }
-        for member in &plan.recreate {
-            let name = member_slot_name(member);
-            sql::drop_inactive_slot(c, &name, t)
-                .await
-                .map_err(|e| e.to_string())?;
-            let at = sql::create_physical_slot(c, &name, t)
-                .await
-                .map_err(|e| e.to_string())?;
-            tracing::warn!(%member, slot = %name, recreated_at = at, "the member's slot was lost (max_slot_wal_keep_size): recreated; the member will be cloned again if it is behind");
-            self.slots_lost.insert(member.clone(), at);
-        }
-        for name in &plan.drop {
-            if sql::drop_inactive_slot(c, name, t)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                tracing::info!(slot = %name, "dropped the slot of a member gone for longer than member_slots_ttl");
+        let mut failed = Vec::new();
+        for name in &plan.recreate {
+            let again = async {
+                sql::drop_inactive_slot(c, name, t).await?;
+                sql::create_physical_slot(c, name, t).await
+            };
+            match again.await {
+                Ok(at) => {
+                    tracing::warn!(slot = %name, holds_from = at, "PostgreSQL gave the slot up (max_slot_wal_keep_size): recreated; a standby further behind is cloned again")
+                }
+                Err(e) => failed.push(format!("recreate {name}: {e}")),
             }
         }
-        Ok(())
+        for name in &plan.create {
+            match sql::create_physical_slot(c, name, t).await {
+                Ok(_) => tracing::info!(slot = %name, "created a member replication slot"),
+                Err(e) => failed.push(format!("create {name}: {e}")),
+            }
+        }
+        for name in &plan.drop {
+            match sql::drop_inactive_slot(c, name, t).await {
+                Ok(true) => {
+                    tracing::info!(slot = %name, "dropped the slot of a member gone for longer than member_slots_ttl")
+                }
+                Ok(false) => {}
+                Err(e) => failed.push(format!("drop {name}: {e}")),
+            }
+        }
+        if !plan.over_limit.is_empty() {
+            tracing::warn!(members = ?plan.over_limit, limit = slots::MAX_MEMBER_SLOTS, "more members than member slots: these get none");
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     /// A standby drops the logical slots of Citus shard moves it was the source of as a

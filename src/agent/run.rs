@@ -155,7 +155,9 @@ async fn run_async(
     };
     let wake = Arc::new(Notify::new());
     let shared = LeaseShared::new(timing, wake.clone());
-    tokio::spawn(lease::keep_alive(dcs.clone(), shared.clone()));
+    // The quorum check after each renewal reads the group's leader key (counts only).
+    let probe_key = ClusterKeys::new(&cfg.etcd.namespace, &cfg.cluster).leader(cfg.group);
+    tokio::spawn(lease::keep_alive(dcs.clone(), shared.clone(), probe_key));
     tokio::spawn(lease::fence(shared.clone()));
     let pauses = cfg
         .is_coordinator()

@@ -344,8 +344,8 @@ pub struct GroupState {
     pub config: Option<serde_json::Value>,
     /// The last WAL position the leader published (`status` key); it outlives the leader.
     pub optime: Option<u64>,
-    /// From the `status` key: see `Status::lost_slots`.
-    pub lost_slots: BTreeMap<String, u64>,
+    /// From the `status` key: see `Status::oldest_wal`.
+    pub oldest_wal: Option<u64>,
     pub citus_pause: Option<CitusPause>,
 }
 
@@ -455,10 +455,10 @@ impl GroupState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub optime: u64,
-    /// Members whose replication slot PostgreSQL gave up (`max_slot_wal_keep_size`) and the
-    /// primary recreated, with the WAL position then: a standby behind it must be cloned again.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub lost_slots: BTreeMap<String, u64>,
+    /// Where the oldest WAL segment the leader still has begins: a standby further behind,
+    /// and not streaming, can never catch up and must be cloned again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_wal: Option<u64>,
 }
 
 /// One key-value pair as read from etcd.
@@ -501,7 +501,7 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
             "status" => {
                 if let Ok(s) = serde_json::from_str::<Status>(&text) {
                     g.optime = Some(s.optime);
-                    g.lost_slots = s.lost_slots;
+                    g.oldest_wal = s.oldest_wal;
                 }
             }
             "citus_pause" => g.citus_pause = serde_json::from_str(&text).ok(),

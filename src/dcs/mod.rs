@@ -567,8 +567,9 @@ impl Dcs {
         .map(|_| ())
     }
 
-    /// Open a keep-alive stream for a lease.
-    pub async fn keeper(&self, lease: i64) -> Result<LeaseRefresher, DcsError> {
+    /// Open a keep-alive stream for a lease. `probe_key` is a key the caller may read (one of
+    /// its own, inside the namespace its etcd user is granted): see `LeaseRefresher::refresh`.
+    pub async fn keeper(&self, lease: i64, probe_key: &str) -> Result<LeaseRefresher, DcsError> {
         let (keeper, stream, client) =
             retried("lease keep-alive", self.timeout, self, |mut c| async move {
                 let (keeper, stream) = c.lease_keep_alive(lease).await?;
@@ -579,6 +580,7 @@ impl Dcs {
             keeper,
             stream,
             client,
+            probe_key: probe_key.to_string(),
             lease,
         })
     }
@@ -751,11 +753,11 @@ pub struct LeaseRefresher {
     stream: LeaseKeepAliveStream,
     /// The connection the keep-alives go through, for the quorum check.
     client: Client,
+    /// What the quorum check reads (counts only): a key of the caller's, so that an etcd user
+    /// granted only the cluster's namespace may read it.
+    probe_key: String,
     pub lease: i64,
 }
-
-/// A key nobody writes: the quorum check only counts it.
-const QUORUM_PROBE_KEY: &str = "/citus-reconcile-quorum-probe";
 
 impl LeaseRefresher {
     /// Refresh the lease. Returns the remaining TTL in seconds; 0 means the lease is gone.
@@ -769,6 +771,7 @@ impl LeaseRefresher {
     /// lease by a full TTL from its own election.
     pub async fn refresh(&mut self, timeout: Duration) -> Result<i64, DcsError> {
         let client = &mut self.client;
+        let probe_key = self.probe_key.as_str();
         let keeper = &mut self.keeper;
         let stream = &mut self.stream;
         let round_trip = async move {
@@ -777,7 +780,7 @@ impl LeaseRefresher {
             if resp.as_ref().is_some_and(|r| r.ttl() > 0) {
                 client
                     .get(
-                        QUORUM_PROBE_KEY,
+                        probe_key,
                         Some(etcd_client::GetOptions::new().with_count_only()),
                     )
                     .await?;

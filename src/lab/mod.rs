@@ -63,6 +63,10 @@ struct State {
     /// Members' data and install folders ever seen by `up` (a later spec may have fewer).
     #[serde(default)]
     member_dirs: Vec<PathBuf>,
+    /// For each member folder that did not exist at `up`, its highest ancestor that did not
+    /// either: everything below was made for this lab (by the agents), whatever its name.
+    #[serde(default)]
+    made_dirs: Vec<PathBuf>,
 }
 
 /// A lab for one spec.
@@ -141,6 +145,12 @@ impl Lab {
                     && !state.member_dirs.contains(&p)
                 {
                     state.member_dirs.push(p);
+                }
+                if let Some(made) = first_missing_ancestor(Path::new(dir)) {
+                    if !state.made_dirs.iter().any(|m| made.starts_with(m)) {
+                        state.made_dirs.retain(|m| !m.starts_with(&made));
+                        state.made_dirs.push(made);
+                    }
                 }
             }
         }
@@ -356,6 +366,12 @@ impl Lab {
             }
             prune_empty_parents(dir, 1);
         }
+        for dir in &state.made_dirs {
+            remove_dir(dir)?;
+            for copy in set_aside_copies(dir) {
+                remove_dir(&copy)?;
+            }
+        }
         let lab_addresses: Vec<String> = t
             .nodes
             .iter()
@@ -465,7 +481,7 @@ fn owned_by_member(dir: &str, cluster: &str, member: &str) -> bool {
     deep_enough && named
 }
 
-/// Siblings of `dir` named `{its name}.…`.
+/// Siblings of `dir` the agent set aside: `{its name}.{reason}-{unix time}`.
 fn set_aside_copies(dir: &Path) -> Vec<PathBuf> {
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         return Vec::new();
@@ -475,9 +491,33 @@ fn set_aside_copies(dir: &Path) -> Vec<PathBuf> {
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            file.strip_prefix(&prefix)
+                .and_then(|rest| rest.rsplit_once('-'))
+                .is_some_and(|(reason, time)| {
+                    !reason.is_empty()
+                        && !time.is_empty()
+                        && time.chars().all(|c| c.is_ascii_digit())
+                })
+        })
         .map(|e| e.path())
         .collect()
+}
+
+/// The highest ancestor of `dir` (or `dir` itself) that does not exist, if `dir` does not.
+fn first_missing_ancestor(dir: &Path) -> Option<PathBuf> {
+    if !dir.is_absolute() || dir.exists() {
+        return None;
+    }
+    let mut missing = dir.to_path_buf();
+    while let Some(parent) = missing.parent() {
+        if parent.exists() || parent.parent().is_none() {
+            break;
+        }
+        missing = parent.to_path_buf();
+    }
+    (missing.parent().is_some()).then_some(missing)
 }
 
 fn remove_dir(dir: &Path) -> Result<(), LabError> {

@@ -54,15 +54,14 @@ pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     set("max_wal_senders", "10".into());
     set("max_replication_slots", "10".into());
     set("wal_keep_size", "512MB".into());
-    if cfg.ha.use_slots {
-        // Member slots keep WAL for standbys that are behind or down; this bounds how much,
-        // so a dead standby cannot fill the primary's disk (past it, the slot is lost and the
-        // standby is cloned again).
-        set(
-            "max_slot_wal_keep_size",
-            DEFAULT_MAX_SLOT_WAL_KEEP_SIZE.into(),
-        );
-    }
+    // Member slots keep WAL for standbys that are behind or down; this bounds how much, so a
+    // dead standby cannot fill the primary's disk (past it, the slot is lost and the standby
+    // is cloned again). Also with `use_slots` off: slots made while it was on would otherwise
+    // hold WAL without limit.
+    set(
+        "max_slot_wal_keep_size",
+        DEFAULT_MAX_SLOT_WAL_KEEP_SIZE.into(),
+    );
     set("password_encryption", "scram-sha-256".into());
     set("logging_collector", "off".into());
     // Citus's own connections between nodes: TLS, as Citus requires by default, and TCP

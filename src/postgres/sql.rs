@@ -338,7 +338,8 @@ pub async fn physical_slots(
         .collect())
 }
 
-/// Create a physical slot that holds WAL from now on; returns the position it holds from.
+/// Create a physical slot that holds WAL at once (from the last checkpoint's redo point on a
+/// primary, the last restartpoint on a standby); returns the position it holds from.
 pub async fn create_physical_slot(
     client: &Client,
     name: &str,
@@ -354,6 +355,25 @@ pub async fn create_physical_slot(
     )
     .await?;
     Ok(row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64)
+}
+
+/// Where the oldest WAL segment in `pg_wal` begins (any timeline): WAL before it is gone.
+/// Recycled segments are renamed to future names, so the smallest name is the oldest kept.
+pub async fn oldest_wal(client: &Client, timeout: Duration) -> Result<Option<u64>, SqlError> {
+    let row = bounded(
+        "find the oldest WAL segment",
+        timeout,
+        client.query_one(
+            "SELECT ('x' || substr(m, 1, 8))::bit(32)::bigint * 4294967296
+                  + ('x' || substr(m, 9, 8))::bit(32)::bigint
+                    * (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')
+               FROM (SELECT min(substr(name, 9, 16)) AS m FROM pg_ls_waldir()
+                      WHERE name ~ '^[0-9A-F]{24}$') oldest",
+            &[],
+        ),
+    )
+    .await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|v| v.max(0) as u64))
 }
 
 /// Drop a replication slot unless something uses it.

@@ -70,7 +70,7 @@ impl Lock {
                 .map_err(|e| ReconcileError::Lock(e.to_string()))?;
             if won {
                 lost.store(false, Ordering::SeqCst);
-                let keeper = tokio::spawn(keep(dcs.clone(), lease, lost));
+                let keeper = tokio::spawn(keep(dcs.clone(), lease, key.clone(), lost));
                 return Ok(Lock {
                     dcs: dcs.clone(),
                     lease,
@@ -108,10 +108,10 @@ impl Lock {
 
 /// Keep the lease alive; flag it lost when it expired or could not be refreshed for longer
 /// than its time to live (someone may hold the lock by now).
-async fn keep(dcs: Dcs, lease: i64, lost: Arc<AtomicBool>) {
+async fn keep(dcs: Dcs, lease: i64, key: String, lost: Arc<AtomicBool>) {
     let mut last_ok = Instant::now();
     let ttl = Duration::from_secs(LEASE_TTL_S as u64);
-    let mut refresher = dcs.keeper(lease).await.ok();
+    let mut refresher = dcs.keeper(lease, &key).await.ok();
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let ttl_left = match refresher.as_mut() {
@@ -126,7 +126,7 @@ async fn keep(dcs: Dcs, lease: i64, lost: Arc<AtomicBool>) {
                 return;
             }
             None => {
-                refresher = dcs.keeper(lease).await.ok();
+                refresher = dcs.keeper(lease, &key).await.ok();
                 if last_ok.elapsed() >= ttl {
                     lost.store(true, Ordering::SeqCst);
                     return;

@@ -127,6 +127,16 @@ impl Drop for TestLab {
         if let Err(e) = self.lab.down() {
             eprintln!("lab down failed: {e}");
         }
+        // The lab leaves nothing behind: no member's data or install folder.
+        let left: Vec<String> = self
+            .spec
+            .hosts()
+            .flat_map(|h| [h.data_dir.clone(), h.install_dir.clone()])
+            .filter(|d| std::path::Path::new(d).exists())
+            .collect();
+        if !left.is_empty() && !std::thread::panicking() {
+            panic!("`lab down` left member folders behind: {left:?}");
+        }
     }
 }
 
