@@ -384,7 +384,7 @@ fn facts_for(g: u32, state: &GroupState, rows: &[NodeRow], now_ms: u64) -> Facts
         primary_at: state
             .members
             .get(&l.name)
-            .filter(|m| m.role == "primary" && m.state == "running" && !m.host.is_empty())
+            .filter(|m| m.is_running_primary() && !m.host.is_empty())
             .map(|m| (m.host.clone(), m.port)),
     });
     let row = rows

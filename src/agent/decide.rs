@@ -13,6 +13,7 @@
 
 use crate::agent::config::SyncModeConfig;
 use crate::dcs::keys::{FailoverRequest, MemberInfo, SyncState};
+use crate::dcs::keys::{MemberRole, MemberState};
 
 /// Where the data directory stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +273,7 @@ fn uninitialized(
         let ready = g
             .members
             .get(l)
-            .is_some_and(|m| m.role == "primary" && !m.host.is_empty());
+            .is_some_and(|m| m.role() == MemberRole::Primary && !m.host.is_empty());
         return if ready {
             vec![Clone {
                 from: l.to_string(),
@@ -399,11 +400,7 @@ fn switchover_target(s: &Snapshot, g: &GroupView, f: &FailoverRequest) -> Handov
         }
     }
     let eligible = |name: &str, m: &MemberInfo| {
-        name != s.me
-            && m.role == "replica"
-            && m.state == "streaming"
-            && !m.nofailover()
-            && sync_allows(s, g, name)
+        name != s.me && m.is_streaming_replica() && !m.nofailover() && sync_allows(s, g, name)
     };
     match f.member.as_deref() {
         Some(c) => match g.members.get(c) {
@@ -491,7 +488,7 @@ fn running_replica(
         let candidate_alive = g
             .members
             .get(&c)
-            .is_some_and(|m| m.role == "replica" && !m.nofailover());
+            .is_some_and(|m| m.role() == MemberRole::Replica && !m.nofailover());
         if c == s.me {
             if let Some(final_wal) = g.last_leader_wal {
                 if r.wal < final_wal && g.failover.as_ref().is_some_and(|f| f.leader.is_some()) {
@@ -551,8 +548,8 @@ pub fn unfit_to_lead(s: &Snapshot, g: &GroupView, r: &Running) -> Option<String>
     // A healthier eligible member (more WAL; ties go to the smaller name) should win instead.
     let better = g.members.iter().find(|(name, m)| {
         name.as_str() != s.me
-            && m.role == "replica"
-            && (m.state == "running" || m.state == "streaming")
+            && m.role() == MemberRole::Replica
+            && (m.state() == MemberState::Running || m.state() == MemberState::Streaming)
             && !m.nofailover()
             && (m.xlog_location > r.wal
                 || (m.xlog_location == r.wal && name.as_str() < s.me.as_str()))

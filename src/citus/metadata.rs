@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::dcs::keys::MemberRole;
 use crate::spec::secret::{REDACTED, Secret};
 
 /// One row of `pg_dist_node`.
@@ -75,14 +76,11 @@ pub fn group_members(
     }
     let m = members
         .get(leader)
-        .filter(|m| m.role == "primary" && !m.host.is_empty())?;
+        .filter(|m| m.role() == MemberRole::Primary && !m.host.is_empty())?;
     let replicas = members
         .iter()
         .filter(|(name, r)| {
-            name.as_str() != leader
-                && r.role == "replica"
-                && r.state == "streaming"
-                && !r.host.is_empty()
+            name.as_str() != leader && r.is_streaming_replica() && !r.host.is_empty()
         })
         .map(|(_, r)| (r.host.clone(), r.port))
         .collect();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::dcs::Dcs;
 use crate::dcs::handover::{self, Outcome};
+use crate::dcs::keys::MemberRole;
 use crate::dcs::keys::{FailoverRequest, parse_rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -140,7 +141,7 @@ pub fn switchover(args: SwitchoverArgs) -> miette::Result<ExitCode> {
             miette::miette!("group {} has no leader; use `failover --candidate NAME` to promote a member", args.group)
         })?;
         let eligible = |name: &str| {
-            g.members.get(name).is_some_and(|m| name != leader && m.role == "replica" && m.state == "streaming" && !m.nofailover())
+            g.members.get(name).is_some_and(|m| name != leader && m.is_streaming_replica() && !m.nofailover())
         };
         let candidate = match &args.candidate {
             Some(c) if c == &leader => return Err(miette::miette!("{c} already leads group {}", args.group)),
@@ -186,7 +187,7 @@ pub fn failover(args: FailoverArgs) -> miette::Result<ExitCode> {
                 args.group
             )
         })?;
-        if m.role != "replica" {
+        if m.role() != MemberRole::Replica {
             return Err(miette::miette!(
                 "{} is not a replica (role {})",
                 args.candidate,

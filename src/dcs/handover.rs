@@ -64,7 +64,7 @@ pub async fn request(
         let running = leader
             .as_ref()
             .and_then(|l| g.members.get(l))
-            .is_some_and(|m| m.role == "primary" && m.state == "running");
+            .is_some_and(|m| m.is_running_primary());
         let done = match candidate {
             Some(c) => leader.as_deref() == Some(c) && running,
             None => leader.is_some() && running && leader.as_deref() != req.leader.as_deref(),

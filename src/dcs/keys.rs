@@ -111,7 +111,88 @@ fn is_zero(p: &u16) -> bool {
     *p == 0
 }
 
+/// A member's role as its key says (Patroni's words), read as a value; anything else a key
+/// may hold (etcd content is untrusted) is `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberRole {
+    Primary,
+    Replica,
+    Uninitialized,
+    Unknown,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Primary => "primary",
+            MemberRole::Replica => "replica",
+            MemberRole::Uninitialized => "uninitialized",
+            MemberRole::Unknown => "unknown",
+        }
+    }
+
+    fn parse(s: &str) -> MemberRole {
+        match s {
+            "primary" => MemberRole::Primary,
+            "replica" => MemberRole::Replica,
+            "uninitialized" => MemberRole::Uninitialized,
+            _ => MemberRole::Unknown,
+        }
+    }
+}
+
+/// A member's server state as its key says; what it is busy with (`creating replica`, …) and
+/// anything unknown is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    Running,
+    Streaming,
+    Starting,
+    Stopped,
+    Other,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Running => "running",
+            MemberState::Streaming => "streaming",
+            MemberState::Starting => "starting",
+            MemberState::Stopped => "stopped",
+            MemberState::Other => "other",
+        }
+    }
+
+    fn parse(s: &str) -> MemberState {
+        match s {
+            "running" => MemberState::Running,
+            "streaming" => MemberState::Streaming,
+            "starting" => MemberState::Starting,
+            "stopped" => MemberState::Stopped,
+            _ => MemberState::Other,
+        }
+    }
+}
+
 impl MemberInfo {
+    pub fn role(&self) -> MemberRole {
+        MemberRole::parse(&self.role)
+    }
+
+    pub fn state(&self) -> MemberState {
+        MemberState::parse(&self.state)
+    }
+
+    /// A primary whose server runs: one to route writes to, clone from or hand over from.
+    pub fn is_running_primary(&self) -> bool {
+        self.role() == MemberRole::Primary && self.state() == MemberState::Running
+    }
+
+    /// A standby that streams from its upstream: one to promote, read from or hand over to.
+    pub fn is_streaming_replica(&self) -> bool {
+        self.role() == MemberRole::Replica && self.state() == MemberState::Streaming
+    }
+
     pub fn nofailover(&self) -> bool {
         self.tags
             .get("nofailover")
@@ -432,7 +513,7 @@ impl GroupState {
     /// synchronous standby, since any other could miss acknowledged commits.
     pub fn switchover_candidate(&self, leader: &str) -> Result<String, String> {
         let eligible = |name: &str, m: &MemberInfo| {
-            name != leader && m.role == "replica" && m.state == "streaming" && !m.nofailover()
+            name != leader && m.is_streaming_replica() && !m.nofailover()
         };
         if let Some(sync) = self.sync.as_ref().and_then(|s| s.sync_standby.as_deref()) {
             return match self.members.get(sync) {
@@ -520,6 +601,41 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_and_states_read_as_values_and_unknown_words_as_unknown() {
+        for r in [
+            MemberRole::Primary,
+            MemberRole::Replica,
+            MemberRole::Uninitialized,
+        ] {
+            assert_eq!(MemberRole::parse(r.as_str()), r);
+        }
+        for st in [
+            MemberState::Running,
+            MemberState::Streaming,
+            MemberState::Starting,
+            MemberState::Stopped,
+        ] {
+            assert_eq!(MemberState::parse(st.as_str()), st);
+        }
+        let m = MemberInfo {
+            role: "PRIMARY".into(),
+            state: "creating replica".into(),
+            ..MemberInfo::default()
+        };
+        assert_eq!(
+            (m.role(), m.state()),
+            (MemberRole::Unknown, MemberState::Other)
+        );
+        assert!(!m.is_running_primary() && !m.is_streaming_replica());
+        let m = MemberInfo {
+            role: "replica".into(),
+            state: "streaming".into(),
+            ..MemberInfo::default()
+        };
+        assert!(m.is_streaming_replica() && !m.is_running_primary());
+    }
 
     #[test]
     fn manual_failovers_that_can_lose_commits_or_never_happen_are_refused() {

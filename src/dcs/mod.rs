@@ -14,7 +14,8 @@ use etcd_client::{
 };
 
 pub use keys::{
-    ClusterKeys, FailoverRequest, GroupState, LeaderKey, MemberInfo, RawKv, Status, SyncState,
+    ClusterKeys, FailoverRequest, GroupState, LeaderKey, MemberInfo, MemberRole, MemberState,
+    RawKv, Status, SyncState,
 };
 
 #[derive(Debug, thiserror::Error)]

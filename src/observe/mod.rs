@@ -309,7 +309,7 @@ async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut
         let running = group
             .members
             .get(leader)
-            .is_some_and(|m| m.role == "primary" && m.state == "running");
+            .is_some_and(|m| m.is_running_primary());
         let (Some(h), Some(s)) = (spec.host(leader), sessions.ok.get(leader)) else {
             continue;
         };

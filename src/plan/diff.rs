@@ -8,6 +8,7 @@ use similar::TextDiff;
 use super::model::{DataDirState, Desired, HostDesired, HostFacts, HostObserved, Observed};
 use super::{Action, Change, FORMAT_VERSION, Kind, Phase, Plan, Summary, Target};
 use crate::citus::metadata::{self, AuthinfoChange, NodeChange};
+use crate::dcs::keys::{MemberRole, MemberState};
 use crate::spec::model::{InstallMode, Service};
 
 /// A unified diff of two texts, or None when equal.
@@ -196,7 +197,7 @@ fn rolling_notes(d: &Desired, o: &Observed, actions: &mut [Action]) -> Vec<Strin
         let others_streaming = g
             .members
             .iter()
-            .any(|(n, m)| n != name && m.role == "replica" && m.state == "streaming");
+            .any(|(n, m)| n != name && m.is_streaming_replica());
         let note = if !lowered.is_empty() {
             let what = lowered.join(", ");
             if g.leader.as_deref() == Some(name.as_str()) {
@@ -589,7 +590,7 @@ fn changed_secrets(f: &HostFacts, h: &HostDesired) -> Vec<&'static str> {
 
 /// A member is converged when it runs as primary, or as a replica that streams.
 fn running(m: &crate::dcs::keys::MemberInfo) -> bool {
-    (m.role == "primary" && m.state == "running") || (m.role == "replica" && m.state == "streaming")
+    (m.is_running_primary()) || (m.is_streaming_replica())
 }
 
 /// What the agents will do once running: bootstrap groups and bring members up.
@@ -609,7 +610,9 @@ fn convergence(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
         }
         for name in members {
             let member = obs.and_then(|x| x.members.get(name));
-            if member.is_some_and(|m| m.role == "replica" && m.state == "running") {
+            if member.is_some_and(|m| {
+                m.role() == MemberRole::Replica && m.state() == MemberState::Running
+            }) {
                 out.push(act(
                     Phase::Converge,
                     Target::Host(name.clone()),

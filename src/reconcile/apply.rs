@@ -16,6 +16,7 @@ use super::progress::Progress;
 use super::{ReconcileError, Run};
 use crate::agent::config::{AgentConfig, Paths};
 use crate::citus::metadata::NodeChange;
+use crate::dcs::keys::MemberState;
 use crate::observe::SQL_TIMEOUT;
 use crate::plan::{Action, Kind, Observed, Phase, Plan, Target};
 use crate::provision;
@@ -258,7 +259,7 @@ async fn rolling_restarts(
             fresh
                 .as_ref()
                 .and_then(|g| g.members.get(name))
-                .is_some_and(|m| m.state == "streaming")
+                .is_some_and(|m| m.state() == MemberState::Streaming)
         };
         let lowers = list
             .iter()
@@ -364,8 +365,7 @@ async fn wait_leading(
         .unwrap_or_default();
     let took = wait_member(run, group, member, 0, |g, m| {
         g.leader.as_ref().is_some_and(|l| l.name == member)
-            && m.role == "primary"
-            && m.state == "running"
+            && m.is_running_primary()
             && m.config_sha256 == sha
     })
     .await
@@ -459,7 +459,7 @@ async fn hand_over(
         return Ok(state
             .members
             .get(leader)
-            .is_some_and(|m| m.state == "streaming"));
+            .is_some_and(|m| m.state() == MemberState::Streaming));
     }
     let candidate = match state.switchover_candidate(leader) {
         Ok(c) => c,
@@ -517,7 +517,7 @@ async fn wait_streaming(
 ) -> Result<(), ReconcileError> {
     progress.step(member, "waiting until it streams again");
     let took = wait_member(run, group, member, after, |_, m| {
-        m.role == "replica" && m.state == "streaming"
+        m.is_streaming_replica()
     })
     .await
     .map_err(|waited| ReconcileError::Step {

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::citus::metadata::NodeRow;
 use crate::dcs::EndpointHealth;
+use crate::dcs::keys::MemberRole;
 use crate::plan::Observed;
 use crate::spec::Spec;
 
@@ -78,11 +79,11 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
             let role = match m {
                 None => "-".to_string(),
                 Some(_) if is_leader => "Leader".to_string(),
-                Some(m) if m.role == "replica" => "Replica".to_string(),
+                Some(m) if m.role() == MemberRole::Replica => "Replica".to_string(),
                 Some(m) => m.role.clone(),
             };
             let lag_mb = match (m, leader_wal, is_leader) {
-                (Some(m), Some(lw), false) if m.role == "replica" => {
+                (Some(m), Some(lw), false) if m.role() == MemberRole::Replica => {
                     Some(lw.saturating_sub(m.xlog_location) as f64 / 1_048_576.0)
                 }
                 _ => None,

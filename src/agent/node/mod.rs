@@ -1,5 +1,14 @@
-//! One member at work: reads the local server and the group's keys into a `Snapshot`, runs the
-//! actions `decide` picks, and publishes the member key. All I/O of the agent's loop is here.
+//! One member at work: reads the local server and the group's keys into a `Snapshot`
+//! (`observe`), runs the actions `decide` picks (here, with the switchover in `switchover`,
+//! replication duties in `replication` and Citus's in `citus`), and publishes the member key.
+//! All I/O of the agent's loop is in this module and its children.
+
+mod citus;
+mod observe;
+mod replication;
+mod switchover;
+
+pub use citus::group_members;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,16 +28,17 @@ use crate::postgres::sql;
 
 /// What the member is doing, as published in its member key.
 fn state_label(server: &Server, busy: Option<&str>) -> (String, String) {
-    if let Some(b) = busy {
-        return ("uninitialized".into(), b.into());
-    }
-    match server {
-        Server::Stopped => ("uninitialized".into(), "stopped".into()),
-        Server::Starting => ("replica".into(), "starting".into()),
-        Server::Running(r) if r.primary => ("primary".into(), "running".into()),
-        Server::Running(r) if r.streaming => ("replica".into(), "streaming".into()),
-        Server::Running(_) => ("replica".into(), "running".into()),
-    }
+    use crate::dcs::{MemberRole as R, MemberState as S};
+    let (role, state) = match server {
+        _ if busy.is_some() => (R::Uninitialized, S::Other),
+        Server::Stopped => (R::Uninitialized, S::Stopped),
+        Server::Starting => (R::Replica, S::Starting),
+        Server::Running(r) if r.primary => (R::Primary, S::Running),
+        Server::Running(r) if r.streaming => (R::Replica, S::Streaming),
+        Server::Running(_) => (R::Replica, S::Running),
+    };
+    let state = busy.unwrap_or(state.as_str());
+    (role.as_str().to_string(), state.to_string())
 }
 
 pub struct Node {
@@ -194,118 +204,6 @@ impl Node {
 
     // ---------------------------------------------------------------- observation
 
-    async fn observe(&mut self) -> Snapshot {
-        let server = self.observe_server().await;
-        let data = match &server {
-            Server::Stopped => match self.pg.controldata().await {
-                Ok(Some(c)) => DataDir::Initialized {
-                    was_primary: c.was_primary(),
-                    sysid: c.sysid,
-                },
-                Ok(None) => DataDir::Empty,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read pg_control");
-                    DataDir::Initialized {
-                        sysid: String::new(),
-                        was_primary: false,
-                    }
-                }
-            },
-            _ => {
-                let sysid = self.sysid().await.unwrap_or_default();
-                DataDir::Initialized {
-                    sysid,
-                    was_primary: false,
-                }
-            }
-        };
-        let dcs = match self.dcs.read_cluster().await {
-            Ok((kvs, _)) => {
-                self.cluster = crate::dcs::keys::parse_cluster(self.keys(), &kvs);
-                self.distrust_etcd().await;
-                let g = self
-                    .cluster
-                    .get(&self.cfg.group)
-                    .cloned()
-                    .unwrap_or_default();
-                let previous_leader = self.last_snapshot.as_ref().and_then(|s| match &s.dcs {
-                    DcsView::Available(v) => v.leader.clone(),
-                    DcsView::Unavailable => None,
-                });
-                let leader = g.leader.as_ref().map(|l| l.name.clone());
-                if leader != previous_leader {
-                    self.leader_changes += 1;
-                }
-                DcsView::Available(Box::new(GroupView {
-                    leader,
-                    leader_lease: g.leader.as_ref().map(|l| l.lease),
-                    initialize: g.initialize.clone(),
-                    members: g.members.clone(),
-                    last_leader_wal: g.optime,
-                    sync: g.sync.clone(),
-                    failover: g.failover.clone(),
-                    oldest_wal: g.oldest_wal,
-                    paused: g
-                        .config
-                        .as_ref()
-                        .and_then(|c| c.get("pause"))
-                        .and_then(|p| p.as_bool())
-                        .unwrap_or(false),
-                }))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read etcd");
-                DcsView::Unavailable
-            }
-        };
-        if let (Some(t0), DcsView::Available(g)) = (self.handoff_started, &dcs) {
-            let taken = g.leader.is_some();
-            if taken {
-                self.handoff_started = None;
-            } else if t0.elapsed() > self.lease.timing.ttl && g.failover.is_some() {
-                // The candidate did not take over: drop the request so a normal election runs.
-                tracing::warn!(
-                    "the switchover candidate did not take over in time; clearing the request"
-                );
-                let _ = self.dcs.delete(&self.keys().failover(self.cfg.group)).await;
-                self.handoff_started = None;
-            }
-        }
-        let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str())
-            && g.leader_lease.is_some() && g.leader_lease == self.lease.lease_id());
-        if !i_lead {
-            self.give_up_leading = false;
-            self.leader_start = None;
-            self.slots_seen.clear();
-        }
-        let diverged = self.detect_divergence(&server, &dcs).await;
-        Snapshot {
-            me: self.cfg.member.clone(),
-            nofailover: self.cfg.tags.nofailover,
-            maximum_lag_on_failover: self.cfg.ha.maximum_lag_on_failover,
-            synchronous_mode: self.cfg.ha.synchronous_mode,
-            lease_valid: self.lease.valid(),
-            my_lease: self.lease.lease_id(),
-            data,
-            server,
-            dcs,
-            give_up_leading: self.give_up_leading,
-            diverged,
-            setup_done: self.setup_done,
-            coordinator: self.cfg.is_coordinator(),
-            clean_handoff: self.clean_handoff,
-            use_slots: self.cfg.ha.use_slots,
-            not_streaming_for: self
-                .not_streaming_since
-                .map(|t| t.elapsed())
-                .unwrap_or_default(),
-            now_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-        }
-    }
-
     async fn handle_request(&mut self, r: &Request) -> Result<(), String> {
         match r {
             Request::Restart => {
@@ -337,128 +235,6 @@ impl Node {
                 Ok(())
             }
         }
-    }
-
-    async fn sysid(&mut self) -> Option<String> {
-        let c = self.client.as_ref()?;
-        let row = sql::bounded(
-            "system identifier",
-            self.timeout(),
-            c.query_one(
-                "SELECT system_identifier::text FROM pg_control_system()",
-                &[],
-            ),
-        )
-        .await
-        .ok()?;
-        Some(row.get(0))
-    }
-
-    async fn observe_server(&mut self) -> Server {
-        let Some(pm) = self.postmaster.as_mut() else {
-            self.client = None;
-            return Server::Stopped;
-        };
-        if let Some(status) = pm.exited() {
-            tracing::warn!(%status, "PostgreSQL exited");
-            self.postmaster = None;
-            self.client = None;
-            self.lease.primary_pid.store(0, Ordering::SeqCst);
-            if self.leader_start.is_none() {
-                self.leader_start = Some(Instant::now());
-            }
-            return Server::Stopped;
-        }
-        match self.pg.pid_file_status().as_deref() {
-            Some("ready") | Some("standby") => {}
-            _ => return Server::Starting,
-        }
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
-                .await
-                .ok();
-        }
-        let Some(c) = self.client.as_ref() else {
-            return Server::Starting;
-        };
-        match sql::probe(c, self.timeout()).await {
-            Ok(p) => {
-                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
-                // The fence guards only a primary.
-                self.lease
-                    .primary_pid
-                    .store(if p.in_recovery { 0 } else { pid }, Ordering::SeqCst);
-                let running = Running {
-                    primary: !p.in_recovery,
-                    timeline: p.timeline,
-                    wal: p.wal.max(p.receive.unwrap_or(0)),
-                    upstream: if p.in_recovery {
-                        self.upstream.clone()
-                    } else {
-                        None
-                    },
-                    streaming: p.streaming,
-                };
-                self.last_probe = Some(p);
-                Server::Running(running)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot probe PostgreSQL");
-                self.client = None;
-                Server::Starting
-            }
-        }
-    }
-
-    /// A replica that has an upstream but has not streamed for a while, on an older timeline
-    /// than its leader: its history forked and it needs pg_rewind.
-    async fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
-        let (Server::Running(r), DcsView::Available(g)) = (server, dcs) else {
-            self.not_streaming_since = None;
-            return false;
-        };
-        if r.primary || r.streaming || r.upstream.is_none() {
-            self.not_streaming_since = None;
-            return false;
-        }
-        let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
-        let leader_tl = g
-            .leader
-            .as_ref()
-            .and_then(|l| g.members.get(l))
-            .map(|m| m.timeline)
-            .unwrap_or(0);
-        let patience = Duration::from_secs(u64::from(self.cfg.ha.loop_wait).max(5));
-        if since.elapsed() <= patience || leader_tl <= r.timeline {
-            return false;
-        }
-        // Not proof yet: without a WAL receiver our timeline is read from the last
-        // restartpoint, which lags behind a replica that followed a promotion fine, and a dead
-        // leader stops streaming too. Only a live primary, on a later timeline, that we still
-        // cannot stream from means our history forked (rewinding wrongly is harmless; setting
-        // data aside because the leader died would not be).
-        let Some(leader) = g.leader.clone() else {
-            return false;
-        };
-        match self.probe_member(&leader).await {
-            Ok(p) => !p.in_recovery && p.timeline > r.timeline,
-            Err(e) => {
-                tracing::debug!(%leader, error = %e, "cannot check the leader's timeline");
-                false
-            }
-        }
-    }
-
-    /// Probe another member's server over TCP.
-    async fn probe_member(&self, name: &str) -> Result<sql::Probe, String> {
-        let (host, port) = self
-            .member_address(name)
-            .ok_or(format!("no address published by {name}"))?;
-        let t = self.timeout();
-        let c = sql::connect_member(&self.cfg, &host, port, t)
-            .await
-            .map_err(|e| e.to_string())?;
-        sql::probe(&c, t).await.map_err(|e| e.to_string())
     }
 
     // ---------------------------------------------------------------- actions
@@ -789,256 +565,6 @@ impl Node {
         }
     }
 
-    /// Planned handover: checkpoint while still serving (so the shutdown checkpoint is short),
-    /// stop cleanly (WAL senders flush everything to the standbys before the server exits),
-    /// publish the final WAL position, then release the leader key. The candidate, woken by
-    /// the key's deletion, promotes once it has replayed up to that position.
-    async fn switchover(&mut self, to: &str) -> Result<(), String> {
-        let t0 = Instant::now();
-        let keys = self.keys().clone();
-        if let Some(c) = self.client.as_ref() {
-            let _ = sql::checkpoint(c, Duration::from_secs(60)).await;
-        }
-        let checkpointed = t0.elapsed();
-        let paused = self.request_citus_pause(to).await;
-        let pause_ms = t0.elapsed().saturating_sub(checkpointed).as_millis() as u64;
-        self.stop(StopMode::Fast).await;
-        let stopped = t0.elapsed();
-        let control = self
-            .pg
-            .controldata()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no pg_control after shutdown")?;
-        // A stop that had to escalate (SIGQUIT after the timeout) or a crash meanwhile is no
-        // clean handoff: WAL written here may never have reached the candidate. Then no
-        // final position is published (the candidate goes by the last one the leader
-        // published) and this member rewinds before it follows.
-        let clean = shut_down_cleanly(&control.state);
-        if clean {
-            let body = serde_json::to_vec(&Status {
-                optime: control.checkpoint_lsn,
-                oldest_wal: None,
-            })
-            .unwrap_or_default();
-            self.dcs
-                .put(&keys.status(self.cfg.group), &body, None)
-                .await
-                .map_err(|e| e.to_string())?;
-        } else {
-            tracing::error!(
-                state = %control.state,
-                "switchover: PostgreSQL did not shut down cleanly; no final position published, this member will rewind before following"
-            );
-        }
-        self.dcs
-            .delete_if(&keys.leader(self.cfg.group), self.cfg.member.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.clean_handoff = clean;
-        self.handoff_started = Some(Instant::now());
-        tracing::info!(
-            %to,
-            checkpoint_ms = checkpointed.as_millis() as u64,
-            citus_paused = paused,
-            pause_ms,
-            stopped_ms = stopped.as_millis() as u64,
-            released_ms = t0.elapsed().as_millis() as u64,
-            final_lsn = control.checkpoint_lsn,
-            "switchover: primary stopped cleanly and released the leader key"
-        );
-        Ok(())
-    }
-
-    /// A worker group's leader about to stop for a switchover asks the coordinator primary to
-    /// hold the group's writes (the `citus_pause` key) and waits, bounded, for the answer.
-    /// True when the coordinator holds them; otherwise the switchover goes ahead without.
-    async fn request_citus_pause(&self, to: &str) -> bool {
-        use crate::dcs::keys::{CitusPause, PauseState};
-        if self.cfg.is_coordinator() || !self.cfg.citus.pause_on_switchover {
-            return false;
-        }
-        let coordinator_runs = self
-            .cluster
-            .get(&0)
-            .and_then(|g| {
-                let l = g.leader.as_ref()?;
-                g.members.get(&l.name)
-            })
-            .is_some_and(|m| m.role == "primary" && m.state == "running");
-        if !coordinator_runs {
-            tracing::info!("no coordinator primary running: switching over without a write pause");
-            return false;
-        }
-        let key = self.keys().citus_pause(self.cfg.group);
-        let request = CitusPause {
-            leader: self.cfg.member.clone(),
-            candidate: Some(to.to_string()),
-            state: PauseState::Requested,
-            coordinator: None,
-            detail: None,
-        };
-        let Ok(body) = serde_json::to_vec(&request) else {
-            return false;
-        };
-        if let Err(e) = self.dcs.put(&key, &body, self.lease.lease_id()).await {
-            tracing::warn!(error = %e, "cannot ask the coordinator for a write pause");
-            return false;
-        }
-        // The coordinator may have to wait out transactions in flight (up to the cooldown).
-        let wait =
-            Duration::from_millis(u64::from(self.cfg.citus.lock_cooldown_ms)) + self.timeout();
-        let answer = self
-            .dcs
-            .wait_for(&key, wait, |v| match v {
-                None => Some(Err("the request was withdrawn".to_string())),
-                Some(bytes) => match serde_json::from_slice::<CitusPause>(bytes) {
-                    Ok(p) if p.leader != self.cfg.member => Some(Err("another request".into())),
-                    Ok(p) => match p.state {
-                        PauseState::Requested => None,
-                        PauseState::Paused => Some(Ok(p.coordinator.unwrap_or_default())),
-                        PauseState::Refused => Some(Err(p.detail.unwrap_or_default())),
-                    },
-                    Err(_) => Some(Err("unreadable answer".into())),
-                },
-            })
-            .await;
-        match answer {
-            Ok(Some(Ok(coordinator))) => {
-                tracing::info!(%coordinator, "the coordinator holds the group's writes");
-                true
-            }
-            other => {
-                let why = match other {
-                    Ok(Some(Err(why))) => why,
-                    Ok(None) => format!("no answer within {} ms", wait.as_millis()),
-                    Err(e) => e.to_string(),
-                    Ok(Some(Ok(_))) => String::new(),
-                };
-                tracing::warn!(reason = %why, "switching over without a write pause");
-                // Withdraw, so a late answer does not hold writes for nothing.
-                let _ = self.dcs.delete_if(&key, &body).await;
-                false
-            }
-        }
-    }
-
-    /// The primary configuration to start (or promote) with: in synchronous mode, the recorded
-    /// standby if the key is ours, else what runs without one (async for `on`, waiting for
-    /// any standby for `strict`).
-    fn primary_role(&mut self) -> Role {
-        use super::config::SyncModeConfig;
-        let mode = self.cfg.ha.synchronous_mode;
-        let ssn = if mode == SyncModeConfig::Off {
-            String::new()
-        } else {
-            let key = self
-                .cluster
-                .get(&self.cfg.group)
-                .and_then(|g| g.sync.clone());
-            match key {
-                Some(k) if k.leader.as_deref() == Some(self.cfg.member.as_str()) => k
-                    .sync_standby
-                    .as_deref()
-                    .map(super::sync::names_for)
-                    .unwrap_or_else(|| super::sync::names_without_standby(mode)),
-                _ => super::sync::names_without_standby(mode),
-            }
-        };
-        self.ssn = ssn.clone();
-        self.ssn_changed = Some(Instant::now());
-        self.ssn_since_lsn = None;
-        Role::Primary {
-            synchronous_standby_names: ssn,
-        }
-    }
-
-    /// One step of synchronous replication management.
-    async fn manage_sync(&mut self) -> Result<(), String> {
-        let t = self.timeout();
-        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
-        // The switch point is read a moment after a change, once every backend sees it.
-        if self.ssn_since_lsn.is_none()
-            && self
-                .ssn_changed
-                .is_some_and(|at| at.elapsed() > Duration::from_millis(200))
-        {
-            let row = sql::bounded(
-                "current WAL position",
-                t,
-                c.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            self.ssn_since_lsn = Some(row.get::<_, i64>(0).max(0) as u64);
-        }
-        let rows = sql::bounded(
-            "read pg_stat_replication",
-            t,
-            c.query("SELECT application_name, state, COALESCE(sync_state, ''), COALESCE((flush_lsn - '0/0')::bigint, 0) FROM pg_stat_replication", &[]),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let group = self
-            .cluster
-            .get(&self.cfg.group)
-            .cloned()
-            .unwrap_or_default();
-        let standbys = rows
-            .iter()
-            .map(|r| {
-                let name: String = r.get(0);
-                let eligible = group.members.get(&name).is_some_and(|m| !m.nofailover());
-                super::sync::Standby {
-                    name,
-                    state: r.get(1),
-                    sync_state: r.get(2),
-                    flush_lsn: r.get::<_, i64>(3).max(0) as u64,
-                    eligible,
-                }
-            })
-            .collect();
-        let input = super::sync::SyncInput {
-            mode: self.cfg.ha.synchronous_mode,
-            me: self.cfg.member.clone(),
-            key: group.sync.map(|k| (k.leader, k.sync_standby)),
-            ssn: self.ssn.clone(),
-            ssn_since_lsn: self.ssn_since_lsn,
-            standbys,
-        };
-        match super::sync::next_step(&input) {
-            super::sync::SyncStep::Nothing => Ok(()),
-            super::sync::SyncStep::SetKey(standby) => {
-                let body = serde_json::to_vec(&crate::dcs::SyncState {
-                    leader: Some(self.cfg.member.clone()),
-                    sync_standby: standby.clone(),
-                })
-                .unwrap_or_default();
-                self.dcs
-                    .put(&self.keys().sync(self.cfg.group), &body, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(standby = ?standby, "sync key updated");
-                Ok(())
-            }
-            super::sync::SyncStep::SetStandbyNames(ssn) => {
-                self.pg
-                    .write_conf(&Role::Primary {
-                        synchronous_standby_names: ssn.clone(),
-                    })
-                    .map_err(|e| e.to_string())?;
-                if let Some(c) = self.client.as_ref() {
-                    sql::reload(c, t).await.map_err(|e| e.to_string())?;
-                }
-                tracing::info!(synchronous_standby_names = %ssn, "synchronous standby names changed");
-                self.ssn = ssn;
-                self.ssn_changed = Some(Instant::now());
-                self.ssn_since_lsn = None;
-                Ok(())
-            }
-        }
-    }
-
     fn set_aside(&self, why: &str) -> Result<(), String> {
         let dir = self.pg.data_dir();
         let secs = std::time::SystemTime::now()
@@ -1168,54 +694,6 @@ impl Node {
         Ok(())
     }
 
-    /// Coordinator primary: keep pg_dist_node pointing at every group's current leader.
-    async fn sync_citus(&mut self) -> Result<(), String> {
-        let t = self.timeout();
-        let groups = group_members(&self.cluster, &self.cfg);
-        let desired = metadata::desired_nodes(&groups, self.cfg.citus.secondaries);
-        let c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
-            .await
-            .map_err(|e| e.to_string())?;
-        let observed = crate::citus::sql::nodes(&c, t)
-            .await
-            .map_err(|e| e.to_string())?;
-        // The coordinator knows only the groups that exist in etcd; it never removes a primary.
-        let known: Vec<u32> = self.cluster.keys().copied().collect();
-        let mut in_sync = metadata::metadata_in_sync(&observed);
-        let held = self.pauses.as_ref().map(|p| p.held()).unwrap_or_default();
-        let options = crate::citus::sql::UpdateOptions {
-            // A primary row moves after a failover or a switchover: sessions still holding
-            // the group's locks are talking to a server that is gone.
-            force: true,
-            lock_cooldown_ms: self.cfg.citus.lock_cooldown_ms,
-        };
-        for change in metadata::diff_nodes(&desired, &observed, &known)
-            .into_iter()
-            .filter(|c| c.is_automatic())
-        {
-            if held.contains(&change.group()) {
-                // A write pause holds this group: its session moves the row when it ends.
-                continue;
-            }
-            if change.needs_metadata_sync() && !in_sync {
-                tracing::debug!(
-                    ?change,
-                    "deferred until Citus has synced metadata to the workers"
-                );
-                continue;
-            }
-            tracing::info!(?change, "updating pg_dist_node");
-            crate::citus::sql::apply_node_change(&c, &change, options, t)
-                .await
-                .map_err(|e| e.to_string())?;
-            if matches!(change, metadata::NodeChange::Update { .. }) {
-                // Citus marks every worker's metadata unsynced until its daemon syncs it.
-                in_sync = false;
-            }
-        }
-        Ok(())
-    }
-
     // ---------------------------------------------------------------- publishing
 
     pub fn member_info(&self) -> MemberInfo {
@@ -1316,111 +794,6 @@ impl Node {
         }
     }
 
-    /// Keep a replication slot for every other member of the group (`agent::slots` decides).
-    /// One slot failing (a timeout, no free slot) does not keep the others from being done.
-    async fn manage_slots(&mut self, s: &Snapshot) -> Result<(), String> {
-        let DcsView::Available(g) = &s.dcs else {
-            return Ok(());
-        };
-        let t = self.timeout();
-        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
-        let slots: Vec<slots::Slot> = sql::physical_slots(c, t)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(name, active, lost)| slots::Slot { name, active, lost })
-            .collect();
-        let members: Vec<String> = g.members.keys().cloned().collect();
-        let plan = slots::plan(&slots::SlotInput {
-            me: &s.me,
-            members: &members,
-            slots: &slots,
-            seen: &self.slots_seen,
-            now_ms: self.started.elapsed().as_millis() as u64,
-            ttl_ms: u64::from(self.cfg.ha.member_slots_ttl) * 1000,
-        });
-        self.slots_seen = plan.seen;
-        let mut failed = Vec::new();
-        for name in &plan.recreate {
-            let again = async {
-                sql::drop_inactive_slot(c, name, t).await?;
-                sql::create_physical_slot(c, name, t).await
-            };
-            match again.await {
-                Ok(at) => {
-                    tracing::warn!(slot = %name, holds_from = at, "PostgreSQL gave the slot up (max_slot_wal_keep_size): recreated; a standby further behind is cloned again")
-                }
-                Err(e) => failed.push(format!("recreate {name}: {e}")),
-            }
-        }
-        for name in &plan.create {
-            match sql::create_physical_slot(c, name, t).await {
-                Ok(_) => tracing::info!(slot = %name, "created a member replication slot"),
-                Err(e) => failed.push(format!("create {name}: {e}")),
-            }
-        }
-        for name in &plan.drop {
-            match sql::drop_inactive_slot(c, name, t).await {
-                Ok(true) => {
-                    tracing::info!(slot = %name, "dropped the slot of a member gone for longer than member_slots_ttl")
-                }
-                Ok(false) => {}
-                Err(e) => failed.push(format!("drop {name}: {e}")),
-            }
-        }
-        if !plan.over_limit.is_empty() {
-            tracing::warn!(members = ?plan.over_limit, limit = slots::MAX_MEMBER_SLOTS, "more members than member slots: these get none");
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("; "))
-        }
-    }
-
-    /// A standby drops the logical slots of Citus shard moves it was the source of as a
-    /// primary (see `sql::drop_citus_slots_on_standby`). Best effort: logged, never fatal.
-    async fn drop_leftover_slots(&mut self) {
-        let t = self.timeout();
-        let Ok(c) = sql::connect_local(&self.cfg, &self.cfg.citus.database, t).await else {
-            return;
-        };
-        match sql::drop_citus_slots_on_standby(&c, t).await {
-            Ok(dropped) if !dropped.is_empty() => {
-                tracing::info!(
-                    ?dropped,
-                    "dropped Citus's logical slots left from this member's time as primary"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot look for leftover Citus slots"),
-        }
-        // Member slots from its time as primary would hold WAL back here and, should it lead
-        // again, start out far behind: the primary of the day keeps the slots that count.
-        let mut ours: Vec<String> = self
-            .cluster
-            .get(&self.cfg.group)
-            .map(|g| g.members.keys().map(|m| member_slot_name(m)).collect())
-            .unwrap_or_default();
-        ours.push(member_slot_name(&self.cfg.member));
-        let Ok(existing) = sql::physical_slots(&c, t).await else {
-            return;
-        };
-        for (name, active, _) in existing {
-            if !active && ours.contains(&name) {
-                match sql::drop_inactive_slot(&c, &name, t).await {
-                    Ok(true) => {
-                        tracing::info!(slot = %name, "dropped a member slot left from this member's time as primary")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::debug!(slot = %name, error = %e, "cannot drop a leftover member slot")
-                    }
-                }
-            }
-        }
-    }
-
     /// Whether PostgreSQL runs here as a primary (as last observed).
     pub fn is_running_primary(&self) -> bool {
         matches!(self.last_snapshot.as_ref().map(|s| &s.server), Some(Server::Running(x)) if x.primary)
@@ -1498,44 +871,9 @@ impl Node {
         }
     }
 
-    /// Drop what no agent writes from the cluster just read (see `GroupState::sanitize`),
-    /// say so once per change, and remove a bogus leader key of this member's group so that
-    /// a member can lead again.
-    async fn distrust_etcd(&mut self) {
-        let mut problems = Vec::new();
-        let mut bogus_leader = None;
-        for (gid, g) in self.cluster.iter_mut() {
-            let u = g.sanitize();
-            problems.extend(u.problems.into_iter().map(|p| format!("group {gid}: {p}")));
-            if *gid == self.cfg.group {
-                bogus_leader = u.bogus_leader;
-            }
-        }
-        if problems != self.untrusted_said {
-            for p in &problems {
-                tracing::warn!("etcd: {p}");
-            }
-            self.untrusted_said = problems;
-        }
-        if let Some(name) = bogus_leader {
-            let key = self.keys().leader(self.cfg.group);
-            match self.dcs.delete_if(&key, name.as_bytes()).await {
-                Ok(true) => tracing::warn!(key, "removed a leader key no agent wrote"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(key, error = %e, "cannot remove a bogus leader key"),
-            }
-        }
-    }
-
     pub fn data_dir_exists(&self) -> bool {
         Path::new(&self.cfg.postgres.data_dir).exists()
     }
-}
-
-/// pg_controldata's "Database cluster state" after a primary's clean shutdown (a standby's
-/// says "shut down in recovery"; a SIGQUIT or a crash leaves "in production").
-fn shut_down_cleanly(state: &str) -> bool {
-    state.trim() == "shut down"
 }
 
 /// Actions after which the server's role or state differs from the cycle's snapshot.
@@ -1561,40 +899,4 @@ fn coordinator_primary(s: &Snapshot) -> bool {
     let leads = matches!(&s.dcs, DcsView::Available(g)
         if g.leader.as_deref() == Some(s.me.as_str()) && g.leader_lease.is_some() && g.leader_lease == s.my_lease);
     s.coordinator && leads && s.lease_valid && matches!(&s.server, Server::Running(r) if r.primary)
-}
-
-/// Leaders and streaming replicas of every group, with addresses, from the members' keys.
-pub fn group_members(
-    cluster: &BTreeMap<u32, GroupState>,
-    _cfg: &AgentConfig,
-) -> BTreeMap<u32, GroupMembers> {
-    cluster
-        .iter()
-        .filter_map(|(g, state)| {
-            metadata::group_members(
-                state.leader.as_ref().map(|l| l.name.as_str()),
-                state.initialize.as_deref(),
-                &state.members,
-            )
-            .map(|m| (*g, m))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shut_down_cleanly;
-
-    #[test]
-    fn only_a_clean_primary_shutdown_is_a_clean_handoff() {
-        for (state, clean) in [
-            ("shut down", true),
-            ("shut down in recovery", false),
-            ("in production", false),
-            ("in crash recovery", false),
-            ("", false),
-        ] {
-            assert_eq!(shut_down_cleanly(state), clean, "{state:?}");
-        }
-    }
 }

@@ -1,0 +1,270 @@
+//! Observation: the local server, the group's keys and the lease, read into the `Snapshot`
+//! `decide` takes; and the checks that need more than one reading (a forked history, etcd
+//! content that cannot be trusted).
+
+use super::*;
+
+impl Node {
+    pub(super) async fn observe(&mut self) -> Snapshot {
+        let server = self.observe_server().await;
+        let data = match &server {
+            Server::Stopped => match self.pg.controldata().await {
+                Ok(Some(c)) => DataDir::Initialized {
+                    was_primary: c.was_primary(),
+                    sysid: c.sysid,
+                },
+                Ok(None) => DataDir::Empty,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read pg_control");
+                    DataDir::Initialized {
+                        sysid: String::new(),
+                        was_primary: false,
+                    }
+                }
+            },
+            _ => {
+                let sysid = self.sysid().await.unwrap_or_default();
+                DataDir::Initialized {
+                    sysid,
+                    was_primary: false,
+                }
+            }
+        };
+        let dcs = match self.dcs.read_cluster().await {
+            Ok((kvs, _)) => {
+                self.cluster = crate::dcs::keys::parse_cluster(self.keys(), &kvs);
+                self.distrust_etcd().await;
+                let g = self
+                    .cluster
+                    .get(&self.cfg.group)
+                    .cloned()
+                    .unwrap_or_default();
+                let previous_leader = self.last_snapshot.as_ref().and_then(|s| match &s.dcs {
+                    DcsView::Available(v) => v.leader.clone(),
+                    DcsView::Unavailable => None,
+                });
+                let leader = g.leader.as_ref().map(|l| l.name.clone());
+                if leader != previous_leader {
+                    self.leader_changes += 1;
+                }
+                DcsView::Available(Box::new(GroupView {
+                    leader,
+                    leader_lease: g.leader.as_ref().map(|l| l.lease),
+                    initialize: g.initialize.clone(),
+                    members: g.members.clone(),
+                    last_leader_wal: g.optime,
+                    sync: g.sync.clone(),
+                    failover: g.failover.clone(),
+                    oldest_wal: g.oldest_wal,
+                    paused: g
+                        .config
+                        .as_ref()
+                        .and_then(|c| c.get("pause"))
+                        .and_then(|p| p.as_bool())
+                        .unwrap_or(false),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read etcd");
+                DcsView::Unavailable
+            }
+        };
+        if let (Some(t0), DcsView::Available(g)) = (self.handoff_started, &dcs) {
+            let taken = g.leader.is_some();
+            if taken {
+                self.handoff_started = None;
+            } else if t0.elapsed() > self.lease.timing.ttl && g.failover.is_some() {
+                // The candidate did not take over: drop the request so a normal election runs.
+                tracing::warn!(
+                    "the switchover candidate did not take over in time; clearing the request"
+                );
+                let _ = self.dcs.delete(&self.keys().failover(self.cfg.group)).await;
+                self.handoff_started = None;
+            }
+        }
+        let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str())
+            && g.leader_lease.is_some() && g.leader_lease == self.lease.lease_id());
+        if !i_lead {
+            self.give_up_leading = false;
+            self.leader_start = None;
+            self.slots_seen.clear();
+        }
+        let diverged = self.detect_divergence(&server, &dcs).await;
+        Snapshot {
+            me: self.cfg.member.clone(),
+            nofailover: self.cfg.tags.nofailover,
+            maximum_lag_on_failover: self.cfg.ha.maximum_lag_on_failover,
+            synchronous_mode: self.cfg.ha.synchronous_mode,
+            lease_valid: self.lease.valid(),
+            my_lease: self.lease.lease_id(),
+            data,
+            server,
+            dcs,
+            give_up_leading: self.give_up_leading,
+            diverged,
+            setup_done: self.setup_done,
+            coordinator: self.cfg.is_coordinator(),
+            clean_handoff: self.clean_handoff,
+            use_slots: self.cfg.ha.use_slots,
+            not_streaming_for: self
+                .not_streaming_since
+                .map(|t| t.elapsed())
+                .unwrap_or_default(),
+            now_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        }
+    }
+
+    pub(super) async fn sysid(&mut self) -> Option<String> {
+        let c = self.client.as_ref()?;
+        let row = sql::bounded(
+            "system identifier",
+            self.timeout(),
+            c.query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            ),
+        )
+        .await
+        .ok()?;
+        Some(row.get(0))
+    }
+
+    pub(super) async fn observe_server(&mut self) -> Server {
+        let Some(pm) = self.postmaster.as_mut() else {
+            self.client = None;
+            return Server::Stopped;
+        };
+        if let Some(status) = pm.exited() {
+            tracing::warn!(%status, "PostgreSQL exited");
+            self.postmaster = None;
+            self.client = None;
+            self.lease.primary_pid.store(0, Ordering::SeqCst);
+            if self.leader_start.is_none() {
+                self.leader_start = Some(Instant::now());
+            }
+            return Server::Stopped;
+        }
+        match self.pg.pid_file_status().as_deref() {
+            Some("ready") | Some("standby") => {}
+            _ => return Server::Starting,
+        }
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
+                .await
+                .ok();
+        }
+        let Some(c) = self.client.as_ref() else {
+            return Server::Starting;
+        };
+        match sql::probe(c, self.timeout()).await {
+            Ok(p) => {
+                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                // The fence guards only a primary.
+                self.lease
+                    .primary_pid
+                    .store(if p.in_recovery { 0 } else { pid }, Ordering::SeqCst);
+                let running = Running {
+                    primary: !p.in_recovery,
+                    timeline: p.timeline,
+                    wal: p.wal.max(p.receive.unwrap_or(0)),
+                    upstream: if p.in_recovery {
+                        self.upstream.clone()
+                    } else {
+                        None
+                    },
+                    streaming: p.streaming,
+                };
+                self.last_probe = Some(p);
+                Server::Running(running)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot probe PostgreSQL");
+                self.client = None;
+                Server::Starting
+            }
+        }
+    }
+
+    /// A replica that has an upstream but has not streamed for a while, on an older timeline
+    /// than its leader: its history forked and it needs pg_rewind.
+    pub(super) async fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
+        let (Server::Running(r), DcsView::Available(g)) = (server, dcs) else {
+            self.not_streaming_since = None;
+            return false;
+        };
+        if r.primary || r.streaming || r.upstream.is_none() {
+            self.not_streaming_since = None;
+            return false;
+        }
+        let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
+        let leader_tl = g
+            .leader
+            .as_ref()
+            .and_then(|l| g.members.get(l))
+            .map(|m| m.timeline)
+            .unwrap_or(0);
+        let patience = Duration::from_secs(u64::from(self.cfg.ha.loop_wait).max(5));
+        if since.elapsed() <= patience || leader_tl <= r.timeline {
+            return false;
+        }
+        // Not proof yet: without a WAL receiver our timeline is read from the last
+        // restartpoint, which lags behind a replica that followed a promotion fine, and a dead
+        // leader stops streaming too. Only a live primary, on a later timeline, that we still
+        // cannot stream from means our history forked (rewinding wrongly is harmless; setting
+        // data aside because the leader died would not be).
+        let Some(leader) = g.leader.clone() else {
+            return false;
+        };
+        match self.probe_member(&leader).await {
+            Ok(p) => !p.in_recovery && p.timeline > r.timeline,
+            Err(e) => {
+                tracing::debug!(%leader, error = %e, "cannot check the leader's timeline");
+                false
+            }
+        }
+    }
+
+    /// Probe another member's server over TCP.
+    pub(super) async fn probe_member(&self, name: &str) -> Result<sql::Probe, String> {
+        let (host, port) = self
+            .member_address(name)
+            .ok_or(format!("no address published by {name}"))?;
+        let t = self.timeout();
+        let c = sql::connect_member(&self.cfg, &host, port, t)
+            .await
+            .map_err(|e| e.to_string())?;
+        sql::probe(&c, t).await.map_err(|e| e.to_string())
+    }
+
+    /// Drop what no agent writes from the cluster just read (see `GroupState::sanitize`),
+    /// say so once per change, and remove a bogus leader key of this member's group so that
+    /// a member can lead again.
+    pub(super) async fn distrust_etcd(&mut self) {
+        let mut problems = Vec::new();
+        let mut bogus_leader = None;
+        for (gid, g) in self.cluster.iter_mut() {
+            let u = g.sanitize();
+            problems.extend(u.problems.into_iter().map(|p| format!("group {gid}: {p}")));
+            if *gid == self.cfg.group {
+                bogus_leader = u.bogus_leader;
+            }
+        }
+        if problems != self.untrusted_said {
+            for p in &problems {
+                tracing::warn!("etcd: {p}");
+            }
+            self.untrusted_said = problems;
+        }
+        if let Some(name) = bogus_leader {
+            let key = self.keys().leader(self.cfg.group);
+            match self.dcs.delete_if(&key, name.as_bytes()).await {
+                Ok(true) => tracing::warn!(key, "removed a leader key no agent wrote"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key, error = %e, "cannot remove a bogus leader key"),
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The old primary's half of a planned switchover: the Citus write pause around it, the
+//! checkpoint, the clean stop and the handoff of the final WAL position.
+
+use super::*;
+
+impl Node {
+    /// Planned handover: checkpoint while still serving (so the shutdown checkpoint is short),
+    /// stop cleanly (WAL senders flush everything to the standbys before the server exits),
+    /// publish the final WAL position, then release the leader key. The candidate, woken by
+    /// the key's deletion, promotes once it has replayed up to that position.
+    pub(super) async fn switchover(&mut self, to: &str) -> Result<(), String> {
+        let t0 = Instant::now();
+        let keys = self.keys().clone();
+        if let Some(c) = self.client.as_ref() {
+            let _ = sql::checkpoint(c, Duration::from_secs(60)).await;
+        }
+        let checkpointed = t0.elapsed();
+        let paused = self.request_citus_pause(to).await;
+        let pause_ms = t0.elapsed().saturating_sub(checkpointed).as_millis() as u64;
+        self.stop(StopMode::Fast).await;
+        let stopped = t0.elapsed();
+        let control = self
+            .pg
+            .controldata()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no pg_control after shutdown")?;
+        // A stop that had to escalate (SIGQUIT after the timeout) or a crash meanwhile is no
+        // clean handoff: WAL written here may never have reached the candidate. Then no
+        // final position is published (the candidate goes by the last one the leader
+        // published) and this member rewinds before it follows.
+        let clean = shut_down_cleanly(&control.state);
+        if clean {
+            let body = serde_json::to_vec(&Status {
+                optime: control.checkpoint_lsn,
+                oldest_wal: None,
+            })
+            .unwrap_or_default();
+            self.dcs
+                .put(&keys.status(self.cfg.group), &body, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            tracing::error!(
+                state = %control.state,
+                "switchover: PostgreSQL did not shut down cleanly; no final position published, this member will rewind before following"
+            );
+        }
+        self.dcs
+            .delete_if(&keys.leader(self.cfg.group), self.cfg.member.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.clean_handoff = clean;
+        self.handoff_started = Some(Instant::now());
+        tracing::info!(
+            %to,
+            checkpoint_ms = checkpointed.as_millis() as u64,
+            citus_paused = paused,
+            pause_ms,
+            stopped_ms = stopped.as_millis() as u64,
+            released_ms = t0.elapsed().as_millis() as u64,
+            final_lsn = control.checkpoint_lsn,
+            "switchover: primary stopped cleanly and released the leader key"
+        );
+        Ok(())
+    }
+
+    /// A worker group's leader about to stop for a switchover asks the coordinator primary to
+    /// hold the group's writes (the `citus_pause` key) and waits, bounded, for the answer.
+    /// True when the coordinator holds them; otherwise the switchover goes ahead without.
+    pub(super) async fn request_citus_pause(&self, to: &str) -> bool {
+        use crate::dcs::keys::{CitusPause, PauseState};
+        if self.cfg.is_coordinator() || !self.cfg.citus.pause_on_switchover {
+            return false;
+        }
+        let coordinator_runs = self
+            .cluster
+            .get(&0)
+            .and_then(|g| {
+                let l = g.leader.as_ref()?;
+                g.members.get(&l.name)
+            })
+            .is_some_and(|m| m.is_running_primary());
+        if !coordinator_runs {
+            tracing::info!("no coordinator primary running: switching over without a write pause");
+            return false;
+        }
+        let key = self.keys().citus_pause(self.cfg.group);
+        let request = CitusPause {
+            leader: self.cfg.member.clone(),
+            candidate: Some(to.to_string()),
+            state: PauseState::Requested,
+            coordinator: None,
+            detail: None,
+        };
+        let Ok(body) = serde_json::to_vec(&request) else {
+            return false;
+        };
+        if let Err(e) = self.dcs.put(&key, &body, self.lease.lease_id()).await {
+            tracing::warn!(error = %e, "cannot ask the coordinator for a write pause");
+            return false;
+        }
+        // The coordinator may have to wait out transactions in flight (up to the cooldown).
+        let wait =
+            Duration::from_millis(u64::from(self.cfg.citus.lock_cooldown_ms)) + self.timeout();
+        let answer = self
+            .dcs
+            .wait_for(&key, wait, |v| match v {
+                None => Some(Err("the request was withdrawn".to_string())),
+                Some(bytes) => match serde_json::from_slice::<CitusPause>(bytes) {
+                    Ok(p) if p.leader != self.cfg.member => Some(Err("another request".into())),
+                    Ok(p) => match p.state {
+                        PauseState::Requested => None,
+                        PauseState::Paused => Some(Ok(p.coordinator.unwrap_or_default())),
+                        PauseState::Refused => Some(Err(p.detail.unwrap_or_default())),
+                    },
+                    Err(_) => Some(Err("unreadable answer".into())),
+                },
+            })
+            .await;
+        match answer {
+            Ok(Some(Ok(coordinator))) => {
+                tracing::info!(%coordinator, "the coordinator holds the group's writes");
+                true
+            }
+            other => {
+                let why = match other {
+                    Ok(Some(Err(why))) => why,
+                    Ok(None) => format!("no answer within {} ms", wait.as_millis()),
+                    Err(e) => e.to_string(),
+                    Ok(Some(Ok(_))) => String::new(),
+                };
+                tracing::warn!(reason = %why, "switching over without a write pause");
+                // Withdraw, so a late answer does not hold writes for nothing.
+                let _ = self.dcs.delete_if(&key, &body).await;
+                false
+            }
+        }
+    }
+}
+
+/// pg_controldata's "Database cluster state" after a primary's clean shutdown (a standby's
+/// says "shut down in recovery"; a SIGQUIT or a crash leaves "in production").
+fn shut_down_cleanly(state: &str) -> bool {
+    state.trim() == "shut down"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shut_down_cleanly;
+
+    #[test]
+    fn only_a_clean_primary_shutdown_is_a_clean_handoff() {
+        for (state, clean) in [
+            ("shut down", true),
+            ("shut down in recovery", false),
+            ("in production", false),
+            ("in crash recovery", false),
+            ("", false),
+        ] {
+            assert_eq!(shut_down_cleanly(state), clean, "{state:?}");
+        }
+    }
+}
