@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub now_unix: i64,
     /// How long this replica has been running without a WAL receiver that streams.
     pub not_streaming_for: std::time::Duration,
+    /// This member handed over (switchover) more than a lease ago and nobody took the key.
+    pub handoff_overdue: bool,
 }
 
 /// A standby whose WAL the leader no longer has is cloned again only after this long without
@@ -190,6 +192,13 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
     let named_me = leader == Some(me);
     let i_lead = named_me && g.leader_lease.is_some() && g.leader_lease == s.my_lease;
     let other_leader = leader.filter(|l| *l != me);
+    if s.handoff_overdue && leader.is_none() && g.failover.is_some() {
+        // The candidate we handed over to did not take over: drop the request so that a
+        // normal election runs.
+        return vec![ClearFailover {
+            reason: "the switchover candidate did not take over in time".into(),
+        }];
+    }
     if named_me && !i_lead {
         // Our name on a lease that is not ours: a key left by a previous run of this agent.
         return match (&s.data, s.my_lease) {
@@ -603,6 +612,7 @@ mod tests {
             now_unix: 1_000_000,
             use_slots: false,
             not_streaming_for: std::time::Duration::ZERO,
+            handoff_overdue: false,
         }
     }
 
@@ -890,6 +900,31 @@ mod tests {
         let mut u = t;
         group(&mut u).oldest_wal = None;
         check("the leader did not say", u, &[]);
+    }
+
+    #[test]
+    fn a_handover_nobody_took_is_withdrawn() {
+        let mut s = base();
+        s.server = Server::Stopped;
+        group(&mut s).failover = Some(FailoverRequest {
+            leader: Some("m1".into()),
+            member: Some("m2".into()),
+            ..Default::default()
+        });
+        s.handoff_overdue = true;
+        check(
+            "overdue, nobody leads: clear",
+            s.clone(),
+            &[ClearFailover {
+                reason: String::new(),
+            }],
+        );
+        let mut t = s.clone();
+        set_leader(&mut t, "m2");
+        assert!(!decide(&t).iter().any(|a| matches!(a, ClearFailover { .. })));
+        let mut t = s;
+        t.handoff_overdue = false;
+        assert!(!decide(&t).iter().any(|a| matches!(a, ClearFailover { .. })));
     }
 
     #[test]

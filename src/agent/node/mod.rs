@@ -535,6 +535,7 @@ impl Node {
                     .delete(&keys.failover(g))
                     .await
                     .map_err(|e| e.to_string())?;
+                self.handoff_started = None;
                 Ok(true)
             }
             Action::PublishOptime => {

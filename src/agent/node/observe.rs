@@ -69,17 +69,12 @@ impl Node {
                 DcsView::Unavailable
             }
         };
+        let mut handoff_overdue = false;
         if let (Some(t0), DcsView::Available(g)) = (self.handoff_started, &dcs) {
-            let taken = g.leader.is_some();
-            if taken {
+            if g.leader.is_some() || g.failover.is_none() {
                 self.handoff_started = None;
-            } else if t0.elapsed() > self.lease.timing.ttl && g.failover.is_some() {
-                // The candidate did not take over: drop the request so a normal election runs.
-                tracing::warn!(
-                    "the switchover candidate did not take over in time; clearing the request"
-                );
-                let _ = self.dcs.delete(&self.keys().failover(self.cfg.group)).await;
-                self.handoff_started = None;
+            } else {
+                handoff_overdue = t0.elapsed() > self.lease.timing.ttl;
             }
         }
         let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str())
@@ -106,6 +101,7 @@ impl Node {
             coordinator: self.cfg.is_coordinator(),
             clean_handoff: self.clean_handoff,
             use_slots: self.cfg.ha.use_slots,
+            handoff_overdue,
             not_streaming_for: self
                 .not_streaming_since
                 .map(|t| t.elapsed())
