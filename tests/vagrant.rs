@@ -1,6 +1,9 @@
 //! `vagrant/`: the Vagrantfile and the spec it is made for agree, and both are valid as far as
 //! this machine can tell without VMs — `vagrant validate` (Debian's vagrant, installed by
-//! `.ci/setup`) and `citus-reconcile validate` (secrets skipped: `vagrant up` makes them).
+//! `.ci/setup`) and `citus-reconcile validate` (secrets skipped: `vagrant up` makes them) — and
+//! the spec itself runs on the lab with its addresses moved to a lab subnet.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -115,4 +118,73 @@ fn vagrant_validates_the_vagrantfile() {
             .unwrap_or_default();
         assert_eq!(mode, 0o600, "{f}");
     }
+}
+
+/// The Vagrant spec on the lab: the same topology, settings and names, with what only VMs
+/// have replaced — addresses moved from 192.168.56.0/24 to a lab subnet, the lab's SSH key and
+/// secrets, no packages to install (the lab has PostgreSQL and Citus) and agents as processes
+/// (no systemd here).
+#[test]
+fn the_vagrant_spec_converges_on_the_lab() {
+    if !common::lab_available("the vagrant spec on the lab") {
+        return;
+    }
+    let original = std::fs::read_to_string("vagrant/cluster.yaml").expect("the spec");
+    let mut text = original.replace("192.168.56.", "10.213.158.");
+    for (from, to) in [
+        ("  install: apt\n", "  install: none\n"),
+        ("  service: systemd\n", "  service: process\n"),
+        (".generated/id_ed25519", ".lab/id_ed25519"),
+        (".generated/known_hosts", ".lab/known_hosts"),
+        (
+            "{ file: .generated/superuser.password }",
+            "{ env: CR_LAB_SUPERUSER }",
+        ),
+        (
+            "{ file: .generated/replication.password }",
+            "{ env: CR_LAB_REPLICATION }",
+        ),
+    ] {
+        assert!(
+            text.contains(from),
+            "vagrant/cluster.yaml no longer has {from:?}"
+        );
+        text = text.replace(from, to);
+    }
+    let t = common::cluster(&text);
+    let s = common::status(&t);
+    let members = s["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 7, "{s}");
+    for g in 0..3 {
+        assert!(
+            common::leader(&t, g).is_some(),
+            "group {g} has no leader: {s}"
+        );
+    }
+    let primaries = s["pg_dist_node"]
+        .as_array()
+        .map(|rows| rows.iter().filter(|r| r["noderole"] == "primary").count())
+        .unwrap_or(0);
+    assert_eq!(primaries, 3, "{s}");
+    // A distributed table through the coordinator, spread over both worker groups.
+    let coordinator = common::leader(&t, 0).expect("a coordinator leader");
+    common::psql(
+        &t,
+        &coordinator,
+        "CREATE TABLE vagrant_probe (id int PRIMARY KEY)",
+    );
+    common::psql(
+        &t,
+        &coordinator,
+        "SELECT create_distributed_table('vagrant_probe', 'id')",
+    );
+    common::psql(
+        &t,
+        &coordinator,
+        "INSERT INTO vagrant_probe SELECT generate_series(1, 1000)",
+    );
+    assert_eq!(
+        common::psql(&t, &coordinator, "SELECT count(*) FROM vagrant_probe"),
+        "1000"
+    );
 }
