@@ -35,6 +35,11 @@ fn member_state(t: &TestLab, member: &str) -> (String, String) {
     )
 }
 
+/// `Some(())` once `member` is a replica that streams (for `wait_for`).
+fn streaming(t: &TestLab, member: &str) -> Option<()> {
+    (member_state(t, member) == ("Replica".to_string(), "streaming".to_string())).then_some(())
+}
+
 fn coordinator_row(t: &TestLab, group: u32) -> Option<String> {
     let s = status(t);
     s["pg_dist_node"]
@@ -244,10 +249,7 @@ fn etcd_partition_demotes_the_primary_then_it_rejoins() {
     wait_for(
         "the old primary to rejoin as a streaming replica",
         Duration::from_secs(90),
-        || {
-            (member_state(&t, &old) == ("Replica".to_string(), "streaming".to_string()))
-                .then_some(())
-        },
+        || streaming(&t, &old),
     );
     let log = p.stop();
     // The cut-off primary must have stopped accepting writes before the new one started.
@@ -357,10 +359,7 @@ fn switchover_under_write_load_then_back_through_the_rest_api() {
     wait_for(
         "the old primary to stream from the new one",
         Duration::from_secs(60),
-        || {
-            (member_state(&t, &old) == ("Replica".to_string(), "streaming".to_string()))
-                .then_some(())
-        },
+        || streaming(&t, &old),
     );
     assert_eq!(inode(&data_dir), before, "the old primary was re-cloned");
 
@@ -1122,10 +1121,7 @@ fn member_slots_keep_a_standbys_wal_and_a_standby_past_them_is_cloned_again() {
     wait_for(
         "the standby to stream again",
         Duration::from_secs(60),
-        || {
-            (member_state(&t, &standby) == ("Replica".to_string(), "streaming".to_string()))
-                .then_some(())
-        },
+        || streaming(&t, &standby),
     );
     assert!(
         set_aside_dirs(&t, &standby).is_empty(),
@@ -1190,10 +1186,7 @@ fn member_slots_keep_a_standbys_wal_and_a_standby_past_them_is_cloned_again() {
     wait_for(
         "the standby to stream after a new clone",
         Duration::from_secs(120),
-        || {
-            (member_state(&t, &standby) == ("Replica".to_string(), "streaming".to_string()))
-                .then_some(())
-        },
+        || streaming(&t, &standby),
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen_503 = watcher.join().unwrap_or(false);
