@@ -54,8 +54,14 @@ fn coordinator_row(t: &TestLab, group: u32) -> Option<String> {
 /// place, a switchover, synchronous mode. Not after an asynchronous failover.)
 fn assert_nothing_acknowledged_lost(t: &TestLab, primary: &str, log: &[prober::Attempt]) -> usize {
     let acked = prober::acknowledged(log);
-    let mut c = prober::postgres_sync::Client::connect(&address(t, primary), 5432)
-        .expect("connect to the primary");
+    // The prober's clients give up after 1.5 s; a host busy with another test's checkpoints
+    // can take longer to accept one connection. Waiting for it is a liveness guard: the
+    // check below is what matters.
+    let mut c = wait_for(
+        "a connection to the primary",
+        Duration::from_secs(30),
+        || prober::postgres_sync::Client::connect(&address(t, primary), 5432),
+    );
     let present: std::collections::BTreeSet<i64> = c
         .query_ids("SELECT id FROM probe")
         .expect("read probe")
