@@ -247,6 +247,38 @@ pub fn leader(t: &TestLab, group: u64) -> Option<String> {
         .and_then(|m| m["member"].as_str().map(str::to_string))
 }
 
+/// Who holds a group's leader key according to `status`, whatever that member's PostgreSQL is
+/// doing at the moment (a leader restarting PostgreSQL after a crash is still the leader).
+/// `None` when nobody holds it or `status` did not answer.
+pub fn leader_key_holder(t: &TestLab, group: u64) -> Option<String> {
+    status(t)["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["group"] == group && m["role"] == "Leader")
+        .and_then(|m| m["member"].as_str().map(str::to_string))
+}
+
+/// Asserts that `expected` still leads `group`: waits (bounded) for the group to report a
+/// running leader, then checks it is `expected`; the failure message carries the agents' logs.
+pub fn assert_still_leader(t: &TestLab, group: u64, expected: &str, why: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = leader_key_holder(t, group);
+    while std::time::Instant::now() < deadline {
+        if leader(t, group).as_deref() == Some(expected) {
+            return;
+        }
+        seen = leader_key_holder(t, group);
+        if seen.as_deref().is_some_and(|s| s != expected) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    panic!(
+        "{why}: expected {expected} to lead group {group}, the leader key is held by {seen:?}\n{}",
+        agent_logs(t, 40)
+    );
+}
+
 /// (name, address, port) of every member of a group in the spec.
 pub fn members(t: &TestLab, group: u32) -> Vec<(String, String, u16)> {
     t.spec
