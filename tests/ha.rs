@@ -1300,3 +1300,69 @@ fn etcd_out_of_space_freezes_the_cluster_as_it_is_until_cleared() {
         "the primary stopped serving while etcd was full"
     );
 }
+
+#[test]
+fn a_standby_that_cannot_start_under_a_live_leader_is_set_aside_and_cloned_again() {
+    if !lab_available("standby start failures") {
+        return;
+    }
+    let t = cluster(&lab_spec("hastartfail", 159, &[(0, 1), (1, 2)], 1, FAST_HA));
+    let primary = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let standby = members(&t, 1)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .find(|m| *m != primary)
+        .expect("a second member");
+    wait_for("the standby to stream", Duration::from_secs(60), || {
+        streaming(&t, &standby)
+    });
+    psql(
+        &t,
+        &primary,
+        "CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 1000) g",
+    );
+    let p = probe_group(&t, 1);
+    // A value PostgreSQL refuses at start, where an edit by hand would put it: the standby can
+    // never start with this data, while its leader runs.
+    let data_dir = t
+        .spec
+        .host(&standby)
+        .map(|h| h.data_dir.clone())
+        .expect("the standby's data dir");
+    let auto_conf = format!("{data_dir}/postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto_conf).expect("postgresql.auto.conf");
+    text.push_str("shared_buffers = 'plenty'\n");
+    std::fs::write(&auto_conf, text).expect("edit postgresql.auto.conf");
+    common::kill_postmaster(&t, &standby);
+    wait_for(
+        "the standby to stream again after a new clone",
+        Duration::from_secs(120),
+        || streaming(&t, &standby),
+    );
+    let aside = set_aside_dirs(&t, &standby);
+    let copy = aside
+        .iter()
+        .find(|d| d.contains(".start-failed-"))
+        .unwrap_or_else(|| {
+            panic!(
+                "not set aside as start-failed: {aside:?}\n{}",
+                common::agent_logs(&t, 40)
+            )
+        });
+    // Set aside, never deleted: the copy still holds the data and the edit that broke it.
+    let parent = std::path::Path::new(&data_dir)
+        .parent()
+        .expect("a parent folder");
+    let kept =
+        std::fs::read_to_string(parent.join(copy).join("postgresql.auto.conf")).unwrap_or_default();
+    assert!(kept.contains("'plenty'"), "{kept}");
+    wait_for(
+        "the clone to hold every row",
+        Duration::from_secs(30),
+        || (psql(&t, &standby, "SELECT count(*) FROM kept") == "1000").then_some(()),
+    );
+    let log = p.stop();
+    prober::assert_no_split_brain(&log);
+    common::assert_still_leader(&t, 1, &primary, "the leader changed while a standby failed");
+    assert_nothing_acknowledged_lost(&t, &primary, &log);
+}

@@ -105,6 +105,13 @@ pub struct Snapshot {
     pub not_streaming_for: std::time::Duration,
     /// This member handed over (switchover) more than a lease ago and nobody took the key.
     pub handoff_overdue: bool,
+    /// Failed starts as a standby in a row (reset by a start that succeeds).
+    pub failed_replica_starts: u32,
+    /// The leader answered as a running primary when asked directly (asked only once
+    /// `failed_replica_starts` reaches the limit: a stale member key must not cost us data).
+    pub leader_confirmed_primary: bool,
+    /// pg_rewind from this member failed (the source was reachable and a primary).
+    pub rewind_failed_from: Option<String>,
 }
 
 /// A standby whose WAL the leader no longer has is cloned again only after this long without
@@ -168,8 +175,9 @@ pub enum Action {
     /// Keep a replication slot for every other member (see `agent::slots`).
     ManageSlots,
     /// Stop, set the data directory aside (never deleted) and let the member be cloned again:
-    /// the WAL it needs to catch up is gone.
+    /// its data cannot rejoin the group as it is.
     Reinit {
+        cause: ReinitCause,
         reason: String,
     },
     /// Delete the `failover` key (done, stale or impossible).
@@ -178,6 +186,32 @@ pub enum Action {
     },
     Wait(String),
 }
+
+/// Why a member's data is set aside to be cloned again. Its `tag` names the set-aside copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReinitCause {
+    /// The leader no longer has the WAL this standby needs next.
+    WalGone,
+    /// PostgreSQL failed to start as a standby of a live leader several times in a row.
+    StartFailed,
+    /// pg_rewind against the current leader failed.
+    RewindFailed,
+}
+
+impl ReinitCause {
+    pub fn tag(self) -> &'static str {
+        match self {
+            ReinitCause::WalGone => "wal-gone",
+            ReinitCause::StartFailed => "start-failed",
+            ReinitCause::RewindFailed => "rewind-failed",
+        }
+    }
+}
+
+/// Failed starts as a standby of a leader that answers as primary, in a row, after which the
+/// data is set aside (it may need WAL the leader no longer has). Fewer could be a passing
+/// fault (disk full, a port still taken).
+pub const MAX_REPLICA_START_FAILURES: u32 = 3;
 
 use Action::*;
 
@@ -324,6 +358,23 @@ fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool
         return vec![ReleaseLeader];
     }
     if let Some(l) = other_leader {
+        // Data that cannot rejoin as it is: set it aside (never deleted) and clone afresh.
+        // Never while the leader is unconfirmed: this copy may be the best one left.
+        if s.rewind_failed_from.as_deref() == Some(l) {
+            return vec![Reinit {
+                cause: ReinitCause::RewindFailed,
+                reason: format!("pg_rewind from {l} failed"),
+            }];
+        }
+        if s.failed_replica_starts >= MAX_REPLICA_START_FAILURES && s.leader_confirmed_primary {
+            return vec![Reinit {
+                cause: ReinitCause::StartFailed,
+                reason: format!(
+                    "PostgreSQL failed to start as a standby of {l} {} times in a row",
+                    s.failed_replica_starts
+                ),
+            }];
+        }
         if was_primary && !s.clean_handoff {
             // We were a primary and someone else leads now: our timeline may have forked.
             return vec![
@@ -481,6 +532,7 @@ fn running_replica(
         }
         if wal_gone(g, r) && s.not_streaming_for >= RECLONE_AFTER {
             return vec![Reinit {
+                cause: ReinitCause::WalGone,
                 reason: format!(
                     "the leader no longer has the WAL this member needs (received up to {}, the leader's oldest WAL begins at {})",
                     r.wal,
@@ -613,6 +665,9 @@ mod tests {
             use_slots: false,
             not_streaming_for: std::time::Duration::ZERO,
             handoff_overdue: false,
+            failed_replica_starts: 0,
+            leader_confirmed_primary: false,
+            rewind_failed_from: None,
         }
     }
 
@@ -662,7 +717,8 @@ mod tests {
                     ClearFailover { .. } => ClearFailover {
                         reason: String::new(),
                     },
-                    Reinit { .. } => Reinit {
+                    Reinit { cause, .. } => Reinit {
+                        cause: *cause,
                         reason: String::new(),
                     },
                     other => other.clone(),
@@ -881,6 +937,7 @@ mod tests {
             "the leader's oldest WAL is past our position: clone again",
             t.clone(),
             &[Reinit {
+                cause: ReinitCause::WalGone,
                 reason: String::new(),
             }],
         );
@@ -935,6 +992,76 @@ mod tests {
         check("no slots", s.clone(), &[PublishOptime]);
         s.use_slots = true;
         check("slots", s, &[ManageSlots, PublishOptime]);
+    }
+
+    #[test]
+    fn data_that_cannot_rejoin_is_set_aside_only_against_a_confirmed_leader() {
+        let mut s = base();
+        set_leader(&mut s, "m2");
+        let start = [StartReplica {
+            upstream: Some("m2".into()),
+        }];
+        let mut t = s.clone();
+        t.failed_replica_starts = MAX_REPLICA_START_FAILURES - 1;
+        t.leader_confirmed_primary = true;
+        check("two failed starts: try again", t, &start);
+        let mut t = s.clone();
+        t.failed_replica_starts = MAX_REPLICA_START_FAILURES;
+        check(
+            "three failed starts, the leader unconfirmed: keep the data, try again",
+            t.clone(),
+            &start,
+        );
+        t.leader_confirmed_primary = true;
+        let set_aside = |cause| {
+            [Reinit {
+                cause,
+                reason: String::new(),
+            }]
+        };
+        check(
+            "three failed starts under a confirmed leader: set aside",
+            t,
+            &set_aside(ReinitCause::StartFailed),
+        );
+
+        let mut t = s.clone();
+        t.data = DataDir::Initialized {
+            sysid: "42".into(),
+            was_primary: true,
+        };
+        t.rewind_failed_from = Some("m2".into());
+        check(
+            "pg_rewind from the leader failed: set aside",
+            t.clone(),
+            &set_aside(ReinitCause::RewindFailed),
+        );
+        set_leader(&mut t, "m3");
+        check(
+            "it failed against another member: rewind from the new leader",
+            t.clone(),
+            &[
+                Rewind { from: "m3".into() },
+                StartReplica {
+                    upstream: Some("m3".into()),
+                },
+            ],
+        );
+        let mut u = t.clone();
+        group(&mut u).leader = None;
+        group(&mut u).leader_lease = None;
+        check(
+            "no leader: never set aside",
+            u,
+            &[StartReplica { upstream: None }],
+        );
+        set_leader(&mut t, "m1");
+        t.rewind_failed_from = Some("m1".into());
+        check(
+            "our own key: restart as leader, never set aside",
+            t,
+            &[StartPrimary],
+        );
     }
 
     #[test]

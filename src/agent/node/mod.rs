@@ -87,6 +87,8 @@ pub struct Node {
     ssn_since_lsn: Option<u64>,
     /// Consecutive failed starts as a replica.
     replica_start_failures: u32,
+    /// pg_rewind from this member failed (see `Snapshot::rewind_failed_from`).
+    rewind_failed_from: Option<String>,
     handoff_started: Option<Instant>,
     /// The coordinator's write pauses (coordinator members only).
     pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
@@ -141,6 +143,7 @@ impl Node {
             ssn_changed: None,
             ssn_since_lsn: None,
             replica_start_failures: 0,
+            rewind_failed_from: None,
             pauses: None,
             requests: Default::default(),
         }
@@ -374,21 +377,8 @@ impl Node {
                 }
                 let leader = upstream.clone();
                 if let Err(e) = self.start(Role::Replica { upstream: addr }, upstream).await {
+                    // Counted for `decide`, which sets the data aside after a few in a row.
                     self.replica_start_failures += 1;
-                    // Data that cannot even start as a standby of a live leader (say, it needs
-                    // WAL the leader no longer has): set it aside, never delete it, and clone
-                    // afresh. Never while the leader is unreachable: this copy may be the best
-                    // one left.
-                    let leader_alive = match &leader {
-                        Some(l) => self.probe_member(l).await.is_ok_and(|p| !p.in_recovery),
-                        None => false,
-                    };
-                    if leader_alive && self.replica_start_failures >= 3 {
-                        tracing::error!(error = %e, "PostgreSQL fails to start as a replica; setting the data directory aside to clone again");
-                        self.replica_start_failures = 0;
-                        self.set_aside("start-failed")?;
-                        return Ok(false);
-                    }
                     return Err(e);
                 }
                 self.replica_start_failures = 0;
@@ -496,10 +486,9 @@ impl Node {
                         Ok(true)
                     }
                     Err(e) => {
-                        // Rewind cannot work: keep the old data aside and clone afresh.
-                        tracing::error!(error = %e, "pg_rewind failed; the data directory is set aside and the member will be cloned again");
-                        self.set_aside("rewind-failed")?;
-                        Ok(false)
+                        // `decide` sets the data aside next cycle (against this leader only).
+                        self.rewind_failed_from = Some(from);
+                        Err(format!("pg_rewind failed: {e}"))
                     }
                 }
             }
@@ -523,10 +512,12 @@ impl Node {
                 }
                 Ok(true)
             }
-            Action::Reinit { reason } => {
+            Action::Reinit { cause, reason } => {
                 tracing::error!(%reason, "setting the data directory aside; the member will be cloned again");
                 self.stop(StopMode::Fast).await;
-                self.set_aside("wal-gone")?;
+                self.set_aside(cause.tag())?;
+                self.replica_start_failures = 0;
+                self.rewind_failed_from = None;
                 Ok(false)
             }
             Action::ClearFailover { reason } => {

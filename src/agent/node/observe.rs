@@ -85,6 +85,18 @@ impl Node {
             self.slots_seen.clear();
         }
         let diverged = self.detect_divergence(&server, &dcs).await;
+        // Asked only when `decide` would set our data aside on the answer.
+        let leader_confirmed_primary = match &dcs {
+            DcsView::Available(g)
+                if self.replica_start_failures >= decide::MAX_REPLICA_START_FAILURES =>
+            {
+                match g.leader.as_deref().filter(|l| *l != self.cfg.member) {
+                    Some(l) => self.probe_member(l).await.is_ok_and(|p| !p.in_recovery),
+                    None => false,
+                }
+            }
+            _ => false,
+        };
         Snapshot {
             me: self.cfg.member.clone(),
             nofailover: self.cfg.tags.nofailover,
@@ -102,6 +114,9 @@ impl Node {
             clean_handoff: self.clean_handoff,
             use_slots: self.cfg.ha.use_slots,
             handoff_overdue,
+            failed_replica_starts: self.replica_start_failures,
+            leader_confirmed_primary,
+            rewind_failed_from: self.rewind_failed_from.clone(),
             not_streaming_for: self
                 .not_streaming_since
                 .map(|t| t.elapsed())
