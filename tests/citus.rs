@@ -796,3 +796,152 @@ fn wait_secondaries_streaming(t: &TestLab) {
             .then_some(())
     });
 }
+
+/// Transactions PgBouncer at `addr` has carried for the `citus` database (its admin
+/// console's `SHOW STATS`), or None when it does not answer.
+fn pgbouncer_transactions(addr: &str, port: u16) -> Option<u64> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-XAt",
+            "-F",
+            ",",
+            "-c",
+            "SHOW STATS",
+            &format!(
+                "host={addr} port={port} user=postgres dbname=pgbouncer sslmode=require connect_timeout=3"
+            ),
+        ])
+        .env("PGPASSWORD", "lab-superuser-pw")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split(',');
+        (f.next() == Some("citus")).then(|| f.next()?.parse().ok())?
+    })
+}
+
+/// Every primary's pg_dist_poolinfo, as `nodeid poolinfo` lines, from the coordinator.
+fn poolinfo_rows(c: &mut Sql) -> Vec<String> {
+    c.strings("SELECT nodeid || ' ' || poolinfo FROM pg_dist_poolinfo ORDER BY nodeid")
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pgbouncer_before_each_worker_carries_citus_traffic_across_a_failover() {
+    if !real_citus("PgBouncer in front of the workers") {
+        return;
+    }
+    if std::process::Command::new("pgbouncer")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("pgbouncer is not installed (.ci/setup installs it)");
+    }
+    let spec = lab_spec(
+        "cituspool",
+        160,
+        &[(0, 1), (1, 2)],
+        1,
+        &format!("citus: {{ pooler: {{ port: 6432 }} }}\n{FAST_HA}"),
+    );
+    let t = cluster(&spec);
+    let plan = cli(&t, &["plan"]);
+    let first = leader(&t, 1).expect("group 1 leader");
+    let mut c = coordinator(&t);
+    // The worker's row has its pool row; the coordinator's has none.
+    let worker_row = wait_for(
+        "the worker's pg_dist_poolinfo row on the coordinator",
+        Duration::from_secs(30),
+        || {
+            let rows = poolinfo_rows(&mut c);
+            (rows.len() == 1 && rows[0].ends_with(" port=6432")).then(|| rows[0].clone())
+        },
+    );
+    c.exec(
+        "CREATE TABLE pooled (id bigint PRIMARY KEY, v text);
+         SELECT create_distributed_table('pooled', 'id');
+         INSERT INTO pooled SELECT g, 'x' FROM generate_series(1000001, 1000200) g;",
+    )
+    .expect("a distributed table through the coordinator");
+    let (first_addr, _) = address_of(&t, &first);
+    let carried = wait_for(
+        "the leader's PgBouncer to carry Citus's transactions",
+        Duration::from_secs(30),
+        || pgbouncer_transactions(&first_addr, 6432).filter(|n| *n > 0),
+    );
+    drop(c);
+
+    // The group's primary host crashes under a writer: its row moves to the other member,
+    // whose PgBouncer already runs; the pool row stays as it is.
+    let coord = addresses(&t, 0);
+    let w = Writer::start(&coord, "pooled", Duration::from_millis(10));
+    std::thread::sleep(Duration::from_secs(1));
+    t.lab.crash(&first).expect("crash group 1's primary host");
+    let second = wait_for("a new group 1 leader", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|l| *l != first)
+    });
+    wait_rows_follow_leaders(&t, &[1]);
+    writes_resume(&w, "writes through the coordinator after the failover");
+    let log = w.stop();
+    let summary = citus_client::summarize(&log);
+    eprintln!("writer through the coordinator and PgBouncer, failover of group 1: {summary}");
+    citus_client::assert_nothing_acknowledged_lost(&coord, "pooled", &log);
+    let mut c = coordinator(&t);
+    assert_eq!(
+        poolinfo_rows(&mut c),
+        vec![worker_row.clone()],
+        "the pool row changed with the failover"
+    );
+    let (second_addr, _) = address_of(&t, &second);
+    let after = pgbouncer_transactions(&second_addr, 6432).unwrap_or(0);
+    assert!(
+        after > 0,
+        "the new primary's PgBouncer carried nothing after the failover"
+    );
+    eprintln!(
+        "PgBouncer transactions: {carried} on {first} before its crash, {after} on {second} after"
+    );
+    assert_eq!(
+        c.one("SELECT count(*) FROM pooled WHERE id > 1000000")
+            .expect("count"),
+        "200"
+    );
+    drop(c);
+
+    // The pooler leaves the spec: PgBouncer stops and the rows go, PostgreSQL keeps running
+    // (no leader changes).
+    t.lab.up().expect("the crashed host back");
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let without = spec.replace("citus: { pooler: { port: 6432 } }\n", "");
+    std::fs::write(&t.spec_path, &without).expect("rewrite the spec");
+    let o = cli(&t, &["plan"]);
+    let text = output_text(&o);
+    assert!(
+        text.contains("citus.pooler changed") && text.contains("pg_dist_poolinfo: - "),
+        "{text}"
+    );
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let mut c = coordinator(&t);
+    wait_for("pg_dist_poolinfo emptied", Duration::from_secs(30), || {
+        poolinfo_rows(&mut c).is_empty().then_some(())
+    });
+    wait_for("PgBouncer stopped", Duration::from_secs(30), || {
+        pgbouncer_transactions(&second_addr, 6432)
+            .is_none()
+            .then_some(())
+    });
+    assert_eq!(
+        leader(&t, 1).as_deref(),
+        Some(second.as_str()),
+        "a pooler change moved leadership"
+    );
+    c.exec("INSERT INTO pooled VALUES (2000000, 'direct')")
+        .expect("a write through the coordinator without the pooler");
+    eprintln!("plan with the pooler:\n{}", output_text(&plan));
+}

@@ -132,6 +132,9 @@ pub struct CitusConfig {
     pub pause_on_switchover: bool,
     #[serde(default)]
     pub pause_on_loss: bool,
+    /// PgBouncer in front of this member when it is a worker (`citus.pooler`).
+    #[serde(default)]
+    pub pooler: Option<crate::spec::model::PoolerSpec>,
 }
 
 fn yes() -> bool {
@@ -242,6 +245,7 @@ impl AgentConfig {
                 lock_cooldown_ms: spec.citus.lock_cooldown_ms,
                 pause_on_switchover: spec.citus.pause_on_switchover,
                 pause_on_loss: spec.citus.pause_on_loss,
+                pooler: spec.citus.pooler.clone(),
             },
             ha: HaConfig {
                 ttl: spec.ha.ttl,
@@ -361,6 +365,29 @@ impl AgentConfig {
         Some(names)
     }
 
+    /// `new` differs from this configuration in `citus.pooler` only: PgBouncer is restarted
+    /// with it, PostgreSQL and the agent keep running.
+    /// Secrets may change too (the caller applies them as on their own).
+    pub fn pooler_change_only(&self, new: &AgentConfig) -> bool {
+        let without = |c: &AgentConfig| {
+            let mut c = c.clone();
+            c.citus.pooler = None;
+            c.render_redacted()
+        };
+        self.citus.pooler != new.citus.pooler
+            && without(self) == without(new)
+            && self.etcd == new.etcd
+            && self.api.tls == new.api.tls
+    }
+
+    /// This member runs PgBouncer: a worker, with `citus.pooler` set.
+    pub fn runs_pooler(&self) -> Option<&crate::spec::model::PoolerSpec> {
+        self.citus
+            .pooler
+            .as_ref()
+            .filter(|_| !self.is_coordinator())
+    }
+
     /// A digest of each secret, to tell which changed without keeping or showing values.
     pub fn secret_digests(&self) -> BTreeMap<String, String> {
         let digest = |s: &Secret| sha256_hex(s.expose());
@@ -430,6 +457,15 @@ impl Paths {
     pub fn pgpass(&self) -> String {
         format!("{}/pgpass", self.install_dir)
     }
+    pub fn pgbouncer_ini(&self) -> String {
+        format!("{}/pgbouncer.ini", self.install_dir)
+    }
+    pub fn pgbouncer_users(&self) -> String {
+        format!("{}/pgbouncer-users.txt", self.install_dir)
+    }
+    pub fn pgbouncer_log(&self) -> String {
+        format!("{}/pgbouncer.log", self.install_dir)
+    }
     /// systemd unit name for a member.
     pub fn unit_name(cluster: &str, member: &str) -> String {
         format!("citus-reconcile-{cluster}-{member}.service")
@@ -490,6 +526,7 @@ pub(crate) fn sample() -> AgentConfig {
             lock_cooldown_ms: 10_000,
             pause_on_switchover: true,
             pause_on_loss: false,
+            pooler: None,
         },
         ha: HaConfig {
             ttl: 30,

@@ -112,6 +112,8 @@ pub struct Snapshot {
     pub leader_confirmed_primary: bool,
     /// pg_rewind from this member failed (the source was reachable and a primary).
     pub rewind_failed_from: Option<String>,
+    /// `citus.pooler` is set: every primary keeps its pg_dist_poolinfo in line.
+    pub pooler: bool,
 }
 
 /// A standby whose WAL the leader no longer has is cloned again only after this long without
@@ -163,6 +165,8 @@ pub enum Action {
     EnsureSetup,
     /// Bring the coordinator's pg_dist_node in line with the group leaders.
     SyncCitus,
+    /// Bring this primary's pg_dist_poolinfo in line with `citus.pooler` (see `node::pooler`).
+    SyncPoolinfo,
     /// Publish the last known WAL position of the leader (`status` key).
     PublishOptime,
     /// One step of synchronous replication management (see `agent::sync`).
@@ -490,6 +494,9 @@ fn leader_duties(s: &Snapshot) -> Vec<Action> {
     if s.coordinator {
         a.push(SyncCitus);
     }
+    if s.pooler {
+        a.push(SyncPoolinfo);
+    }
     if s.synchronous_mode != SyncModeConfig::Off {
         a.push(ManageSync);
     }
@@ -668,6 +675,7 @@ mod tests {
             failed_replica_starts: 0,
             leader_confirmed_primary: false,
             rewind_failed_from: None,
+            pooler: false,
         }
     }
 
@@ -991,7 +999,14 @@ mod tests {
         set_leader(&mut s, "m1");
         check("no slots", s.clone(), &[PublishOptime]);
         s.use_slots = true;
-        check("slots", s, &[ManageSlots, PublishOptime]);
+        check("slots", s.clone(), &[ManageSlots, PublishOptime]);
+        let mut t = s.clone();
+        t.pooler = true;
+        check(
+            "a pooler: pg_dist_poolinfo kept in line",
+            t,
+            &[SyncPoolinfo, ManageSlots, PublishOptime],
+        );
     }
 
     #[test]

@@ -239,6 +239,27 @@ async fn run_async(
                             }
                             wake.notify_one();
                         }
+                        None if node.cfg.pooler_change_only(&new) => {
+                            // PgBouncer restarts with its new settings on the next cycle;
+                            // PostgreSQL and the agent keep running.
+                            tracing::info!("citus.pooler changed; PgBouncer follows");
+                            // Parameters still waiting for a restart stay waiting.
+                            match node.pending_config_sha256.is_some() {
+                                true => node.pending_config_sha256 = Some(sha),
+                                false => node.config_sha256 = sha,
+                            }
+                            if node.cfg.secret_digests() != new.secret_digests() {
+                                api.set_auth(new.api.auth.clone());
+                                if let Err(e) = node.reload_secrets(new.clone()) {
+                                    tracing::error!(error = %e, "cannot apply the new secrets");
+                                }
+                            }
+                            if let Some(p) = &node.pauses {
+                                p.set_config(new.clone());
+                            }
+                            node.adopt_config(new);
+                            wake.notify_one();
+                        }
                         None if node.cfg.parameter_changes(&new).is_some() => {
                             // New parameters (and perhaps secrets): rewritten and reloaded in
                             // place. `plan` sends this only when PostgreSQL can take them all

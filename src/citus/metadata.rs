@@ -536,10 +536,91 @@ pub fn diff_authinfo(
     out
 }
 
+/// One row of `pg_dist_poolinfo` on a node, beside the `pg_dist_node` row it belongs to
+/// (either may be missing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolinfoRow {
+    pub nodeid: i32,
+    /// The node's group, name and port; None for a pool row whose node is gone.
+    pub groupid: Option<i32>,
+    pub nodename: Option<String>,
+    pub nodeport: Option<i32>,
+    pub poolinfo: Option<String>,
+}
+
+/// One change to a node's `pg_dist_poolinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PoolinfoChange {
+    Set {
+        nodeid: i32,
+        poolinfo: String,
+        previous: Option<String>,
+    },
+    Remove {
+        nodeid: i32,
+        poolinfo: String,
+    },
+}
+
+/// A member whose PgBouncer runs, as its member key says: PostgreSQL's address and port
+/// (what `pg_dist_node` names), and PgBouncer's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolerAt {
+    pub host: String,
+    pub port: u16,
+    pub pooler_port: u16,
+}
+
+/// The `poolinfo` of a worker node whose member runs PgBouncer on `port`: only the port —
+/// the host stays the node's own, so it never points one node's traffic at another host,
+/// and a failover that moves a group's row changes nothing here (every member of the group
+/// runs its own PgBouncer on the same port).
+pub fn poolinfo_for(port: u16) -> String {
+    format!("port={port}")
+}
+
+/// The changes that bring a node's `pg_dist_poolinfo` in line. A worker row (primary or
+/// secondary) gets a pool row while the member it names runs PgBouncer on the spec's port
+/// (`running`); otherwise Citus connects directly, so a PgBouncer that is down or not
+/// started yet costs no connection. The table is ours: rows of the coordinator, of nodes
+/// that are gone (Citus leaves them behind) and all rows without a pooler in the spec go.
+pub fn diff_poolinfo(
+    observed: &[PoolinfoRow],
+    port: Option<u16>,
+    running: &[PoolerAt],
+) -> Vec<PoolinfoChange> {
+    let mut out = Vec::new();
+    for r in observed {
+        let desired = match (r.groupid, &r.nodename, r.nodeport, port) {
+            (Some(g), Some(host), Some(node_port), Some(want)) if g > 0 => running
+                .iter()
+                .any(|p| p.host == *host && i32::from(p.port) == node_port && p.pooler_port == want)
+                .then(|| poolinfo_for(want)),
+            _ => None,
+        };
+        match (desired, &r.poolinfo) {
+            (Some(d), cur) if cur.as_deref() != Some(d.as_str()) => out.push(PoolinfoChange::Set {
+                nodeid: r.nodeid,
+                poolinfo: d,
+                previous: cur.clone(),
+            }),
+            (None, Some(cur)) => out.push(PoolinfoChange::Remove {
+                nodeid: r.nodeid,
+                poolinfo: cur.clone(),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// How shards move: online (logical replication) when every distributed table has a replica
-/// identity, otherwise with writes to each shard blocked while it moves.
-pub fn transfer_mode(without_replica_identity: &[String]) -> &'static str {
-    if without_replica_identity.is_empty() {
+/// identity, otherwise with writes to each shard blocked while it moves. Also blocked with a
+/// pooler in `pg_dist_poolinfo`: Citus opens the replication connections of a logical move
+/// through it, and PgBouncer before 1.23 (Debian 12 ships 1.18) refuses them.
+pub fn transfer_mode(without_replica_identity: &[String], pooler: bool) -> &'static str {
+    if without_replica_identity.is_empty() && !pooler {
         "force_logical"
     } else {
         "block_writes"
@@ -820,6 +901,114 @@ mod tests {
             [AuthinfoChange::Remove { .. }]
         ));
         assert!(diff_authinfo(None, &[other_role], "postgres").is_empty());
+    }
+
+    #[test]
+    fn poolinfo_rows_for_workers_whose_pgbouncer_runs() {
+        let row = |id: i32, g: Option<i32>, host: &str, p: Option<&str>| PoolinfoRow {
+            nodeid: id,
+            groupid: g,
+            nodename: g.map(|_| host.to_string()),
+            nodeport: g.map(|_| 5432),
+            poolinfo: p.map(str::to_string),
+        };
+        let at = |host: &str, pooler_port: u16| PoolerAt {
+            host: host.into(),
+            port: 5432,
+            pooler_port,
+        };
+        let set = |id: i32, p: &str, prev: Option<&str>| PoolinfoChange::Set {
+            nodeid: id,
+            poolinfo: p.into(),
+            previous: prev.map(str::to_string),
+        };
+        let remove = |id: i32, p: &str| PoolinfoChange::Remove {
+            nodeid: id,
+            poolinfo: p.into(),
+        };
+        let all = vec![at("c", 6432), at("w1", 6432), at("w2", 6432)];
+        // (case, the node's rows, the spec's port, PgBouncers running, expected changes)
+        type Case<'a> = (
+            &'a str,
+            Vec<PoolinfoRow>,
+            Option<u16>,
+            Vec<PoolerAt>,
+            Vec<PoolinfoChange>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "every worker row whose PgBouncer runs, never the coordinator's",
+                vec![
+                    row(1, Some(0), "c", None),
+                    row(2, Some(1), "w1", None),
+                    row(3, Some(2), "w2", None),
+                ],
+                Some(6432),
+                all.clone(),
+                vec![set(2, "port=6432", None), set(3, "port=6432", None)],
+            ),
+            (
+                "in place already",
+                vec![row(2, Some(1), "w1", Some("port=6432"))],
+                Some(6432),
+                all.clone(),
+                vec![],
+            ),
+            (
+                "PgBouncer not running (yet): Citus connects directly",
+                vec![
+                    row(2, Some(1), "w1", Some("port=6432")),
+                    row(3, Some(2), "w2", None),
+                ],
+                Some(6432),
+                vec![at("w2", 6432)],
+                vec![remove(2, "port=6432"), set(3, "port=6432", None)],
+            ),
+            (
+                "running on another port than the spec's (not restarted yet)",
+                vec![row(2, Some(1), "w1", Some("port=6000"))],
+                Some(6432),
+                vec![at("w1", 6000)],
+                vec![remove(2, "port=6000")],
+            ),
+            (
+                "a row pointing somewhere by hand",
+                vec![row(2, Some(1), "w1", Some("host=10.9.9.9 port=6432"))],
+                Some(6432),
+                all.clone(),
+                vec![set(2, "port=6432", Some("host=10.9.9.9 port=6432"))],
+            ),
+            (
+                "no pooler in the spec: rows go",
+                vec![
+                    row(2, Some(1), "w1", Some("port=6432")),
+                    row(3, Some(2), "w2", None),
+                ],
+                None,
+                all.clone(),
+                vec![remove(2, "port=6432")],
+            ),
+            (
+                "the row of a node that is gone",
+                vec![row(9, None, "", Some("port=6432"))],
+                Some(6432),
+                all.clone(),
+                vec![remove(9, "port=6432")],
+            ),
+            (
+                "a coordinator row with a pool row",
+                vec![row(1, Some(0), "c", Some("port=6432"))],
+                Some(6432),
+                all,
+                vec![remove(1, "port=6432")],
+            ),
+        ];
+        for (name, rows, port, running, want) in cases {
+            assert_eq!(diff_poolinfo(&rows, port, &running), want, "{name}");
+        }
+        assert_eq!(transfer_mode(&[], false), "force_logical");
+        assert_eq!(transfer_mode(&[], true), "block_writes");
+        assert_eq!(transfer_mode(&["t".into()], false), "block_writes");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::metadata::{AuthinfoRow, NodeChange, NodeRow, RowUpdate};
+use super::metadata::{AuthinfoRow, NodeChange, NodeRow, PoolinfoChange, PoolinfoRow, RowUpdate};
 use crate::postgres::sql::{SqlError, bounded};
 use crate::spec::secret::Secret;
 
@@ -64,6 +64,78 @@ pub async fn authinfo(c: &Client, timeout: Duration) -> Result<Vec<AuthinfoRow>,
             authinfo: Secret::new(r.get::<_, String>(2)),
         })
         .collect())
+}
+
+/// This node's `pg_dist_poolinfo` beside its `pg_dist_node` (both node-local here: Citus
+/// syncs neither table's pool rows between nodes).
+pub async fn poolinfo(c: &Client, timeout: Duration) -> Result<Vec<PoolinfoRow>, SqlError> {
+    let rows = bounded(
+        "read pg_dist_poolinfo",
+        timeout,
+        c.query(
+            "SELECT COALESCE(n.nodeid, p.nodeid), n.groupid, n.nodename::text, n.nodeport, p.poolinfo \
+             FROM pg_catalog.pg_dist_node n FULL JOIN pg_catalog.pg_dist_poolinfo p ON p.nodeid = n.nodeid \
+             ORDER BY 1",
+            &[],
+        ),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PoolinfoRow {
+            nodeid: r.get(0),
+            groupid: r.get(1),
+            nodename: r.get(2),
+            nodeport: r.get(3),
+            poolinfo: r.get(4),
+        })
+        .collect())
+}
+
+/// Bring this node's `pg_dist_poolinfo` in line (one transaction). The changes made.
+pub async fn sync_poolinfo(
+    c: &mut Client,
+    port: Option<u16>,
+    running: &[crate::citus::metadata::PoolerAt],
+    timeout: Duration,
+) -> Result<Vec<PoolinfoChange>, SqlError> {
+    let changes =
+        crate::citus::metadata::diff_poolinfo(&poolinfo(c, timeout).await?, port, running);
+    if changes.is_empty() {
+        return Ok(changes);
+    }
+    let tx = bounded("begin", timeout, c.transaction()).await?;
+    for ch in &changes {
+        match ch {
+            PoolinfoChange::Set {
+                nodeid, poolinfo, ..
+            } => {
+                bounded(
+                    "set a pg_dist_poolinfo row",
+                    timeout,
+                    tx.execute(
+                        "INSERT INTO pg_catalog.pg_dist_poolinfo (nodeid, poolinfo) VALUES ($1, $2) \
+                         ON CONFLICT (nodeid) DO UPDATE SET poolinfo = EXCLUDED.poolinfo",
+                        &[nodeid, poolinfo],
+                    ),
+                )
+                .await?;
+            }
+            PoolinfoChange::Remove { nodeid, .. } => {
+                bounded(
+                    "remove a pg_dist_poolinfo row",
+                    timeout,
+                    tx.execute(
+                        "DELETE FROM pg_catalog.pg_dist_poolinfo WHERE nodeid = $1",
+                        &[nodeid],
+                    ),
+                )
+                .await?;
+            }
+        }
+    }
+    bounded("commit", timeout, tx.commit()).await?;
+    Ok(changes)
 }
 
 /// How `citus_update_node` treats transactions in flight on the group whose row moves.

@@ -105,6 +105,9 @@ pub struct MemberInfo {
     /// Parameters PostgreSQL takes only at its next restart (`pg_settings.pending_restart`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
+    /// The port of the PgBouncer in front of this member (`citus.pooler`), while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooler_port: Option<u16>,
 }
 
 fn is_zero(p: &u16) -> bool {

@@ -81,6 +81,7 @@ command -v apt-get >/dev/null 2>&1 && echo apt=yes
 if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
 share=$({bin}/pg_config --sharedir 2>/dev/null || echo {default_share})
 [ -f "$share/extension/citus.control" ] && echo citus=yes
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin command -v pgbouncer >/dev/null 2>&1 && echo pgbouncer=yes
 [ -f {data}/PG_VERSION ] && echo "data_major=$(head -c 8 {data}/PG_VERSION)"
 if [ -f {data}/global/pg_control ]; then echo data=initialized; echo "sysid=$({bin}/pg_controldata {data} 2>/dev/null | sed -n 's/^Database system identifier: *//p')"
 elif [ -d {data} ] && [ -n "$(ls -A {data} 2>/dev/null)" ]; then echo data=partial
@@ -132,6 +133,7 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
             "apt" => f.apt = true,
             "pg" => f.postgres_version = Some(v.to_string()),
             "citus" => f.citus_available = true,
+            "pgbouncer" => f.pgbouncer_available = true,
             "data" => {
                 f.data_dir = match v {
                     "initialized" => DataDirState::Initialized,
@@ -300,7 +302,8 @@ where
     Ok(client)
 }
 
-/// pg_dist_node from the coordinator's primary and pg_dist_authinfo from every group primary.
+/// pg_dist_node from the coordinator's primary, pg_dist_authinfo and pg_dist_poolinfo from
+/// every group primary.
 async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut Observed) {
     for (g, group) in &etcd.groups {
         let Some(leader) = &group.leader else {
@@ -330,6 +333,12 @@ async fn metadata(spec: &Spec, sessions: &Sessions, etcd: &EtcdObserved, o: &mut
         match citus::sql::authinfo(&client, SQL_TIMEOUT).await {
             Ok(rows) => {
                 o.authinfo.insert(*g, rows);
+            }
+            Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
+        }
+        match citus::sql::poolinfo(&client, SQL_TIMEOUT).await {
+            Ok(rows) => {
+                o.poolinfo.insert(*g, rows);
             }
             Err(e) => o.metadata_error = Some(format!("{leader}: {e}")),
         }

@@ -7,7 +7,7 @@ use similar::TextDiff;
 
 use super::model::{DataDirState, Desired, HostDesired, HostFacts, HostObserved, Observed};
 use super::{Action, Change, FORMAT_VERSION, Kind, Phase, Plan, Summary, Target};
-use crate::citus::metadata::{self, AuthinfoChange, NodeChange};
+use crate::citus::metadata::{self, AuthinfoChange, NodeChange, PoolinfoChange};
 use crate::dcs::keys::{MemberRole, MemberState};
 use crate::spec::model::{InstallMode, Service};
 
@@ -75,11 +75,12 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
     if o.etcd.error.is_none() {
         convergence(d, o, &mut actions);
         metadata_actions(d, o, &mut actions);
+        poolinfo_actions(d, o, &mut actions);
         rebalance_actions(d, o, &mut actions);
         destroy_actions(d, o, &mut actions);
         alter_system_actions(d, o, &mut actions);
         pending_restarts(d, o, &mut actions);
-        setup_repairs(o, &mut actions);
+        setup_repairs(d, o, &mut actions);
     }
     reload_or_restart(d, o, &mut actions);
     errors.extend(rolling_notes(d, o, &mut actions));
@@ -135,6 +136,13 @@ fn reload_or_restart(d: &Desired, o: &Observed, actions: &mut [Action]) {
             _ => None,
         };
         if running.is_none_or(str::is_empty) || running != file {
+            continue;
+        }
+        if pooler_only_change(d, h, o.hosts.get(name)) {
+            a.kind = Kind::ReloadAgent {
+                reason: "citus.pooler changed".into(),
+            };
+            a.summary = "reload the agent (citus.pooler changed: PgBouncer starts, restarts or stops; PostgreSQL keeps running)".into();
             continue;
         }
         let Some(names) = parameter_only_change(d, h, o.hosts.get(name)) else {
@@ -242,6 +250,24 @@ fn parameter_only_change(
     old.parameter_changes(&new)
 }
 
+/// A host's new agent configuration changes `citus.pooler` and nothing else (same binary).
+fn pooler_only_change(d: &Desired, h: &HostDesired, observed: Option<&HostObserved>) -> bool {
+    let Some(HostObserved::Reachable(f)) = observed else {
+        return false;
+    };
+    if f.agent_binary_sha256.as_deref() != Some(d.binary_sha256.as_str()) {
+        return false;
+    }
+    let parse = |t: &str| crate::agent::config::AgentConfig::parse(t).ok();
+    match (
+        f.agent_config_redacted.as_deref().and_then(parse),
+        parse(&h.agent_config_redacted),
+    ) {
+        (Some(old), Some(new)) => old.pooler_change_only(&new),
+        _ => false,
+    }
+}
+
 fn act(phase: Phase, target: Target, change: Change, kind: Kind, summary: String) -> Action {
     Action {
         phase,
@@ -291,6 +317,19 @@ fn host_actions(
                 h.name
             )),
             _ => {}
+        }
+    }
+    if d.pooler_port.is_some() && h.group != 0 && !f.pgbouncer_available {
+        match h.install {
+            InstallMode::Apt => {
+                if !packages.iter().any(|p| p == "pgbouncer") {
+                    packages.push("pgbouncer".into());
+                }
+            }
+            InstallMode::None => errors.push(format!(
+                "{}: citus.pooler needs PgBouncer on every worker member, and pgbouncer is not installed (install: none); install Debian's pgbouncer package",
+                h.name
+            )),
         }
     }
     if !packages.is_empty() {
@@ -807,12 +846,68 @@ fn metadata_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     }
 }
 
+/// `pg_dist_poolinfo` on every group primary that could be read: as it will be once every
+/// worker member of the spec runs its PgBouncer (the agents add a row only then).
+fn poolinfo_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
+    let running: Vec<metadata::PoolerAt> = d
+        .pooler_port
+        .map(|pooler_port| {
+            d.hosts
+                .values()
+                .filter(|h| h.group != 0)
+                .map(|h| metadata::PoolerAt {
+                    host: h.address.clone(),
+                    port: h.pg_port,
+                    pooler_port,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (g, rows) in &o.poolinfo {
+        for change in metadata::diff_poolinfo(rows, d.pooler_port, &running) {
+            let (c, text) = match &change {
+                PoolinfoChange::Set {
+                    nodeid,
+                    poolinfo,
+                    previous: None,
+                } => (
+                    Change::Add,
+                    format!(
+                        "pg_dist_poolinfo: + ({nodeid}) {poolinfo} (Citus connects to that node through its PgBouncer)"
+                    ),
+                ),
+                PoolinfoChange::Set {
+                    nodeid,
+                    poolinfo,
+                    previous: Some(old),
+                } => (
+                    Change::Change,
+                    format!("pg_dist_poolinfo: ~ ({nodeid}) {old} → {poolinfo}"),
+                ),
+                PoolinfoChange::Remove { nodeid, poolinfo } => (
+                    Change::Change,
+                    format!("pg_dist_poolinfo: - ({nodeid}) {poolinfo}"),
+                ),
+            };
+            out.push(act(
+                Phase::Converge,
+                Target::Group(*g),
+                c,
+                Kind::Poolinfo { group: *g, change },
+                text,
+            ));
+        }
+    }
+}
+
 /// A role password or `pg_dist_authinfo` row that differs while the group primary's agent has
 /// nothing new to take (edited by hand, say): the agent set them up once and does not look
 /// again on its own. A reload makes it (one transaction, PostgreSQL keeps running) — unless
 /// the host's agent is being started, restarted or reloaded anyway.
 /// The same for `ALTER SYSTEM` settings on any member: a reload makes the agent remove them.
-fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
+/// `pg_dist_poolinfo` rows left after the pooler went from the spec, too (with a pooler the
+/// primaries' agents keep the table in line on every cycle by themselves).
+fn setup_repairs(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     let groups: BTreeSet<u32> = out
         .iter()
         .filter_map(|a| match a.kind {
@@ -830,6 +925,17 @@ fn setup_repairs(o: &Observed, out: &mut Vec<Action>) {
             )
         })
         .collect();
+    if d.pooler_port.is_none() {
+        for a in out.iter() {
+            if let Kind::Poolinfo { group, .. } = a.kind {
+                if let Some(leader) = o.etcd.groups.get(&group).and_then(|e| e.leader.clone()) {
+                    hosts.entry(leader).or_insert(
+                        "reload the agent (it sets pg_dist_poolinfo again; PostgreSQL keeps running)",
+                    );
+                }
+            }
+        }
+    }
     for a in out.iter() {
         if let (Kind::AlterSystem { .. }, Target::Host(h)) = (&a.kind, &a.target) {
             hosts
@@ -865,8 +971,12 @@ fn rebalance_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
     let Some(shards) = o.shards.as_ref().filter(|_| d.rebalance) else {
         return;
     };
-    let mode = crate::citus::metadata::transfer_mode(&shards.without_replica_identity);
+    let mode = crate::citus::metadata::transfer_mode(
+        &shards.without_replica_identity,
+        d.pooler_port.is_some(),
+    );
     let why = match shards.without_replica_identity.as_slice() {
+        [] if d.pooler_port.is_some() => "writes to each shard wait while it moves: Citus would open a logical move's replication connections through PgBouncer (citus.pooler), which refuses them before 1.23".to_string(),
         [] => "online: writes go on while shards move".to_string(),
         tables => format!(
             "{} {} no replica identity, so writes to each shard wait while it moves; a primary key or REPLICA IDENTITY FULL would let {} move online",
@@ -945,7 +1055,10 @@ fn destroy_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
         let drain = match o.shards.as_ref() {
             Some(s) => {
                 let n = s.per_group.get(g).copied().unwrap_or(0);
-                let mode = crate::citus::metadata::transfer_mode(&s.without_replica_identity);
+                let mode = crate::citus::metadata::transfer_mode(
+                    &s.without_replica_identity,
+                    d.pooler_port.is_some(),
+                );
                 if n == 0 {
                     "no shards to move".to_string()
                 } else {

@@ -102,6 +102,11 @@ pub enum Kind {
         group: u32,
         change: crate::citus::metadata::AuthinfoChange,
     },
+    /// A row of a group primary's pg_dist_poolinfo (`citus.pooler`; the agents keep it).
+    Poolinfo {
+        group: u32,
+        change: crate::citus::metadata::PoolinfoChange,
+    },
     /// postgresql.conf differs from what the agent will write.
     PostgresConf,
     /// PostgreSQL runs other values than its files say until it restarts

@@ -23,6 +23,8 @@ pub struct Desired {
     pub superuser: String,
     /// The (0, superuser) row every primary's pg_dist_authinfo should hold.
     pub authinfo: Option<AuthinfoRow>,
+    /// `citus.pooler`'s port: every worker member runs PgBouncer there.
+    pub pooler_port: Option<u16>,
     /// The passwords the superuser and the replication role should have, by role name.
     #[serde(skip)]
     pub role_passwords: BTreeMap<String, crate::spec::secret::Secret>,
@@ -57,6 +59,8 @@ pub struct Observed {
     pub nodes: Option<Vec<NodeRow>>,
     /// pg_dist_authinfo of each group's primary.
     pub authinfo: BTreeMap<u32, Vec<AuthinfoRow>>,
+    /// pg_dist_poolinfo (beside pg_dist_node) of each group's primary.
+    pub poolinfo: BTreeMap<u32, Vec<crate::citus::metadata::PoolinfoRow>>,
     /// Stored password verifiers (`pg_authid.rolpassword`) of the superuser and the
     /// replication role on each group's primary, by role. Never shown.
     #[serde(skip)]
@@ -112,6 +116,8 @@ pub struct HostFacts {
     /// `postgres --version` output, when the binaries are present.
     pub postgres_version: Option<String>,
     pub citus_available: bool,
+    /// `pgbouncer` is on the service PATH (for `citus.pooler`).
+    pub pgbouncer_available: bool,
     pub data_dir: DataDirState,
     /// The major version the data directory was made with (its PG_VERSION file).
     pub data_major: Option<u32>,

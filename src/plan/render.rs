@@ -121,6 +121,7 @@ pub fn diff_only(plan: &Plan) -> String {
                 Kind::Node { .. }
                     | Kind::NodePending { .. }
                     | Kind::Authinfo { .. }
+                    | Kind::Poolinfo { .. }
                     | Kind::RemoveGroup { .. }
             )
         })

@@ -13,8 +13,15 @@ pub const PACKAGE_TIMEOUT: Duration = Duration::from_secs(900);
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn install_packages_script(packages: &[String]) -> Script {
+    // Debian's pgbouncer package starts a PgBouncer of its own (on localhost): the agent runs
+    // the one Citus uses, so the packaged service is stopped and never starts again.
+    let template = if packages.iter().any(|p| p == "pgbouncer") {
+        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages} && { systemctl disable --now pgbouncer.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/pgbouncer ] || /etc/init.d/pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }; }"
+    } else {
+        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages}"
+    };
     Script::render(
-        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages}",
+        template,
         &[(
             "packages",
             &quote_words(packages.iter().map(String::as_str)),

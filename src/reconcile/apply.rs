@@ -724,7 +724,10 @@ async fn drain_group(
         .await
         .map_err(fail)?;
     if shards.per_group.get(&group).copied().unwrap_or(0) > 0 || shards.running_job.is_some() {
-        let mode = crate::citus::metadata::transfer_mode(&shards.without_replica_identity);
+        let mode = crate::citus::metadata::transfer_mode(
+            &shards.without_replica_identity,
+            run.spec.citus.pooler.is_some(),
+        );
         super::rebalance::run_to_end(run, observed, true, mode, progress).await?;
     }
     let left = crate::citus::rebalance::observe(&c, SQL_TIMEOUT)

@@ -105,7 +105,13 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                 pg_major: spec.postgres.version,
                 install: spec.postgres.install,
                 packages: match spec.postgres.install {
-                    InstallMode::Apt => vec![format!("postgresql-{}", spec.postgres.version)],
+                    InstallMode::Apt => {
+                        let mut p = vec![format!("postgresql-{}", spec.postgres.version)];
+                        if spec.citus.pooler.is_some() && h.group != 0 {
+                            p.push("pgbouncer".into());
+                        }
+                        p
+                    }
                     InstallMode::None => vec![],
                 },
                 citus_package: spec.citus.package.clone(),
@@ -143,6 +149,7 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
         rebalance: spec.citus.rebalance,
         superuser: spec.postgres.superuser.username.clone(),
         authinfo,
+        pooler_port: spec.citus.pooler.as_ref().map(|p| p.port),
         role_passwords: [&spec.postgres.superuser, &spec.postgres.replication]
             .into_iter()
             .map(|c| (c.username.clone(), c.password.clone()))

@@ -95,6 +95,16 @@ pub struct CitusSpec {
     pub lock_cooldown_ms: u32,
     pub pause_on_switchover: bool,
     pub pause_on_loss: bool,
+    /// PgBouncer in front of every worker member (`citus.pooler`), if any.
+    pub pooler: Option<PoolerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PoolerSpec {
+    pub port: u16,
+    /// None: PostgreSQL's `max_connections` less 10 (see `postgres::pgbouncer`).
+    pub pool_size: Option<u32>,
+    pub max_client_conn: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -473,6 +483,11 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             lock_cooldown_ms: raw.citus.lock_cooldown_ms,
             pause_on_switchover: raw.citus.pause_on_switchover,
             pause_on_loss: raw.citus.pause_on_loss,
+            pooler: raw.citus.pooler.as_ref().map(|p| PoolerSpec {
+                port: p.port,
+                pool_size: p.pool_size,
+                max_client_conn: p.max_client_conn,
+            }),
         },
         ha: crate::spec::model::HaSpec {
             ttl: raw.ha.ttl,

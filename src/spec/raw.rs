@@ -277,6 +277,36 @@ pub struct RawCitus {
     /// `pause_timeout` passes: writes wait instead of failing for the whole failover.
     #[serde(default)]
     pub pause_on_loss: bool,
+    /// A PgBouncer on every worker member, which Citus's connections to the workers go
+    /// through (`pg_dist_poolinfo`). Off when absent.
+    #[serde(default)]
+    pub pooler: Option<RawPooler>,
+}
+
+/// PgBouncer in front of each worker member (session pooling).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPooler {
+    /// Port PgBouncer listens on, at each worker member's address.
+    #[serde(default = "default_pooler_port")]
+    pub port: u16,
+    /// Server connections per user and database (PgBouncer's `default_pool_size`). Default:
+    /// PostgreSQL's `max_connections` less 10. A pool smaller than what Citus opens to a worker
+    /// at once (up to `citus.max_adaptive_executor_pool_size`, 16, per distributed statement)
+    /// makes a statement wait for connections it holds itself.
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+    /// Client connections PgBouncer accepts (its `max_client_conn`).
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: u32,
+}
+
+fn default_pooler_port() -> u16 {
+    6432
+}
+
+fn default_max_client_conn() -> u32 {
+    500
 }
 
 impl Default for RawCitus {
@@ -291,6 +321,7 @@ impl Default for RawCitus {
             lock_cooldown_ms: default_lock_cooldown_ms(),
             pause_on_switchover: true,
             pause_on_loss: false,
+            pooler: None,
         }
     }
 }

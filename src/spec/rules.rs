@@ -379,6 +379,59 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
             .with_hint("lower lock_cooldown_ms or raise pause_timeout"),
         );
     }
+    if let Some(pl) = &spec.citus.pooler {
+        let max_connections = spec
+            .postgres
+            .parameters
+            .get("max_connections")
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(100);
+        let pool = pl
+            .pool_size
+            .unwrap_or_else(|| pooler_pool_size(max_connections));
+        for (field, value, least) in [
+            ("port", u32::from(pl.port), 1),
+            ("pool_size", pool, 1),
+            ("max_client_conn", pl.max_client_conn, 2),
+        ] {
+            if value < least {
+                out.push(Diagnostic::error(
+                    path(&format!("citus.pooler.{field}")),
+                    format!("{field} {value}: must be at least {least}"),
+                ));
+            }
+        }
+        if pool >= pl.max_client_conn {
+            out.push(
+                Diagnostic::error(
+                    path(&format!(
+                        "citus.pooler.{}",
+                        if pl.pool_size.is_some() {
+                            "pool_size"
+                        } else {
+                            "max_client_conn"
+                        }
+                    )),
+                    format!(
+                        "a pool of {pool} server connections is not below max_client_conn {}: clients beyond the pool would wait with nothing to wait for",
+                        pl.max_client_conn
+                    ),
+                )
+                .with_hint("PgBouncer pools many client connections into fewer server connections"),
+            );
+        }
+        if pool > max_connections {
+            out.push(
+                Diagnostic::error(
+                    path("citus.pooler.pool_size"),
+                    format!(
+                        "pool_size {pool} is above PostgreSQL's max_connections {max_connections}: PgBouncer would queue Citus's connections for server connections PostgreSQL refuses"
+                    ),
+                )
+                .with_hint("leave pool_size out: it defaults to max_connections less 10"),
+            );
+        }
+    }
     if let Some(pkg) = &spec.citus.package {
         if pkg.is_empty()
             || !pkg
@@ -532,8 +585,21 @@ fn hosts(spec: &Spec, out: &mut Vec<Diagnostic>) {
                     "address"
                 },
             ),
-        ] {
-            let field_path = path(&format!("{p}.{field}"));
+        ]
+        .into_iter()
+        .chain(
+            spec.citus
+                .pooler
+                .as_ref()
+                .filter(|_| h.group != 0)
+                .map(|pl| (pl.port, "PgBouncer", "address")),
+        ) {
+            let pooler = what == "PgBouncer";
+            let field_path = if pooler {
+                path("citus.pooler.port")
+            } else {
+                path(&format!("{p}.{field}"))
+            };
             match ports.get(&(address.clone(), port)) {
                 Some((other, other_what)) => out.push(
                     Diagnostic::error(
@@ -546,7 +612,11 @@ fn hosts(spec: &Spec, out: &mut Vec<Diagnostic>) {
                             other.path()
                         ),
                     )
-                    .with_hint("members that share an address need distinct postgres.port and agent.api_port"),
+                    .with_hint(if pooler {
+                        "every worker member runs PgBouncer on citus.pooler.port: choose one that no PostgreSQL or agent API at a worker's address uses"
+                    } else {
+                        "members that share an address need distinct postgres.port and agent.api_port"
+                    }),
                 ),
                 None => {
                     ports.insert((address.clone(), port), (h, what));
@@ -682,6 +752,15 @@ fn is_guc_name(s: &str) -> bool {
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// PgBouncer's server connections per user and database when the spec gives none: all that
+/// PostgreSQL accepts less some for the agent, replication and superuser sessions. Session
+/// pooling queues a client only when the pool is full, and a Citus statement holding some
+/// connections and waiting for more would wait for itself: with the pool as large as the
+/// server allows, PgBouncer queues only where a direct connection would be refused.
+pub fn pooler_pool_size(max_connections: u32) -> u32 {
+    max_connections.saturating_sub(10).max(1)
 }
 
 #[cfg(test)]

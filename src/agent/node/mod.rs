@@ -1,10 +1,12 @@
 //! One member at work: reads the local server and the group's keys into a `Snapshot`
 //! (`observe`), runs the actions `decide` picks (here, with the switchover in `switchover`,
-//! replication duties in `replication` and Citus's in `citus`), and publishes the member key.
+//! replication duties in `replication`, Citus's in `citus` and PgBouncer's in `pooler`), and
+//! publishes the member key.
 //! All I/O of the agent's loop is in this module and its children.
 
 mod citus;
 mod observe;
+mod pooler;
 mod replication;
 mod switchover;
 
@@ -92,6 +94,8 @@ pub struct Node {
     handoff_started: Option<Instant>,
     /// The coordinator's write pauses (coordinator members only).
     pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
+    /// PgBouncer in front of this worker (`citus.pooler`).
+    pooler: pooler::PoolerState,
     /// Operator requests from the REST API, run at the start of the next cycle.
     pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
 }
@@ -145,6 +149,7 @@ impl Node {
             replica_start_failures: 0,
             rewind_failed_from: None,
             pauses: None,
+            pooler: Default::default(),
             requests: Default::default(),
         }
     }
@@ -201,6 +206,7 @@ impl Node {
                 }
             }
         }
+        self.supervise_pooler().await;
         self.publish().await;
         ok
     }
@@ -502,6 +508,7 @@ impl Node {
             }
             Action::EnsureSetup => self.ensure_setup().await.map(|_| true),
             Action::SyncCitus => self.sync_citus().await.map(|_| true),
+            Action::SyncPoolinfo => self.sync_poolinfo().await.map(|_| true),
             Action::Switchover { to } => self.switchover(&to).await.map(|_| true),
             Action::ManageSync => self.manage_sync().await.map(|_| true),
             Action::ManageSlots => {
@@ -682,6 +689,8 @@ impl Node {
         sql::set_credentials(&self.cfg, authinfo.as_ref().map(|a| a.expose()), t)
             .await
             .map_err(|e| e.to_string())?;
+        // Also without a pooler: rows left from one go.
+        self.sync_poolinfo().await?;
         self.setup_done = true;
         Ok(())
     }
@@ -740,6 +749,7 @@ impl Node {
             host: self.cfg.address.clone(),
             port: self.cfg.postgres.port,
             upstream: self.upstream.clone().unwrap_or_default(),
+            pooler_port: self.pooler_port(),
         }
     }
 
@@ -776,6 +786,7 @@ impl Node {
     /// group does not wait for the lease to run out.
     pub async fn shutdown(&mut self) {
         self.stop(StopMode::Fast).await;
+        self.stop_pooler().await;
         let keys = self.keys().clone();
         let _ = self
             .dcs
@@ -784,6 +795,14 @@ impl Node {
         if let Some(id) = self.lease.lease_id() {
             let _ = self.dcs.revoke(id).await;
         }
+    }
+
+    /// Take a configuration that changes nothing PostgreSQL runs with (see
+    /// `AgentConfig::pooler_change_only`); the primary's setup (pg_dist_poolinfo) runs again.
+    pub fn adopt_config(&mut self, new: AgentConfig) {
+        self.cfg = new.clone();
+        self.pg.cfg = new;
+        self.setup_done = false;
     }
 
     /// Whether PostgreSQL runs here as a primary (as last observed).

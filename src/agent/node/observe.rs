@@ -117,6 +117,7 @@ impl Node {
             failed_replica_starts: self.replica_start_failures,
             leader_confirmed_primary,
             rewind_failed_from: self.rewind_failed_from.clone(),
+            pooler: self.cfg.citus.pooler.is_some(),
             not_streaming_for: self
                 .not_streaming_since
                 .map(|t| t.elapsed())

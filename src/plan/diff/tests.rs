@@ -65,6 +65,7 @@ fn desired() -> Desired {
             rolename: "postgres".into(),
             authinfo: Secret::new("password=s3cret"),
         }),
+        pooler_port: None,
         role_passwords: BTreeMap::from([
             ("postgres".to_string(), Secret::new("s3cret")),
             ("replicator".to_string(), Secret::new("r3pl")),
@@ -81,6 +82,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         apt: true,
         postgres_version: Some("postgres (PostgreSQL) 15.18".into()),
         citus_available: true,
+        pgbouncer_available: true,
         data_dir: DataDirState::Initialized,
         data_major: Some(15),
         sysid: None,
@@ -161,6 +163,7 @@ fn converged(d: &Desired) -> Observed {
         },
         nodes: Some(vec![node(1, 0, "10.0.0.11"), node(2, 1, "10.0.0.21")]),
         authinfo: BTreeMap::from([(0, auth.clone()), (1, auth)]),
+        poolinfo: BTreeMap::new(),
         role_verifiers: BTreeMap::from([
             (0, verifiers("s3cret", "r3pl")),
             (1, verifiers("s3cret", "r3pl")),
@@ -851,6 +854,62 @@ fn setup_drift_is_repaired_by_a_reload_of_the_group_primarys_agent() {
             .count(),
         0,
         "{got:#?}"
+    );
+}
+
+#[test]
+fn the_pooler_shows_as_pg_dist_poolinfo_rows_and_blocks_logical_moves() {
+    use crate::citus::metadata::PoolinfoRow;
+    let row = |id: i32, g: i32, host: &str, p: Option<&str>| PoolinfoRow {
+        nodeid: id,
+        groupid: Some(g),
+        nodename: Some(host.into()),
+        nodeport: Some(5432),
+        poolinfo: p.map(str::to_string),
+    };
+    let mut d = desired();
+    d.pooler_port = Some(6432);
+    let mut o = converged(&d);
+    let rows = vec![row(1, 0, "10.0.0.11", None), row(2, 1, "10.0.0.21", None)];
+    o.poolinfo = BTreeMap::from([(0, rows.clone()), (1, rows)]);
+    // Each primary's table gains the worker's row; the agents do it (no reload).
+    check(
+        &d,
+        &o,
+        &[
+            "+ g0 pg_dist_poolinfo: + (2) port=6432 (Citus connects to that node through its PgBouncer)",
+            "+ g1 pg_dist_poolinfo: + (2) port=6432 (Citus connects to that node through its PgBouncer)",
+        ],
+    );
+    let done = vec![
+        row(1, 0, "10.0.0.11", None),
+        row(2, 1, "10.0.0.21", Some("port=6432")),
+    ];
+    o.poolinfo = BTreeMap::from([(0, done.clone()), (1, done.clone())]);
+    check(&d, &o, &[]);
+    // Shards move with writes blocked, and the plan says why.
+    d.rebalance = true;
+    o.shards = Some(shards(&[(1, 32)], 10, &[]));
+    let got = lines(&diff(&d, &o));
+    assert!(
+        got.iter()
+            .any(|l| l.contains("shard_transfer_mode => block_writes")
+                && l.contains("PgBouncer (citus.pooler)")),
+        "{got:#?}"
+    );
+    // The pooler leaves the spec: the rows go, through a reload of each primary's agent.
+    d.rebalance = false;
+    o.shards = None;
+    d.pooler_port = None;
+    check(
+        &d,
+        &o,
+        &[
+            "~ c1 reload the agent (it sets pg_dist_poolinfo again; PostgreSQL keeps running)",
+            "~ w1 reload the agent (it sets pg_dist_poolinfo again; PostgreSQL keeps running)",
+            "~ g0 pg_dist_poolinfo: - (2) port=6432",
+            "~ g1 pg_dist_poolinfo: - (2) port=6432",
+        ],
     );
 }
 
