@@ -132,8 +132,9 @@ pub struct CitusConfig {
     pub pause_on_switchover: bool,
     #[serde(default)]
     pub pause_on_loss: bool,
-    /// PgBouncer in front of this member when it is a worker (`citus.pooler`).
-    #[serde(default)]
+    /// PgBouncer in front of this member when it is a worker (`citus.pooler`). Left out when
+    /// absent, so configurations without one read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooler: Option<crate::spec::model::PoolerSpec>,
 }
 

@@ -142,7 +142,12 @@ fn reload_or_restart(d: &Desired, o: &Observed, actions: &mut [Action]) {
             a.kind = Kind::ReloadAgent {
                 reason: "citus.pooler changed".into(),
             };
-            a.summary = "reload the agent (citus.pooler changed: PgBouncer starts, restarts or stops; PostgreSQL keeps running)".into();
+            a.summary = if h.group == 0 {
+                "reload the agent (citus.pooler changed: it keeps pg_dist_poolinfo for it; PostgreSQL keeps running)"
+            } else {
+                "reload the agent (citus.pooler changed: PgBouncer starts, reloads, restarts or stops; PostgreSQL keeps running)"
+            }
+            .into();
             continue;
         }
         let Some(names) = parameter_only_change(d, h, o.hosts.get(name)) else {

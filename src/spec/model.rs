@@ -103,6 +103,7 @@ pub struct CitusSpec {
 pub struct PoolerSpec {
     pub port: u16,
     /// None: PostgreSQL's `max_connections` less 10 (see `postgres::pgbouncer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
     pub max_client_conn: u32,
 }
