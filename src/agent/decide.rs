@@ -363,7 +363,9 @@ fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool
     }
     if let Some(l) = other_leader {
         // Data that cannot rejoin as it is: set it aside (never deleted) and clone afresh.
-        // Never while the leader is unconfirmed: this copy may be the best one left.
+        // Only against a leader that answered as a primary: the rewind checks its source
+        // directly before it runs, repeated failed starts ask the leader (this copy may be
+        // the best one left otherwise).
         if s.rewind_failed_from.as_deref() == Some(l) {
             return vec![Reinit {
                 cause: ReinitCause::RewindFailed,

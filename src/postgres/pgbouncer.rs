@@ -167,7 +167,8 @@ impl Pg {
     }
 
     /// Start PgBouncer as the agent's child, as postgres, with the service environment. It
-    /// gets SIGTERM if the agent dies, like the postmaster gets SIGQUIT.
+    /// gets SIGKILL if the agent dies (the postmaster gets SIGQUIT): nothing to flush, and
+    /// PgBouncer's orderly-stop signals changed meaning in 1.23.
     pub fn start_pgbouncer(&self) -> Result<Child, PgError> {
         let step = "start pgbouncer";
         let log = std::fs::OpenOptions::new()
@@ -188,7 +189,7 @@ impl Pg {
         // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::setpgid(0, 0);

@@ -89,7 +89,11 @@ pub struct Node {
     ssn_since_lsn: Option<u64>,
     /// Consecutive failed starts as a replica.
     replica_start_failures: u32,
-    /// pg_rewind from this member failed (see `Snapshot::rewind_failed_from`).
+    /// The leader those failed starts were to follow (a count under another leader, or with
+    /// none, says nothing about this one).
+    start_failures_under: Option<String>,
+    /// pg_rewind from this member failed (see `Snapshot::rewind_failed_from`); cleared by
+    /// any start that works and by setting the data aside.
     rewind_failed_from: Option<String>,
     handoff_started: Option<Instant>,
     /// The coordinator's write pauses (coordinator members only).
@@ -147,6 +151,7 @@ impl Node {
             ssn_changed: None,
             ssn_since_lsn: None,
             replica_start_failures: 0,
+            start_failures_under: None,
             rewind_failed_from: None,
             pauses: None,
             pooler: Default::default(),
@@ -238,6 +243,7 @@ impl Node {
                 }
                 self.stop(StopMode::Fast).await;
                 self.set_aside("reinit")?;
+                self.forget_failed_starts();
                 tracing::warn!(
                     "data directory set aside on request; the member will be cloned again"
                 );
@@ -383,11 +389,17 @@ impl Node {
                 }
                 let leader = upstream.clone();
                 if let Err(e) = self.start(Role::Replica { upstream: addr }, upstream).await {
-                    // Counted for `decide`, which sets the data aside after a few in a row.
-                    self.replica_start_failures += 1;
+                    // Counted for `decide`, which sets the data aside after a few in a row
+                    // under the same live leader.
+                    if let Some(l) = &leader {
+                        if self.start_failures_under.as_ref() != Some(l) {
+                            self.start_failures_under = Some(l.clone());
+                            self.replica_start_failures = 0;
+                        }
+                        self.replica_start_failures += 1;
+                    }
                     return Err(e);
                 }
-                self.replica_start_failures = 0;
                 self.drop_leftover_slots().await;
                 if leader.is_some() {
                     // It runs as a standby of the new leader now: a later rejoin after being
@@ -489,6 +501,7 @@ impl Node {
                 match result {
                     Ok(()) => {
                         tracing::info!(%from, "pg_rewind done");
+                        self.rewind_failed_from = None;
                         Ok(true)
                     }
                     Err(e) => {
@@ -508,7 +521,14 @@ impl Node {
             }
             Action::EnsureSetup => self.ensure_setup().await.map(|_| true),
             Action::SyncCitus => self.sync_citus().await.map(|_| true),
-            Action::SyncPoolinfo => self.sync_poolinfo().await.map(|_| true),
+            Action::SyncPoolinfo => {
+                // Best effort, like the slots: a failure must not keep this cycle's other
+                // duties (synchronous standbys, the status key) from running.
+                if let Err(e) = self.sync_poolinfo().await {
+                    tracing::warn!(error = %e, "cannot update pg_dist_poolinfo");
+                }
+                Ok(true)
+            }
             Action::Switchover { to } => self.switchover(&to).await.map(|_| true),
             Action::ManageSync => self.manage_sync().await.map(|_| true),
             Action::ManageSlots => {
@@ -523,8 +543,7 @@ impl Node {
                 tracing::error!(%reason, "setting the data directory aside; the member will be cloned again");
                 self.stop(StopMode::Fast).await;
                 self.set_aside(cause.tag())?;
-                self.replica_start_failures = 0;
-                self.rewind_failed_from = None;
+                self.forget_failed_starts();
                 Ok(false)
             }
             Action::ClearFailover { reason } => {
@@ -655,6 +674,8 @@ impl Node {
         self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
             .await
             .ok();
+        // It runs: whatever failed before says nothing about this data any more.
+        self.forget_failed_starts();
         self.reset_alter_system().await;
         if matches!(role, Role::Primary { .. }) {
             let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
@@ -670,6 +691,13 @@ impl Node {
             pm.stop(mode, Duration::from_secs(60)).await;
             tracing::info!(?mode, "PostgreSQL stopped");
         }
+    }
+
+    /// Failed starts and a failed rewind, which `decide` would set the data aside for.
+    fn forget_failed_starts(&mut self) {
+        self.replica_start_failures = 0;
+        self.start_failures_under = None;
+        self.rewind_failed_from = None;
     }
 
     /// Database, extension, roles, passwords and authinfo on this primary.
@@ -689,8 +717,10 @@ impl Node {
         sql::set_credentials(&self.cfg, authinfo.as_ref().map(|a| a.expose()), t)
             .await
             .map_err(|e| e.to_string())?;
-        // Also without a pooler: rows left from one go.
-        self.sync_poolinfo().await?;
+        // Also without a pooler: rows left from one go. Best effort (`plan` shows rows left).
+        if let Err(e) = self.sync_poolinfo().await {
+            tracing::warn!(error = %e, "cannot update pg_dist_poolinfo");
+        }
         self.setup_done = true;
         Ok(())
     }

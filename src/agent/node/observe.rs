@@ -85,10 +85,19 @@ impl Node {
             self.slots_seen.clear();
         }
         let diverged = self.detect_divergence(&server, &dcs).await;
+        // Failed starts count only under the leader of now.
+        let failed_replica_starts = match &dcs {
+            DcsView::Available(g)
+                if g.leader.is_some() && g.leader == self.start_failures_under =>
+            {
+                self.replica_start_failures
+            }
+            _ => 0,
+        };
         // Asked only when `decide` would set our data aside on the answer.
         let leader_confirmed_primary = match &dcs {
             DcsView::Available(g)
-                if self.replica_start_failures >= decide::MAX_REPLICA_START_FAILURES =>
+                if failed_replica_starts >= decide::MAX_REPLICA_START_FAILURES =>
             {
                 match g.leader.as_deref().filter(|l| *l != self.cfg.member) {
                     Some(l) => self.probe_member(l).await.is_ok_and(|p| !p.in_recovery),
@@ -114,7 +123,7 @@ impl Node {
             clean_handoff: self.clean_handoff,
             use_slots: self.cfg.ha.use_slots,
             handoff_overdue,
-            failed_replica_starts: self.replica_start_failures,
+            failed_replica_starts,
             leader_confirmed_primary,
             rewind_failed_from: self.rewind_failed_from.clone(),
             pooler: self.cfg.citus.pooler.is_some(),

@@ -36,12 +36,15 @@ pub(super) struct PoolerState {
 }
 
 impl Node {
-    /// The port PgBouncer listens on, while it runs (for the member key).
+    /// The port PgBouncer listens on, for the member key: only once it has run past
+    /// `QUICK_EXIT` (one that cannot bind its port or read its certificate has exited by
+    /// then) and not while it retires, so no primary points Citus at it before or after.
     pub(super) fn pooler_port(&self) -> Option<u16> {
         self.pooler
             .process
             .as_ref()
-            .and(self.cfg.runs_pooler())
+            .filter(|p| p.started.elapsed() >= QUICK_EXIT)
+            .filter(|_| self.pooler.retiring_since.is_none())
             .map(|p| p.port)
     }
 
@@ -51,15 +54,29 @@ impl Node {
     pub(super) async fn supervise_pooler(&mut self) {
         let Some(pooler) = self.cfg.runs_pooler().cloned() else {
             // Its port is no longer published, so the primaries drop its rows on their next
-            // cycle; stopping it at once would fail Citus's connections until then.
-            if self.pooler.process.is_some() {
-                let since = *self.pooler.retiring_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.pooler_grace() {
-                    self.stop_pooler().await;
-                }
+            // cycle; stopping it at once would fail Citus's new connections until then.
+            if self.retire_pooler() {
+                self.stop_pooler().await;
             }
             return;
         };
+        let moving = self
+            .pooler
+            .process
+            .as_ref()
+            .is_some_and(|p| p.port != pooler.port);
+        if moving {
+            // A new port: the old PgBouncer serves unpublished until the primaries dropped
+            // its rows, then the new one starts (and is published once it runs).
+            if !self.retire_pooler() {
+                return;
+            }
+            tracing::info!(
+                port = pooler.port,
+                "PgBouncer's port changed; restarting it"
+            );
+            self.stop_pooler().await;
+        }
         self.pooler.retiring_since = None;
         if let Some(p) = self.pooler.process.as_mut() {
             if let Ok(Some(status)) = p.child.try_wait() {
@@ -92,12 +109,9 @@ impl Node {
             }
         };
         if let Some(p) = &self.pooler.process {
-            if !changed {
-                return;
-            }
-            if p.port == pooler.port {
-                // Pool sizes and the auth file: PgBouncer rereads them on SIGHUP, keeping
-                // its connections.
+            if changed {
+                // Pool sizes and the auth file (the port is the same: see above): PgBouncer
+                // rereads them on SIGHUP, keeping its connections.
                 if let Some(pid) = p.child.id() {
                     // SAFETY: kill(2) on our own child, which has not been reaped yet.
                     unsafe {
@@ -105,11 +119,8 @@ impl Node {
                     }
                 }
                 tracing::info!("PgBouncer's configuration changed; reloaded");
-                return;
             }
-            // A new port: the rows follow once the new one runs (its port is published).
-            tracing::info!("PgBouncer's port changed; restarting it");
-            self.stop_pooler().await;
+            return;
         }
         if self.pooler.next_start.is_some_and(|t| Instant::now() < t) {
             return;
@@ -132,6 +143,17 @@ impl Node {
         }
     }
 
+    /// Start (or go on) retiring the running PgBouncer; true once its grace has passed and it
+    /// may stop (also when none runs).
+    fn retire_pooler(&mut self) -> bool {
+        if self.pooler.process.is_none() {
+            self.pooler.retiring_since = None;
+            return true;
+        }
+        let since = *self.pooler.retiring_since.get_or_insert_with(Instant::now);
+        since.elapsed() >= self.pooler_grace()
+    }
+
     /// How long a retiring PgBouncer keeps serving: two cycles of the primaries, and a
     /// call's timeout for their write.
     fn pooler_grace(&self) -> Duration {
@@ -147,24 +169,16 @@ impl Node {
         }
     }
 
-    /// Stop PgBouncer (immediate shutdown: SIGTERM), if it runs.
+    /// Stop PgBouncer, if it runs: SIGKILL, as it keeps nothing to flush. (Its signals for
+    /// an orderly stop changed meaning in PgBouncer 1.23, and some wait for every client
+    /// to leave, which Citus's cached connections never do.)
     pub(super) async fn stop_pooler(&mut self) {
         self.pooler.retiring_since = None;
         let Some(mut p) = self.pooler.process.take() else {
             return;
         };
-        if let Some(pid) = p.child.id() {
-            // SAFETY: kill(2) on our own child, which has not been reaped yet.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = p.child.kill().await;
-        }
+        // (kill() sends SIGKILL and reaps the child.)
+        let _ = p.child.kill().await;
         tracing::info!("PgBouncer stopped");
     }
 
