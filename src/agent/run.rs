@@ -248,15 +248,7 @@ async fn run_async(
                                 true => node.pending_config_sha256 = Some(sha),
                                 false => node.config_sha256 = sha,
                             }
-                            if node.cfg.secret_digests() != new.secret_digests() {
-                                api.set_auth(new.api.auth.clone());
-                                if let Err(e) = node.reload_secrets(new.clone()) {
-                                    tracing::error!(error = %e, "cannot apply the new secrets");
-                                }
-                            }
-                            if let Some(p) = &node.pauses {
-                                p.set_config(new.clone());
-                            }
+                            take_secrets_and_pause_settings(&mut node, &api, &new);
                             node.adopt_config(new);
                             wake.notify_one();
                         }
@@ -271,15 +263,7 @@ async fn run_async(
                                 &crate::postgres::conf::render_postgresql_conf(&node.cfg),
                                 &crate::postgres::conf::render_postgresql_conf(&new),
                             );
-                            if node.cfg.secret_digests() != new.secret_digests() {
-                                api.set_auth(new.api.auth.clone());
-                                if let Err(e) = node.reload_secrets(new.clone()) {
-                                    tracing::error!(error = %e, "cannot apply the new secrets");
-                                }
-                            }
-                            if let Some(p) = &node.pauses {
-                                p.set_config(new.clone());
-                            }
+                            take_secrets_and_pause_settings(&mut node, &api, &new);
                             match node.reload_parameters(new).await {
                                 // A primary lowering what standbys need restarts in place, keeping
                                 // its leadership, before its replicas take the lower value (a
@@ -322,6 +306,20 @@ async fn run_async(
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// The new secrets of a configuration taken without a restart (passfile now, roles and
+/// authinfo on the next cycle), and its write-pause settings.
+fn take_secrets_and_pause_settings(node: &mut Node, api: &super::api::Handle, new: &AgentConfig) {
+    if node.cfg.secret_digests() != new.secret_digests() {
+        api.set_auth(new.api.auth.clone());
+        if let Err(e) = node.reload_secrets(new.clone()) {
+            tracing::error!(error = %e, "cannot apply the new secrets");
+        }
+    }
+    if let Some(p) = &node.pauses {
+        p.set_config(new.clone());
+    }
 }
 
 /// How long watch events may not wake the loop after `failed` failed cycles in a row: none

@@ -115,6 +115,36 @@ true
 }
 
 /// Parse the probe's output into facts.
+/// What `systemctl show -p MainPID -p ActiveState -p SubState -p Result -p NRestarts UNIT`
+/// printed: the agent's pid while the unit runs, and the unit's state in words for `plan`
+/// ("failed (exit-code), restarted 3 times").
+pub fn parse_unit_show(text: &str) -> (Option<u32>, Option<String>) {
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let pid = get("MainPID")
+        .and_then(|p| p.parse::<u32>().ok())
+        .filter(|p| *p != 0);
+    let state = get("ActiveState").map(|active| {
+        let mut s = active.to_string();
+        match (get("SubState"), get("Result")) {
+            (_, Some(r)) if r != "success" => s.push_str(&format!(" ({r})")),
+            (Some(sub), _) if sub != active => s.push_str(&format!(" ({sub})")),
+            _ => {}
+        }
+        match get("NRestarts").and_then(|n| n.parse::<u32>().ok()) {
+            Some(1) => s.push_str(", restarted once"),
+            Some(n) if n > 1 => s.push_str(&format!(", restarted {n} times")),
+            _ => {}
+        }
+        s
+    });
+    (pid, state)
+}
+
 pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) -> HostFacts {
     let mut f = HostFacts::default();
     let b64 = |v: &str| {
@@ -181,21 +211,22 @@ async fn host_facts(spec: &Spec, h: &HostSpec, s: &Session) -> Result<HostFacts,
         .run("probe", &probe_script(spec, h), PROBE_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let systemd = if spec.agent.service == Service::Systemd {
+    let (systemd, unit_state) = if spec.agent.service == Service::Systemd {
         let unit = Paths::unit_name(&spec.cluster, &h.name);
         let cmd = Script::render(
-            "systemctl show -p MainPID --value {unit} 2>/dev/null || true",
+            "systemctl show -p MainPID -p ActiveState -p SubState -p Result -p NRestarts {unit} 2>/dev/null || true",
             &[("unit", &quote(&unit))],
         );
         s.run("systemctl show", &cmd, PROBE_TIMEOUT)
             .await
-            .ok()
-            .and_then(|o| o.trim().parse::<u32>().ok())
-            .filter(|p| *p != 0)
+            .map(|o| parse_unit_show(&o))
+            .unwrap_or_default()
     } else {
-        None
+        (None, None)
     };
-    Ok(parse_probe(&out, spec.agent.service, systemd))
+    let mut facts = parse_probe(&out, spec.agent.service, systemd);
+    facts.unit_state = unit_state;
+    Ok(facts)
 }
 
 /// Connect to etcd (bounded); the error is part of the observation.
@@ -450,6 +481,37 @@ pub async fn observe(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn systemd_unit_state_in_words() {
+        let cases = [
+            (
+                "MainPID=4242\nActiveState=active\nSubState=running\nResult=success\nNRestarts=0\n",
+                (Some(4242), Some("active (running)")),
+            ),
+            (
+                "MainPID=0\nActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=3\n",
+                (None, Some("failed (exit-code), restarted 3 times")),
+            ),
+            (
+                "MainPID=0\nActiveState=activating\nSubState=auto-restart\nResult=signal\nNRestarts=1\n",
+                (None, Some("activating (signal), restarted once")),
+            ),
+            (
+                "MainPID=0\nActiveState=inactive\nSubState=dead\nResult=success\n",
+                (None, Some("inactive (dead)")),
+            ),
+            ("", (None, None)),
+        ];
+        for (text, (pid, state)) in cases {
+            assert_eq!(
+                parse_unit_show(text),
+                (pid, state.map(str::to_string)),
+                "{text:?}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

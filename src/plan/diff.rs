@@ -445,10 +445,12 @@ fn host_actions(
                 Change::Change
             },
             Kind::StartAgent,
-            if first_install {
-                "start the agent".into()
-            } else {
-                "start the agent (not running)".into()
+            match (first_install, &f.unit_state) {
+                (true, _) => "start the agent".into(),
+                (false, Some(state)) if f.unit_installed => {
+                    format!("start the agent (not running; systemd unit {state})")
+                }
+                _ => "start the agent (not running)".into(),
             },
         )),
         Some(_) if secrets_only && !binary_changed => out.push(act(

@@ -136,6 +136,9 @@ pub struct HostFacts {
     pub alter_system: Vec<String>,
     pub agent_pid: Option<u32>,
     pub unit_installed: bool,
+    /// The systemd unit's state (`agent.service: systemd`), e.g. "failed (exit-code),
+    /// restarted 3 times".
+    pub unit_state: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -94,6 +94,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         alter_system: vec![],
         agent_pid: Some(100),
         unit_installed: false,
+        unit_state: None,
     }
 }
 
