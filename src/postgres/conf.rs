@@ -27,13 +27,19 @@ pub fn quote_libpq(v: &str) -> String {
 }
 
 /// Settings of postgresql.conf: citus-reconcile's own, then the spec's on top.
+/// `max_connections` as the spec sets it, or PostgreSQL's default.
+pub fn max_connections(cfg: &AgentConfig) -> u64 {
+    cfg.postgres
+        .parameters
+        .get("max_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
 pub fn parameters(cfg: &AgentConfig) -> BTreeMap<String, String> {
     let user = &cfg.postgres.parameters;
     let paths = Paths::new(&cfg.install_dir);
-    let max_connections: u64 = user
-        .get("max_connections")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let max_connections = max_connections(cfg);
     let mut p: BTreeMap<String, String> = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         p.insert(k.to_string(), v);

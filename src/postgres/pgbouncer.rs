@@ -11,9 +11,7 @@
 //! `postgres` user can open. Session pooling: Citus's connections keep session state
 //! (prepared transactions, settings) that transaction pooling would break.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::Stdio;
 
 use tokio::process::{Child, Command};
 
@@ -87,12 +85,7 @@ pub fn render_ini(cfg: &AgentConfig, pooler: &PoolerSpec) -> Result<String, PgEr
     // No socket: the lab's hosts share one file system, and nothing local needs one.
     set("unix_socket_dir", String::new());
     set("pool_mode", "session".into());
-    let max_connections = cfg
-        .postgres
-        .parameters
-        .get("max_connections")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let max_connections = u32::try_from(super::conf::max_connections(cfg)).unwrap_or(u32::MAX);
     set(
         "default_pool_size",
         pooler
@@ -171,31 +164,10 @@ impl Pg {
     /// PgBouncer's orderly-stop signals changed meaning in 1.23.
     pub fn start_pgbouncer(&self) -> Result<Child, PgError> {
         let step = "start pgbouncer";
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(self.paths.pgbouncer_log())
-            .map_err(|e| bad("log", e))?;
-        let log_err = log.try_clone().map_err(|e| bad("log", e))?;
         let mut cmd = Command::new("pgbouncer");
-        self.user.apply_to(cmd.as_std_mut());
-        cmd.arg(self.paths.pgbouncer_ini())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(true);
-        // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::setpgid(0, 0);
-                Ok(())
-            });
-        }
+        cmd.arg(self.paths.pgbouncer_ini()).kill_on_drop(true);
+        self.as_service_child(&mut cmd, &self.paths.pgbouncer_log(), libc::SIGKILL)
+            .map_err(|e| bad("log", e))?;
         cmd.spawn().map_err(|e| PgError::Failed {
             step: step.into(),
             detail: format!("{e} (is the pgbouncer package installed?)"),

@@ -426,36 +426,46 @@ impl Pg {
     pub fn start(&self) -> Result<Postmaster, PgError> {
         self.prepare_host_files()?;
         self.remove_stale_pid_file();
-        // Server messages can carry data and statements: readable by root only, from the
-        // first byte (the install folder is root's; no link can be planted there).
-        let log = std::fs::OpenOptions::new()
+        let mut cmd = Command::new(self.bin("postgres"));
+        cmd.arg("-D").arg(self.data_dir());
+        self.as_service_child(&mut cmd, &self.paths.postgres_log(), libc::SIGQUIT)
+            .map_err(|e| failed("open the PostgreSQL log", e))?;
+        let child = cmd.spawn().map_err(|e| failed("start postgres", e))?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Postmaster { child, pid })
+    }
+
+    /// Make `cmd` a service child of the agent: run as postgres with that user's own
+    /// environment, stdin closed, stdout and stderr appended to `log`, its own process group
+    /// (a Ctrl-C aimed at the agent is the agent's to handle), and `death_signal` when the
+    /// agent dies. The log can carry data and statements: readable by root only from the
+    /// first byte, and never opened through a link (the install folder is root's).
+    pub fn as_service_child(
+        &self,
+        cmd: &mut Command,
+        log: &str,
+        death_signal: libc::c_int,
+    ) -> std::io::Result<()> {
+        let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(self.paths.postgres_log())
-            .map_err(|e| failed("open the PostgreSQL log", e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| failed("open the PostgreSQL log", e))?;
-        let mut cmd = Command::new(self.bin("postgres"));
+            .open(log)?;
+        let err = out.try_clone()?;
         self.user.apply_to(cmd.as_std_mut());
-        cmd.arg("-D").arg(self.data_dir());
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: prctl and setpgid are async-signal-safe; run in the child before exec.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // Its own process group: a Ctrl-C aimed at the agent is the agent's to handle.
                 libc::setpgid(0, 0);
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| failed("start postgres", e))?;
-        let pid = child.id().unwrap_or(0);
-        Ok(Postmaster { child, pid })
+        Ok(())
     }
 
     /// Lock files left by a killed server (postmaster.pid, and the socket's `.lock`, which
