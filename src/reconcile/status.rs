@@ -8,6 +8,7 @@ use crate::citus::metadata::NodeRow;
 use crate::dcs::EndpointHealth;
 use crate::dcs::keys::MemberRole;
 use crate::plan::Observed;
+use crate::plan::model::HostObserved;
 use crate::spec::Spec;
 
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +23,10 @@ pub struct MemberStatus {
     /// Parameters that take effect only at the member's next restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
+    /// The agent on the member's host, as its probe saw it: "running (pid …)", "not
+    /// running; systemd unit failed (exit-code), restarted 3 times", "host unreachable".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +104,7 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
                 timeline: m.map(|m| m.timeline).filter(|t| *t > 0),
                 lag_mb,
                 pending_restart: m.map(|m| m.pending_restart.clone()).unwrap_or_default(),
+                agent: agent_state(o.hosts.get(&name), &name, &mut problems),
             });
         }
     }
@@ -109,6 +115,27 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
         etcd: Vec::new(),
         problems,
     }
+}
+
+/// The agent's state on a host in words; a problem when it does not run.
+fn agent_state(
+    host: Option<&HostObserved>,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let state = match host? {
+        HostObserved::Unreachable { error } => {
+            problems.push(format!("{name}: host unreachable: {error}"));
+            return Some("host unreachable".into());
+        }
+        HostObserved::Reachable(f) => match (f.agent_pid, &f.unit_state) {
+            (Some(pid), _) => return Some(format!("running (pid {pid})")),
+            (None, Some(unit)) => format!("not running; systemd unit {unit}"),
+            (None, None) => "not running".to_string(),
+        },
+    };
+    problems.push(format!("{name}: agent {state}"));
+    Some(state)
 }
 
 pub fn text(s: &Status) -> String {
@@ -123,6 +150,7 @@ pub fn text(s: &Status) -> String {
         "TL",
         "Lag in MB",
         "Pending restart",
+        "Agent",
     ]);
     for m in &s.members {
         t.add_row([
@@ -134,6 +162,7 @@ pub fn text(s: &Status) -> String {
             m.timeline.map(|x| x.to_string()).unwrap_or_default(),
             m.lag_mb.map(|x| format!("{x:.1}")).unwrap_or_default(),
             m.pending_restart.join(", "),
+            m.agent.clone().unwrap_or_default(),
         ]);
     }
     let mut out = format!("Cluster: {}\n{t}\n", s.cluster);
@@ -190,4 +219,52 @@ pub fn text(s: &Status) -> String {
         out.push_str(&format!("problem: {p}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::model::HostFacts;
+
+    #[test]
+    fn the_agent_column_says_why_it_does_not_run() {
+        let facts = |pid: Option<u32>, unit: Option<&str>| {
+            HostObserved::Reachable(HostFacts {
+                agent_pid: pid,
+                unit_state: unit.map(str::to_string),
+                ..Default::default()
+            })
+        };
+        let cases = [
+            (None, None, false),
+            (
+                Some(facts(Some(42), Some("active (running)"))),
+                Some("running (pid 42)"),
+                false,
+            ),
+            (Some(facts(None, None)), Some("not running"), true),
+            (
+                Some(facts(None, Some("failed (exit-code), restarted 3 times"))),
+                Some("not running; systemd unit failed (exit-code), restarted 3 times"),
+                true,
+            ),
+            (
+                Some(HostObserved::Unreachable {
+                    error: "connection refused".into(),
+                }),
+                Some("host unreachable"),
+                true,
+            ),
+        ];
+        for (host, want, problem) in cases {
+            let mut problems = Vec::new();
+            let got = agent_state(host.as_ref(), "w1", &mut problems);
+            assert_eq!(got.as_deref(), want, "{host:?}");
+            assert_eq!(!problems.is_empty(), problem, "{host:?}: {problems:?}");
+            assert!(
+                problems.iter().all(|p| p.starts_with("w1: ")),
+                "{problems:?}"
+            );
+        }
+    }
 }
