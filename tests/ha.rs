@@ -1366,3 +1366,146 @@ fn a_standby_that_cannot_start_under_a_live_leader_is_set_aside_and_cloned_again
     common::assert_still_leader(&t, 1, &primary, "the leader changed while a standby failed");
     assert_nothing_acknowledged_lost(&t, &primary, &log);
 }
+
+/// A frozen agent (SIGSTOP: a debugger, a stuck kernel call) cannot run its own fence, and
+/// its PostgreSQL would go on accepting writes after the lease ran out, beside the member
+/// promoted after it. The agent's guard, a process of its own, must stop that primary
+/// before the lease can have ended. Thawed, the old primary cannot be rewound (a folder it
+/// may not read): it is set aside and cloned again, and the new leader stays.
+#[test]
+fn a_frozen_leader_is_fenced_by_its_guard_and_rejoins_by_a_new_clone_when_rewind_fails() {
+    if !lab_available("frozen agent") {
+        return;
+    }
+    let t = worker_cluster("hafrozen", 161);
+    let l = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    for (m, _, _) in members(&t, 1).iter().filter(|(m, _, _)| *m != l) {
+        wait_for("the standbys streaming", Duration::from_secs(60), || {
+            streaming(&t, m)
+        });
+    }
+    let postmaster = common::postmaster_pid(&t, &l).expect("the leader's postmaster");
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    common::signal_agent(&t, &l, libc::SIGSTOP);
+    let frozen = p.t0.elapsed();
+    let new = wait_for("another member leading", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|n| *n != l)
+    });
+    let promoted = p.t0.elapsed();
+    // Killed, it stays a zombie until the frozen agent reaps it: alive means not in state Z.
+    let postmaster_alive = std::fs::read_to_string(format!("/proc/{postmaster}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'));
+    wait_for("writes on the new leader", Duration::from_secs(60), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.member == new && a.started > promoted)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Thawed, the former primary must rewind before it follows. Here pg_rewind cannot:
+    // a folder in its data directory it may not read (as a careless backup tool run by root
+    // would leave). Its data is set aside, never deleted, and it is cloned again.
+    let data_dir = t
+        .spec
+        .host(&l)
+        .map(|h| h.data_dir.clone())
+        .expect("the frozen member's data dir");
+    let blocker = format!("{data_dir}/unreadable-by-postgres");
+    std::fs::create_dir(&blocker).expect("a folder for root only");
+    std::fs::write(format!("{blocker}/note"), "root's").expect("a file in it");
+    std::fs::set_permissions(
+        &blocker,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod 0700");
+    common::signal_agent(&t, &l, libc::SIGCONT);
+    wait_for(
+        "the thawed member streaming from the new leader",
+        Duration::from_secs(120),
+        || streaming(&t, &l),
+    );
+    let aside = set_aside_dirs(&t, &l);
+    let copy = aside
+        .iter()
+        .find(|d| d.contains(".rewind-failed-"))
+        .unwrap_or_else(|| {
+            panic!(
+                "not set aside as rewind-failed: {aside:?}\n{}",
+                common::agent_logs(&t, 40)
+            )
+        });
+    let parent = std::path::Path::new(&data_dir)
+        .parent()
+        .expect("a parent folder");
+    assert!(
+        parent
+            .join(copy)
+            .join("unreadable-by-postgres/note")
+            .exists(),
+        "the set-aside copy lost the data it held"
+    );
+    common::assert_still_leader(
+        &t,
+        1,
+        &new,
+        "leadership moved while the old primary rejoined",
+    );
+    let log = p.stop();
+    let last_on_frozen = log
+        .iter()
+        .filter(|a| a.ok && a.member == l)
+        .map(|a| a.ended)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "frozen at +{:.2} s; last write acknowledged by the frozen member at +{:.2} s; {new} led at +{:.2} s",
+        frozen.as_secs_f64(),
+        last_on_frozen.as_secs_f64(),
+        promoted.as_secs_f64()
+    );
+    assert!(
+        !postmaster_alive,
+        "the frozen leader's PostgreSQL still ran when {new} took over\n{}",
+        common::agent_logs(&t, 30)
+    );
+    prober::assert_no_split_brain(&log);
+    // It was the guard that stopped it (the agent's own fence was frozen too): the guard
+    // writes to the agent's log itself, and the agent counts it once thawed.
+    let install_dir = t
+        .spec
+        .host(&l)
+        .map(|h| h.install_dir.clone())
+        .unwrap_or_default();
+    let agent_log = std::fs::read_to_string(format!("{install_dir}/agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains(&format!(
+            "guard: the lease of the primary PostgreSQL (pid {postmaster})"
+        )),
+        "no word from the guard in {l}'s log\n{}",
+        common::agent_logs(&t, 40)
+    );
+    let api = format!("{}:8008", address(&t, &l));
+    let (_, metrics) = common::http("GET", &api, "/metrics", None, "");
+    let fenced = metrics
+        .lines()
+        .find(|x| x.starts_with("citus_reconcile_guard_fenced_total"))
+        .and_then(|x| x.rsplit(' ').next())
+        .unwrap_or("")
+        .to_string();
+    eprintln!("guard_fenced_total on {l}: {fenced:?}");
+    // The lease is 5 s: nothing the frozen member acknowledged may end later than that.
+    let ttl = Duration::from_secs(5);
+    assert!(
+        last_on_frozen <= frozen + ttl,
+        "the frozen member acknowledged a write {:.2} s after it froze",
+        (last_on_frozen - frozen).as_secs_f64()
+    );
+}

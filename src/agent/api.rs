@@ -51,6 +51,11 @@ pub struct View {
     /// The last cycle could read etcd.
     pub etcd_reachable: bool,
     pub member_writes: u64,
+    /// Postmasters the guard process had to kill (the agent was frozen past its lease).
+    pub guard_fenced: u64,
+    /// The watchdog device is open and kept (this member runs the primary).
+    pub watchdog_active: bool,
+    pub guard_running: bool,
 }
 
 #[derive(Clone)]
@@ -152,6 +157,11 @@ impl Handle {
                 ttl: node.lease.timing.ttl,
                 etcd_reachable: matches!(s.dcs, Dcs::Available(_)),
                 member_writes: node.member_writes,
+                guard_fenced: node.guard.fenced.load(Ordering::Relaxed),
+                watchdog_active: node.guard.watchdog.lock().is_ok_and(|w| {
+                    matches!(*w, crate::agent::guard::WatchdogStatus::Active { .. })
+                }),
+                guard_running: node.guard.running.load(Ordering::Relaxed),
             };
         }
     }
@@ -361,6 +371,16 @@ async fn metrics(State(h): State<Handle>, headers: HeaderMap) -> Response {
         "1 when the agent's last cycle could read etcd",
         u8::from(v.etcd_reachable).to_string(),
     );
+    gauge(
+        "citus_reconcile_watchdog_active",
+        "1 while the watchdog device is open and kept (ha.watchdog)",
+        u8::from(v.watchdog_active).to_string(),
+    );
+    gauge(
+        "citus_reconcile_guard_running",
+        "1 while the guard process (the fence outside the agent) runs",
+        u8::from(v.guard_running).to_string(),
+    );
     let counter = |out: &mut String, name: &str, help: &str, value: String| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}{{cluster=\"{}\",group=\"{}\",member=\"{}\"}} {value}\n", v.cluster, v.group, v.name));
     };
@@ -381,6 +401,12 @@ async fn metrics(State(h): State<Handle>, headers: HeaderMap) -> Response {
         "citus_reconcile_member_key_writes_total",
         "writes of this member's key to etcd (only when it changed)",
         v.member_writes.to_string(),
+    );
+    counter(
+        &mut out,
+        "citus_reconcile_guard_fenced_total",
+        "primaries the guard process stopped because the agent could not (frozen past its lease)",
+        v.guard_fenced.to_string(),
     );
     (
         StatusCode::OK,

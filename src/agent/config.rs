@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::model::SyncMode;
+pub use crate::spec::raw::WatchdogMode;
 use crate::spec::secret::{REDACTED, Secret, exposed};
 use crate::spec::{HostSpec, Spec};
 
@@ -166,6 +167,25 @@ pub struct HaConfig {
     pub use_slots: bool,
     #[serde(default = "default_member_slots_ttl")]
     pub member_slots_ttl: u32,
+    /// See the spec's `ha.watchdog` (configurations written before it had none).
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    pub mode: WatchdogMode,
+    pub device: String,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            mode: WatchdogMode::Off,
+            device: crate::spec::raw::DEFAULT_WATCHDOG_DEVICE.to_string(),
+        }
+    }
 }
 
 fn default_primary_start_timeout() -> u32 {
@@ -261,6 +281,10 @@ impl AgentConfig {
                 primary_start_timeout: spec.ha.primary_start_timeout,
                 use_slots: spec.ha.use_slots,
                 member_slots_ttl: spec.ha.member_slots_ttl,
+                watchdog: WatchdogConfig {
+                    mode: spec.ha.watchdog_mode,
+                    device: spec.ha.watchdog_device.clone(),
+                },
             },
             api: ApiConfig {
                 port: host.api_port,
@@ -538,6 +562,7 @@ pub(crate) fn sample() -> AgentConfig {
             primary_start_timeout: 300,
             use_slots: true,
             member_slots_ttl: 1800,
+            watchdog: WatchdogConfig::default(),
         },
         api: ApiConfig {
             port: 8008,

@@ -114,6 +114,9 @@ pub struct Snapshot {
     pub rewind_failed_from: Option<String>,
     /// `citus.pooler` is set: every primary keeps its pg_dist_poolinfo in line.
     pub pooler: bool,
+    /// Why this member must not lead at all now (`ha.watchdog.mode: required` without a
+    /// usable device): it neither bootstraps, races nor promotes, and a leader steps down.
+    pub cannot_lead: Option<String>,
 }
 
 /// A standby whose WAL the leader no longer has is cloned again only after this long without
@@ -341,6 +344,9 @@ fn uninitialized(
                 "no leader yet; nofailover members never bootstrap".into(),
             )];
         }
+        if let Some(why) = &s.cannot_lead {
+            return vec![Wait(format!("no leader yet; {why}"))];
+        }
         return vec![ClaimInitialize, Initdb, AcquireLeader, FinishBootstrap];
     }
     vec![Wait("another member is bootstrapping the group".into())]
@@ -355,7 +361,7 @@ fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool
         }
     );
     if i_lead {
-        if s.lease_valid && !s.give_up_leading {
+        if s.lease_valid && !s.give_up_leading && s.cannot_lead.is_none() {
             // PostgreSQL went down under a live leader: restart in place, keeping the key.
             return vec![StartPrimary];
         }
@@ -413,6 +419,11 @@ fn running_primary(
     }
     if !s.lease_valid {
         return vec![Demote { immediate: true }];
+    }
+    if s.cannot_lead.is_some() {
+        // Not unsafe yet (the lease is valid), but not what the operator allows: a clean stop
+        // ships all WAL to the standbys, then the key goes.
+        return vec![Demote { immediate: false }];
     }
     if !i_lead {
         // The key is gone while our lease is still valid (deleted by hand, or released):
@@ -517,6 +528,9 @@ fn running_replica(
     i_lead: bool,
 ) -> Vec<Action> {
     if i_lead {
+        if s.cannot_lead.is_some() {
+            return vec![ReleaseLeader];
+        }
         if s.lease_valid {
             return vec![Promote];
         }
@@ -571,6 +585,9 @@ fn running_replica(
             if s.nofailover {
                 return vec![Wait("named as candidate but tagged nofailover".into())];
             }
+            if let Some(why) = &s.cannot_lead {
+                return vec![Wait(format!("named as candidate, but {why}"))];
+            }
             if let Some(leader_wal) = g.last_leader_wal {
                 if leader_wal.saturating_sub(r.wal) > s.maximum_lag_on_failover {
                     return vec![Wait(
@@ -595,6 +612,9 @@ fn running_replica(
 pub fn unfit_to_lead(s: &Snapshot, g: &GroupView, r: &Running) -> Option<String> {
     if s.nofailover {
         return Some("no leader; this member is tagged nofailover".into());
+    }
+    if let Some(why) = &s.cannot_lead {
+        return Some(format!("no leader; {why}"));
     }
     if s.synchronous_mode != SyncModeConfig::Off {
         if let Some(sync) = &g.sync {
@@ -678,6 +698,7 @@ mod tests {
             leader_confirmed_primary: false,
             rewind_failed_from: None,
             pooler: false,
+            cannot_lead: None,
         }
     }
 
@@ -1419,5 +1440,67 @@ mod tests {
             l,
             &[ManageSync, PublishOptime],
         );
+    }
+
+    #[test]
+    fn a_member_whose_required_watchdog_is_missing_never_leads() {
+        let why = Some("the watchdog is required but /dev/watchdog: not found".to_string());
+        let mut s = base();
+        s.cannot_lead = why.clone();
+
+        let mut t = s.clone();
+        t.data = DataDir::Empty;
+        group(&mut t).initialize = None;
+        check("it does not bootstrap a new group", t, &[w()]);
+
+        let mut t = s.clone();
+        t.server = running(false, 100, None);
+        check("it does not race for a free key", t, &[w()]);
+
+        let mut t = s.clone();
+        t.server = running(false, 100, None);
+        group(&mut t).failover = Some(FailoverRequest {
+            member: Some("m1".into()),
+            ..Default::default()
+        });
+        check("named as the candidate, it still waits", t, &[w()]);
+
+        let mut t = s.clone();
+        set_leader(&mut t, "m1");
+        t.server = running(true, 100, None);
+        check(
+            "a leader steps down cleanly (the lease is still good)",
+            t.clone(),
+            &[Demote { immediate: false }],
+        );
+        t.server = Server::Stopped;
+        check(
+            "and gives the key up once stopped",
+            t.clone(),
+            &[ReleaseLeader],
+        );
+        t.server = running(false, 100, None);
+        check(
+            "a key won this cycle is given back before promoting",
+            t,
+            &[ReleaseLeader],
+        );
+
+        let mut t = s.clone();
+        set_leader(&mut t, "m2");
+        t.server = Server::Stopped;
+        check(
+            "it still follows another leader",
+            t,
+            &[StartReplica {
+                upstream: Some("m2".into()),
+            }],
+        );
+
+        // The same member with the device back is a candidate like any other.
+        let mut t = s.clone();
+        t.cannot_lead = None;
+        t.server = running(false, 100, None);
+        check("device back: it races", t, &[AcquireLeader, Promote]);
     }
 }

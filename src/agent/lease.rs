@@ -91,10 +91,20 @@ impl LeaseShared {
         self.lease_id().is_some() && self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
-    /// Guard the postmaster `pid` as a primary from now on (the fence looks at once).
+    /// Guard the postmaster `pid` as a primary from now on (the fence and the guard look
+    /// at once).
     pub fn arm_fence(&self, pid: u32) {
         self.primary_pid.store(pid, Ordering::SeqCst);
         self.fence_wake.notify_one();
+    }
+
+    /// Nothing runs as primary any more.
+    pub fn disarm_fence(&self) {
+        self.arm_fence(0);
+    }
+
+    fn valid_until(&self) -> Option<Instant> {
+        self.valid_until.lock().ok().and_then(|v| *v)
     }
 
     fn set_valid_until(&self, v: Option<Instant>) {
@@ -193,10 +203,13 @@ fn lost(shared: &LeaseShared, id: i64) {
     shared.wake.notify_one();
 }
 
-/// Stop a primary the moment its lease can no longer be trusted.
-pub async fn fence(shared: Arc<LeaseShared>) {
+/// Stop a primary the moment its lease can no longer be trusted. Every change of what runs
+/// as primary and of the lease also goes to the guard process (`agent::guard`), which acts
+/// if this task cannot.
+pub async fn fence(shared: Arc<LeaseShared>, mut guard: super::guard::Guard) {
     loop {
         let pid = shared.primary_pid.load(Ordering::SeqCst);
+        guard.update(pid, shared.valid_until());
         let deadline = shared.deadline();
         let now = Instant::now();
         match (pid, deadline) {

@@ -158,7 +158,9 @@ async fn run_async(
     // The quorum check after each renewal reads the group's leader key (counts only).
     let probe_key = ClusterKeys::new(&cfg.etcd.namespace, &cfg.cluster).leader(cfg.group);
     tokio::spawn(lease::keep_alive(dcs.clone(), shared.clone(), probe_key));
-    tokio::spawn(lease::fence(shared.clone()));
+    let guard = super::guard::Guard::new(timing.margin, timing.ttl, &cfg.ha.watchdog);
+    let guard_state = guard.state();
+    tokio::spawn(lease::fence(shared.clone(), guard));
     let pauses = cfg
         .is_coordinator()
         .then(|| Arc::new(PauseShared::default()));
@@ -172,6 +174,7 @@ async fn run_async(
         tokio::spawn(super::citus_pause::run(cfg.clone(), dcs.clone(), p.clone()));
     }
     let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
+    node.guard = guard_state;
     node.config_sha256 = config_sha256;
     node.pauses = pauses;
     let api = super::api::Handle::new(&node);

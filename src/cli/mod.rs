@@ -61,13 +61,16 @@ pub enum Command {
     ForceUnlock(switchover::ForceUnlockArgs),
     /// Run the per-host HA agent (started on every host by `apply`)
     Agent(agent::AgentArgs),
+    /// The agent's guard process (started by the agent)
+    #[command(hide = true)]
+    AgentGuard(crate::agent::guard::GuardArgs),
     /// Local hosts in network namespaces for trying citus-reconcile and for tests (root)
     #[command(subcommand)]
     Lab(lab::LabCommand),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    if !matches!(cli.command, Command::Agent(_)) {
+    if !matches!(cli.command, Command::Agent(_) | Command::AgentGuard(_)) {
         // Reconciler commands log only when asked (RUST_LOG=debug); output is for people.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> ExitCode {
         } => validate::run(&specs, format, skip_secrets),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Agent(args) => agent::run(args),
+        Command::AgentGuard(args) => crate::agent::guard::run_guard(args),
         Command::Plan(args) => reconcile::plan(args),
         Command::Diff(args) => reconcile::diff(args),
         Command::Apply(args) => reconcile::apply(args),

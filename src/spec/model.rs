@@ -133,6 +133,8 @@ pub struct HaSpec {
     pub primary_start_timeout: u32,
     pub use_slots: bool,
     pub member_slots_ttl: u32,
+    pub watchdog_mode: crate::spec::raw::WatchdogMode,
+    pub watchdog_device: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -499,6 +501,13 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             primary_start_timeout: raw.ha.primary_start_timeout,
             use_slots: raw.ha.use_slots,
             member_slots_ttl: raw.ha.member_slots_ttl,
+            watchdog_mode: raw.ha.watchdog.mode,
+            watchdog_device: raw
+                .ha
+                .watchdog
+                .device
+                .clone()
+                .unwrap_or_else(|| crate::spec::raw::DEFAULT_WATCHDOG_DEVICE.to_string()),
         },
         agent: AgentSpec {
             service: raw.agent.service,

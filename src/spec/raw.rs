@@ -405,7 +405,39 @@ pub struct RawHa {
     /// the primary drops it.
     #[serde(default = "default_member_slots_ttl")]
     pub member_slots_ttl: u32,
+    /// A Linux watchdog device (Patroni's `watchdog`): while this member runs the primary, the
+    /// agent's guard process keeps it from resetting the machine only as long as the lease
+    /// is surely valid, so a host whose kernel or guard hangs is reset before another member
+    /// can have been promoted. The guard itself (a second fence in its own process) runs
+    /// whatever the mode.
+    #[serde(default)]
+    pub watchdog: RawWatchdog,
 }
+
+/// `ha.watchdog`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatchdog {
+    /// `off`: no device; `automatic`: use the device when it can be activated; `required`: a
+    /// member never leads without an active device.
+    #[serde(default)]
+    pub mode: WatchdogMode,
+    /// The watchdog device (absolute path); `/dev/watchdog` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchdogMode {
+    #[default]
+    Off,
+    Automatic,
+    Required,
+}
+
+/// Where the watchdog device is when the spec does not say.
+pub const DEFAULT_WATCHDOG_DEVICE: &str = "/dev/watchdog";
 
 fn default_true() -> bool {
     true
@@ -430,6 +462,7 @@ impl Default for RawHa {
             primary_start_timeout: default_primary_start_timeout(),
             use_slots: true,
             member_slots_ttl: default_member_slots_ttl(),
+            watchdog: RawWatchdog::default(),
         }
     }
 }

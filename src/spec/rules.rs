@@ -351,7 +351,7 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
         ("sslkey", &spec.citus.authinfo.sslkey),
     ] {
         if let Some(v) = value {
-            if !v.starts_with('/') || v.contains(char::is_whitespace) || v.contains('\'') {
+            if !is_plain_absolute_path(v) {
                 out.push(Diagnostic::error(
                     path(&format!("citus.authinfo.{field}")),
                     format!("expected an absolute path without spaces or quotes, found {v:?}"),
@@ -446,6 +446,12 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// An absolute path without whitespace or quotes (it goes into configuration files and
+/// command lines).
+fn is_plain_absolute_path(v: &str) -> bool {
+    v.starts_with('/') && !v.contains(char::is_whitespace) && !v.contains(['\'', '"'])
+}
+
 fn ha(spec: &Spec, out: &mut Vec<Diagnostic>) {
     let ha = &spec.ha;
     let need = u64::from(ha.loop_wait) + 2 * u64::from(ha.retry_timeout);
@@ -466,6 +472,15 @@ fn ha(spec: &Spec, out: &mut Vec<Diagnostic>) {
             Diagnostic::error(path("ha.ttl"), format!("ttl {} is below the minimum of 5 seconds", ha.ttl))
                 .with_hint("shorter leases leave no time to stop a cut-off primary before another one is promoted"),
         );
+    }
+    if !is_plain_absolute_path(&ha.watchdog_device) {
+        out.push(Diagnostic::error(
+            path("ha.watchdog.device"),
+            format!(
+                "expected an absolute path without spaces or quotes, found {:?}",
+                ha.watchdog_device
+            ),
+        ));
     }
     if ha.synchronous_mode == SyncMode::Strict {
         for g in &spec.groups {

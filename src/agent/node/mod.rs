@@ -100,6 +100,8 @@ pub struct Node {
     pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
     /// PgBouncer in front of this worker (`citus.pooler`).
     pooler: pooler::PoolerState,
+    /// What the guard process reports (its watchdog device above all).
+    pub guard: Arc<super::guard::GuardState>,
     /// Operator requests from the REST API, run at the start of the next cycle.
     pub requests: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Request>>>,
 }
@@ -155,6 +157,7 @@ impl Node {
             rewind_failed_from: None,
             pauses: None,
             pooler: Default::default(),
+            guard: Default::default(),
             requests: Default::default(),
         }
     }
@@ -437,6 +440,10 @@ impl Node {
                     }
                 }
                 let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+                // Fenced before it can accept its first write: should the lease lapse during
+                // the promotion, the fence and the guard stop it.
+                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                self.lease.arm_fence(pid);
                 let started = Instant::now();
                 sql::promote(c, Duration::from_secs(60))
                     .await
@@ -446,8 +453,6 @@ impl Node {
                 if let Some(c) = self.client.as_ref() {
                     let _ = sql::reload(c, t).await;
                 }
-                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
-                self.lease.primary_pid.store(pid, Ordering::SeqCst);
                 self.upstream = None;
                 self.setup_done = false;
                 tracing::info!(
@@ -632,7 +637,18 @@ impl Node {
             Duration::from_secs(120)
         };
         let deadline = Instant::now() + limit;
+        let mut published_at: Option<Instant> = None;
         loop {
+            if !primary && published_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                // A standby waits here until it has replayed to a consistent point, which
+                // may need WAL the leader keeps only in this member's slot, which the leader
+                // makes only for members with a key. After its lease ran out (a frozen or
+                // cut-off agent), that key is gone: publish it while waiting.
+                self.busy = Some(crate::dcs::MemberState::Starting.as_str().to_string());
+                self.publish().await;
+                self.busy = None;
+                published_at = Some(Instant::now());
+            }
             if let Some(pm) = self.postmaster.as_mut() {
                 if let Some(status) = pm.exited() {
                     self.postmaster = None;
@@ -654,7 +670,7 @@ impl Node {
                     // sees a leader without a server and releases the key. (A postmaster
                     // hung early in its start may have signals blocked: SIGKILL follows
                     // soon.)
-                    self.lease.primary_pid.store(0, Ordering::SeqCst);
+                    self.lease.disarm_fence();
                     self.client = None;
                     if let Some(mut pm) = self.postmaster.take() {
                         pm.stop(StopMode::Immediate, Duration::from_secs(3)).await;
@@ -679,13 +695,13 @@ impl Node {
         self.reset_alter_system().await;
         if matches!(role, Role::Primary { .. }) {
             let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
-            self.lease.primary_pid.store(pid, Ordering::SeqCst);
+            self.lease.arm_fence(pid);
         }
         Ok(())
     }
 
     pub async fn stop(&mut self, mode: StopMode) {
-        self.lease.primary_pid.store(0, Ordering::SeqCst);
+        self.lease.disarm_fence();
         self.client = None;
         if let Some(mut pm) = self.postmaster.take() {
             pm.stop(mode, Duration::from_secs(60)).await;
@@ -739,7 +755,13 @@ impl Node {
             _ => (0, 0),
         };
         let mut tags = BTreeMap::new();
-        if self.cfg.tags.nofailover {
+        // A member that may not lead (its required watchdog is missing) tells the others not
+        // to wait for it as the healthiest candidate.
+        let cannot_lead = self
+            .last_snapshot
+            .as_ref()
+            .is_some_and(|s| s.cannot_lead.is_some());
+        if self.cfg.tags.nofailover || cannot_lead {
             tags.insert("nofailover".to_string(), serde_json::json!(true));
         }
         if self.cfg.tags.noloadbalance {

@@ -127,6 +127,7 @@ impl Node {
             leader_confirmed_primary,
             rewind_failed_from: self.rewind_failed_from.clone(),
             pooler: self.cfg.citus.pooler.is_some(),
+            cannot_lead: crate::agent::guard::blocks_leading(&self.cfg.ha.watchdog, &self.guard),
             not_streaming_for: self
                 .not_streaming_since
                 .map(|t| t.elapsed())
@@ -162,7 +163,7 @@ impl Node {
             tracing::warn!(%status, "PostgreSQL exited");
             self.postmaster = None;
             self.client = None;
-            self.lease.primary_pid.store(0, Ordering::SeqCst);
+            self.lease.disarm_fence();
             if self.leader_start.is_none() {
                 self.leader_start = Some(Instant::now());
             }
@@ -184,9 +185,10 @@ impl Node {
             Ok(p) => {
                 let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
                 // The fence guards only a primary.
-                self.lease
-                    .primary_pid
-                    .store(if p.in_recovery { 0 } else { pid }, Ordering::SeqCst);
+                let guarded = if p.in_recovery { 0 } else { pid };
+                if self.lease.primary_pid.load(Ordering::SeqCst) != guarded {
+                    self.lease.arm_fence(guarded);
+                }
                 let running = Running {
                     primary: !p.in_recovery,
                     timeline: p.timeline,

@@ -1,0 +1,733 @@
+//! The guard: a second fence in a process of its own, and the keeper of the watchdog device.
+//!
+//! The fence task (`lease::fence`) runs on the agent's runtime. An agent that is frozen
+//! (SIGSTOP, a debugger, swap storms), deadlocked, or stuck in a blocking call cannot run it,
+//! and its PostgreSQL would go on accepting writes after the lease ran out, while another
+//! member promotes. The guard closes that hole: the agent tells it, over a pipe, which
+//! postmaster runs as primary and until when the lease is surely valid; when that moment
+//! comes without a newer one, the guard kills the postmaster's whole process group itself.
+//! It runs in its own session, so signals to the agent's process group do not reach it, and
+//! it outlives a dead agent until the last deadline it was given.
+//!
+//! With `ha.watchdog`, the guard also keeps the Linux watchdog device (Patroni's watchdog):
+//! opened while a primary is guarded, kept from firing only while the lease leaves room for
+//! the device's own timeout, and closed with the magic character once PostgreSQL is stopped.
+//! A guard that hangs with the kernel thus has the machine reset before another member can
+//! have been promoted.
+//!
+//! Messages, one per line. Agent to guard: `arm PID LEASE_END_MS` (CLOCK_MONOTONIC
+//! milliseconds), `disarm`. Guard to agent: `watchdog active SECONDS`, `watchdog failed
+//! REASON`, `fenced PID`.
+
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::config::{WatchdogConfig, WatchdogMode};
+
+/// Milliseconds on CLOCK_MONOTONIC, which every process on the host shares.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// An `Instant` as CLOCK_MONOTONIC milliseconds (std's `Instant` is that clock on Linux).
+fn instant_to_monotonic_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let base = monotonic_ms();
+    match at.checked_duration_since(now) {
+        Some(ahead) => base + ahead.as_millis() as u64,
+        None => base.saturating_sub(now.duration_since(at).as_millis() as u64),
+    }
+}
+
+/// What the guard last said about the watchdog device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum WatchdogStatus {
+    /// No device configured, or none opened yet.
+    #[default]
+    Idle,
+    Active {
+        timeout_s: u32,
+    },
+    Failed {
+        reason: String,
+        at: Instant,
+    },
+}
+
+/// What the agent knows about its guard.
+#[derive(Debug, Default)]
+pub struct GuardState {
+    pub watchdog: Mutex<WatchdogStatus>,
+    /// Postmasters the guard had to kill (the agent's own fence was late: it was frozen).
+    pub fenced: std::sync::atomic::AtomicU64,
+    pub running: std::sync::atomic::AtomicBool,
+}
+
+/// How long a failed activation keeps a member with `required` from leading before it may
+/// try again.
+pub const FAILED_ACTIVATION_HOLDS: Duration = Duration::from_secs(60);
+
+/// Why this member must not lead now because of its watchdog (`required` only), if so.
+pub fn blocks_leading(cfg: &WatchdogConfig, state: &GuardState) -> Option<String> {
+    if cfg.mode != WatchdogMode::Required {
+        return None;
+    }
+    if !state.running.load(std::sync::atomic::Ordering::SeqCst) {
+        return Some("the watchdog is required but the guard process is not running".into());
+    }
+    if let Err(e) = device_usable(Path::new(&cfg.device)) {
+        return Some(format!("the watchdog is required but {e}"));
+    }
+    let status = state.watchdog.lock().map(|w| w.clone()).unwrap_or_default();
+    match status {
+        WatchdogStatus::Failed { reason, at } if at.elapsed() < FAILED_ACTIVATION_HOLDS => Some(
+            format!("the watchdog is required but activating it failed: {reason}"),
+        ),
+        _ => None,
+    }
+}
+
+/// A character device this process may write to.
+fn device_usable(device: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
+    if !meta.file_type().is_char_device() {
+        return Err(format!("{} is not a character device", device.display()));
+    }
+    let c = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: not a usable path", device.display()))?;
+    // SAFETY: access(2) on a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!(
+            "{} is not writable: {}",
+            device.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// The agent's end: starts the guard, tells it what to guard, and reads what it reports.
+pub struct Guard {
+    program: PathBuf,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    stdin: Option<std::process::ChildStdin>,
+    state: Arc<GuardState>,
+    /// The last message sent (nothing is sent twice in a row).
+    last: Option<String>,
+}
+
+impl Guard {
+    /// A guard for a primary fenced `margin` before its lease ends, with the watchdog device
+    /// `watchdog` (when its mode is not `off`) and the lease's `ttl`.
+    pub fn new(margin: Duration, ttl: Duration, watchdog: &WatchdogConfig) -> Guard {
+        let mut args = vec![
+            "agent-guard".to_string(),
+            "--margin-ms".to_string(),
+            margin.as_millis().to_string(),
+            "--ttl-ms".to_string(),
+            ttl.as_millis().to_string(),
+        ];
+        if watchdog.mode != WatchdogMode::Off {
+            args.push("--watchdog-device".into());
+            args.push(watchdog.device.clone());
+            if watchdog.mode == WatchdogMode::Required {
+                args.push("--watchdog-required".into());
+            }
+        }
+        Guard {
+            // The running image itself, even after `apply` replaced the file on disk.
+            program: PathBuf::from("/proc/self/exe"),
+            args,
+            child: None,
+            stdin: None,
+            state: Arc::new(GuardState::default()),
+            last: None,
+        }
+    }
+
+    pub fn state(&self) -> Arc<GuardState> {
+        self.state.clone()
+    }
+
+    /// Start the guard process (again, if it died).
+    fn spawn(&mut self) -> std::io::Result<()> {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // Its own session: a SIGSTOP or SIGKILL sent to the agent's process group (a shell's
+        // job control, `kill -- -PGID`) must not reach the process that guards against it.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take();
+        if let Some(s) = &stdin {
+            // A guard that stops reading must never block the agent's fence task.
+            // SAFETY: fcntl on a pipe descriptor this process owns.
+            unsafe {
+                let fd = s.as_raw_fd();
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        if let Some(out) = child.stdout.take() {
+            let state = self.state.clone();
+            std::thread::Builder::new()
+                .name("guard-reports".into())
+                .spawn(move || read_reports(out, &state))?;
+        }
+        self.stdin = stdin;
+        self.child = Some(child);
+        self.last = None;
+        self.state
+            .running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("guard process started");
+        Ok(())
+    }
+
+    /// Guard `pid` (0: nothing) as a primary whose lease is valid until `lease_end`.
+    pub fn update(&mut self, pid: u32, lease_end: Option<Instant>) {
+        let line = match (pid, lease_end) {
+            (0, _) => "disarm".to_string(),
+            // Already past: the guard kills at once.
+            (pid, end) => format!(
+                "arm {pid} {}",
+                end.map(instant_to_monotonic_ms).unwrap_or(0)
+            ),
+        };
+        if self.last.as_deref() == Some(line.as_str()) {
+            return;
+        }
+        if self.child.is_none() || self.exited() {
+            if let Err(e) = self.spawn() {
+                self.state
+                    .running
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start the guard process");
+                return;
+            }
+        }
+        let Some(stdin) = self.stdin.as_mut() else {
+            return;
+        };
+        match stdin.write_all(format!("{line}\n").as_bytes()) {
+            Ok(()) => self.last = Some(line),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::error!("the guard process does not read its messages (hung?)");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "guard process gone; starting it again");
+                self.state
+                    .running
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                self.child = None;
+                self.stdin = None;
+            }
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        let gone = match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => {
+                tracing::warn!(%status, "the guard process exited");
+                true
+            }
+            Some(Ok(None)) => false,
+            _ => true,
+        };
+        if gone {
+            self.state
+                .running
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        gone
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // A clean exit: nothing left to guard (the postmaster is stopped by now).
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = s.write_all(b"disarm\n");
+        }
+    }
+}
+
+fn read_reports(out: std::process::ChildStdout, state: &GuardState) {
+    for line in std::io::BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        match (word, rest.split_once(' ')) {
+            ("watchdog", Some(("active", t))) => {
+                let timeout_s = t.trim().parse().unwrap_or(0);
+                tracing::info!(timeout_s, "watchdog device active");
+                if let Ok(mut w) = state.watchdog.lock() {
+                    *w = WatchdogStatus::Active { timeout_s };
+                }
+            }
+            ("watchdog", Some(("failed", reason))) => {
+                tracing::error!(reason, "watchdog device could not be activated");
+                if let Ok(mut w) = state.watchdog.lock() {
+                    *w = WatchdogStatus::Failed {
+                        reason: reason.to_string(),
+                        at: Instant::now(),
+                    };
+                }
+            }
+            ("watchdog", _) if rest.trim() == "closed" => {
+                if let Ok(mut w) = state.watchdog.lock() {
+                    if matches!(*w, WatchdogStatus::Active { .. }) {
+                        *w = WatchdogStatus::Idle;
+                    }
+                }
+            }
+            ("fenced", pid) => {
+                tracing::error!(
+                    pid = rest,
+                    "the guard stopped PostgreSQL: the lease ran out while the agent could not act"
+                );
+                let _ = pid;
+                state
+                    .fenced
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            _ => tracing::debug!(line, "unexpected line from the guard"),
+        }
+    }
+    state
+        .running
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guard process.
+
+/// `citus-reconcile agent-guard` (started by the agent, never by hand).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuardArgs {
+    /// How long before the lease's end the agent's own fence acts (the guard acts halfway
+    /// between that and the end)
+    #[arg(long)]
+    margin_ms: u64,
+    /// The lease's length
+    #[arg(long)]
+    ttl_ms: u64,
+    #[arg(long)]
+    watchdog_device: Option<PathBuf>,
+    /// Kill a primary at once when the device cannot be activated
+    #[arg(long, requires = "watchdog_device")]
+    watchdog_required: bool,
+}
+
+/// What the guard watches over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Armed {
+    pid: u32,
+    /// The process's start time (/proc/PID/stat): a pid reused by another process is never
+    /// killed.
+    start_time: u64,
+    lease_end_ms: u64,
+}
+
+/// When the guard kills the postmaster: halfway between the agent's own fence
+/// (`lease_end - margin`) and the lease's end, so the agent, when it can, acts first.
+fn kill_at(lease_end_ms: u64, margin_ms: u64) -> u64 {
+    lease_end_ms.saturating_sub(margin_ms / 2)
+}
+
+/// The watchdog may be kept from firing at `now` only if, fired `timeout` after, it still
+/// resets the host before the lease can have ended (with a little slack for the pet itself).
+fn may_pet(now_ms: u64, lease_end_ms: u64, timeout_s: u32) -> bool {
+    now_ms + u64::from(timeout_s) * 1000 + PET_SLACK_MS <= lease_end_ms
+}
+
+const PET_SLACK_MS: u64 = 50;
+/// How often the guard keeps the device from firing while that is safe.
+const PET_EVERY_MS: u64 = 100;
+
+/// The device timeout to ask for: a renewal comes every `ttl / 4` or so, and the device must
+/// be petted between two of them with its whole timeout still inside the lease.
+fn wanted_timeout_s(ttl_ms: u64, margin_ms: u64) -> u32 {
+    let room = ttl_ms.saturating_sub(margin_ms).saturating_sub(ttl_ms / 2);
+    ((room / 1000) as u32).max(1)
+}
+
+/// The process start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Kill the postmaster `a` and every process of its group, if it is still the same process.
+fn fence(a: &Armed) {
+    if start_time(a.pid) != Some(a.start_time) {
+        return;
+    }
+    eprintln!(
+        "guard: the lease of the primary PostgreSQL (pid {}) ran out and the agent did not stop it: killing it",
+        a.pid
+    );
+    // SAFETY: kill(2)/getpgid(2) on the postmaster the agent named (checked by start time).
+    unsafe {
+        if libc::getpgid(a.pid as libc::pid_t) == a.pid as libc::pid_t {
+            libc::kill(-(a.pid as libc::pid_t), libc::SIGKILL);
+        }
+        libc::kill(a.pid as libc::pid_t, libc::SIGKILL);
+    }
+    report(&format!("fenced {}", a.pid));
+}
+
+/// Linux's watchdog interface (linux/watchdog.h).
+mod device {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    const WDIOC_KEEPALIVE: libc::c_ulong = 0x8004_5705;
+    const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
+    const WDIOC_GETTIMEOUT: libc::c_ulong = 0x8004_5707;
+
+    pub struct Watchdog {
+        file: std::fs::File,
+        pub timeout_s: u32,
+    }
+
+    impl Watchdog {
+        /// Open the device (which starts it) and set its timeout; the timeout in force is
+        /// read back, as a device may round it.
+        pub fn open(path: &Path, want_s: u32) -> Result<Watchdog, String> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let mut w = Watchdog { file, timeout_s: 0 };
+            let fd = w.file.as_raw_fd();
+            let mut t: libc::c_int = want_s as libc::c_int;
+            // SAFETY: the watchdog ioctls read and write one int.
+            let set = unsafe { libc::ioctl(fd, WDIOC_SETTIMEOUT as _, &mut t) };
+            let mut got: libc::c_int = 0;
+            // SAFETY: as above.
+            let get = unsafe { libc::ioctl(fd, WDIOC_GETTIMEOUT as _, &mut got) };
+            if get != 0 {
+                let e = std::io::Error::last_os_error();
+                w.close();
+                return Err(format!(
+                    "{} is not a watchdog whose timeout can be read ({e}; setting it {})",
+                    path.display(),
+                    if set == 0 { "worked" } else { "failed too" }
+                ));
+            }
+            w.timeout_s = got.max(0) as u32;
+            Ok(w)
+        }
+
+        pub fn keepalive(&mut self) {
+            let mut dummy: libc::c_int = 0;
+            // SAFETY: WDIOC_KEEPALIVE takes an int it ignores.
+            let r = unsafe { libc::ioctl(self.file.as_raw_fd(), WDIOC_KEEPALIVE as _, &mut dummy) };
+            if r != 0 {
+                let _ = self.file.write_all(b"1");
+            }
+        }
+
+        /// Stop the device: the magic character tells the driver the close is intended.
+        pub fn close(mut self) {
+            let _ = self.file.write_all(b"V");
+        }
+    }
+}
+
+/// The guard's main loop. Never returns; exits when the agent is gone and nothing is left
+/// to guard.
+pub fn run_guard(args: GuardArgs) -> ! {
+    // SAFETY: signal(2) with SIG_IGN: a SIGINT/SIGTERM meant for the agent's terminal must not
+    // take the guard down while it guards.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let stdin = std::io::stdin();
+    let fd = stdin.as_raw_fd();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut eof = false;
+    let mut armed: Option<Armed> = None;
+    let mut dog: Option<device::Watchdog> = None;
+    // The postmaster the device was last tried for: one attempt per primary, not one per
+    // lease renewal.
+    let mut tried_for: Option<u32> = None;
+    let want_s = wanted_timeout_s(args.ttl_ms, args.margin_ms);
+    loop {
+        let now = monotonic_ms();
+        // Sleep until a message, the next pet, or the kill.
+        let wait_ms: i64 = match &armed {
+            Some(a) => {
+                let until_kill = kill_at(a.lease_end_ms, args.margin_ms).saturating_sub(now);
+                let next = if dog.is_some() {
+                    until_kill.min(PET_EVERY_MS)
+                } else {
+                    until_kill
+                };
+                next.min(60_000) as i64
+            }
+            None if eof => break,
+            None => 60_000,
+        };
+        if eof {
+            std::thread::sleep(Duration::from_millis(wait_ms.max(0) as u64));
+        } else {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one descriptor.
+            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms.max(0) as libc::c_int) };
+            if n > 0 {
+                let mut chunk = [0u8; 4096];
+                // SAFETY: read(2) into a buffer of the given size.
+                let r = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                if r <= 0 {
+                    eof = true;
+                } else {
+                    buf.extend_from_slice(&chunk[..r as usize]);
+                }
+            }
+        }
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line).trim().to_string();
+            match parse_message(&line) {
+                Some(Message::Disarm) => {
+                    armed = None;
+                }
+                Some(Message::Arm { pid, lease_end_ms }) => {
+                    let same = armed.filter(|a| a.pid == pid);
+                    armed = match same {
+                        Some(a) => Some(Armed { lease_end_ms, ..a }),
+                        None => start_time(pid).map(|start_time| Armed {
+                            pid,
+                            start_time,
+                            lease_end_ms,
+                        }),
+                    };
+                    let untried = armed.is_some_and(|a| tried_for != Some(a.pid));
+                    if let (true, None, Some(path)) = (untried, &dog, &args.watchdog_device) {
+                        tried_for = armed.map(|a| a.pid);
+                        match device::Watchdog::open(path, want_s) {
+                            Ok(w)
+                                if u64::from(w.timeout_s) * 1000 + PET_SLACK_MS
+                                    >= args.ttl_ms.saturating_sub(args.margin_ms) =>
+                            {
+                                report(&format!(
+                                    "watchdog failed its timeout is {} s, too long for a lease of {} ms",
+                                    w.timeout_s, args.ttl_ms
+                                ));
+                                w.close();
+                            }
+                            Ok(w) => {
+                                report(&format!("watchdog active {}", w.timeout_s));
+                                dog = Some(w);
+                            }
+                            Err(e) => report(&format!("watchdog failed {e}")),
+                        }
+                        if dog.is_none() && args.watchdog_required {
+                            // No primary runs without the device the operator required.
+                            if let Some(a) = armed.take() {
+                                fence(&a);
+                            }
+                        }
+                    }
+                }
+                None => eprintln!("guard: ignoring an unreadable message"),
+            }
+        }
+        let now = monotonic_ms();
+        if let Some(a) = armed {
+            if now >= kill_at(a.lease_end_ms, args.margin_ms) {
+                fence(&a);
+                armed = None;
+            }
+        }
+        match (&armed, dog.as_mut()) {
+            (Some(a), Some(w)) if may_pet(now, a.lease_end_ms, w.timeout_s) => w.keepalive(),
+            (Some(_), Some(_)) => {}
+            (None, Some(_)) => {
+                if let Some(w) = dog.take() {
+                    w.close();
+                    report("watchdog closed");
+                }
+            }
+            (_, None) => {}
+        }
+    }
+    std::process::exit(0)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    Arm { pid: u32, lease_end_ms: u64 },
+    Disarm,
+}
+
+fn parse_message(line: &str) -> Option<Message> {
+    let mut words = line.split_whitespace();
+    match words.next()? {
+        "disarm" => Some(Message::Disarm),
+        "arm" => {
+            let pid: u32 = words.next()?.parse().ok()?;
+            let lease_end_ms = words.next()?.parse().ok()?;
+            (pid > 1).then_some(Message::Arm { pid, lease_end_ms })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_nothing_else_does() {
+        assert_eq!(
+            parse_message("arm 4242 1000"),
+            Some(Message::Arm {
+                pid: 4242,
+                lease_end_ms: 1000
+            })
+        );
+        assert_eq!(parse_message("disarm"), Some(Message::Disarm));
+        for bad in [
+            "",
+            "arm",
+            "arm x 1",
+            "arm 1 5",
+            "arm 0 5",
+            "arm 12 -3",
+            "kill 12",
+        ] {
+            assert_eq!(parse_message(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_guard_acts_after_the_fence_and_before_the_lease_ends() {
+        for margin in [1000u64, 3000] {
+            let end = 100_000;
+            let k = kill_at(end, margin);
+            assert!(k > end - margin && k < end, "{margin}: {k}");
+        }
+    }
+
+    #[test]
+    fn the_device_is_petted_only_while_its_timeout_fits_in_the_lease() {
+        // Lease ends at 10 s; a 2 s device may be petted until 7.95 s, never after.
+        assert!(may_pet(7_000, 10_000, 2));
+        assert!(may_pet(7_950, 10_000, 2));
+        assert!(!may_pet(7_951, 10_000, 2));
+        assert!(!may_pet(10_000, 10_000, 2));
+        // A reset the last pet allows always comes before the lease ends, and the guard's
+        // kill comes before that reset, whatever the margin.
+        for (ttl, margin) in [(5_000u64, 1_000u64), (30_000, 3_000), (60_000, 6_000)] {
+            let t = wanted_timeout_s(ttl, margin);
+            assert!(u64::from(t) * 1000 < ttl - margin, "{ttl}: {t}");
+            let end = 1_000_000;
+            let last_pet = (0..end)
+                .rev()
+                .step_by(10)
+                .find(|n| may_pet(*n, end, t))
+                .unwrap_or(0);
+            let reset = last_pet + u64::from(t) * 1000;
+            assert!(reset <= end);
+            assert!(
+                kill_at(end, margin) + PET_EVERY_MS < reset,
+                "{ttl}: kill after reset"
+            );
+        }
+    }
+
+    #[test]
+    fn start_time_reads_this_process() {
+        let me = std::process::id();
+        assert!(start_time(me).is_some());
+        assert_eq!(start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn something_that_is_no_watchdog_is_refused() {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        assert!(device::Watchdog::open(f.path(), 5).is_err());
+        assert!(device_usable(f.path()).is_err());
+        assert!(device::Watchdog::open(Path::new("/nonexistent/watchdog"), 5).is_err());
+        // /dev/null is a character device, but no watchdog.
+        assert!(device_usable(Path::new("/dev/null")).is_ok());
+        assert!(device::Watchdog::open(Path::new("/dev/null"), 5).is_err());
+    }
+
+    #[test]
+    fn only_required_blocks_leading() {
+        let state = GuardState::default();
+        state
+            .running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut cfg = WatchdogConfig {
+            mode: WatchdogMode::Automatic,
+            device: "/nonexistent/watchdog".into(),
+        };
+        assert_eq!(blocks_leading(&cfg, &state), None);
+        cfg.mode = WatchdogMode::Required;
+        let why = blocks_leading(&cfg, &state).unwrap_or_default();
+        assert!(why.contains("/nonexistent/watchdog"), "{why}");
+        cfg.device = "/dev/null".into();
+        assert_eq!(blocks_leading(&cfg, &state), None);
+        if let Ok(mut w) = state.watchdog.lock() {
+            *w = WatchdogStatus::Failed {
+                reason: "not a watchdog".into(),
+                at: Instant::now(),
+            };
+        }
+        let why = blocks_leading(&cfg, &state).unwrap_or_default();
+        assert!(why.contains("not a watchdog"), "{why}");
+        state
+            .running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(blocks_leading(&cfg, &state).is_some());
+    }
+}
