@@ -161,7 +161,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
         ("probe", probe_script(spec, h)),
         (
             "install packages",
-            install_packages_script(&[odd.to_string(), "citus".into()]),
+            install_packages_script(&[odd.to_string(), "citus".into()], Some(odd)),
         ),
         ("prepare dirs", prepare_dirs_script(&paths)),
         ("record hash", record_hash_script(&paths, odd)),

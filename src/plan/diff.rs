@@ -346,7 +346,10 @@ fn host_actions(
                 Kind::InstallPackages {
                     packages: packages.clone(),
                 },
-                format!("install packages: {}", packages.join(" ")),
+                format!(
+                    "install packages: {} (then held, so that no unattended upgrade restarts them; no `main` cluster)",
+                    packages.join(" ")
+                ),
             ));
         } else {
             errors.push(format!(

@@ -12,27 +12,51 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 pub const PACKAGE_TIMEOUT: Duration = Duration::from_secs(900);
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-pub fn install_packages_script(packages: &[String]) -> Script {
-    // Debian's pgbouncer package starts a PgBouncer of its own (on localhost): the agent runs
-    // the one Citus uses, so the packaged service is stopped and never starts again.
+/// Where `apply` tells Debian's postgresql-common not to make a `main` cluster: the file is
+/// read through `include_dir` of the packaged createcluster.conf.
+pub const NO_MAIN_CLUSTER_CONF: &str =
+    "/etc/postgresql-common/createcluster.d/50-citus-reconcile.conf";
+
+/// Install `packages` with apt, through `proxy` when one is given.
+/// - Debian's PostgreSQL packages make and start a `main` cluster on port 5432 at their first
+///   install: a drop-in with `create_main_cluster = false` comes first, so none appears
+///   beside the agent's.
+/// - The packages are held afterwards: an unattended upgrade must never restart PostgreSQL
+///   (or PgBouncer) behind the agent's back. Installing them again (a rerun, a new Citus
+///   package) is allowed through the hold, which apply owns.
+/// - Debian's pgbouncer package starts a PgBouncer of its own (on localhost): the agent runs
+///   the one Citus uses, so the packaged service is stopped and never starts again.
+pub fn install_packages_script(packages: &[String], proxy: Option<&str>) -> Script {
+    const INSTALL: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends --allow-change-held-packages -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null";
+    const WITH_PGBOUNCER: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends --allow-change-held-packages -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null && { systemctl disable --now pgbouncer.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/pgbouncer ] || /etc/init.d/pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }; }";
     let template = if packages.iter().any(|p| p == "pgbouncer") {
-        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages} && { systemctl disable --now pgbouncer.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/pgbouncer ] || /etc/init.d/pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }; }"
+        WITH_PGBOUNCER
     } else {
-        "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages}"
+        INSTALL
     };
+    // No proxy: no option at all, so a proxy the host's own apt configuration names holds.
+    let proxy_option = proxy.map(|p| format!("-oAcquire::http::Proxy={p}"));
     Script::render(
         template,
-        &[(
-            "packages",
-            &quote_words(packages.iter().map(String::as_str)),
-        )],
+        &[
+            ("no_main", &quote(NO_MAIN_CLUSTER_CONF)),
+            ("proxy", &quote_words(proxy_option.as_deref())),
+            (
+                "packages",
+                &quote_words(packages.iter().map(String::as_str)),
+            ),
+        ],
     )
 }
 
-pub async fn install_packages(s: &Session, packages: &[String]) -> Result<(), SshError> {
+pub async fn install_packages(
+    s: &Session,
+    packages: &[String],
+    proxy: Option<&str>,
+) -> Result<(), SshError> {
     s.run(
         "install packages",
-        &install_packages_script(packages),
+        &install_packages_script(packages, proxy),
         PACKAGE_TIMEOUT,
     )
     .await
@@ -431,6 +455,48 @@ pub async fn restart_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packages_come_without_a_main_cluster_through_the_proxy_and_stay_held() {
+        let pkgs = [
+            "postgresql-15".to_string(),
+            "postgresql-15-citus-13.2".into(),
+        ];
+        let direct = install_packages_script(&pkgs, None).text().to_string();
+        // No proxy in the spec: no option, so the host's own apt configuration holds.
+        assert!(!direct.contains("Acquire::http::Proxy"), "{direct}");
+        let proxied = install_packages_script(&pkgs, Some("http://10.0.0.1:3142"))
+            .text()
+            .to_string();
+        assert_eq!(
+            proxied
+                .matches("apt-get -oAcquire::http::Proxy=http://10.0.0.1:3142 ")
+                .count(),
+            2,
+            "update and install both go through the proxy: {proxied}"
+        );
+        for script in [&direct, &proxied] {
+            let at = |needle: &str| {
+                script
+                    .find(needle)
+                    .unwrap_or_else(|| panic!("{needle:?} missing from {script}"))
+            };
+            // The drop-in exists before any package can run its postinst.
+            assert!(
+                at(
+                    "'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/50-citus-reconcile.conf"
+                ) < at(" update -qq")
+            );
+            assert!(at(" install -y") < at("apt-mark hold postgresql-15 postgresql-15-citus-13.2"));
+            assert!(script.contains("--allow-change-held-packages"));
+            assert!(!script.contains("pgbouncer"), "{script}");
+        }
+        let with_pooler = install_packages_script(&["pgbouncer".to_string()], None)
+            .text()
+            .to_string();
+        assert!(with_pooler.contains("apt-mark hold pgbouncer"));
+        assert!(with_pooler.contains("systemctl disable --now pgbouncer.service"));
+    }
 
     #[test]
     fn unit_files_take_hostile_paths_as_written() {

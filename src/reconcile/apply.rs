@@ -63,6 +63,7 @@ async fn run_host_actions(
             run.spec.agent.service,
             run.spec.cluster.clone(),
         );
+        let apt_proxy = run.spec.postgres.apt_proxy.clone();
         let progress = progress.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
@@ -72,7 +73,7 @@ async fn run_host_actions(
                 let t0 = Instant::now();
                 let r = match &a.kind {
                     Kind::InstallPackages { packages } => {
-                        provision::install_packages(&session, packages).await
+                        provision::install_packages(&session, packages, apt_proxy.as_deref()).await
                     }
                     Kind::UploadAgentBinary { sha256 } => match &binary {
                         Some(b) => provision::upload_binary(&session, &paths, b, sha256).await,

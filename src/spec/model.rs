@@ -69,6 +69,7 @@ pub struct Pem {
 pub struct PostgresSpec {
     pub version: u32,
     pub install: Install,
+    pub apt_proxy: Option<String>,
     pub bin_dir: String,
     pub superuser: Credential,
     pub replication: Credential,
@@ -457,6 +458,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         postgres: PostgresSpec {
             version,
             install: raw.postgres.install,
+            apt_proxy: raw.postgres.apt_proxy.clone(),
             bin_dir: raw
                 .postgres
                 .bin_dir

@@ -155,6 +155,11 @@ pub struct RawPostgres {
     pub port: u16,
     #[serde(default = "default_install")]
     pub install: Install,
+    /// With `install: apt`: an HTTP proxy every `apt-get` that `apply` runs goes through
+    /// (`http://host:port`, e.g. an apt-cacher-ng), for hosts without a direct way to the
+    /// archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apt_proxy: Option<String>,
     /// Folder of the PostgreSQL programs; default `/usr/lib/postgresql/{version}/bin`.
     #[serde(default)]
     pub bin_dir: Option<String>,

@@ -256,6 +256,17 @@ fn postgres(spec: &Spec, out: &mut Vec<Diagnostic>) {
             .with_hint("Citus 11.2 and newer run on PostgreSQL 13 to 17"),
         );
     }
+    if let Some(proxy) = &pg.apt_proxy {
+        if !is_http_proxy(proxy) {
+            out.push(
+                Diagnostic::error(
+                    path("postgres.apt_proxy"),
+                    format!("expected http://host or http://host:port, found {proxy:?}"),
+                )
+                .with_hint("apt-get's Acquire::http::Proxy; an apt-cacher-ng listens on port 3142"),
+            );
+        }
+    }
     if !pg.bin_dir.starts_with('/') {
         out.push(Diagnostic::error(
             path("postgres.bin_dir"),
@@ -444,6 +455,24 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
             ));
         }
     }
+}
+
+/// `http://host[:port][/]`: a host name or an IPv4 address, nothing that a shell or apt's
+/// option parser could take for more than one word.
+fn is_http_proxy(v: &str) -> bool {
+    let Some(rest) = v.strip_prefix("http://") else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (rest, None),
+    };
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// An absolute path without whitespace or quotes (it goes into configuration files and
@@ -781,6 +810,32 @@ pub fn pooler_pool_size(max_connections: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apt_proxies() {
+        for ok in [
+            "http://10.0.0.1:3142",
+            "http://apt-cache.example.com",
+            "http://proxy:8080/",
+        ] {
+            assert!(is_http_proxy(ok), "{ok}");
+        }
+        for bad in [
+            "10.0.0.1:3142",
+            "https://proxy:3142",
+            "http://",
+            "http://:3142",
+            "http://p:0",
+            "http://p:70000",
+            "http://p:3142/path",
+            "http://p q:1",
+            "http://p;reboot",
+            "http://p'x",
+            "http://user@p:1",
+        ] {
+            assert!(!is_http_proxy(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn endpoints() {

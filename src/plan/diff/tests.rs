@@ -483,7 +483,9 @@ fn apt_installs_what_is_missing() {
     check(
         &d,
         &o,
-        &["+ w1 install packages: postgresql-15 postgresql-15-citus-13.2"],
+        &[
+            "+ w1 install packages: postgresql-15 postgresql-15-citus-13.2 (then held, so that no unattended upgrade restarts them; no `main` cluster)",
+        ],
     );
 }
 
