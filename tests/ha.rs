@@ -1387,6 +1387,22 @@ fn a_frozen_leader_is_fenced_by_its_guard_and_rejoins_by_a_new_clone_when_rewind
     let postmaster = common::postmaster_pid(&t, &l).expect("the leader's postmaster");
     let p = probe_group(&t, 1);
     std::thread::sleep(Duration::from_secs(2));
+    // A statement already running on the frozen primary: it computes for 6.5 s without
+    // waiting on anything (so it never notices a dead postmaster), then writes and commits.
+    // That commit would land after the lease ran out, beside the new leader, unless the
+    // guard's fence stops the backend too and not the postmaster alone.
+    let late_commit = {
+        let h = t.spec.host(&l).expect("the leader's host").clone();
+        std::thread::spawn(move || {
+            std::process::Command::new("psql")
+                .args(["-h", &h.address, "-p", &h.pg_port.to_string(), "-U", "postgres", "-d", "postgres", "-XAtc"])
+                .arg("DO $$ BEGIN WHILE clock_timestamp() < statement_timestamp() + interval '6.5 s' LOOP END LOOP; END $$; INSERT INTO probe (id, member) VALUES (-1, 'late')")
+                .env("PGPASSWORD", "lab-superuser-pw")
+                .env("PGCONNECT_TIMEOUT", "5")
+                .output()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     common::signal_agent(&t, &l, libc::SIGSTOP);
     let frozen = p.t0.elapsed();
     let new = wait_for("another member leading", Duration::from_secs(60), || {
@@ -1409,6 +1425,25 @@ fn a_frozen_leader_is_fenced_by_its_guard_and_rejoins_by_a_new_clone_when_rewind
             .any(|a| a.ok && a.member == new && a.started > promoted)
             .then_some(())
     });
+    let late = late_commit.join().expect("the late statement's thread");
+    let late = late.expect("psql runs");
+    eprintln!(
+        "the statement running on the frozen primary: {} {}",
+        late.status,
+        String::from_utf8_lossy(&late.stderr).trim()
+    );
+    let why = String::from_utf8_lossy(&late.stderr);
+    assert!(
+        !late.status.success(),
+        "a statement running on the frozen primary committed after its lease"
+    );
+    // Cut off with its backend, not refused by SQL.
+    assert!(
+        !why.contains("ERROR:")
+            && (why.contains("connection to server was lost")
+                || why.contains("server closed the connection")),
+        "the late statement failed for another reason: {why}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     // Thawed, the former primary must rewind before it follows. Here pg_rewind cannot:
     // a folder in its data directory it may not read (as a careless backup tool run by root

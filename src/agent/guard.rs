@@ -5,15 +5,16 @@
 //! and its PostgreSQL would go on accepting writes after the lease ran out, while another
 //! member promotes. The guard closes that hole: the agent tells it, over a pipe, which
 //! postmaster runs as primary and until when the lease is surely valid; when that moment
-//! comes without a newer one, the guard kills the postmaster's whole process group itself.
-//! It runs in its own session, so signals to the agent's process group do not reach it, and
-//! it outlives a dead agent until the last deadline it was given.
+//! comes without a newer one, the guard stops the postmaster and kills it and every process
+//! it started. It runs in its own session, so signals to the agent's process group do not
+//! reach it, and (run as a process, not under systemd, whose `KillMode=mixed` kills it with
+//! the agent) it outlives a dead agent until the last deadline it was given.
 //!
 //! With `ha.watchdog`, the guard also keeps the Linux watchdog device (Patroni's watchdog):
 //! opened while a primary is guarded, kept from firing only while the lease leaves room for
 //! the device's own timeout, and closed with the magic character once PostgreSQL is stopped.
-//! A guard that hangs with the kernel thus has the machine reset before another member can
-//! have been promoted.
+//! A guard that hangs (with the kernel, for a hardware watchdog) thus has the machine reset
+//! before another member can have been promoted.
 //!
 //! Messages, one per line. Agent to guard: `arm PID LEASE_END_MS` (CLOCK_MONOTONIC
 //! milliseconds), `disarm`. Guard to agent: `watchdog active SECONDS`, `watchdog failed
@@ -73,6 +74,9 @@ pub struct GuardState {
     /// Postmasters the guard had to kill (the agent's own fence was late: it was frozen).
     pub fenced: std::sync::atomic::AtomicU64,
     pub running: std::sync::atomic::AtomicBool,
+    /// Which start of the guard process `running` speaks of (a report thread of a guard
+    /// that was replaced must not mark the new one gone).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// How long a failed activation keeps a member with `required` from leading before it may
@@ -102,7 +106,9 @@ pub fn blocks_leading(cfg: &WatchdogConfig, state: &GuardState) -> Option<String
 /// A character device this process may write to.
 fn device_usable(device: &Path) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
+    // Not followed through a link: the guard opens it with O_NOFOLLOW.
+    let meta =
+        std::fs::symlink_metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
     if !meta.file_type().is_char_device() {
         return Err(format!("{} is not a character device", device.display()));
     }
@@ -128,6 +134,11 @@ pub struct Guard {
     state: Arc<GuardState>,
     /// The last message sent (nothing is sent twice in a row).
     last: Option<String>,
+    /// The postmaster the last `arm` named.
+    armed_pid: Option<u32>,
+    margin: Duration,
+    /// After a failed start, when to try again.
+    retry_at: Option<Instant>,
 }
 
 impl Guard {
@@ -156,6 +167,9 @@ impl Guard {
             stdin: None,
             state: Arc::new(GuardState::default()),
             last: None,
+            armed_pid: None,
+            margin,
+            retry_at: None,
         }
     }
 
@@ -196,15 +210,21 @@ impl Guard {
                 libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
             }
         }
+        let generation = self
+            .state
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         if let Some(out) = child.stdout.take() {
             let state = self.state.clone();
             std::thread::Builder::new()
                 .name("guard-reports".into())
-                .spawn(move || read_reports(out, &state))?;
+                .spawn(move || read_reports(out, &state, generation))?;
         }
         self.stdin = stdin;
         self.child = Some(child);
         self.last = None;
+        self.armed_pid = None;
         self.state
             .running
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -214,46 +234,71 @@ impl Guard {
 
     /// Guard `pid` (0: nothing) as a primary whose lease is valid until `lease_end`.
     pub fn update(&mut self, pid: u32, lease_end: Option<Instant>) {
+        // A guard that died is started again, whatever there is to say.
+        if (self.child.is_none() || self.exited()) && !self.try_spawn() {
+            return;
+        }
         let line = match (pid, lease_end) {
             (0, _) => "disarm".to_string(),
-            // Already past: the guard kills at once.
-            (pid, end) => format!(
+            (pid, Some(end)) => format!("arm {pid} {}", instant_to_monotonic_ms(end)),
+            // No lease to trust: the agent's own fence stops this primary now, being able to
+            // say so. The guard keeps the deadline it has for it, or gets a short one.
+            (pid, None) if self.armed_pid == Some(pid) => return,
+            (pid, None) => format!(
                 "arm {pid} {}",
-                end.map(instant_to_monotonic_ms).unwrap_or(0)
+                instant_to_monotonic_ms(Instant::now() + self.margin)
             ),
         };
         if self.last.as_deref() == Some(line.as_str()) {
             return;
         }
-        if self.child.is_none() || self.exited() {
-            if let Err(e) = self.spawn() {
-                self.state
-                    .running
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-                tracing::error!(error = %e, "cannot start the guard process");
-                return;
-            }
-        }
         let Some(stdin) = self.stdin.as_mut() else {
             return;
         };
         match stdin.write_all(format!("{line}\n").as_bytes()) {
-            Ok(()) => self.last = Some(line),
+            Ok(()) => {
+                self.armed_pid = (pid != 0).then_some(pid);
+                self.last = Some(line);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 tracing::error!("the guard process does not read its messages (hung?)");
             }
             Err(e) => {
+                // Started again at the next update (`spawn` reaps this one).
                 tracing::warn!(error = %e, "guard process gone; starting it again");
+                self.stdin = None;
                 self.state
                     .running
                     .store(false, std::sync::atomic::Ordering::SeqCst);
-                self.child = None;
-                self.stdin = None;
+            }
+        }
+    }
+
+    /// Start the guard unless a failed start is too recent; true when one runs.
+    fn try_spawn(&mut self) -> bool {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        match self.spawn() {
+            Ok(()) => {
+                self.retry_at = None;
+                true
+            }
+            Err(e) => {
+                self.state
+                    .running
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                self.retry_at = Some(Instant::now() + Duration::from_secs(5));
+                tracing::error!(error = %e, "cannot start the guard process");
+                false
             }
         }
     }
 
     fn exited(&mut self) -> bool {
+        if self.stdin.is_none() {
+            return true;
+        }
         let gone = match self.child.as_mut().map(|c| c.try_wait()) {
             Some(Ok(Some(status))) => {
                 tracing::warn!(%status, "the guard process exited");
@@ -280,7 +325,7 @@ impl Drop for Guard {
     }
 }
 
-fn read_reports(out: std::process::ChildStdout, state: &GuardState) {
+fn read_reports(out: std::process::ChildStdout, state: &GuardState, generation: u64) {
     for line in std::io::BufReader::new(out).lines() {
         let Ok(line) = line else { break };
         let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
@@ -308,12 +353,11 @@ fn read_reports(out: std::process::ChildStdout, state: &GuardState) {
                     }
                 }
             }
-            ("fenced", pid) => {
+            ("fenced", _) => {
                 tracing::error!(
                     pid = rest,
                     "the guard stopped PostgreSQL: the lease ran out while the agent could not act"
                 );
-                let _ = pid;
                 state
                     .fenced
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -321,9 +365,11 @@ fn read_reports(out: std::process::ChildStdout, state: &GuardState) {
             _ => tracing::debug!(line, "unexpected line from the guard"),
         }
     }
-    state
-        .running
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    if state.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+        state
+            .running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,10 +402,12 @@ struct Armed {
     lease_end_ms: u64,
 }
 
-/// When the guard kills the postmaster: halfway between the agent's own fence
-/// (`lease_end - margin`) and the lease's end, so the agent, when it can, acts first.
+/// When the guard kills the postmaster: a little after the agent's own fence
+/// (`lease_end - margin`), so the agent, when it can, acts first; and early enough that a
+/// device petted until the last moment `may_pet` allows has not fired yet when the guard
+/// closes it after the kill (a healthy guard never has a host reset).
 fn kill_at(lease_end_ms: u64, margin_ms: u64) -> u64 {
-    lease_end_ms.saturating_sub(margin_ms / 2)
+    lease_end_ms.saturating_sub(margin_ms) + (margin_ms / 4).min(250)
 }
 
 /// The watchdog may be kept from firing at `now` only if, fired `timeout` after, it still
@@ -368,7 +416,9 @@ fn may_pet(now_ms: u64, lease_end_ms: u64, timeout_s: u32) -> bool {
     now_ms + u64::from(timeout_s) * 1000 + PET_SLACK_MS <= lease_end_ms
 }
 
-const PET_SLACK_MS: u64 = 50;
+/// Room left between a reset the last pet allows and the lease's end: hardware timers tick
+/// coarsely, and a pet is a system call that can be late too.
+const PET_SLACK_MS: u64 = 500;
 /// How often the guard keeps the device from firing while that is safe.
 const PET_EVERY_MS: u64 = 100;
 
@@ -379,12 +429,36 @@ fn wanted_timeout_s(ttl_ms: u64, margin_ms: u64) -> u32 {
     ((room / 1000) as u32).max(1)
 }
 
+/// The fields of /proc/PID/stat after the command name (which may hold spaces and
+/// parentheses): state, ppid, … (field 3 onwards).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// The process start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// The process state letter (R, S, D, T, Z, …).
+fn state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// Every process whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            stat_fields(*p)
+                .and_then(|f| f.get(1)?.parse::<u32>().ok())
+                .is_some_and(|ppid| ppid == pid)
+        })
+        .collect()
 }
 
 fn report(line: &str) {
@@ -393,23 +467,47 @@ fn report(line: &str) {
     let _ = out.flush();
 }
 
-/// Kill the postmaster `a` and every process of its group, if it is still the same process.
-fn fence(a: &Armed) {
-    if start_time(a.pid) != Some(a.start_time) {
-        return;
+/// Kill the postmaster `a` and every process it started, if it is still that process and
+/// alive. PostgreSQL's children each call setsid(), so no process group holds them all, and
+/// a postmaster killed alone leaves its backends running: one in the middle of a statement
+/// would still commit. So: stop the postmaster (it can fork nothing more), SIGKILL each of its
+/// children, then the postmaster. This needs nothing from PostgreSQL, which may be frozen too.
+/// True when something was killed.
+fn fence(a: &Armed) -> bool {
+    if start_time(a.pid) != Some(a.start_time) || matches!(state(a.pid), None | Some('Z')) {
+        return false;
     }
-    eprintln!(
-        "guard: the lease of the primary PostgreSQL (pid {}) ran out and the agent did not stop it: killing it",
-        a.pid
-    );
-    // SAFETY: kill(2)/getpgid(2) on the postmaster the agent named (checked by start time).
+    let pid = a.pid as libc::pid_t;
+    // SAFETY: kill(2) on the postmaster the agent named (checked by start time) and on its
+    // children (checked by parent pid while it is stopped: no pid can be reused meanwhile).
     unsafe {
-        if libc::getpgid(a.pid as libc::pid_t) == a.pid as libc::pid_t {
-            libc::kill(-(a.pid as libc::pid_t), libc::SIGKILL);
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    // A fork under way when the signal came ends before the postmaster stops.
+    for _ in 0..20 {
+        if matches!(state(a.pid), Some('T') | Some('Z') | None) {
+            break;
         }
-        libc::kill(a.pid as libc::pid_t, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..2 {
+        for child in children_of(a.pid) {
+            // SAFETY: see above.
+            unsafe {
+                libc::kill(child as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+    // SAFETY: see above.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
     }
     report(&format!("fenced {}", a.pid));
+    eprintln!(
+        "guard: the lease of the primary PostgreSQL (pid {}) ran out and the agent did not stop it: killed it and its children",
+        a.pid
+    );
+    true
 }
 
 /// Linux's watchdog interface (linux/watchdog.h).
@@ -418,6 +516,15 @@ mod device {
     use std::os::fd::AsRawFd;
     use std::path::Path;
 
+    // The generic _IOR/_IOWR encoding (x86, Arm, RISC-V); PowerPC, MIPS and SPARC encode
+    // ioctls differently, and the device is refused there rather than sent wrong numbers.
+    const GENERIC_IOCTLS: bool = cfg!(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64"
+    ));
     const WDIOC_KEEPALIVE: libc::c_ulong = 0x8004_5705;
     const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
     const WDIOC_GETTIMEOUT: libc::c_ulong = 0x8004_5707;
@@ -432,6 +539,9 @@ mod device {
         /// read back, as a device may round it.
         pub fn open(path: &Path, want_s: u32) -> Result<Watchdog, String> {
             use std::os::unix::fs::OpenOptionsExt;
+            if !GENERIC_IOCTLS {
+                return Err("watchdog devices are not supported on this architecture".into());
+            }
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
@@ -521,13 +631,22 @@ pub fn run_guard(args: GuardArgs) -> ! {
             // SAFETY: poll(2) on one descriptor.
             let n = unsafe { libc::poll(&mut pfd, 1, wait_ms.max(0) as libc::c_int) };
             if n > 0 {
-                let mut chunk = [0u8; 4096];
-                // SAFETY: read(2) into a buffer of the given size.
-                let r = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-                if r <= 0 {
-                    eof = true;
-                } else {
+                // Everything queued, not one chunk: acting on an old lease end after a stall
+                // could kill a healthy primary.
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    // SAFETY: read(2) into a buffer of the given size.
+                    let r = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                    if r <= 0 {
+                        eof = true;
+                        break;
+                    }
                     buf.extend_from_slice(&chunk[..r as usize]);
+                    pfd.revents = 0;
+                    // SAFETY: poll(2) on one descriptor, without waiting.
+                    if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+                        break;
+                    }
                 }
             }
         }
@@ -537,6 +656,7 @@ pub fn run_guard(args: GuardArgs) -> ! {
             match parse_message(&line) {
                 Some(Message::Disarm) => {
                     armed = None;
+                    tried_for = None;
                 }
                 Some(Message::Arm { pid, lease_end_ms }) => {
                     let same = armed.filter(|a| a.pid == pid);
@@ -548,16 +668,21 @@ pub fn run_guard(args: GuardArgs) -> ! {
                             lease_end_ms,
                         }),
                     };
-                    let untried = armed.is_some_and(|a| tried_for != Some(a.pid));
+                    // Opened once per primary, and only when a timer started now would still
+                    // fire before the lease ends.
+                    let untried = armed.is_some_and(|a| {
+                        tried_for != Some(a.pid) && may_pet(monotonic_ms(), a.lease_end_ms, want_s)
+                    });
                     if let (true, None, Some(path)) = (untried, &dog, &args.watchdog_device) {
                         tried_for = armed.map(|a| a.pid);
+                        let limit_ms = args.ttl_ms.saturating_sub(args.margin_ms);
                         match device::Watchdog::open(path, want_s) {
                             Ok(w)
-                                if u64::from(w.timeout_s) * 1000 + PET_SLACK_MS
-                                    >= args.ttl_ms.saturating_sub(args.margin_ms) =>
+                                if w.timeout_s == 0
+                                    || u64::from(w.timeout_s) * 1000 + PET_SLACK_MS >= limit_ms =>
                             {
                                 report(&format!(
-                                    "watchdog failed its timeout is {} s, too long for a lease of {} ms",
+                                    "watchdog failed its timeout is {} s, which does not fit a lease of {} ms",
                                     w.timeout_s, args.ttl_ms
                                 ));
                                 w.close();
@@ -584,6 +709,7 @@ pub fn run_guard(args: GuardArgs) -> ! {
             if now >= kill_at(a.lease_end_ms, args.margin_ms) {
                 fence(&a);
                 armed = None;
+                tried_for = None;
             }
         }
         match (&armed, dog.as_mut()) {
@@ -658,29 +784,91 @@ mod tests {
 
     #[test]
     fn the_device_is_petted_only_while_its_timeout_fits_in_the_lease() {
-        // Lease ends at 10 s; a 2 s device may be petted until 7.95 s, never after.
+        // Lease ends at 10 s; a 2 s device may be petted until 7.5 s, never after.
         assert!(may_pet(7_000, 10_000, 2));
-        assert!(may_pet(7_950, 10_000, 2));
-        assert!(!may_pet(7_951, 10_000, 2));
+        assert!(may_pet(7_500, 10_000, 2));
+        assert!(!may_pet(7_501, 10_000, 2));
         assert!(!may_pet(10_000, 10_000, 2));
-        // A reset the last pet allows always comes before the lease ends, and the guard's
-        // kill comes before that reset, whatever the margin.
-        for (ttl, margin) in [(5_000u64, 1_000u64), (30_000, 3_000), (60_000, 6_000)] {
+        for (ttl, margin) in [
+            (5_000u64, 1_000u64),
+            (10_000, 1_000),
+            (30_000, 3_000),
+            (60_000, 6_000),
+        ] {
             let t = wanted_timeout_s(ttl, margin);
-            assert!(u64::from(t) * 1000 < ttl - margin, "{ttl}: {t}");
+            assert!(t >= 1 && u64::from(t) * 1000 < ttl - margin, "{ttl}: {t}");
             let end = 1_000_000;
-            let last_pet = (0..end)
-                .rev()
-                .step_by(10)
-                .find(|n| may_pet(*n, end, t))
-                .unwrap_or(0);
-            let reset = last_pet + u64::from(t) * 1000;
-            assert!(reset <= end);
+            // Pets come every PET_EVERY_MS: the last one falls up to that much before the
+            // last moment allowed.
+            let last_allowed = (0..end).rev().find(|n| may_pet(*n, end, t)).unwrap_or(0);
+            let earliest_reset = last_allowed - PET_EVERY_MS + u64::from(t) * 1000;
+            let latest_reset = last_allowed + u64::from(t) * 1000;
+            // A hung guard: the host is reset before the lease can have ended.
             assert!(
-                kill_at(end, margin) + PET_EVERY_MS < reset,
-                "{ttl}: kill after reset"
+                latest_reset < end,
+                "{ttl}: reset {latest_reset} after {end}"
+            );
+            // A healthy guard kills, then closes the device, before it can fire.
+            assert!(
+                kill_at(end, margin) < earliest_reset,
+                "{ttl}: kill after a reset"
+            );
+            // In steady state (a renewal every ttl / 4, each taking up to a second), the
+            // device can be kept: the lease end is always far enough ahead.
+            let worst_ahead = ttl - ttl / 4 - 1_000;
+            assert!(may_pet(end - worst_ahead, end, t), "{ttl}: never petted");
+        }
+    }
+
+    /// PostgreSQL's children leave the postmaster's process group (setsid): a fence that
+    /// signals the group, or the postmaster alone, leaves them running.
+    #[test]
+    fn the_fence_kills_children_in_sessions_of_their_own() {
+        let Ok(mut parent) = std::process::Command::new("sh")
+            .args(["-c", "setsid sleep 60 & setsid sleep 60 & wait"])
+            .spawn()
+        else {
+            panic!("cannot run sh");
+        };
+        let pid = parent.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while children_of(pid).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let kids = children_of(pid);
+        assert_eq!(kids.len(), 2, "children of {pid}: {kids:?}");
+        for k in &kids {
+            assert_ne!(
+                stat_fields(*k).and_then(|f| f.get(3).cloned()),
+                Some(pid.to_string()),
+                "the child should be in a session of its own"
             );
         }
+        let a = Armed {
+            pid,
+            start_time: start_time(pid).unwrap_or_default(),
+            lease_end_ms: 0,
+        };
+        assert!(fence(&a));
+        let _ = parent.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = || {
+            kids.iter()
+                .filter(|k| !matches!(state(**k), None | Some('Z')))
+                .count()
+        };
+        while alive() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(alive(), 0, "children survived the fence: {kids:?}");
+        // A process that is gone, or another one under a reused pid, is never killed.
+        assert!(!fence(&a));
+        let me = Armed {
+            pid: std::process::id(),
+            start_time: 1,
+            lease_end_ms: 0,
+        };
+        assert!(!fence(&me));
     }
 
     #[test]

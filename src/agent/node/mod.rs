@@ -645,7 +645,7 @@ impl Node {
                 // makes only for members with a key. After its lease ran out (a frozen or
                 // cut-off agent), that key is gone: publish it while waiting.
                 self.busy = Some(crate::dcs::MemberState::Starting.as_str().to_string());
-                self.publish().await;
+                self.publish_member(false).await;
                 self.busy = None;
                 published_at = Some(Instant::now());
             }
@@ -807,6 +807,12 @@ impl Node {
 
     /// Put the member key (on our lease) when it changed or has not been refreshed for a while.
     pub async fn publish(&mut self) {
+        self.publish_member(true).await
+    }
+
+    /// Write the member key if it changed. With `recheck`, also when the last read of etcd
+    /// did not show it (deleted by hand); without, that read is not fresh enough to say.
+    async fn publish_member(&mut self, recheck: bool) {
         let Some(lease) = self.lease.lease_id() else {
             return;
         };
@@ -814,10 +820,11 @@ impl Node {
         // etcd keeps every write until compaction and counts it against its quota: write only
         // what changed. The key lives on our lease, so it needs no refreshing; it is written
         // again when the lease changed or the last read did not show it (deleted by hand).
-        let present = self
-            .cluster
-            .get(&self.cfg.group)
-            .is_some_and(|g| g.members.contains_key(&self.cfg.member));
+        let present = !recheck
+            || self
+                .cluster
+                .get(&self.cfg.group)
+                .is_some_and(|g| g.members.contains_key(&self.cfg.member));
         if let Some((last, last_lease)) = &self.last_published {
             if *last == info && *last_lease == lease && present {
                 return;
