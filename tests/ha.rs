@@ -195,6 +195,27 @@ fn set_aside_dirs(t: &TestLab, member: &str) -> Vec<String> {
         .collect()
 }
 
+/// The copy of `member`'s data directory set aside for `why` (`start-failed`, …), as a full
+/// path; fails with the agents' logs when there is none.
+fn set_aside_copy(t: &TestLab, member: &str, why: &str) -> std::path::PathBuf {
+    let aside = set_aside_dirs(t, member);
+    let Some(copy) = aside.iter().find(|d| d.contains(&format!(".{why}-"))) else {
+        panic!(
+            "{member} not set aside as {why}: {aside:?}\n{}",
+            common::agent_logs(t, 40)
+        )
+    };
+    let data_dir = t
+        .spec
+        .host(member)
+        .map(|h| h.data_dir.clone())
+        .unwrap_or_default();
+    std::path::Path::new(&data_dir)
+        .parent()
+        .map(|p| p.join(copy))
+        .unwrap_or_default()
+}
+
 #[test]
 fn postgres_crash_restarts_in_place_under_the_same_leader() {
     if !lab_available("postgres crash") {
@@ -1339,22 +1360,9 @@ fn a_standby_that_cannot_start_under_a_live_leader_is_set_aside_and_cloned_again
         Duration::from_secs(120),
         || streaming(&t, &standby),
     );
-    let aside = set_aside_dirs(&t, &standby);
-    let copy = aside
-        .iter()
-        .find(|d| d.contains(".start-failed-"))
-        .unwrap_or_else(|| {
-            panic!(
-                "not set aside as start-failed: {aside:?}\n{}",
-                common::agent_logs(&t, 40)
-            )
-        });
     // Set aside, never deleted: the copy still holds the data and the edit that broke it.
-    let parent = std::path::Path::new(&data_dir)
-        .parent()
-        .expect("a parent folder");
-    let kept =
-        std::fs::read_to_string(parent.join(copy).join("postgresql.auto.conf")).unwrap_or_default();
+    let copy = set_aside_copy(&t, &standby, "start-failed");
+    let kept = std::fs::read_to_string(copy.join("postgresql.auto.conf")).unwrap_or_default();
     assert!(kept.contains("'plenty'"), "{kept}");
     wait_for(
         "the clone to hold every row",
@@ -1467,24 +1475,9 @@ fn a_frozen_leader_is_fenced_by_its_guard_and_rejoins_by_a_new_clone_when_rewind
         Duration::from_secs(120),
         || streaming(&t, &l),
     );
-    let aside = set_aside_dirs(&t, &l);
-    let copy = aside
-        .iter()
-        .find(|d| d.contains(".rewind-failed-"))
-        .unwrap_or_else(|| {
-            panic!(
-                "not set aside as rewind-failed: {aside:?}\n{}",
-                common::agent_logs(&t, 40)
-            )
-        });
-    let parent = std::path::Path::new(&data_dir)
-        .parent()
-        .expect("a parent folder");
+    let copy = set_aside_copy(&t, &l, "rewind-failed");
     assert!(
-        parent
-            .join(copy)
-            .join("unreadable-by-postgres/note")
-            .exists(),
+        copy.join("unreadable-by-postgres/note").exists(),
         "the set-aside copy lost the data it held"
     );
     common::assert_still_leader(
