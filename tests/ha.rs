@@ -1537,3 +1537,66 @@ fn a_frozen_leader_is_fenced_by_its_guard_and_rejoins_by_a_new_clone_when_rewind
         (last_on_frozen - frozen).as_secs_f64()
     );
 }
+
+/// A primary whose postmaster is stuck (here: stopped) while its backends still serve, cut
+/// off etcd. The fence's SIGQUIT never reaches the backends through a stuck postmaster, and
+/// stopping it from the agent waits; the guard must still kill every backend before the lease
+/// can have ended, or the old primary keeps acknowledging writes beside the new one.
+#[test]
+fn a_primary_with_a_stuck_postmaster_is_still_fenced_when_cut_off_etcd() {
+    if !lab_available("stuck postmaster") {
+        return;
+    }
+    let t = worker_cluster("hastuck", 162);
+    let old = wait_for("a worker leader", Duration::from_secs(30), || leader(&t, 1));
+    let postmaster = common::postmaster_pid(&t, &old).expect("the leader's postmaster");
+    let p = probe_group(&t, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on the lab's own postmaster.
+    unsafe {
+        libc::kill(postmaster, libc::SIGSTOP);
+    }
+    t.lab
+        .partition(&old, true)
+        .expect("cut the leader off etcd");
+    let cut = p.t0.elapsed();
+    let new = wait_for("a new worker leader", Duration::from_secs(60), || {
+        leader(&t, 1).filter(|l| *l != old)
+    });
+    let promoted = p.t0.elapsed();
+    wait_for("writes on the new leader", Duration::from_secs(60), || {
+        p.log
+            .lock()
+            .ok()?
+            .iter()
+            .any(|a| a.ok && a.member == new && a.started > promoted)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let log = p.stop();
+    // Whatever happened, leave no stopped process behind for the lab to tear down.
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(postmaster, libc::SIGCONT);
+    }
+    t.lab.heal(&old).expect("heal");
+    let last_on_old = log
+        .iter()
+        .filter(|a| a.ok && a.member == old)
+        .map(|a| a.ended)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "cut off at +{:.2} s; last write acknowledged by the stuck primary at +{:.2} s; {new} led at +{:.2} s",
+        cut.as_secs_f64(),
+        last_on_old.as_secs_f64(),
+        promoted.as_secs_f64()
+    );
+    prober::assert_no_split_brain(&log);
+    assert!(
+        last_on_old <= cut + Duration::from_secs(5),
+        "the stuck primary acknowledged a write {:.2} s after it was cut off (lease 5 s)\n{}",
+        (last_on_old - cut).as_secs_f64(),
+        common::agent_logs(&t, 30)
+    );
+}

@@ -447,6 +447,11 @@ fn state(pid: u32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
 }
 
+/// `pid` runs (exists and is no zombie).
+pub fn alive(pid: u32) -> bool {
+    !matches!(state(pid), None | Some('Z'))
+}
+
 /// Every process whose parent is `pid`.
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

@@ -207,9 +207,19 @@ fn lost(shared: &LeaseShared, id: i64) {
 /// as primary and of the lease also goes to the guard process (`agent::guard`), which acts
 /// if this task cannot.
 pub async fn fence(shared: Arc<LeaseShared>, mut guard: super::guard::Guard) {
+    // The postmaster this task last sent SIGQUIT to: a stuck one (stopped, hung in the
+    // kernel) never passes the signal on to its backends, which go on committing; the guard
+    // keeps its deadline on it until it is gone.
+    let mut fired: Option<u32> = None;
     loop {
         let pid = shared.primary_pid.load(Ordering::SeqCst);
-        guard.update(pid, shared.valid_until());
+        if fired.is_some_and(|f| pid != 0 || !super::guard::alive(f)) {
+            fired = None;
+        }
+        guard.update(
+            if pid == 0 { fired.unwrap_or(0) } else { pid },
+            shared.valid_until(),
+        );
         let deadline = shared.deadline();
         let now = Instant::now();
         match (pid, deadline) {
@@ -232,6 +242,7 @@ pub async fn fence(shared: Arc<LeaseShared>, mut guard: super::guard::Guard) {
                 unsafe {
                     libc::kill(pid as libc::pid_t, libc::SIGQUIT);
                 }
+                fired = Some(pid);
                 shared.primary_pid.store(0, Ordering::SeqCst);
                 shared.fenced.store(true, Ordering::SeqCst);
                 shared.wake.notify_one();

@@ -701,12 +701,14 @@ impl Node {
     }
 
     pub async fn stop(&mut self, mode: StopMode) {
-        self.lease.disarm_fence();
         self.client = None;
         if let Some(mut pm) = self.postmaster.take() {
+            // Still fenced while it stops: a postmaster that does not stop (stuck, or its
+            // backends busy) when the lease runs out is stopped by the fence and the guard.
             pm.stop(mode, Duration::from_secs(60)).await;
             tracing::info!(?mode, "PostgreSQL stopped");
         }
+        self.lease.disarm_fence();
     }
 
     /// Failed starts and a failed rewind, which `decide` would set the data aside for.
