@@ -316,6 +316,23 @@ impl Guard {
     }
 }
 
+impl super::lease::Fencer for Guard {
+    fn guard(&mut self, pid: u32, lease_end: Option<tokio::time::Instant>) {
+        self.update(pid, lease_end.map(|t| t.into_std()));
+    }
+
+    fn quit(&mut self, pid: u32) {
+        // SAFETY: kill(2) on the postmaster the agent started.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGQUIT);
+        }
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        alive(pid)
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         // A clean exit: nothing left to guard (the postmaster is stopped by now).

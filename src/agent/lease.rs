@@ -9,7 +9,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -203,20 +205,31 @@ fn lost(shared: &LeaseShared, id: i64) {
     shared.wake.notify_one();
 }
 
+/// What the fence acts on: in production the guard process and the postmaster
+/// (`agent::guard::Guard`); in the simulation, its servers.
+pub trait Fencer: Send {
+    /// What runs as primary (0: nothing) and until when its lease holds, for the guard.
+    fn guard(&mut self, pid: u32, lease_end: Option<Instant>);
+    /// Stop the postmaster `pid` at once (immediate shutdown).
+    fn quit(&mut self, pid: u32);
+    /// Whether the process `pid` still exists.
+    fn alive(&self, pid: u32) -> bool;
+}
+
 /// Stop a primary the moment its lease can no longer be trusted. Every change of what runs
 /// as primary and of the lease also goes to the guard process (`agent::guard`), which acts
 /// if this task cannot.
-pub async fn fence(shared: Arc<LeaseShared>, mut guard: super::guard::Guard) {
+pub async fn fence(shared: Arc<LeaseShared>, mut guard: impl Fencer) {
     // The postmaster this task last sent SIGQUIT to: a stuck one (stopped, hung in the
     // kernel) never passes the signal on to its backends, which go on committing; the guard
     // keeps its deadline on it until it is gone.
     let mut fired: Option<u32> = None;
     loop {
         let pid = shared.primary_pid.load(Ordering::SeqCst);
-        if fired.is_some_and(|f| pid != 0 || !super::guard::alive(f)) {
+        if fired.is_some_and(|f| pid != 0 || !guard.alive(f)) {
             fired = None;
         }
-        guard.update(
+        guard.guard(
             if pid == 0 { fired.unwrap_or(0) } else { pid },
             shared.valid_until(),
         );
@@ -238,10 +251,7 @@ pub async fn fence(shared: Arc<LeaseShared>, mut guard: super::guard::Guard) {
                     pid,
                     "lease can no longer be trusted: stopping PostgreSQL now (immediate shutdown)"
                 );
-                // SAFETY: kill(2) on the postmaster the agent started.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGQUIT);
-                }
+                guard.quit(pid);
                 fired = Some(pid);
                 shared.primary_pid.store(0, Ordering::SeqCst);
                 shared.fenced.store(true, Ordering::SeqCst);

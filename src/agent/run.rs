@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use super::citus_pause::PauseShared;
 use super::config::AgentConfig;
 use super::lease::{self, LeaseShared, Timing};
-use super::node::Node;
+use super::node::{Host, LocalHost, Node, Process};
 use crate::dcs::{ClusterKeys, Dcs};
 use crate::postgres::process::Pg;
 
@@ -71,7 +71,13 @@ fn relevant(key: &str, keys: &ClusterKeys, cfg: &AgentConfig) -> bool {
         || (cfg.is_coordinator() && key.starts_with(&keys.prefix))
 }
 
-async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>, pauses: Option<Arc<PauseShared>>) {
+/// Wake the loop (and the coordinator's pauser) on changes of the cluster's keys in etcd.
+pub async fn watch(
+    dcs: Dcs,
+    cfg: AgentConfig,
+    wake: Arc<Notify>,
+    pauses: Option<Arc<PauseShared>>,
+) {
     let keys = dcs.keys.clone();
     loop {
         let rev = match dcs.read_cluster().await {
@@ -82,16 +88,12 @@ async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>, pauses: Option<Arc
             }
         };
         match dcs.watch(&keys.prefix, rev + 1).await {
-            Ok((_watcher, mut stream)) => {
-                while let Ok(Some(resp)) = stream.message().await {
-                    if resp.canceled() {
+            Ok(mut stream) => {
+                while let Ok(Some(batch)) = stream.next().await {
+                    if batch.canceled {
                         break;
                     }
-                    let hit = resp.events().iter().any(|ev| {
-                        ev.kv()
-                            .map(|kv| relevant(&String::from_utf8_lossy(kv.key()), &keys, &cfg))
-                            .unwrap_or(false)
-                    });
+                    let hit = batch.events.iter().any(|ev| relevant(&ev.key, &keys, &cfg));
                     if hit {
                         wake.notify_one();
                     }
@@ -99,11 +101,10 @@ async fn watch(dcs: Dcs, cfg: AgentConfig, wake: Arc<Notify>, pauses: Option<Arc
                         // A pause starts on a request or a lost leader key; one that is held
                         // ends on the new leader's member key: any event counts then.
                         let holding = !p.held().is_empty();
-                        let hit = resp.events().iter().any(|ev| {
-                            ev.kv().is_some_and(|kv| {
-                                let k = String::from_utf8_lossy(kv.key());
-                                holding || k.ends_with("/citus_pause") || k.ends_with("/leader")
-                            })
+                        let hit = batch.events.iter().any(|ev| {
+                            holding
+                                || ev.key.ends_with("/citus_pause")
+                                || ev.key.ends_with("/leader")
                         });
                         if hit {
                             p.wake.notify_one();
@@ -173,41 +174,20 @@ async fn run_async(
     if let Some(p) = &pauses {
         tokio::spawn(super::citus_pause::run(cfg.clone(), dcs.clone(), p.clone()));
     }
-    let mut node = Node::new(cfg.clone(), pg, dcs, shared.clone());
+    let mut node = Node::new(cfg.clone(), LocalHost::new(pg), dcs, shared.clone());
     node.guard = guard_state;
     node.config_sha256 = config_sha256;
     node.pauses = pauses;
     let api = super::api::Handle::new(&node);
     super::api::serve(&cfg, api.clone(), api_tls);
 
-    let loop_wait = Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1)));
-    // After failed cycles, watch events wake the loop only after a growing pause: members
-    // failing together would otherwise wake each other with every key they publish.
-    let mut failed_cycles = 0u32;
+    let mut pacer = Pacer::new(&cfg, wake.clone());
     loop {
-        if node.tick().await {
-            failed_cycles = 0;
-        } else {
-            failed_cycles = failed_cycles.saturating_add(1);
-        }
+        let ok = node.tick().await;
+        pacer.cycled(ok);
         api.publish(&node);
-        let hold = retry_pause(failed_cycles, loop_wait);
-        let woken = async {
-            tokio::time::sleep(hold).await;
-            wake.notified().await;
-        };
-        let postmaster_exit = async {
-            match node.postmaster.as_mut() {
-                Some(pm) => {
-                    let _ = pm.child.wait().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
-            _ = tokio::time::sleep(loop_wait) => {}
-            _ = woken => {}
-            _ = postmaster_exit => {}
+            _ = pacer.until_next(&mut node) => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
@@ -309,6 +289,54 @@ async fn run_async(
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// When the loop runs its next cycle.
+pub struct Pacer {
+    loop_wait: Duration,
+    wake: Arc<Notify>,
+    /// After failed cycles, watch events wake the loop only after a growing pause: members
+    /// failing together would otherwise wake each other with every key they publish.
+    failed_cycles: u32,
+}
+
+impl Pacer {
+    pub fn new(cfg: &AgentConfig, wake: Arc<Notify>) -> Pacer {
+        Pacer {
+            loop_wait: Duration::from_secs(u64::from(cfg.ha.loop_wait.max(1))),
+            wake,
+            failed_cycles: 0,
+        }
+    }
+
+    /// A cycle ended, well or not.
+    pub fn cycled(&mut self, ok: bool) {
+        self.failed_cycles = match ok {
+            true => 0,
+            false => self.failed_cycles.saturating_add(1),
+        };
+    }
+
+    /// Until the next cycle is due: `loop_wait` passed, something woke the loop (after the
+    /// pause failed cycles earn), or PostgreSQL exited.
+    pub async fn until_next<H: Host>(&self, node: &mut Node<H>) {
+        let hold = retry_pause(self.failed_cycles, self.loop_wait);
+        let woken = async {
+            tokio::time::sleep(hold).await;
+            self.wake.notified().await;
+        };
+        let postmaster_exit = async {
+            match node.postmaster.as_mut() {
+                Some(pm) => pm.wait().await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(self.loop_wait) => {}
+            _ = woken => {}
+            _ = postmaster_exit => {}
+        }
+    }
 }
 
 /// The new secrets of a configuration taken without a restart (passfile now, roles and

@@ -546,7 +546,7 @@ pub struct Status {
 }
 
 /// One key-value pair as read from etcd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawKv {
     pub key: String,
     pub value: Vec<u8>,

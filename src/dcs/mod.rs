@@ -5,13 +5,16 @@
 pub mod diagnose;
 pub mod handover;
 pub mod keys;
+pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream, Watcher,
+    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, Watcher,
 };
+pub use store::{Condition, Reply, Request, Store, StoreError, WatchBatch, WatchEvent};
 
 pub use keys::{
     ClusterKeys, FailoverRequest, GroupState, LeaderKey, MemberInfo, MemberRole, MemberState,
@@ -174,19 +177,11 @@ where
             Err(e) if refused(&e) => {
                 return Err(DcsError::Failed {
                     op: op.to_string(),
-                    detail: format!(
-                        "{}: {}",
-                        dcs.inner.urls.get(i).cloned().unwrap_or_default(),
-                        describe(&e)
-                    ),
+                    detail: format!("{}: {}", dcs.url(i), describe(&e)),
                 });
             }
             Err(e) => {
-                last = format!(
-                    "{}: {}",
-                    dcs.inner.urls.get(i).cloned().unwrap_or_default(),
-                    describe(&e)
-                );
+                last = format!("{}: {}", dcs.url(i), describe(&e));
                 dcs.rotate(i);
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -282,9 +277,16 @@ impl EndpointHealth {
 /// loaded endpoint, and a dead endpoint that fails at once always looks least loaded.)
 #[derive(Clone)]
 pub struct Dcs {
-    inner: std::sync::Arc<Endpoints>,
+    backend: Backend,
     pub keys: ClusterKeys,
     timeout: Duration,
+}
+
+/// Who answers the requests: etcd through etcd-client, or a `Store` a test provides.
+#[derive(Clone)]
+enum Backend {
+    Etcd(Arc<Endpoints>),
+    Store(Arc<dyn Store>),
 }
 
 struct Endpoints {
@@ -330,7 +332,7 @@ impl Dcs {
             });
         }
         let dcs = Dcs {
-            inner: std::sync::Arc::new(Endpoints {
+            backend: Backend::Etcd(Arc::new(Endpoints {
                 user: access.user.clone(),
                 tls: access.tls_options(),
                 urls: endpoints.to_vec(),
@@ -339,7 +341,7 @@ impl Dcs {
                     .map(|_| tokio::sync::Mutex::new(None))
                     .collect(),
                 current: std::sync::atomic::AtomicUsize::new(0),
-            }),
+            })),
             keys,
             timeout,
         };
@@ -378,8 +380,44 @@ impl Dcs {
         }
     }
 
+    /// A client whose requests `store` answers (the simulation's etcd). `timeout` bounds
+    /// every call, as with `connect`.
+    pub fn with_store(store: Arc<dyn Store>, keys: ClusterKeys, timeout: Duration) -> Dcs {
+        Dcs {
+            backend: Backend::Store(store),
+            keys,
+            timeout,
+        }
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    fn endpoints(&self) -> Option<&Endpoints> {
+        match &self.backend {
+            Backend::Etcd(e) => Some(e),
+            Backend::Store(_) => None,
+        }
+    }
+
+    fn url(&self, i: usize) -> String {
+        self.endpoints()
+            .and_then(|e| e.urls.get(i).cloned())
+            .unwrap_or_default()
+    }
+
+    /// One request, retried within the timeout (see `retried`). Only for requests that are
+    /// safe to repeat: reads, puts, and compare-and-sets whose outcome the caller verifies.
+    async fn request(&self, op: &str, request: Request) -> Result<Reply, DcsError> {
+        match &self.backend {
+            Backend::Etcd(_) => {
+                retried(op, self.timeout, self, |c| on_client(c, request.clone())).await
+            }
+            Backend::Store(store) => {
+                retried_store(op, self.timeout, store.as_ref(), &request).await
+            }
+        }
     }
 
     /// The client of the current endpoint, connecting it if needed.
@@ -387,8 +425,14 @@ impl Dcs {
         &self,
         connect_timeout: Duration,
     ) -> (usize, Result<Client, etcd_client::Error>) {
-        let n = self.inner.urls.len();
-        let i = self.inner.current.load(std::sync::atomic::Ordering::SeqCst) % n;
+        let Some(e) = self.endpoints() else {
+            return (
+                0,
+                Err(etcd_client::Error::InvalidArgs("no etcd endpoints".into())),
+            );
+        };
+        let n = e.urls.len();
+        let i = e.current.load(std::sync::atomic::Ordering::SeqCst) % n;
         (i, self.client_at(i, connect_timeout).await)
     }
 
@@ -398,7 +442,10 @@ impl Dcs {
         i: usize,
         connect_timeout: Duration,
     ) -> Result<Client, etcd_client::Error> {
-        let mut slot = self.inner.clients[i].lock().await;
+        let Some(inner) = self.endpoints() else {
+            return Err(etcd_client::Error::InvalidArgs("no etcd endpoints".into()));
+        };
+        let mut slot = inner.clients[i].lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
@@ -407,15 +454,15 @@ impl Dcs {
             .with_timeout(self.timeout)
             .with_keep_alive(Duration::from_secs(2), self.timeout)
             .with_keep_alive_while_idle(true);
-        let options = match &self.inner.user {
+        let options = match &inner.user {
             Some((name, password)) => options.with_user(name.clone(), password.expose()),
             None => options,
         };
-        let options = match &self.inner.tls {
+        let options = match &inner.tls {
             Some(tls) => options.with_tls(tls.clone()),
             None => options,
         };
-        let url = self.inner.urls[i].clone();
+        let url = inner.urls[i].clone();
         match tokio::time::timeout(connect_timeout, Client::connect([url], Some(options))).await {
             Ok(Ok(c)) => {
                 *slot = Some(c.clone());
@@ -434,7 +481,8 @@ impl Dcs {
     /// operator compacts, defragments and disarms). Each endpoint bounded by the timeout.
     pub async fn endpoint_health(&self) -> Vec<EndpointHealth> {
         let mut out = Vec::new();
-        for (i, url) in self.inner.urls.iter().enumerate() {
+        let urls = self.endpoints().map(|e| e.urls.clone()).unwrap_or_default();
+        for (i, url) in urls.iter().enumerate() {
             out.push(self.health_of(i, url).await);
         }
         out
@@ -500,14 +548,15 @@ impl Dcs {
     /// Move on from endpoint `i` (unless another call already did).
     /// Drop endpoint `i`'s client: the next call connects (and authenticates) again.
     async fn forget(&self, i: usize) {
-        if let Some(slot) = self.inner.clients.get(i) {
+        if let Some(slot) = self.endpoints().and_then(|e| e.clients.get(i)) {
             *slot.lock().await = None;
         }
     }
 
     fn rotate(&self, i: usize) {
-        let n = self.inner.urls.len();
-        let _ = self.inner.current.compare_exchange(
+        let Some(e) = self.endpoints() else { return };
+        let n = e.urls.len();
+        let _ = e.current.compare_exchange(
             i,
             (i + 1) % n,
             std::sync::atomic::Ordering::SeqCst,
@@ -517,83 +566,79 @@ impl Dcs {
 
     /// Every key of the cluster, and the revision they were read at.
     pub async fn read_cluster(&self) -> Result<(Vec<RawKv>, i64), DcsError> {
-        let prefix = self.keys.prefix.clone();
-        let resp = retried("read", self.timeout, self, |mut c| {
-            let prefix = prefix.clone();
-            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let kvs = resp
-            .kvs()
-            .iter()
-            .map(|kv| RawKv {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-                lease: kv.lease(),
-            })
-            .collect();
-        Ok((kvs, revision))
+        let key = self.keys.prefix.clone();
+        match self
+            .request("read", Request::Range { key, prefix: true })
+            .await?
+        {
+            Reply::Range { kvs, revision } => Ok((kvs, revision)),
+            other => Err(unexpected("read", &other)),
+        }
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<RawKv>, DcsError> {
-        let resp = retried("get", self.timeout, self, |mut c| {
-            let k = key.to_string();
-            async move { c.get(k, None).await }
-        })
-        .await?;
-        Ok(resp.kvs().first().map(|kv| RawKv {
+        Ok(self.get_at(key).await?.0)
+    }
+
+    /// One key and the revision it was read at.
+    async fn get_at(&self, key: &str) -> Result<(Option<RawKv>, i64), DcsError> {
+        let request = Request::Range {
             key: key.to_string(),
-            value: kv.value().to_vec(),
-            mod_revision: kv.mod_revision(),
-            lease: kv.lease(),
-        }))
+            prefix: false,
+        };
+        match self.request("get", request).await? {
+            Reply::Range { kvs, revision } => Ok((kvs.into_iter().next(), revision)),
+            other => Err(unexpected("get", &other)),
+        }
     }
 
     pub async fn grant(&self, ttl: i64) -> Result<i64, DcsError> {
         // An extra lease from a retried grant is harmless: it expires unused.
-        let resp = retried("lease grant", self.timeout, self, |mut c| async move {
-            c.lease_grant(ttl, None).await
-        })
-        .await?;
-        Ok(resp.id())
+        match self.request("lease grant", Request::Grant { ttl }).await? {
+            Reply::Lease(id) => Ok(id),
+            other => Err(unexpected("lease grant", &other)),
+        }
     }
 
     pub async fn revoke(&self, lease: i64) -> Result<(), DcsError> {
-        retried("lease revoke", self.timeout, self, |mut c| async move {
-            c.lease_revoke(lease).await
-        })
-        .await
-        .map(|_| ())
+        self.request("lease revoke", Request::Revoke { lease })
+            .await
+            .map(|_| ())
     }
 
     /// Open a keep-alive stream for a lease. `probe_key` is a key the caller may read (one of
     /// its own, inside the namespace its etcd user is granted): see `LeaseRefresher::refresh`.
     pub async fn keeper(&self, lease: i64, probe_key: &str) -> Result<LeaseRefresher, DcsError> {
-        let (keeper, stream, client) =
-            retried("lease keep-alive", self.timeout, self, |mut c| async move {
-                let (keeper, stream) = c.lease_keep_alive(lease).await?;
-                Ok((keeper, stream, c))
-            })
-            .await?;
+        let channel = match &self.backend {
+            Backend::Store(store) => Refresh::Store(store.clone()),
+            Backend::Etcd(_) => {
+                let (keeper, stream, client) =
+                    retried("lease keep-alive", self.timeout, self, |mut c| async move {
+                        let (keeper, stream) = c.lease_keep_alive(lease).await?;
+                        Ok((keeper, stream, c))
+                    })
+                    .await?;
+                Refresh::Etcd(Box::new(EtcdRefresh {
+                    keeper,
+                    stream,
+                    client,
+                }))
+            }
+        };
         Ok(LeaseRefresher {
-            keeper,
-            stream,
-            client,
+            channel,
             probe_key: probe_key.to_string(),
             lease,
         })
     }
 
     pub async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), DcsError> {
-        retried("put", self.timeout, self, |mut c| {
-            let (key, value) = (key.to_string(), value.to_vec());
-            let opts = lease.map(|l| PutOptions::new().with_lease(l));
-            async move { c.put(key, value, opts).await }
-        })
-        .await
-        .map(|_| ())
+        let request = Request::Put {
+            key: key.to_string(),
+            value: value.to_vec(),
+            lease,
+        };
+        self.request("put", request).await.map(|_| ())
     }
 
     /// Create `key` only if it does not exist. True when this call created it — also when an
@@ -606,8 +651,8 @@ impl Dcs {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let absent = Compare::create_revision(key, CompareOp::Equal, 0);
-        self.put_when("create", absent, key, value, lease).await
+        self.put_when("create", Condition::Absent, key, value, lease)
+            .await
     }
 
     /// Replace `key` only if it still holds `expected`. True when it holds `value` afterwards
@@ -619,7 +664,7 @@ impl Dcs {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let unchanged = Compare::value(key, CompareOp::Equal, expected);
+        let unchanged = Condition::ValueIs(expected.to_vec());
         self.put_when("replace", unchanged, key, value, lease).await
     }
 
@@ -629,19 +674,18 @@ impl Dcs {
     async fn put_when(
         &self,
         what: &'static str,
-        condition: Compare,
+        condition: Condition,
         key: &str,
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<bool, DcsError> {
-        let succeeded = retried(what, self.timeout, self, |mut c| {
-            let put = TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)));
-            let txn = Txn::new().when([condition.clone()]).and_then([put]);
-            async move { c.txn(txn).await }
-        })
-        .await?
-        .succeeded();
-        if succeeded {
+        let request = Request::PutIf {
+            condition,
+            key: key.to_string(),
+            value: value.to_vec(),
+            lease,
+        };
+        if succeeded(what, self.request(what, request).await?)? {
             return Ok(true);
         }
         Ok(self
@@ -652,36 +696,28 @@ impl Dcs {
 
     /// Delete `key` only if it still holds `expected`. True when it is gone afterwards.
     pub async fn delete_if(&self, key: &str, expected: &[u8]) -> Result<bool, DcsError> {
-        let succeeded = retried("delete", self.timeout, self, |mut c| {
-            let txn = Txn::new()
-                .when([Compare::value(key, CompareOp::Equal, expected)])
-                .and_then([TxnOp::delete(key, None)]);
-            async move { c.txn(txn).await }
-        })
-        .await?
-        .succeeded();
-        Ok(succeeded || self.get(key).await?.is_none())
+        let request = Request::DeleteIf {
+            key: key.to_string(),
+            expected: expected.to_vec(),
+        };
+        let deleted = succeeded("delete", self.request("delete", request).await?)?;
+        Ok(deleted || self.get(key).await?.is_none())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), DcsError> {
-        retried("delete", self.timeout, self, |mut c| {
-            let key = key.to_string();
-            async move { c.delete(key, None).await }
-        })
-        .await
-        .map(|_| ())
+        let request = Request::Delete {
+            key: key.to_string(),
+            prefix: false,
+        };
+        self.request("delete", request).await.map(|_| ())
     }
 
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), DcsError> {
-        retried("delete", self.timeout, self, |mut c| {
-            let prefix = prefix.to_string();
-            async move {
-                c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
-                    .await
-            }
-        })
-        .await
-        .map(|_| ())
+        let request = Request::Delete {
+            key: prefix.to_string(),
+            prefix: true,
+        };
+        self.request("delete", request).await.map(|_| ())
     }
 
     /// Wait until `accept` returns Some for the value of `key` (None when the key is absent):
@@ -693,38 +729,20 @@ impl Dcs {
         mut accept: impl FnMut(Option<&[u8]>) -> Option<T>,
     ) -> Result<Option<T>, DcsError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let resp = retried("get", self.timeout, self, |mut c| {
-            let k = key.to_string();
-            async move { c.get(k, None).await }
-        })
-        .await?;
-        if let Some(v) = accept(resp.kvs().first().map(|kv| kv.value())) {
+        let (kv, revision) = self.get_at(key).await?;
+        if let Some(v) = accept(kv.as_ref().map(|kv| kv.value.as_slice())) {
             return Ok(Some(v));
         }
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let (_watcher, mut stream) = self.watch(key, revision + 1).await?;
+        let mut watch = self.watch(key, revision + 1).await?;
         loop {
-            let message = tokio::time::timeout_at(deadline, stream.message()).await;
-            let resp = match message {
+            let batch = match tokio::time::timeout_at(deadline, watch.next()).await {
                 Err(_) => return Ok(None),
-                Ok(Err(e)) => {
-                    return Err(DcsError::Failed {
-                        op: "watch".into(),
-                        detail: describe(&e),
-                    });
-                }
+                Ok(Err(e)) => return Err(e),
                 Ok(Ok(None)) => return Ok(None),
-                Ok(Ok(Some(r))) => r,
+                Ok(Ok(Some(b))) => b,
             };
-            for ev in resp.events() {
-                let Some(kv) = ev.kv().filter(|kv| kv.key() == key.as_bytes()) else {
-                    continue;
-                };
-                let value = match ev.event_type() {
-                    etcd_client::EventType::Put => Some(kv.value()),
-                    etcd_client::EventType::Delete => None,
-                };
-                if let Some(v) = accept(value) {
+            for ev in batch.events.iter().filter(|ev| ev.key == key) {
+                if let Some(v) = accept(ev.value.as_deref()) {
                     return Ok(Some(v));
                 }
             }
@@ -732,32 +750,221 @@ impl Dcs {
     }
 
     /// Watch every key under `prefix` from `revision` on.
-    pub async fn watch(
-        &self,
-        prefix: &str,
-        revision: i64,
-    ) -> Result<(Watcher, WatchStream), DcsError> {
-        retried("watch", self.timeout, self, |mut c| {
-            let prefix = prefix.to_string();
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision);
-            async move { c.watch(prefix, Some(opts)).await }
-        })
-        .await
+    pub async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch, DcsError> {
+        match &self.backend {
+            Backend::Store(store) => {
+                let attempt = tokio::time::timeout(self.timeout, store.watch(prefix, revision));
+                match attempt.await {
+                    Ok(Ok(rx)) => Ok(Watch::Store(rx)),
+                    Ok(Err(e)) => Err(DcsError::Failed {
+                        op: "watch".into(),
+                        detail: e.detail,
+                    }),
+                    Err(_) => Err(DcsError::Timeout {
+                        op: "watch".into(),
+                        ms: self.timeout.as_millis(),
+                    }),
+                }
+            }
+            Backend::Etcd(_) => {
+                let (watcher, stream) = retried("watch", self.timeout, self, |mut c| {
+                    let prefix = prefix.to_string();
+                    let opts = WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision);
+                    async move { c.watch(prefix, Some(opts)).await }
+                })
+                .await?;
+                Ok(Watch::Etcd(Box::new((watcher, stream))))
+            }
+        }
+    }
+}
+
+/// A watch: batches of changes under a prefix, in revision order.
+pub enum Watch {
+    /// The watcher is kept only so the watch lives as long as this value.
+    Etcd(Box<(Watcher, etcd_client::WatchStream)>),
+    Store(tokio::sync::mpsc::UnboundedReceiver<WatchBatch>),
+}
+
+impl Watch {
+    /// The next batch; None when the watch ended.
+    pub async fn next(&mut self) -> Result<Option<WatchBatch>, DcsError> {
+        match self {
+            Watch::Store(rx) => Ok(rx.recv().await),
+            Watch::Etcd(w) => {
+                let resp = w.1.message().await.map_err(|e| DcsError::Failed {
+                    op: "watch".into(),
+                    detail: describe(&e),
+                })?;
+                Ok(resp.map(|r| WatchBatch {
+                    canceled: r.canceled(),
+                    events: r
+                        .events()
+                        .iter()
+                        .filter_map(|ev| {
+                            let kv = ev.kv()?;
+                            Some(WatchEvent {
+                                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                value: match ev.event_type() {
+                                    etcd_client::EventType::Put => Some(kv.value().to_vec()),
+                                    etcd_client::EventType::Delete => None,
+                                },
+                            })
+                        })
+                        .collect(),
+                }))
+            }
+        }
+    }
+}
+
+/// A request's answer was not the kind asked for (a `Store` that does not keep the contract).
+fn unexpected(op: &str, reply: &Reply) -> DcsError {
+    DcsError::Failed {
+        op: op.to_string(),
+        detail: format!("unexpected answer {reply:?}"),
+    }
+}
+
+fn succeeded(op: &str, reply: Reply) -> Result<bool, DcsError> {
+    match reply {
+        Reply::Succeeded(s) => Ok(s),
+        other => Err(unexpected(op, &other)),
+    }
+}
+
+fn compare(key: &str, condition: &Condition) -> Compare {
+    match condition {
+        Condition::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
+        Condition::ValueIs(v) => Compare::value(key, CompareOp::Equal, v.clone()),
+    }
+}
+
+/// A request through etcd-client.
+async fn on_client(mut c: Client, request: Request) -> Result<Reply, etcd_client::Error> {
+    let raw = |kv: &etcd_client::KeyValue| RawKv {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    };
+    Ok(match request {
+        Request::Range { key, prefix } => {
+            let opts = prefix.then(|| GetOptions::new().with_prefix());
+            let resp = c.get(key, opts).await?;
+            Reply::Range {
+                kvs: resp.kvs().iter().map(raw).collect(),
+                revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            }
+        }
+        Request::Put { key, value, lease } => {
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            c.put(key, value, opts).await?;
+            Reply::Done
+        }
+        Request::PutIf {
+            condition,
+            key,
+            value,
+            lease,
+        } => {
+            let put = TxnOp::put(
+                key.as_str(),
+                value,
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            );
+            let txn = Txn::new().when([compare(&key, &condition)]).and_then([put]);
+            Reply::Succeeded(c.txn(txn).await?.succeeded())
+        }
+        Request::DeleteIf { key, expected } => {
+            let txn = Txn::new()
+                .when([Compare::value(key.as_str(), CompareOp::Equal, expected)])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            Reply::Succeeded(c.txn(txn).await?.succeeded())
+        }
+        Request::Delete { key, prefix } => {
+            let opts = prefix.then(|| DeleteOptions::new().with_prefix());
+            c.delete(key, opts).await?;
+            Reply::Done
+        }
+        Request::Grant { ttl } => Reply::Lease(c.lease_grant(ttl, None).await?.id()),
+        Request::Revoke { lease } => {
+            c.lease_revoke(lease).await?;
+            Reply::Done
+        }
+        // Keep-alives go through the refresher's stream (`LeaseRefresher`).
+        Request::KeepAlive { .. } => {
+            return Err(etcd_client::Error::InvalidArgs(
+                "keep-alive outside a refresher".into(),
+            ));
+        }
+    })
+}
+
+/// `retried` for a `Store`: the same shares of the timeout per attempt, another attempt after
+/// an error that allows one.
+async fn retried_store(
+    op: &str,
+    timeout: Duration,
+    store: &dyn Store,
+    request: &Request,
+) -> Result<Reply, DcsError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let per_attempt = (timeout / 3).max(Duration::from_millis(300));
+    let mut last = String::new();
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(match last.is_empty() {
+                true => DcsError::Timeout {
+                    op: op.to_string(),
+                    ms: timeout.as_millis(),
+                },
+                false => DcsError::Failed {
+                    op: op.to_string(),
+                    detail: last,
+                },
+            });
+        }
+        let attempt = remaining.min(per_attempt);
+        match tokio::time::timeout(attempt, store.call(request.clone())).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(e)) if e.retry => {
+                last = e.detail;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(Err(e)) => {
+                return Err(DcsError::Failed {
+                    op: op.to_string(),
+                    detail: e.detail,
+                });
+            }
+            Err(_) => last = format!("no answer within {} ms", attempt.as_millis()),
+        }
     }
 }
 
 /// Keeps one lease alive, one bounded round trip at a time.
 pub struct LeaseRefresher {
-    keeper: LeaseKeeper,
-    stream: LeaseKeepAliveStream,
-    /// The connection the keep-alives go through, for the quorum check.
-    client: Client,
+    channel: Refresh,
     /// What the quorum check reads (counts only): a key of the caller's, so that an etcd user
     /// granted only the cluster's namespace may read it.
     probe_key: String,
     pub lease: i64,
+}
+
+enum Refresh {
+    Etcd(Box<EtcdRefresh>),
+    Store(Arc<dyn Store>),
+}
+
+struct EtcdRefresh {
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+    /// The connection the keep-alives go through, for the quorum check.
+    client: Client,
 }
 
 impl LeaseRefresher {
@@ -771,29 +978,53 @@ impl LeaseRefresher {
     /// on a leader that still had its quorum afterwards, so any later leader extends the
     /// lease by a full TTL from its own election.
     pub async fn refresh(&mut self, timeout: Duration) -> Result<i64, DcsError> {
-        let client = &mut self.client;
         let probe_key = self.probe_key.as_str();
-        let keeper = &mut self.keeper;
-        let stream = &mut self.stream;
-        let round_trip = async move {
-            keeper.keep_alive().await?;
-            let resp = stream.message().await?;
-            if resp.as_ref().is_some_and(|r| r.ttl() > 0) {
-                client
-                    .get(
-                        probe_key,
-                        Some(etcd_client::GetOptions::new().with_count_only()),
-                    )
-                    .await?;
+        match &mut self.channel {
+            Refresh::Store(store) => {
+                let request = Request::KeepAlive {
+                    lease: self.lease,
+                    probe_key: probe_key.to_string(),
+                };
+                match tokio::time::timeout(timeout, store.call(request)).await {
+                    Ok(Ok(Reply::Ttl(ttl))) => Ok(ttl),
+                    Ok(Ok(other)) => Err(unexpected("lease keep-alive", &other)),
+                    Ok(Err(e)) => Err(DcsError::Failed {
+                        op: "lease keep-alive".into(),
+                        detail: e.detail,
+                    }),
+                    Err(_) => Err(DcsError::Timeout {
+                        op: "lease keep-alive".into(),
+                        ms: timeout.as_millis(),
+                    }),
+                }
             }
-            Ok(resp)
-        };
-        match bounded("lease keep-alive", timeout, round_trip).await? {
-            Some(resp) => Ok(resp.ttl()),
-            None => Err(DcsError::Failed {
-                op: "lease keep-alive".into(),
-                detail: "stream closed".into(),
-            }),
+            Refresh::Etcd(e) => {
+                let EtcdRefresh {
+                    keeper,
+                    stream,
+                    client,
+                } = e.as_mut();
+                let round_trip = async move {
+                    keeper.keep_alive().await?;
+                    let resp = stream.message().await?;
+                    if resp.as_ref().is_some_and(|r| r.ttl() > 0) {
+                        client
+                            .get(
+                                probe_key,
+                                Some(etcd_client::GetOptions::new().with_count_only()),
+                            )
+                            .await?;
+                    }
+                    Ok(resp)
+                };
+                match bounded("lease keep-alive", timeout, round_trip).await? {
+                    Some(resp) => Ok(resp.ttl()),
+                    None => Err(DcsError::Failed {
+                        op: "lease keep-alive".into(),
+                        detail: "stream closed".into(),
+                    }),
+                }
+            }
         }
     }
 }

@@ -2,15 +2,15 @@
 
 use super::*;
 
-impl Node {
+impl<H: Host> Node<H> {
     /// Coordinator primary: keep pg_dist_node pointing at every group's current leader.
     pub(super) async fn sync_citus(&mut self) -> Result<(), String> {
         let t = self.timeout();
         let groups = group_members(&self.cluster, &self.cfg);
         let desired = metadata::desired_nodes(&groups, self.cfg.citus.secondaries);
-        let c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
-            .await
-            .map_err(|e| e.to_string())?;
+        let Some(c) = self.pg.citus_session(t).await? else {
+            return Ok(());
+        };
         let observed = crate::citus::sql::nodes(&c, t)
             .await
             .map_err(|e| e.to_string())?;

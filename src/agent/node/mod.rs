@@ -5,18 +5,22 @@
 //! All I/O of the agent's loop is in this module and its children.
 
 mod citus;
+pub mod host;
 mod observe;
 mod pooler;
 mod replication;
 mod switchover;
 
 pub use citus::group_members;
+pub use host::{Host, LocalHost, Process};
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::config::{AgentConfig, Paths};
 use super::decide::{self, Action, DataDir, Dcs as DcsView, GroupView, Running, Server, Snapshot};
@@ -25,7 +29,7 @@ use super::slots;
 use crate::citus::metadata::{self, GroupMembers};
 use crate::dcs::{Dcs, GroupState, MemberInfo, Status};
 use crate::postgres::conf::{Role, member_slot_name};
-use crate::postgres::process::{Pg, Postmaster, StopMode};
+use crate::postgres::process::StopMode;
 use crate::postgres::sql;
 
 /// What the member is doing, as published in its member key.
@@ -43,18 +47,18 @@ fn state_label(server: &Server, busy: Option<&str>) -> (String, String) {
     (role.as_str().to_string(), state.to_string())
 }
 
-pub struct Node {
+pub struct Node<H: Host = LocalHost> {
     pub cfg: AgentConfig,
     /// SHA-256 of the configuration file as loaded (see `run::load_config_with_sha`).
     pub config_sha256: String,
     /// A reloaded configuration with parameters waiting for a restart: its checksum becomes
     /// `config_sha256` once PostgreSQL restarted.
     pub pending_config_sha256: Option<String>,
-    pub pg: Pg,
+    /// The server: files, programs, the postmaster, SQL (`host`).
+    pub pg: H,
     pub dcs: Dcs,
     pub lease: Arc<LeaseShared>,
-    pub postmaster: Option<Postmaster>,
-    client: Option<tokio_postgres::Client>,
+    pub postmaster: Option<H::Postmaster>,
     /// The member this server was configured to follow.
     upstream: Option<String>,
     setup_done: bool,
@@ -119,8 +123,8 @@ fn call_timeout(cfg: &AgentConfig) -> Duration {
     Duration::from_secs(u64::from(cfg.ha.retry_timeout.max(1)))
 }
 
-impl Node {
-    pub fn new(cfg: AgentConfig, pg: Pg, dcs: Dcs, lease: Arc<LeaseShared>) -> Node {
+impl<H: Host> Node<H> {
+    pub fn new(cfg: AgentConfig, pg: H, dcs: Dcs, lease: Arc<LeaseShared>) -> Node<H> {
         Node {
             cfg,
             config_sha256: String::new(),
@@ -129,7 +133,6 @@ impl Node {
             dcs,
             lease,
             postmaster: None,
-            client: None,
             upstream: None,
             setup_done: false,
             untrusted_said: Vec::new(),
@@ -420,9 +423,7 @@ impl Node {
                         upstream: Some(addr),
                     })
                     .map_err(|e| e.to_string())?;
-                if let Some(c) = self.client.as_ref() {
-                    sql::reload(c, t).await.map_err(|e| e.to_string())?;
-                }
+                self.pg.reload(t).await?;
                 tracing::info!(%upstream, "following a new upstream");
                 self.upstream = Some(upstream);
                 // A new upstream gets its own time to start streaming.
@@ -439,20 +440,18 @@ impl Node {
                         tracing::warn!(error = %e, "cannot prepare member slots before promoting");
                     }
                 }
-                let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+                if !self.pg.connected() {
+                    return Err("not connected to PostgreSQL".into());
+                }
                 // Fenced before it can accept its first write: should the lease lapse during
                 // the promotion, the fence and the guard stop it.
-                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);
                 self.lease.arm_fence(pid);
                 let started = Instant::now();
-                sql::promote(c, Duration::from_secs(60))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.pg.promote(Duration::from_secs(60)).await?;
                 let role = self.primary_role();
                 self.pg.write_conf(&role).map_err(|e| e.to_string())?;
-                if let Some(c) = self.client.as_ref() {
-                    let _ = sql::reload(c, t).await;
-                }
+                let _ = self.pg.reload(t).await;
                 self.upstream = None;
                 self.setup_done = false;
                 tracing::info!(
@@ -486,19 +485,18 @@ impl Node {
                 // source first. A source we cannot reach is no reason to give up our data:
                 // fail this cycle and try again.
                 let t = self.timeout();
-                let source = sql::connect_member(&self.cfg, &host, port, t)
-                    .await
-                    .map_err(|e| format!("pg_rewind source {from} unreachable: {e}"))?;
-                let p = sql::probe(&source, t)
+                let p = self
+                    .pg
+                    .probe_member(&host, port, t)
                     .await
                     .map_err(|e| format!("pg_rewind source {from}: {e}"))?;
                 if p.in_recovery {
                     return Err(format!("pg_rewind source {from} is not a primary (yet)"));
                 }
-                sql::checkpoint(&source, Duration::from_secs(600))
+                self.pg
+                    .checkpoint_member(&host, port, Duration::from_secs(600))
                     .await
                     .map_err(|e| format!("checkpoint on the pg_rewind source {from}: {e}"))?;
-                drop(source);
                 self.busy = Some("rewinding".into());
                 self.publish().await;
                 let result = self.pg.rewind(&host, port).await;
@@ -567,10 +565,7 @@ impl Node {
                     });
                     if !fresh {
                         // Best effort: without it standbys only lose the re-clone shortcut.
-                        let oldest_wal = match self.client.as_ref() {
-                            Some(c) => sql::oldest_wal(c, self.timeout()).await.unwrap_or(None),
-                            None => None,
-                        };
+                        let oldest_wal = self.pg.oldest_wal(self.timeout()).await;
                         let status = Status {
                             optime: r.wal,
                             oldest_wal,
@@ -589,13 +584,7 @@ impl Node {
     }
 
     fn set_aside(&self, why: &str) -> Result<(), String> {
-        let dir = self.pg.data_dir();
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let aside = format!("{}.{why}-{secs}", dir.display());
-        std::fs::rename(&dir, &aside).map_err(|e| format!("set aside {}: {e}", dir.display()))
+        self.pg.set_aside(why)
     }
 
     /// host and port a member published.
@@ -623,9 +612,9 @@ impl Node {
         // A primary is fenced from its first moment: should the lease lapse before it is
         // ready, it must never accept a write.
         if primary {
-            self.lease.arm_fence(pm.pid);
+            self.lease.arm_fence(pm.pid());
         }
-        tracing::info!(pid = pm.pid, ?role, "PostgreSQL started");
+        tracing::info!(pid = pm.pid(), ?role, "PostgreSQL started");
         self.postmaster = Some(pm);
         self.upstream = upstream;
         self.lease.fenced.store(false, Ordering::SeqCst);
@@ -671,7 +660,7 @@ impl Node {
                     // hung early in its start may have signals blocked: SIGKILL follows
                     // soon.)
                     self.lease.disarm_fence();
-                    self.client = None;
+                    self.pg.disconnect();
                     if let Some(mut pm) = self.postmaster.take() {
                         pm.stop(StopMode::Immediate, Duration::from_secs(3)).await;
                     }
@@ -687,21 +676,20 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
-            .await
-            .ok();
+        let t = self.timeout();
+        self.pg.connect(t).await;
         // It runs: whatever failed before says nothing about this data any more.
         self.forget_failed_starts();
         self.reset_alter_system().await;
         if matches!(role, Role::Primary { .. }) {
-            let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+            let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);
             self.lease.arm_fence(pid);
         }
         Ok(())
     }
 
     pub async fn stop(&mut self, mode: StopMode) {
-        self.client = None;
+        self.pg.disconnect();
         if let Some(mut pm) = self.postmaster.take() {
             // Still fenced while it stops: a postmaster that does not stop (stuck, or its
             // backends busy) when the lease runs out is stopped by the fence and the guard.
@@ -721,9 +709,6 @@ impl Node {
     /// Database, extension, roles, passwords and authinfo on this primary.
     async fn ensure_setup(&mut self) -> Result<(), String> {
         let t = self.timeout();
-        sql::ensure_database_and_extension(&self.cfg, t)
-            .await
-            .map_err(|e| e.to_string())?;
         let authinfo = metadata::authinfo_string(
             self.cfg
                 .citus
@@ -732,9 +717,9 @@ impl Node {
             self.cfg.citus.sslcert.as_deref(),
             self.cfg.citus.sslkey.as_deref(),
         );
-        sql::set_credentials(&self.cfg, authinfo.as_ref().map(|a| a.expose()), t)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.pg
+            .ensure_setup(authinfo.as_ref().map(|a| a.expose()), t)
+            .await?;
         // Also without a pooler: rows left from one go. Best effort (`plan` shows rows left).
         if let Err(e) = self.sync_poolinfo().await {
             tracing::warn!(error = %e, "cannot update pg_dist_poolinfo");
@@ -862,7 +847,7 @@ impl Node {
     /// `AgentConfig::pooler_change_only`); the primary's setup (pg_dist_poolinfo) runs again.
     pub fn adopt_config(&mut self, new: AgentConfig) {
         self.cfg = new.clone();
-        self.pg.cfg = new;
+        self.pg.set_config(new);
         self.setup_done = false;
     }
 
@@ -877,7 +862,7 @@ impl Node {
     /// caller does not claim to run the new configuration.
     pub async fn reload_parameters(&mut self, new: AgentConfig) -> Result<Vec<String>, String> {
         self.cfg = new.clone();
-        self.pg.cfg = new;
+        self.pg.set_config(new);
         self.pg.write_postgresql_conf().map_err(|e| e.to_string())?;
         if !matches!(
             self.last_snapshot.as_ref().map(|s| &s.server),
@@ -886,30 +871,8 @@ impl Node {
             return Ok(Vec::new());
         }
         let t = self.timeout();
-        let c = sql::connect_local(&self.cfg, "postgres", t)
-            .await
-            .map_err(|e| e.to_string())?;
         self.reset_alter_system().await;
-        sql::bounded(
-            "reload the configuration",
-            t,
-            c.simple_query("SELECT pg_reload_conf()"),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        // The postmaster takes the signal asynchronously; a new session sees its result.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let c = sql::connect_local(&self.cfg, "postgres", t)
-            .await
-            .map_err(|e| e.to_string())?;
-        let rows = sql::bounded(
-            "read pending_restart",
-            t,
-            c.query("SELECT name FROM pg_settings WHERE pending_restart", &[]),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        self.pg.reload_and_pending_restart(t).await
     }
 
     /// Take new passwords without a restart: the passfile now, the roles and this node's
@@ -917,7 +880,7 @@ impl Node {
     /// transaction). Replicas keep streaming on their established connections.
     pub fn reload_secrets(&mut self, new: AgentConfig) -> Result<(), String> {
         self.cfg = new.clone();
-        self.pg.cfg = new;
+        self.pg.set_config(new);
         self.setup_done = false;
         self.pg.prepare_host_files().map_err(|e| e.to_string())
     }
@@ -932,8 +895,10 @@ impl Node {
     /// postgresql.conf) are removed whenever this agent starts PostgreSQL or is reloaded.
     /// `plan` shows them as drift before.
     pub async fn reset_alter_system(&mut self) {
-        let Some(c) = &self.client else { return };
-        match sql::reset_alter_system(c, self.timeout()).await {
+        if !self.pg.connected() {
+            return;
+        }
+        match self.pg.reset_alter_system(self.timeout()).await {
             Ok(names) if !names.is_empty() => tracing::warn!(
                 parameters = %names.join(", "),
                 "removed ALTER SYSTEM settings: the spec's postgresql.conf applies"
@@ -944,7 +909,7 @@ impl Node {
     }
 
     pub fn data_dir_exists(&self) -> bool {
-        Path::new(&self.cfg.postgres.data_dir).exists()
+        self.pg.data_dir_exists()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Node {
+impl<H: Host> Node<H> {
     pub(super) async fn observe(&mut self) -> Snapshot {
         let server = self.observe_server().await;
         let data = match &server {
@@ -140,29 +140,18 @@ impl Node {
     }
 
     pub(super) async fn sysid(&mut self) -> Option<String> {
-        let c = self.client.as_ref()?;
-        let row = sql::bounded(
-            "system identifier",
-            self.timeout(),
-            c.query_one(
-                "SELECT system_identifier::text FROM pg_control_system()",
-                &[],
-            ),
-        )
-        .await
-        .ok()?;
-        Some(row.get(0))
+        self.pg.system_identifier(self.timeout()).await
     }
 
     pub(super) async fn observe_server(&mut self) -> Server {
         let Some(pm) = self.postmaster.as_mut() else {
-            self.client = None;
+            self.pg.disconnect();
             return Server::Stopped;
         };
         if let Some(status) = pm.exited() {
             tracing::warn!(%status, "PostgreSQL exited");
             self.postmaster = None;
-            self.client = None;
+            self.pg.disconnect();
             self.lease.disarm_fence();
             if self.leader_start.is_none() {
                 self.leader_start = Some(Instant::now());
@@ -173,17 +162,13 @@ impl Node {
             Some("ready") | Some("standby") => {}
             _ => return Server::Starting,
         }
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = sql::connect_local(&self.cfg, "postgres", self.timeout())
-                .await
-                .ok();
-        }
-        let Some(c) = self.client.as_ref() else {
+        let t = self.timeout();
+        if !self.pg.connect(t).await {
             return Server::Starting;
-        };
-        match sql::probe(c, self.timeout()).await {
+        }
+        match self.pg.probe(t).await {
             Ok(p) => {
-                let pid = self.postmaster.as_ref().map(|p| p.pid).unwrap_or(0);
+                let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);
                 // The fence guards only a primary.
                 let guarded = if p.in_recovery { 0 } else { pid };
                 if self.lease.primary_pid.load(Ordering::SeqCst) != guarded {
@@ -205,7 +190,7 @@ impl Node {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot probe PostgreSQL");
-                self.client = None;
+                self.pg.disconnect();
                 Server::Starting
             }
         }
@@ -255,11 +240,7 @@ impl Node {
         let (host, port) = self
             .member_address(name)
             .ok_or(format!("no address published by {name}"))?;
-        let t = self.timeout();
-        let c = sql::connect_member(&self.cfg, &host, port, t)
-            .await
-            .map_err(|e| e.to_string())?;
-        sql::probe(&c, t).await.map_err(|e| e.to_string())
+        self.pg.probe_member(&host, port, self.timeout()).await
     }
 
     /// Drop what no agent writes from the cluster just read (see `GroupState::sanitize`),

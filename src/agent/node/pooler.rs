@@ -35,7 +35,7 @@ pub(super) struct PoolerState {
     retiring_since: Option<Instant>,
 }
 
-impl Node {
+impl<H: Host> Node<H> {
     /// The port PgBouncer listens on, for the member key: only once it has run past
     /// `QUICK_EXIT` (one that cannot bind its port or read its certificate has exited by
     /// then) and not while it retires, so no primary points Citus at it before or after.
@@ -91,7 +91,7 @@ impl Node {
                     Duration::from_secs(1u64 << self.pooler.failed_starts.min(6).saturating_sub(1))
                         .min(Duration::from_secs(60));
                 self.pooler.next_start = quick.then(|| Instant::now() + wait);
-                tracing::warn!(%status, log = %self.pg.paths.pgbouncer_log(), "PgBouncer exited");
+                tracing::warn!(%status, log = %self.pg.pgbouncer_log(), "PgBouncer exited");
             }
         }
         let (cert, key) = pgbouncer::tls_files(&self.cfg);
@@ -186,9 +186,9 @@ impl Node {
     /// PgBouncer runs (as their keys say).
     pub(super) async fn sync_poolinfo(&mut self) -> Result<(), String> {
         let t = self.timeout();
-        let mut c = sql::connect_local(&self.cfg, &self.cfg.citus.database, t)
-            .await
-            .map_err(|e| e.to_string())?;
+        let Some(mut c) = self.pg.citus_session(t).await? else {
+            return Ok(());
+        };
         if !crate::citus::sql::extension_installed(&c, t)
             .await
             .map_err(|e| e.to_string())?

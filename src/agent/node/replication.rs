@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Node {
+impl<H: Host> Node<H> {
     /// The primary configuration to start (or promote) with: in synchronous mode, the recorded
     /// standby if the key is ours, else what runs without one (async for `on`, waiting for
     /// any standby for `strict`).
@@ -38,44 +38,32 @@ impl Node {
     /// One step of synchronous replication management.
     pub(super) async fn manage_sync(&mut self) -> Result<(), String> {
         let t = self.timeout();
-        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
+        if !self.pg.connected() {
+            return Err("not connected to PostgreSQL".into());
+        }
         // The switch point is read a moment after a change, once every backend sees it.
         if self.ssn_since_lsn.is_none()
             && self
                 .ssn_changed
                 .is_some_and(|at| at.elapsed() > Duration::from_millis(200))
         {
-            let row = sql::bounded(
-                "current WAL position",
-                t,
-                c.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            self.ssn_since_lsn = Some(row.get::<_, i64>(0).max(0) as u64);
+            self.ssn_since_lsn = Some(self.pg.current_wal(t).await?);
         }
-        let rows = sql::bounded(
-            "read pg_stat_replication",
-            t,
-            c.query("SELECT application_name, state, COALESCE(sync_state, ''), COALESCE((flush_lsn - '0/0')::bigint, 0) FROM pg_stat_replication", &[]),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let rows = self.pg.replication(t).await?;
         let group = self
             .cluster
             .get(&self.cfg.group)
             .cloned()
             .unwrap_or_default();
         let standbys = rows
-            .iter()
+            .into_iter()
             .map(|r| {
-                let name: String = r.get(0);
-                let eligible = group.members.get(&name).is_some_and(|m| !m.nofailover());
+                let eligible = group.members.get(&r.name).is_some_and(|m| !m.nofailover());
                 crate::agent::sync::Standby {
-                    name,
-                    state: r.get(1),
-                    sync_state: r.get(2),
-                    flush_lsn: r.get::<_, i64>(3).max(0) as u64,
+                    name: r.name,
+                    state: r.state,
+                    sync_state: r.sync_state,
+                    flush_lsn: r.flush_lsn,
                     eligible,
                 }
             })
@@ -109,9 +97,7 @@ impl Node {
                         synchronous_standby_names: ssn.clone(),
                     })
                     .map_err(|e| e.to_string())?;
-                if let Some(c) = self.client.as_ref() {
-                    sql::reload(c, t).await.map_err(|e| e.to_string())?;
-                }
+                self.pg.reload(t).await?;
                 tracing::info!(synchronous_standby_names = %ssn, "synchronous standby names changed");
                 self.ssn = ssn;
                 self.ssn_changed = Some(Instant::now());
@@ -128,10 +114,10 @@ impl Node {
             return Ok(());
         };
         let t = self.timeout();
-        let c = self.client.as_ref().ok_or("not connected to PostgreSQL")?;
-        let slots: Vec<slots::Slot> = sql::physical_slots(c, t)
-            .await
-            .map_err(|e| e.to_string())?
+        let slots: Vec<slots::Slot> = self
+            .pg
+            .physical_slots(t)
+            .await?
             .into_iter()
             .map(|(name, active, lost)| slots::Slot { name, active, lost })
             .collect();
@@ -148,8 +134,8 @@ impl Node {
         let mut failed = Vec::new();
         for name in &plan.recreate {
             let again = async {
-                sql::drop_inactive_slot(c, name, t).await?;
-                sql::create_physical_slot(c, name, t).await
+                self.pg.drop_inactive_slot(name, t).await?;
+                self.pg.create_physical_slot(name, t).await
             };
             match again.await {
                 Ok(at) => {
@@ -159,13 +145,13 @@ impl Node {
             }
         }
         for name in &plan.create {
-            match sql::create_physical_slot(c, name, t).await {
+            match self.pg.create_physical_slot(name, t).await {
                 Ok(_) => tracing::info!(slot = %name, "created a member replication slot"),
                 Err(e) => failed.push(format!("create {name}: {e}")),
             }
         }
         for name in &plan.drop {
-            match sql::drop_inactive_slot(c, name, t).await {
+            match self.pg.drop_inactive_slot(name, t).await {
                 Ok(true) => {
                     tracing::info!(slot = %name, "dropped the slot of a member gone for longer than member_slots_ttl")
                 }
@@ -187,7 +173,7 @@ impl Node {
     /// primary (see `sql::drop_citus_slots_on_standby`). Best effort: logged, never fatal.
     pub(super) async fn drop_leftover_slots(&mut self) {
         let t = self.timeout();
-        let Ok(c) = sql::connect_local(&self.cfg, &self.cfg.citus.database, t).await else {
+        let Ok(Some(c)) = self.pg.citus_session(t).await else {
             return;
         };
         match sql::drop_citus_slots_on_standby(&c, t).await {

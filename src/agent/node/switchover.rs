@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Node {
+impl<H: Host> Node<H> {
     /// Planned handover: checkpoint while still serving (so the shutdown checkpoint is short),
     /// stop cleanly (WAL senders flush everything to the standbys before the server exits),
     /// publish the final WAL position, then release the leader key. The candidate, woken by
@@ -11,8 +11,8 @@ impl Node {
     pub(super) async fn switchover(&mut self, to: &str) -> Result<(), String> {
         let t0 = Instant::now();
         let keys = self.keys().clone();
-        if let Some(c) = self.client.as_ref() {
-            let _ = sql::checkpoint(c, Duration::from_secs(60)).await;
+        if self.pg.connected() {
+            let _ = self.pg.checkpoint(Duration::from_secs(60)).await;
         }
         let checkpointed = t0.elapsed();
         let paused = self.request_citus_pause(to).await;
