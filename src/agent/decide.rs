@@ -616,15 +616,14 @@ pub fn unfit_to_lead(s: &Snapshot, g: &GroupView, r: &Running) -> Option<String>
     if let Some(why) = &s.cannot_lead {
         return Some(format!("no leader; {why}"));
     }
-    if s.synchronous_mode != SyncModeConfig::Off {
-        if let Some(sync) = &g.sync {
-            if sync.sync_standby.as_deref() != Some(s.me.as_str()) {
-                return Some(format!(
-                    "no leader; only the synchronous standby ({}) may promote",
-                    sync.sync_standby.as_deref().unwrap_or("none")
-                ));
-            }
-        }
+    if !sync_allows(s, g, &s.me) {
+        let sync = g.sync.as_ref();
+        return Some(format!(
+            "no leader; only the synchronous standby ({}) or the last leader ({}) may promote",
+            sync.and_then(|k| k.sync_standby.as_deref())
+                .unwrap_or("none"),
+            sync.and_then(|k| k.leader.as_deref()).unwrap_or("none"),
+        ));
     }
     if let Some(leader_wal) = g.last_leader_wal {
         let behind = leader_wal.saturating_sub(r.wal);
@@ -654,12 +653,18 @@ pub fn unfit_to_lead(s: &Snapshot, g: &GroupView, r: &Running) -> Option<String>
     None
 }
 
+/// In synchronous mode, who holds every acknowledged commit: the synchronous standby the
+/// `sync` key names, and the leader that wrote the key (it acknowledged them). Without the
+/// latter, a leader that lost its key while it had no synchronous standby (cut off etcd,
+/// restarted) could never lead again and the group would stay without one.
 fn sync_allows(s: &Snapshot, g: &GroupView, name: &str) -> bool {
     if s.synchronous_mode == SyncModeConfig::Off {
         return true;
     }
     match &g.sync {
-        Some(sync) => sync.sync_standby.as_deref() == Some(name),
+        Some(sync) => {
+            sync.sync_standby.as_deref() == Some(name) || sync.leader.as_deref() == Some(name)
+        }
         None => true,
     }
 }
@@ -1428,9 +1433,27 @@ mod tests {
             .insert("m3".into(), member("replica", "streaming", 500));
         check(
             "the sync standby promotes even if an async one has more WAL",
-            s,
+            s.clone(),
             &[AcquireLeader, Promote],
         );
+        // A leader that lost its key while it had no synchronous standby (cut off etcd)
+        // acknowledged every commit alone: it, and only it, may lead again (the simulation's
+        // seed 2 found the group waiting for ever instead).
+        group(&mut s).members.remove("m3");
+        group(&mut s).sync = Some(SyncState {
+            leader: Some("m1".into()),
+            sync_standby: None,
+        });
+        check(
+            "the last leader of the sync key",
+            s.clone(),
+            &[AcquireLeader, Promote],
+        );
+        group(&mut s).sync = Some(SyncState {
+            leader: Some("m2".into()),
+            sync_standby: None,
+        });
+        check("but no other member", s, &[w()]);
         let mut l = base();
         l.synchronous_mode = SyncModeConfig::On;
         l.server = running(true, 100, None);

@@ -331,10 +331,12 @@ impl Pacer {
                 None => std::future::pending::<()>().await,
             }
         };
+        // In order, not at random: the same inputs give the same cycles (the simulation).
         tokio::select! {
-            _ = tokio::time::sleep(self.loop_wait) => {}
-            _ = woken => {}
+            biased;
             _ = postmaster_exit => {}
+            _ = woken => {}
+            _ = tokio::time::sleep(self.loop_wait) => {}
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Asking a group for a switchover or failover: write Patroni's `failover` key (only if none
 //! is pending) and wait until the new leader runs. Shared by the CLI and the agent's REST API.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::Dcs;
 use super::keys::{FailoverRequest, GroupState, parse_cluster};

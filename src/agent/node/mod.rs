@@ -443,6 +443,7 @@ impl<H: Host> Node<H> {
                 if !self.pg.connected() {
                     return Err("not connected to PostgreSQL".into());
                 }
+                self.take_sync_key().await?;
                 // Fenced before it can accept its first write: should the lease lapse during
                 // the promotion, the fence and the guard stop it.
                 let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);

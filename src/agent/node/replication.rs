@@ -35,6 +35,42 @@ impl<H: Host> Node<H> {
         }
     }
 
+    /// In synchronous mode, before promoting: the `sync` key names this member as leader,
+    /// without a standby. A new primary without a synchronous standby acknowledges commits
+    /// alone (`on`); were the key still to name the previous leader, that leader could take
+    /// over after this one failed and lose them (found by the simulation, seed 200). Written
+    /// while still a standby, so nothing was acknowledged yet; from then on only this member
+    /// may promote until it names a standby that has caught up.
+    pub(super) async fn take_sync_key(&mut self) -> Result<(), String> {
+        if self.cfg.ha.synchronous_mode == crate::agent::config::SyncModeConfig::Off {
+            return Ok(());
+        }
+        let me = self.cfg.member.clone();
+        let group = self.cluster.entry(self.cfg.group).or_default();
+        if group
+            .sync
+            .as_ref()
+            .is_some_and(|k| k.leader.as_deref() == Some(me.as_str()) && k.sync_standby.is_none())
+        {
+            return Ok(());
+        }
+        let state = crate::dcs::SyncState {
+            leader: Some(me),
+            sync_standby: None,
+        };
+        let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+        self.dcs
+            .put(&self.keys().sync(self.cfg.group), &body, None)
+            .await
+            .map_err(|e| format!("cannot take the sync key over before promoting: {e}"))?;
+        // `primary_role` reads it from here.
+        if let Some(g) = self.cluster.get_mut(&self.cfg.group) {
+            g.sync = Some(state);
+        }
+        tracing::info!("sync key taken over before promoting");
+        Ok(())
+    }
+
     /// One step of synchronous replication management.
     pub(super) async fn manage_sync(&mut self) -> Result<(), String> {
         let t = self.timeout();

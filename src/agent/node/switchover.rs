@@ -60,7 +60,8 @@ impl<H: Host> Node<H> {
             stopped_ms = stopped.as_millis() as u64,
             released_ms = t0.elapsed().as_millis() as u64,
             final_lsn = control.checkpoint_lsn,
-            "switchover: primary stopped cleanly and released the leader key"
+            clean,
+            "switchover: primary stopped and released the leader key"
         );
         Ok(())
     }
