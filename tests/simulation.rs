@@ -33,7 +33,7 @@ use citus_reconcile::agent::lease::{self, Fencer, LeaseShared, Timing};
 use citus_reconcile::agent::node::host::Replication;
 use citus_reconcile::agent::node::{Host, Node, Process};
 use citus_reconcile::agent::run::{Pacer, watch};
-use citus_reconcile::dcs::keys::{FailoverRequest, SyncState};
+use citus_reconcile::dcs::keys::{FailoverRequest, MemberRole, SyncState};
 use citus_reconcile::dcs::store::StoreFuture;
 use citus_reconcile::dcs::{
     ClusterKeys, Condition, Dcs, RawKv, Reply, Request, Store, StoreError, WatchBatch, WatchEvent,
@@ -129,6 +129,8 @@ struct Server {
     /// Fault switches for the next stop and start.
     slow_stop: bool,
     hang_start: bool,
+    /// The next start or promotion takes seconds (a long recovery, a slow disk).
+    slow_next: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1017,6 +1019,10 @@ impl Host for SimHost {
         // Only a start as primary hangs: a standby's start blocks the loop for up to
         // 120 s (a known limit, not what this run is after).
         let hang = s.conf_primary && std::mem::take(&mut s.hang_start);
+        let ready_in = match std::mem::take(&mut s.slow_next) {
+            true => ready_in * 10,
+            false => ready_in,
+        };
         s.pm = Some(Pm {
             pid,
             primary: s.conf_primary,
@@ -1083,7 +1089,11 @@ impl Host for SimHost {
     }
 
     async fn promote(&self, _timeout: Duration) -> Result<(), String> {
-        self.pause(10, 100).await;
+        let slow = std::mem::take(&mut lock(&self.world).server(&self.name).slow_next);
+        match slow {
+            true => self.pause(2000, 8000).await,
+            false => self.pause(10, 100).await,
+        }
         let mut w = lock(&self.world);
         let pid = self.session_pm(&w)?.pid;
         if w.live_pm(&self.name).is_some_and(|p| p.primary) {
@@ -1653,6 +1663,17 @@ async fn simulate(plan: Plan) -> Outcome {
                 s.slow_stop = true;
                 s.hang_start = rng.chance(500);
             }
+            86..=93 => {
+                // Slow at the worst moment: cut off etcd while the next start or promotion
+                // takes seconds.
+                w.log(format!(
+                    "FAULT {victim}: next start or promotion slow, cut off etcd"
+                ));
+                w.server(&victim).slow_next = true;
+                w.etcd_cut.insert(victim.clone(), true);
+                w.etcd.sinks.retain(|s| s.member != victim);
+                heal.push((now + rng.between_ms(3000, 9000), victim, "etcd_cut"));
+            }
             60..=64 => {
                 w.log("FAULT etcd loses its quorum".to_string());
                 w.etcd_down = true;
@@ -1696,6 +1717,46 @@ async fn simulate(plan: Plan) -> Outcome {
                         lock(&world).log(format!("OPERATOR switchover done: {r:?}"));
                     }));
                 }
+            }
+            94..=97 => {
+                // A manual failover to a random member, checked and written the way the CLI
+                // does (`manual_failover_refusal`; the leader, if any, named).
+                drop(w);
+                let dcs = operator.clone();
+                let world = world.clone();
+                let to = victim.clone();
+                switchovers.push(tokio::task::spawn_local(async move {
+                    let Ok(g) = citus_reconcile::dcs::handover::group_state(&dcs, GROUP).await
+                    else {
+                        return;
+                    };
+                    if !g
+                        .members
+                        .get(&to)
+                        .is_some_and(|m| m.role() == MemberRole::Replica)
+                    {
+                        return;
+                    }
+                    if let Some(why) = g.manual_failover_refusal(&to) {
+                        lock(&world).log(format!("OPERATOR failover to {to} refused: {why}"));
+                        return;
+                    }
+                    lock(&world).log(format!("OPERATOR failover to {to}"));
+                    let req = FailoverRequest {
+                        leader: g.leader.as_ref().map(|l| l.name.clone()),
+                        member: Some(to.clone()),
+                        scheduled_at: None,
+                    };
+                    let r = citus_reconcile::dcs::handover::request(
+                        &dcs,
+                        GROUP,
+                        &req,
+                        Some(&to),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                    lock(&world).log(format!("OPERATOR failover done: {r:?}"));
+                }));
             }
             _ => {}
         }
@@ -1857,6 +1918,21 @@ const REGRESSIONS: &[(u64, &str)] = &[
         200,
         "synchronous mode: a new leader acknowledged commits alone while the sync key still \
          named the previous leader, which then took over without them",
+    ),
+    (
+        201,
+        "synchronous mode: the candidate of a switchover took over after the old leader was \
+         fenced instead of handing over, without the commits that leader acknowledged alone",
+    ),
+    (
+        30,
+        "a leader whose PostgreSQL hangs while starting kept the leader key for ever \
+         (primary_start_timeout)",
+    ),
+    (
+        32,
+        "synchronous mode: a manual failover to a member the sync key did not name was not \
+         refused while the key named no standby, and lost the last leader's commits",
     ),
 ];
 

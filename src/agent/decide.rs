@@ -70,6 +70,8 @@ pub struct GroupView {
     pub paused: bool,
     /// Where the oldest WAL segment the leader still has begins (`status` key).
     pub oldest_wal: Option<u64>,
+    /// The candidate the last leader handed over to after a clean stop (`status` key).
+    pub handed_to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -587,6 +589,18 @@ fn running_replica(
             }
             if let Some(why) = &s.cannot_lead {
                 return vec![Wait(format!("named as candidate, but {why}"))];
+            }
+            // A switchover promises no loss: in synchronous mode a candidate the sync key does
+            // not name may take over only from a leader that stopped cleanly and handed over
+            // to it (its WAL senders sent everything first). A leader that died or was fenced
+            // meanwhile may have acknowledged commits alone (the simulation's seed 201). A
+            // manual failover (no leader named) is the operator's explicit choice.
+            let switchover = g.failover.as_ref().is_some_and(|f| f.leader.is_some());
+            if switchover && !sync_allows(s, g, &s.me) && g.handed_to.as_deref() != Some(c.as_str())
+            {
+                return vec![Wait(
+                    "switchover: the old leader did not hand over cleanly, and in synchronous mode only the synchronous standby or the last leader may promote then".into(),
+                )];
             }
             if let Some(leader_wal) = g.last_leader_wal {
                 if leader_wal.saturating_sub(r.wal) > s.maximum_lag_on_failover {
@@ -1340,6 +1354,31 @@ mod tests {
         check(
             "candidate takes over, even if another has more WAL",
             c.clone(),
+            &[AcquireLeader, Promote],
+        );
+        // Synchronous mode: a candidate the sync key does not name takes over only after a
+        // clean handoff to it (the simulation's seed 201).
+        let mut y = c.clone();
+        y.synchronous_mode = SyncModeConfig::On;
+        group(&mut y).sync = Some(SyncState {
+            leader: Some("m1".into()),
+            sync_standby: None,
+        });
+        check("sync: not after a leader that died", y.clone(), &[w()]);
+        group(&mut y).handed_to = Some("m2".into());
+        check(
+            "sync: after a clean handoff to it",
+            y.clone(),
+            &[AcquireLeader, Promote],
+        );
+        group(&mut y).handed_to = None;
+        group(&mut y).sync = Some(SyncState {
+            leader: Some("m1".into()),
+            sync_standby: Some("m2".into()),
+        });
+        check(
+            "sync: the synchronous standby in any case",
+            y,
             &[AcquireLeader, Promote],
         );
         let mut o = c.clone();

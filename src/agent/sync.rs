@@ -91,7 +91,7 @@ pub fn next_step(i: &SyncInput) -> SyncStep {
                 SyncStep::SetStandbyNames(want)
             };
         }
-        // Changing standby: first make sure nobody may promote.
+        // Changing standby: first make sure nobody but this leader may promote.
         return SyncStep::SetKey(None);
     }
     match desired {

@@ -430,6 +430,8 @@ pub struct GroupState {
     pub optime: Option<u64>,
     /// From the `status` key: see `Status::oldest_wal`.
     pub oldest_wal: Option<u64>,
+    /// From the `status` key: see `Status::handed_to`.
+    pub handed_to: Option<String>,
     pub citus_pause: Option<CitusPause>,
 }
 
@@ -503,12 +505,23 @@ impl GroupState {
                 "{candidate} is tagged nofailover: it never promotes"
             ));
         }
-        match self.sync.as_ref().and_then(|s| s.sync_standby.as_deref()) {
-            Some(sync) if sync != candidate => Some(format!(
-                "synchronous mode is on and {sync} is the synchronous standby: only it is sure to hold every commit acknowledged to clients; promoting {candidate} can lose some"
-            )),
-            _ => None,
+        // Who holds every acknowledged commit: the synchronous standby, and the leader that
+        // wrote the key. With no standby named, only that leader (it acknowledged commits
+        // alone; the simulation's seed 32 lost them by promoting another member).
+        let k = self.sync.as_ref()?;
+        let holds = |name: Option<&str>| name == Some(candidate);
+        if holds(k.sync_standby.as_deref()) || holds(k.leader.as_deref()) {
+            return None;
         }
+        Some(match (k.sync_standby.as_deref(), k.leader.as_deref()) {
+            (Some(sync), _) => format!(
+                "synchronous mode is on and {sync} is the synchronous standby: only it is sure to hold every commit acknowledged to clients; promoting {candidate} can lose some"
+            ),
+            (None, leader) => format!(
+                "synchronous mode is on and no standby is synchronous: only the last leader ({}) is sure to hold every commit acknowledged to clients; promoting {candidate} can lose some",
+                leader.unwrap_or("unknown")
+            ),
+        })
     }
 
     /// Who should take over from `leader` in a planned switchover: a streaming replica not
@@ -543,6 +556,10 @@ pub struct Status {
     /// and not streaming, can never catch up and must be cloned again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_wal: Option<u64>,
+    /// Written by a leader that stopped cleanly for a switchover: the candidate it handed
+    /// over to, whose `optime` above is then the last WAL the old leader wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_to: Option<String>,
 }
 
 /// One key-value pair as read from etcd.
@@ -586,6 +603,7 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
                 if let Ok(s) = serde_json::from_str::<Status>(&text) {
                     g.optime = Some(s.optime);
                     g.oldest_wal = s.oldest_wal;
+                    g.handed_to = s.handed_to;
                 }
             }
             "citus_pause" => g.citus_pause = serde_json::from_str(&text).ok(),
@@ -679,6 +697,22 @@ mod tests {
             g.manual_failover_refusal("stranger"),
             None,
             "checked elsewhere"
+        );
+        g.members.insert("old".into(), member(""));
+        assert_eq!(
+            g.manual_failover_refusal("old"),
+            None,
+            "the leader that wrote the key"
+        );
+        g.sync = Some(SyncState {
+            leader: Some("old".into()),
+            sync_standby: None,
+        });
+        assert_eq!(g.manual_failover_refusal("old"), None, "the last leader");
+        let why = g.manual_failover_refusal("a").expect("refused");
+        assert!(
+            why.starts_with("synchronous mode") && why.contains("only the last leader (old)"),
+            "{why}"
         );
     }
 

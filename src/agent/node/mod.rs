@@ -374,6 +374,9 @@ impl<H: Host> Node<H> {
                 result.map(|_| true)
             }
             Action::StartPrimary => {
+                // A standby's data started as primary acknowledges commits too (see
+                // `take_sync_key`).
+                self.take_sync_key().await?;
                 let role = self.primary_role();
                 let started = self.start(role, None).await;
                 let quick = self
@@ -570,6 +573,7 @@ impl<H: Host> Node<H> {
                         let status = Status {
                             optime: r.wal,
                             oldest_wal,
+                            handed_to: None,
                         };
                         let body = serde_json::to_vec(&status).unwrap_or_default();
                         self.dcs

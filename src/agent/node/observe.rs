@@ -56,6 +56,7 @@ impl<H: Host> Node<H> {
                     sync: g.sync.clone(),
                     failover: g.failover.clone(),
                     oldest_wal: g.oldest_wal,
+                    handed_to: g.handed_to.clone(),
                     paused: g
                         .config
                         .as_ref()

@@ -34,6 +34,7 @@ impl<H: Host> Node<H> {
             let body = serde_json::to_vec(&Status {
                 optime: control.checkpoint_lsn,
                 oldest_wal: None,
+                handed_to: Some(to.to_string()),
             })
             .unwrap_or_default();
             self.dcs
