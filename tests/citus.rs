@@ -394,13 +394,27 @@ fn a_replica(t: &TestLab, group: u32) -> String {
 /// Freeze the candidate's agent and ask for a switchover to it: the leader gets the pause,
 /// stops and hands over, but nobody takes over. Returns once the coordinator holds the pause.
 fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
+    // The request of an earlier scenario lives on its lease (the CLI's wait plus 30 s) until
+    // a new leader clears it: a new request meanwhile is refused as "pending".
+    wait_for(
+        "no switchover pending from an earlier scenario",
+        Duration::from_secs(180),
+        || {
+            etcd_get(t, &format!("{group}/failover"))
+                .is_none()
+                .then_some(())
+        },
+    );
     let candidate = a_replica(t, group);
     signal_agent(t, &candidate, libc::SIGSTOP);
     let (spec, g) = (t.spec_path.clone(), group.to_string());
     let c2 = candidate.clone();
-    // The CLI waits for the candidate and gives up; the test does not wait for it.
+    // The CLI waits for the candidate and gives up; the test does not wait for it, but keeps
+    // what it said for a failure's message.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let said2 = said.clone();
     std::thread::spawn(move || {
-        let _ = assert_cmd::Command::cargo_bin("citus-reconcile")
+        let o = assert_cmd::Command::cargo_bin("citus-reconcile")
             .expect("binary")
             .args(["switchover", "--group", &g, "--candidate", &c2, "--force"])
             .arg(spec)
@@ -408,12 +422,24 @@ fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
             .env("CR_LAB_REPLICATION", "lab-replication-pw")
             .timeout(Duration::from_secs(120))
             .output();
+        if let (Ok(o), Ok(mut s)) = (o, said2.lock()) {
+            *s = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
     });
-    wait_for(
-        "the coordinator to hold the group's writes",
-        Duration::from_secs(30),
-        || (pause_state(t, group).as_deref() == Some("paused")).then_some(()),
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pause_state(t, group).as_deref() != Some("paused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator did not hold group {group}'s writes within 30 s; pause state {:?}; the switchover said: {}",
+            pause_state(t, group),
+            said.lock().map(|s| s.clone()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     candidate
 }
 

@@ -61,6 +61,8 @@ pub struct GroupView {
     /// The lease the leader key is attached to.
     pub leader_lease: Option<i64>,
     pub initialize: Option<String>,
+    /// The lease of a bootstrap's claim (`initialize` empty).
+    pub initialize_lease: Option<i64>,
     pub members: std::collections::BTreeMap<String, MemberInfo>,
     /// Last WAL position the leader published (`status` key), kept across leader loss.
     pub last_leader_wal: Option<u64>,
@@ -268,6 +270,18 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
         }
     }
 
+    // Another member's bootstrap is under way (claimed, not finished): its new primary may
+    // already run. Data here — left by a bootstrap of ours that failed — must not lead
+    // meanwhile (the simulation's seed 165: two primaries of two different clusters).
+    let bootstrapping = g.initialize.as_deref() == Some("")
+        && g.initialize_lease.is_some()
+        && g.initialize_lease != s.my_lease;
+    if bootstrapping && other_leader.is_none() && !i_lead {
+        return match &s.server {
+            Server::Running(r) if r.primary => vec![Demote { immediate: true }],
+            _ => vec![Wait("another member is bootstrapping the group".into())],
+        };
+    }
     match &s.server {
         Server::Starting => vec![Wait("PostgreSQL is starting".into())],
         Server::Stopped => stopped(s, g, other_leader, i_lead),
@@ -445,7 +459,14 @@ fn running_primary(
             }
         }
     }
-    leader_duties(s)
+    let mut a = leader_duties(s);
+    if g.initialize.as_deref().is_none_or(str::is_empty) {
+        // The group runs, yet etcd does not record which cluster it is (a bootstrap whose
+        // last step failed, keys lost): record it, or a member without data could later
+        // bootstrap a new, empty cluster over it (the simulation's seed 165).
+        a.insert(0, FinishBootstrap);
+    }
+    a
 }
 
 enum Handover {
@@ -1451,6 +1472,44 @@ mod tests {
             t,
             &[Demote { immediate: true }],
         );
+    }
+
+    #[test]
+    fn a_leader_records_the_group_s_system_when_etcd_does_not() {
+        let mut s = base();
+        s.server = running(true, 100, None);
+        set_leader(&mut s, "m1");
+        group(&mut s).initialize = None;
+        check(
+            "no initialize key",
+            s.clone(),
+            &[FinishBootstrap, PublishOptime],
+        );
+        group(&mut s).initialize = Some(String::new());
+        check(
+            "a claim left over",
+            s.clone(),
+            &[FinishBootstrap, PublishOptime],
+        );
+        group(&mut s).initialize = Some("42".into());
+        check("recorded", s, &[PublishOptime]);
+    }
+
+    #[test]
+    fn data_left_by_a_failed_bootstrap_waits_for_another_members_bootstrap() {
+        let mut s = base();
+        group(&mut s).initialize = Some(String::new());
+        group(&mut s).initialize_lease = Some(99);
+        check("stopped: it waits", s.clone(), &[w()]);
+        s.server = running(true, 100, None);
+        check(
+            "running as primary: it stops at once",
+            s.clone(),
+            &[Demote { immediate: true }],
+        );
+        // Our own claim (this member is the one bootstrapping): business as usual.
+        group(&mut s).initialize_lease = Some(7);
+        check("our own claim", s, &[AcquireLeader, PublishOptime]);
     }
 
     #[test]

@@ -423,6 +423,8 @@ pub struct GroupState {
     pub members: BTreeMap<String, MemberInfo>,
     /// Present once bootstrap started; the system identifier once it finished.
     pub initialize: Option<String>,
+    /// The lease a bootstrap's claim (`initialize` still empty) lives on.
+    pub initialize_lease: Option<i64>,
     pub sync: Option<SyncState>,
     pub failover: Option<FailoverRequest>,
     pub config: Option<serde_json::Value>,
@@ -595,7 +597,10 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
                     lease: kv.lease,
                 });
             }
-            "initialize" => g.initialize = Some(text),
+            "initialize" => {
+                g.initialize = Some(text);
+                g.initialize_lease = Some(kv.lease).filter(|l| *l != 0);
+            }
             "sync" => g.sync = serde_json::from_str(&text).ok(),
             "failover" => g.failover = serde_json::from_str(&text).ok(),
             "config" => g.config = serde_json::from_str(&text).ok(),

@@ -51,6 +51,7 @@ impl<H: Host> Node<H> {
                     leader,
                     leader_lease: g.leader.as_ref().map(|l| l.lease),
                     initialize: g.initialize.clone(),
+                    initialize_lease: g.initialize_lease,
                     members: g.members.clone(),
                     last_leader_wal: g.optime,
                     sync: g.sync.clone(),
