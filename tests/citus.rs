@@ -381,16 +381,6 @@ fn pause_state(t: &TestLab, group: u32) -> Option<String> {
     v["state"].as_str().map(str::to_string)
 }
 
-/// A replica of `group` (not its leader).
-fn a_replica(t: &TestLab, group: u32) -> String {
-    let l = leader(t, u64::from(group)).expect("leader");
-    members(t, group)
-        .into_iter()
-        .map(|(m, _, _)| m)
-        .find(|m| *m != l)
-        .expect("a replica")
-}
-
 /// Freeze the candidate's agent and ask for a switchover to it: the leader gets the pause,
 /// stops and hands over, but nobody takes over. Returns once the coordinator holds the pause.
 fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
@@ -405,7 +395,24 @@ fn switchover_to_a_frozen_candidate(t: &TestLab, group: u32) -> String {
                 .then_some(())
         },
     );
-    let candidate = a_replica(t, group);
+    // A candidate the CLI accepts: a replica that streams (the one thawed in an earlier
+    // scenario may still be rejoining).
+    let candidate = wait_for(
+        "a streaming replica to switch over to",
+        Duration::from_secs(60),
+        || {
+            let l = leader(t, u64::from(group))?;
+            members(t, group)
+                .into_iter()
+                .map(|(m, _, _)| m)
+                .filter(|m| *m != l)
+                .find(|m| {
+                    etcd_get(t, &format!("{group}/members/{m}"))
+                        .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+                        .is_some_and(|v| v["role"] == "replica" && v["state"] == "streaming")
+                })
+        },
+    );
     signal_agent(t, &candidate, libc::SIGSTOP);
     let (spec, g) = (t.spec_path.clone(), group.to_string());
     let c2 = candidate.clone();
