@@ -1756,20 +1756,7 @@ async fn simulate(plan: Plan) -> Outcome {
                             return;
                         };
                         lock(&world).log(format!("OPERATOR switchover {leader} -> {to}"));
-                        let req = FailoverRequest {
-                            leader: Some(leader.clone()),
-                            member: Some(to.clone()),
-                            scheduled_at: None,
-                        };
-                        let r = citus_reconcile::dcs::handover::request(
-                            &dcs,
-                            GROUP,
-                            &req,
-                            Some(&to),
-                            Duration::from_secs(30),
-                        )
-                        .await;
-                        lock(&world).log(format!("OPERATOR switchover done: {r:?}"));
+                        operator_request(&dcs, &world, "switchover", Some(leader), to).await;
                     }));
                 }
             }
@@ -1797,20 +1784,8 @@ async fn simulate(plan: Plan) -> Outcome {
                         return;
                     }
                     lock(&world).log(format!("OPERATOR failover to {to}"));
-                    let req = FailoverRequest {
-                        leader: g.leader.as_ref().map(|l| l.name.clone()),
-                        member: Some(to.clone()),
-                        scheduled_at: None,
-                    };
-                    let r = citus_reconcile::dcs::handover::request(
-                        &dcs,
-                        GROUP,
-                        &req,
-                        Some(&to),
-                        Duration::from_secs(30),
-                    )
-                    .await;
-                    lock(&world).log(format!("OPERATOR failover done: {r:?}"));
+                    let leader = g.leader.as_ref().map(|l| l.name.clone());
+                    operator_request(&dcs, &world, "failover", leader, to).await;
                 }));
             }
             _ => {}
@@ -1881,6 +1856,31 @@ async fn simulate(plan: Plan) -> Outcome {
         acked: w.acked.len(),
         promotions,
     }
+}
+
+/// A switchover or failover request through the CLI's code (`dcs::handover`), waiting up to
+/// 30 s for `to` to lead.
+async fn operator_request(
+    dcs: &Dcs,
+    world: &Shared,
+    what: &str,
+    leader: Option<String>,
+    to: String,
+) {
+    let req = FailoverRequest {
+        leader,
+        member: Some(to.clone()),
+        scheduled_at: None,
+    };
+    let r = citus_reconcile::dcs::handover::request(
+        dcs,
+        GROUP,
+        &req,
+        Some(&to),
+        Duration::from_secs(30),
+    )
+    .await;
+    lock(world).log(format!("OPERATOR {what} done: {r:?}"));
 }
 
 /// Log lines stamped with the simulated time since the run began.

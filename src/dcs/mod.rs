@@ -140,6 +140,45 @@ fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// How the time of a retried call is shared between its attempts.
+struct Budget {
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    /// A partitioned endpoint drops packets: each attempt gets a share of the time, not all.
+    per_attempt: Duration,
+}
+
+impl Budget {
+    fn new(timeout: Duration) -> Budget {
+        Budget {
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+            per_attempt: (timeout / 3).max(Duration::from_millis(300)),
+        }
+    }
+
+    /// How long the next attempt may take; the call's error once the time is up (`last`:
+    /// what the last attempt said, if anything).
+    fn next_attempt(&self, op: &str, last: &str) -> Result<Duration, DcsError> {
+        let remaining = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if !remaining.is_zero() {
+            return Ok(remaining.min(self.per_attempt));
+        }
+        Err(match last.is_empty() {
+            true => DcsError::Timeout {
+                op: op.to_string(),
+                ms: self.timeout.as_millis(),
+            },
+            false => DcsError::Failed {
+                op: op.to_string(),
+                detail: last.to_string(),
+            },
+        })
+    }
+}
+
 /// Run `f` on the current endpoint's client until it succeeds, moving to the next endpoint
 /// when a call fails in transit or one attempt takes too long, all within `timeout`. Only for
 /// calls that are safe to repeat: reads, puts, and compare-and-sets whose outcome the caller
@@ -149,26 +188,10 @@ where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    // A partitioned endpoint drops packets: give each attempt a share of the time, not all.
-    let per_attempt = (timeout / 3).max(Duration::from_millis(300));
+    let budget = Budget::new(timeout);
     let mut last = String::new();
     loop {
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if remaining.is_zero() {
-            return Err(if last.is_empty() {
-                DcsError::Timeout {
-                    op: op.to_string(),
-                    ms: timeout.as_millis(),
-                }
-            } else {
-                DcsError::Failed {
-                    op: op.to_string(),
-                    detail: last,
-                }
-            });
-        }
-        let attempt = remaining.min(per_attempt);
+        let attempt = budget.next_attempt(op, &last)?;
         let (i, client) = dcs.current(attempt).await;
         let client = match client {
             Ok(c) => c,
@@ -911,24 +934,10 @@ async fn retried_store(
     store: &dyn Store,
     request: &Request,
 ) -> Result<Reply, DcsError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let per_attempt = (timeout / 3).max(Duration::from_millis(300));
+    let budget = Budget::new(timeout);
     let mut last = String::new();
     loop {
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if remaining.is_zero() {
-            return Err(match last.is_empty() {
-                true => DcsError::Timeout {
-                    op: op.to_string(),
-                    ms: timeout.as_millis(),
-                },
-                false => DcsError::Failed {
-                    op: op.to_string(),
-                    detail: last,
-                },
-            });
-        }
-        let attempt = remaining.min(per_attempt);
+        let attempt = budget.next_attempt(op, &last)?;
         match tokio::time::timeout(attempt, store.call(request.clone())).await {
             Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(e)) if e.retry => {
