@@ -121,6 +121,10 @@ pub struct Snapshot {
     /// Why this member must not lead at all now (`ha.watchdog.mode: required` without a
     /// usable device): it neither bootstraps, races nor promotes, and a leader steps down.
     pub cannot_lead: Option<String>,
+    /// The system identifier of the cluster this agent's own bootstrap made (since it
+    /// started). If the group's is another, that bootstrap failed and another member's
+    /// succeeded: the leftovers were never the group's data.
+    pub bootstrapped_here: Option<String>,
 }
 
 /// A standby whose WAL the leader no longer has is cloned again only after this long without
@@ -207,6 +211,8 @@ pub enum ReinitCause {
     StartFailed,
     /// pg_rewind against the current leader failed.
     RewindFailed,
+    /// This member's own bootstrap failed, and another member bootstrapped the group.
+    BootstrapFailed,
 }
 
 impl ReinitCause {
@@ -215,6 +221,7 @@ impl ReinitCause {
             ReinitCause::WalGone => "wal-gone",
             ReinitCause::StartFailed => "start-failed",
             ReinitCause::RewindFailed => "rewind-failed",
+            ReinitCause::BootstrapFailed => "bootstrap-failed",
         }
     }
 }
@@ -264,6 +271,17 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
     // another cluster's.
     if let Some(expected) = g.initialize.as_deref().filter(|v| !v.is_empty()) {
         if !sysid.is_empty() && expected != sysid {
+            // Our own failed bootstrap's leftovers: the group never recorded that cluster,
+            // so they are set aside (kept, not deleted) and the member is cloned like a new
+            // one, instead of waiting for an operator for ever (the simulation's seed 136).
+            if s.bootstrapped_here.as_deref() == Some(sysid.as_str()) {
+                return vec![Reinit {
+                    cause: ReinitCause::BootstrapFailed,
+                    reason: format!(
+                        "this member's failed bootstrap left a cluster of its own (system identifier {sysid}); the group's is {expected}"
+                    ),
+                }];
+            }
             return vec![Wait(format!(
                 "the data directory belongs to another cluster (system identifier {sysid}, the group's is {expected}); reinitialize this member"
             ))];
@@ -597,7 +615,13 @@ fn running_replica(
             .get(&c)
             .is_some_and(|m| m.role() == MemberRole::Replica && !m.nofailover());
         if c == s.me {
-            if let Some(final_wal) = g.last_leader_wal {
+            // Only a clean handoff promises a final position that will arrive: the old
+            // leader's WAL senders shipped it all before it stopped. A leader that died,
+            // was fenced or did not stop cleanly promises nothing, and waiting for its
+            // last published position could last until the request expires (the
+            // simulation's seed 136: a failover written while a dead agent's key lingered).
+            let handed_to_me = g.handed_to.as_deref() == Some(c.as_str());
+            if let Some(final_wal) = g.last_leader_wal.filter(|_| handed_to_me) {
                 if r.wal < final_wal && g.failover.as_ref().is_some_and(|f| f.leader.is_some()) {
                     return vec![Wait(format!(
                         "switchover: replaying up to the old leader's last position ({} of {final_wal})",
@@ -616,18 +640,28 @@ fn running_replica(
             // to it (its WAL senders sent everything first). A leader that died or was fenced
             // meanwhile may have acknowledged commits alone (the simulation's seed 201). A
             // manual failover (no leader named) is the operator's explicit choice.
+            // The old leader publishes its handoff before it deletes its key, so with the key
+            // gone and no handoff to us, none will come: the request can never be carried
+            // out. Drop it, so that the members the sync key names take over now instead of
+            // waiting for us until the request expires (the simulation's seed 99).
             let switchover = g.failover.as_ref().is_some_and(|f| f.leader.is_some());
             if switchover && !sync_allows(s, g, &s.me) && g.handed_to.as_deref() != Some(c.as_str())
             {
-                return vec![Wait(
-                    "switchover: the old leader did not hand over cleanly, and in synchronous mode only the synchronous standby or the last leader may promote then".into(),
-                )];
+                return vec![ClearFailover {
+                    reason: "switchover to this member: the old leader is gone without a clean handoff, and in synchronous mode only the synchronous standby or the last leader may promote then".into(),
+                }];
             }
             if let Some(leader_wal) = g.last_leader_wal {
                 if leader_wal.saturating_sub(r.wal) > s.maximum_lag_on_failover {
-                    return vec![Wait(
-                        "named as candidate but too far behind the last leader position".into(),
-                    )];
+                    // No leader to catch up from: the request cannot be carried out. Drop it,
+                    // so that the healthiest member takes over instead.
+                    return vec![ClearFailover {
+                        reason: format!(
+                            "named as candidate, but {} bytes behind the last leader position with no leader to catch up from (maximum_lag_on_failover {})",
+                            leader_wal.saturating_sub(r.wal),
+                            s.maximum_lag_on_failover
+                        ),
+                    }];
                 }
             }
             return vec![AcquireLeader, Promote];
@@ -739,6 +773,7 @@ mod tests {
             rewind_failed_from: None,
             pooler: false,
             cannot_lead: None,
+            bootstrapped_here: None,
         }
     }
 
@@ -873,7 +908,22 @@ mod tests {
     fn foreign_data_is_never_touched() {
         let mut s = base();
         group(&mut s).initialize = Some("99".into());
-        check("system identifier mismatch", s, &[w()]);
+        check("system identifier mismatch", s.clone(), &[w()]);
+        let mut t = s.clone();
+        t.bootstrapped_here = Some("7".into());
+        check("another bootstrap's leftovers are still foreign", t, &[w()]);
+        let DataDir::Initialized { sysid, .. } = &s.data else {
+            panic!("base() has data");
+        };
+        s.bootstrapped_here = Some(sysid.clone());
+        check(
+            "this member's own failed bootstrap: set aside, cloned again",
+            s,
+            &[Reinit {
+                cause: ReinitCause::BootstrapFailed,
+                reason: String::new(),
+            }],
+        );
     }
 
     #[test]
@@ -1370,6 +1420,21 @@ mod tests {
             .members
             .insert("m3".into(), member("replica", "streaming", 900));
         group(&mut c).last_leader_wal = Some(600);
+        let mut d = c.clone();
+        check(
+            "no handoff (the old leader died): no final position to wait for",
+            d.clone(),
+            &[AcquireLeader, Promote],
+        );
+        d.maximum_lag_on_failover = 50;
+        check(
+            "no handoff, too far behind, no leader to catch up from: the request is dropped",
+            d,
+            &[ClearFailover {
+                reason: String::new(),
+            }],
+        );
+        group(&mut c).handed_to = Some("m2".into());
         check("candidate waits to replay everything", c.clone(), &[w()]);
         group(&mut c).last_leader_wal = Some(500);
         check(
@@ -1380,12 +1445,19 @@ mod tests {
         // Synchronous mode: a candidate the sync key does not name takes over only after a
         // clean handoff to it (the simulation's seed 201).
         let mut y = c.clone();
+        group(&mut y).handed_to = None;
         y.synchronous_mode = SyncModeConfig::On;
         group(&mut y).sync = Some(SyncState {
             leader: Some("m1".into()),
             sync_standby: None,
         });
-        check("sync: not after a leader that died", y.clone(), &[w()]);
+        check(
+            "sync: not after a leader that died; the request is dropped",
+            y.clone(),
+            &[ClearFailover {
+                reason: String::new(),
+            }],
+        );
         group(&mut y).handed_to = Some("m2".into());
         check(
             "sync: after a clean handoff to it",

@@ -427,6 +427,9 @@ pub struct GroupState {
     pub initialize_lease: Option<i64>,
     pub sync: Option<SyncState>,
     pub failover: Option<FailoverRequest>,
+    /// The `failover` key's bytes as read: clearing a request deletes only that request,
+    /// never one an operator wrote since.
+    pub failover_raw: Option<Vec<u8>>,
     pub config: Option<serde_json::Value>,
     /// The last WAL position the leader published (`status` key); it outlives the leader.
     pub optime: Option<u64>,
@@ -602,7 +605,10 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
                 g.initialize_lease = Some(kv.lease).filter(|l| *l != 0);
             }
             "sync" => g.sync = serde_json::from_str(&text).ok(),
-            "failover" => g.failover = serde_json::from_str(&text).ok(),
+            "failover" => {
+                g.failover = serde_json::from_str(&text).ok();
+                g.failover_raw = Some(kv.value.clone());
+            }
             "config" => g.config = serde_json::from_str(&text).ok(),
             "status" => {
                 if let Ok(s) = serde_json::from_str::<Status>(&text) {

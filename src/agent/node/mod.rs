@@ -86,6 +86,8 @@ pub struct Node<H: Host = LocalHost> {
     pub last_probe: Option<sql::Probe>,
     /// Set when this member stopped as primary to hand over; cleared once it runs again.
     clean_handoff: bool,
+    /// See `Snapshot::bootstrapped_here`.
+    bootstrapped_here: Option<String>,
     /// synchronous_standby_names in force on this primary, when it changed, and the WAL
     /// position captured a moment after (see `agent::sync`).
     ssn: String,
@@ -151,6 +153,7 @@ impl<H: Host> Node<H> {
             leader_changes: 0,
             last_probe: None,
             clean_handoff: false,
+            bootstrapped_here: None,
             handoff_started: None,
             ssn: String::new(),
             ssn_changed: None,
@@ -377,6 +380,7 @@ impl<H: Host> Node<H> {
                 // A standby's data started as primary acknowledges commits too (see
                 // `take_sync_key`).
                 self.take_sync_key().await?;
+                self.withdraw_old_handoff().await?;
                 let role = self.primary_role();
                 let started = self.start(role, None).await;
                 let quick = self
@@ -447,6 +451,7 @@ impl<H: Host> Node<H> {
                     return Err("not connected to PostgreSQL".into());
                 }
                 self.take_sync_key().await?;
+                self.withdraw_old_handoff().await?;
                 // Fenced before it can accept its first write: should the lease lapse during
                 // the promotion, the fence and the guard stop it.
                 let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);
@@ -555,10 +560,17 @@ impl<H: Host> Node<H> {
             }
             Action::ClearFailover { reason } => {
                 tracing::info!(%reason, "clearing the failover key");
-                self.dcs
-                    .delete(&keys.failover(g))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // Only the request decided on: one written since is the operator's new word.
+                let read = self.cluster.get(&g).and_then(|c| c.failover_raw.clone());
+                match read {
+                    Some(bytes) => self
+                        .dcs
+                        .delete_if(&keys.failover(g), &bytes)
+                        .await
+                        .map(drop),
+                    None => self.dcs.delete(&keys.failover(g)).await,
+                }
+                .map_err(|e| e.to_string())?;
                 self.handoff_started = None;
                 Ok(true)
             }
@@ -601,6 +613,11 @@ impl<H: Host> Node<H> {
     async fn bootstrap_server(&mut self) -> Result<(), String> {
         self.pg.prepare_host_files().map_err(|e| e.to_string())?;
         self.pg.initdb().await.map_err(|e| e.to_string())?;
+        // Remember which cluster this attempt made: should the bootstrap fail and another
+        // member's succeed, `decide` recognises the leftovers (`Snapshot::bootstrapped_here`).
+        if let Ok(Some(control)) = self.pg.controldata().await {
+            self.bootstrapped_here = Some(control.sysid);
+        }
         let role = self.primary_role();
         self.start(role, None).await
     }

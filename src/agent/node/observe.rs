@@ -130,6 +130,7 @@ impl<H: Host> Node<H> {
             rewind_failed_from: self.rewind_failed_from.clone(),
             pooler: self.cfg.citus.pooler.is_some(),
             cannot_lead: crate::agent::guard::blocks_leading(&self.cfg.ha.watchdog, &self.guard),
+            bootstrapped_here: self.bootstrapped_here.clone(),
             not_streaming_for: self
                 .not_streaming_since
                 .map(|t| t.elapsed())

@@ -67,6 +67,36 @@ impl<H: Host> Node<H> {
         Ok(())
     }
 
+    /// A new term begins here: a handoff still on record (`status.handed_to`) speaks of the
+    /// term that ended and must not let that switchover's candidate promote later, past the
+    /// WAL this term writes (the simulation's seed 195: the candidate was cut off, the old
+    /// leader led again, was fenced, and the candidate then promoted on the stale handoff,
+    /// behind a replica that had more). Withdrawn before this member can accept a write; if
+    /// that fails, it does not promote.
+    pub(super) async fn withdraw_old_handoff(&mut self) -> Result<(), String> {
+        let group = self.cfg.group;
+        let Some(state) = self.cluster.get(&group).filter(|g| g.handed_to.is_some()) else {
+            return Ok(());
+        };
+        let status = Status {
+            optime: state.optime.unwrap_or_default(),
+            oldest_wal: state.oldest_wal,
+            handed_to: None,
+        };
+        let body = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
+        self.dcs
+            .put(&self.keys().status(group), &body, None)
+            .await
+            .map_err(|e| {
+                format!("cannot withdraw the last term's handoff before promoting: {e}")
+            })?;
+        if let Some(state) = self.cluster.get_mut(&group) {
+            state.handed_to = None;
+        }
+        tracing::info!("withdrew the last term's switchover handoff before promoting");
+        Ok(())
+    }
+
     /// A worker group's leader about to stop for a switchover asks the coordinator primary to
     /// hold the group's writes (the `citus_pause` key) and waits, bounded, for the answer.
     /// True when the coordinator holds them; otherwise the switchover goes ahead without.
