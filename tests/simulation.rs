@@ -33,7 +33,7 @@ use citus_reconcile::agent::lease::{self, Fencer, LeaseShared, Timing};
 use citus_reconcile::agent::node::host::Replication;
 use citus_reconcile::agent::node::{Host, Node, Process};
 use citus_reconcile::agent::run::{Pacer, watch};
-use citus_reconcile::dcs::keys::{FailoverRequest, MemberRole, SyncState};
+use citus_reconcile::dcs::keys::{FailoverRequest, MemberRole, Status, SyncState};
 use citus_reconcile::dcs::store::StoreFuture;
 use citus_reconcile::dcs::{
     ClusterKeys, Condition, Dcs, RawKv, Reply, Request, Store, StoreError, WatchBatch, WatchEvent,
@@ -93,6 +93,10 @@ struct Data {
     wal: Vec<Entry>,
     /// pg_controldata's "Database cluster state".
     state: &'static str,
+    /// pg_controldata's "Latest checkpoint location" (an index into `wal`): where the last
+    /// checkpoint began. Only a clean shutdown's checkpoint covers the whole WAL; after a
+    /// crash or an immediate stop the WAL goes on past it.
+    checkpoint: usize,
 }
 
 #[derive(Debug)]
@@ -134,6 +138,31 @@ struct Server {
     hang_start: bool,
     /// The next start or promotion takes seconds (a long recovery, a slow disk).
     slow_next: bool,
+}
+
+impl Server {
+    /// Its data's history and its postmaster, in a few words.
+    fn describe(&self, name: &str) -> String {
+        let data = match &self.data {
+            None => "no data".to_string(),
+            Some(d) => {
+                // Where each timeline of its history begins.
+                let mut starts = Vec::new();
+                for (i, e) in d.wal.iter().enumerate() {
+                    if i == 0 || d.wal[i - 1].timeline != e.timeline {
+                        starts.push(format!("tl{}@{i}", e.timeline));
+                    }
+                }
+                format!("wal {} [{}]", d.wal.len(), starts.join(" "))
+            }
+        };
+        let pm = match self.pm.as_ref().filter(|p| p.exited.is_none()) {
+            None => "down".to_string(),
+            Some(p) if p.primary => "primary".to_string(),
+            Some(p) => format!("standby of {:?} streaming={}", p.upstream, p.streaming),
+        };
+        format!("{name}: {data}, {pm}")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -443,6 +472,9 @@ impl World {
                 (true, false) => "in production",
                 (false, false) => "in archive recovery",
             };
+            if clean {
+                d.checkpoint = d.wal.len();
+            }
             if primary && clean && was_ready {
                 flushed = Some(d.wal.clone());
             }
@@ -576,6 +608,23 @@ impl World {
             .collect()
     }
 
+    /// The members that do not stream from `leader` as running standbys.
+    fn not_following(&self, leader: &str) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|(n, _)| n.as_str() != leader)
+            .filter(|(_, s)| {
+                !s.pm.as_ref().is_some_and(|p| {
+                    p.exited.is_none()
+                        && !p.primary
+                        && p.streaming
+                        && p.upstream.as_deref() == Some(leader)
+                })
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn check_single_writer(&mut self) {
         let w = self.writers();
         if w.len() > 1 {
@@ -654,6 +703,22 @@ impl World {
             w.log(format!("heal etcd_cut {member}"));
         });
         true
+    }
+
+    /// The old leader whose clean handoff to `member` is on record (the `status` key's
+    /// `handed_to`, the `failover` key's leader), if it is still stopped. A clean handoff
+    /// promises the candidate everything that leader wrote, in any synchronous mode.
+    fn handed_over_by(&self, member: &str) -> Option<String> {
+        let keys = ClusterKeys::new(NAMESPACE, CLUSTER);
+        let status: Status =
+            serde_json::from_slice(&self.etcd.kv.get(&keys.status(GROUP))?.value).ok()?;
+        if status.handed_to.as_deref() != Some(member) {
+            return None;
+        }
+        let request: FailoverRequest =
+            serde_json::from_slice(&self.etcd.kv.get(&keys.failover(GROUP))?.value).ok()?;
+        let old = request.leader?;
+        (old != member && self.live_pm(&old).is_none()).then_some(old)
     }
 
     fn sync_key(&self) -> Option<SyncState> {
@@ -964,6 +1029,7 @@ impl Host for SimHost {
                 write: 0,
             }],
             state: "shut down",
+            checkpoint: 1,
         });
         w.log(format!("{}: initdb", self.name));
         Ok(())
@@ -984,8 +1050,10 @@ impl Host for SimHost {
         if s.data.is_some() {
             return Err(pg_failed("pg_basebackup", "directory not empty"));
         }
+        // The backup begins with a checkpoint on the source.
         s.data = Some(Data {
             state: "in archive recovery",
+            checkpoint: source.wal.len(),
             ..source
         });
         w.log(format!("{}: cloned from {host}", self.name));
@@ -1020,6 +1088,7 @@ impl Host for SimHost {
         }
         d.wal = source.wal.clone();
         d.timeline = source.timeline;
+        d.checkpoint = d.wal.len();
         d.state = "in archive recovery";
         w.log(format!("{name}: rewound from {host}"));
         Ok(())
@@ -1034,7 +1103,7 @@ impl Host for SimHost {
                 sysid: d.sysid.to_string(),
                 state: d.state.to_string(),
                 timeline: d.timeline,
-                checkpoint_lsn: d.wal.len() as u64,
+                checkpoint_lsn: d.checkpoint as u64,
             }))
     }
 
@@ -1160,6 +1229,19 @@ impl Host for SimHost {
                 ));
             }
         }
+        if let Some(old) = w.handed_over_by(&self.name) {
+            let mine = w.servers.get(&self.name).and_then(|s| s.data.as_ref());
+            let theirs = w.servers.get(&old).and_then(|s| s.data.as_ref());
+            if let (Some(mine), Some(theirs)) = (mine, theirs) {
+                if !mine.wal.starts_with(&theirs.wal) {
+                    let lost = theirs.wal.len().saturating_sub(mine.wal.len());
+                    w.violation(format!(
+                        "{} promoted after {old}'s clean handoff without all of its WAL (at least {lost} entries short)",
+                        self.name
+                    ));
+                }
+            }
+        }
         let name = self.name.clone();
         let s = w.server(&name);
         if let (Some(pm), Some(d)) = (s.pm.as_mut(), s.data.as_mut()) {
@@ -1200,10 +1282,28 @@ impl Host for SimHost {
         Ok(())
     }
 
+    /// A checkpoint while serving: it begins where the WAL ends now and takes a while
+    /// (dirty buffers to write); writes go on meanwhile, past its location.
     async fn checkpoint(&self, _timeout: Duration) -> Result<(), String> {
-        self.pause(5, 50).await;
-        let w = lock(&self.world);
-        self.session_pm(&w).map(|_| ())
+        let (pid, begins) = {
+            let w = lock(&self.world);
+            let pid = self.session_pm(&w)?.pid;
+            let begins = w
+                .servers
+                .get(&self.name)
+                .and_then(|s| s.data.as_ref())
+                .map(|d| d.wal.len());
+            (pid, begins)
+        };
+        self.pause(50, 1500).await;
+        let mut w = lock(&self.world);
+        if w.live_pm(&self.name).is_none_or(|p| p.pid != pid) {
+            return Err("server closed the connection unexpectedly".into());
+        }
+        if let (Some(begins), Some(d)) = (begins, w.server(&self.name).data.as_mut()) {
+            d.checkpoint = d.checkpoint.max(begins);
+        }
+        Ok(())
     }
 
     async fn system_identifier(&self, _timeout: Duration) -> Option<String> {
@@ -1552,6 +1652,10 @@ impl Agent {
 
 // ------------------------------------------------------------------ one run
 
+/// Whether members left behind after the faults count as a violation (turned on once the
+/// agent recognises a history that forked on the same timeline).
+const CHECK_STRAGGLERS: bool = false;
+
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     seed: u64,
@@ -1800,6 +1904,12 @@ async fn simulate(plan: Plan) -> Outcome {
         w.net_cut.clear();
         w.etcd_down = false;
         w.etcd_slow = Duration::ZERO;
+        // Faults armed for a next stop or start that has not come yet end too.
+        for server in w.servers.values_mut() {
+            server.slow_stop = false;
+            server.hang_start = false;
+            server.slow_next = false;
+        }
     }
     for n in names.iter() {
         if !agents.contains_key(n) {
@@ -1818,6 +1928,23 @@ async fn simulate(plan: Plan) -> Outcome {
             }
         }
     }
+    // And every other member follows it again, however it left (crashed, rewound, set
+    // aside, a failed bootstrap): none waits for an operator.
+    let mut stragglers = Vec::new();
+    if settled && CHECK_STRAGGLERS {
+        while settle_start.elapsed() < plan.quiet {
+            stragglers = {
+                let w = lock(&world);
+                w.leader_key()
+                    .map(|l| w.not_following(&l))
+                    .unwrap_or_default()
+            };
+            if stragglers.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     // Let in-flight writes resolve, then stop writing and compare.
     tokio::time::sleep(Duration::from_secs(2)).await;
     ticker.abort();
@@ -1832,7 +1959,15 @@ async fn simulate(plan: Plan) -> Outcome {
             "no leader running as primary {}s after the faults ended (leader key {l:?}, writers {writers:?})",
             plan.quiet.as_secs()
         ));
-    } else if w.sync_mode {
+    } else if !stragglers.is_empty() {
+        let states: Vec<String> = w.servers.iter().map(|(n, s)| s.describe(n)).collect();
+        w.violation(format!(
+            "{stragglers:?} not streaming from the leader {}s after the faults ended: {}",
+            plan.quiet.as_secs(),
+            states.join("; ")
+        ));
+    }
+    if settled && w.sync_mode {
         if let Some(l) = w.leader_key() {
             let missing = w.missing_acked(&l);
             if !missing.is_empty() {
@@ -1858,8 +1993,10 @@ async fn simulate(plan: Plan) -> Outcome {
     }
 }
 
-/// A switchover or failover request through the CLI's code (`dcs::handover`), waiting up to
-/// 30 s for `to` to lead.
+/// A switchover or failover request through the CLI's code (`dcs::handover`), waiting for
+/// `to` to lead as long as the operator's `--timeout` says (30–180 s). One time in four the
+/// operator's process dies while it waits (a CI job cancelled, a laptop closed), so nobody
+/// withdraws the request.
 async fn operator_request(
     dcs: &Dcs,
     world: &Shared,
@@ -1867,20 +2004,30 @@ async fn operator_request(
     leader: Option<String>,
     to: String,
 ) {
+    let (timeout, dies_after) = {
+        let mut w = lock(world);
+        let timeout = w.rng.between_ms(30_000, 180_000);
+        let dies = w.rng.below(4) == 0;
+        (timeout, dies.then(|| w.rng.between_ms(500, 20_000)))
+    };
     let req = FailoverRequest {
         leader,
         member: Some(to.clone()),
         scheduled_at: None,
     };
-    let r = citus_reconcile::dcs::handover::request(
-        dcs,
-        GROUP,
-        &req,
-        Some(&to),
-        Duration::from_secs(30),
-    )
-    .await;
-    lock(world).log(format!("OPERATOR {what} done: {r:?}"));
+    let request = citus_reconcile::dcs::handover::request(dcs, GROUP, &req, Some(&to), timeout);
+    match dies_after {
+        None => {
+            let r = request.await;
+            lock(world).log(format!("OPERATOR {what} done: {r:?}"));
+        }
+        Some(after) => {
+            tokio::select! {
+                r = request => lock(world).log(format!("OPERATOR {what} done: {r:?}")),
+                _ = tokio::time::sleep(after) => lock(world).log(format!("OPERATOR {what}: the operator's process died")),
+            }
+        }
+    }
 }
 
 /// Log lines stamped with the simulated time since the run began.
