@@ -41,6 +41,7 @@ use citus_reconcile::dcs::{
 use citus_reconcile::postgres::conf::Role;
 use citus_reconcile::postgres::process::{Control, PgError, StopMode};
 use citus_reconcile::postgres::sql::Probe;
+use citus_reconcile::postgres::timeline::Switch;
 use citus_reconcile::spec::model::PoolerSpec;
 
 const GROUP: u32 = 1;
@@ -97,6 +98,23 @@ struct Data {
     /// checkpoint began. Only a clean shutdown's checkpoint covers the whole WAL; after a
     /// crash or an immediate stop the WAL goes on past it.
     checkpoint: usize,
+    /// The timelines whose history files `pg_wal` holds: a promotion picks the first
+    /// number above its own timeline that has none (counting up through those it has), as
+    /// PostgreSQL does.
+    files: std::collections::BTreeSet<u32>,
+}
+
+impl Data {
+    /// Streaming fetches the history file of each timeline it follows.
+    fn learn_timelines(&mut self) {
+        let seen: Vec<u32> = self
+            .wal
+            .iter()
+            .map(|e| e.timeline)
+            .filter(|t| *t > 1)
+            .collect();
+        self.files.extend(seen);
+    }
 }
 
 #[derive(Debug)]
@@ -212,6 +230,10 @@ struct World {
     trace: Vec<String>,
     violations: Vec<String>,
     started: Instant,
+    /// Who promoted onto each timeline number.
+    timelines: BTreeMap<u32, String>,
+    /// Each member's record of the cluster its own bootstrap made (a file on its disk).
+    bootstrap_markers: BTreeMap<String, String>,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -499,6 +521,7 @@ impl World {
                 if let Some(d) = self.server(&f).data.as_mut() {
                     if wal.starts_with(&d.wal) {
                         d.wal = wal.clone();
+                        d.learn_timelines();
                     }
                 }
             }
@@ -555,6 +578,7 @@ impl World {
             if streams {
                 d.wal = src.wal.clone();
                 d.timeline = src.timeline;
+                d.learn_timelines();
             }
             if let Some(p) = s.pm.as_mut() {
                 p.streaming = streams;
@@ -944,6 +968,24 @@ impl SimHost {
         })
     }
 
+    /// The history file of timeline `tli` in `d`: where each earlier timeline of its WAL
+    /// ended.
+    fn history_of(d: &Data, tli: u32) -> Result<Vec<Switch>, String> {
+        let mut switches = Vec::new();
+        for (i, e) in d.wal.iter().enumerate() {
+            if e.timeline == tli {
+                return Ok(switches);
+            }
+            if d.wal.get(i + 1).is_some_and(|n| n.timeline != e.timeline) {
+                switches.push(Switch {
+                    tli: e.timeline,
+                    end: i as u64 + 1,
+                });
+            }
+        }
+        Err(format!("could not open file \"pg_wal/{tli:08X}.history\""))
+    }
+
     async fn pause(&self, lo: u64, hi: u64) {
         let d = lock(&self.world).rng.between_ms(lo, hi);
         tokio::time::sleep(d).await;
@@ -1003,6 +1045,17 @@ impl Host for SimHost {
             .is_some_and(|s| s.data.is_some())
     }
 
+    fn remember_bootstrap(&self, sysid: &str) -> Result<(), String> {
+        let mut w = lock(&self.world);
+        w.bootstrap_markers
+            .insert(self.name.clone(), sysid.to_string());
+        Ok(())
+    }
+
+    fn bootstrapped_here(&self) -> Option<String> {
+        lock(&self.world).bootstrap_markers.get(&self.name).cloned()
+    }
+
     fn set_aside(&self, why: &str) -> Result<(), String> {
         let mut w = lock(&self.world);
         if w.live_pm(&self.name).is_some() {
@@ -1030,6 +1083,7 @@ impl Host for SimHost {
             }],
             state: "shut down",
             checkpoint: 1,
+            files: Default::default(),
         });
         w.log(format!("{}: initdb", self.name));
         Ok(())
@@ -1086,12 +1140,43 @@ impl Host for SimHost {
                 "source and target clusters are from different systems",
             ));
         }
+        // As pg_rewind does: the timeline numbers in the control files are compared, and
+        // two servers on the same one need nothing, whatever their histories.
+        if d.timeline == source.timeline {
+            d.state = "in archive recovery";
+            w.log(format!(
+                "{name}: pg_rewind from {host}: same timeline, no rewind required"
+            ));
+            return Ok(());
+        }
         d.wal = source.wal.clone();
         d.timeline = source.timeline;
+        d.files = source.files.clone();
         d.checkpoint = d.wal.len();
         d.state = "in archive recovery";
         w.log(format!("{name}: rewound from {host}"));
         Ok(())
+    }
+
+    fn skip_timelines(&self, current: u32, next: u32) -> Result<(), String> {
+        let mut w = lock(&self.world);
+        let d = w
+            .server(&self.name)
+            .data
+            .as_mut()
+            .ok_or("no data directory")?;
+        d.files.extend(current.saturating_add(1)..next);
+        Ok(())
+    }
+
+    fn timeline_history(&self, tli: u32) -> Result<Vec<Switch>, String> {
+        let w = lock(&self.world);
+        let d = w
+            .servers
+            .get(&self.name)
+            .and_then(|s| s.data.as_ref())
+            .ok_or("no data directory")?;
+        Self::history_of(d, tli)
     }
 
     async fn controldata(&self) -> Result<Option<Control>, PgError> {
@@ -1248,14 +1333,32 @@ impl Host for SimHost {
             pm.primary = true;
             pm.upstream = None;
             pm.streaming = false;
-            d.timeline += 1;
+            let mut newest = d.timeline;
+            while d.files.contains(&(newest + 1)) {
+                newest += 1;
+            }
+            d.timeline = newest + 1;
+            d.files.insert(d.timeline);
             d.wal.push(Entry {
                 timeline: d.timeline,
                 write: 0,
             });
             d.state = "in production";
         }
-        w.log(format!("{name}: postmaster {pid} promoted"));
+        let tli = w
+            .servers
+            .get(&name)
+            .and_then(|s| s.data.as_ref())
+            .map(|d| d.timeline)
+            .unwrap_or(0);
+        if let Some(before) = w.timelines.insert(tli, name.clone()) {
+            w.violation(format!(
+                "{name} promoted onto timeline {tli}, which {before} had promoted onto before: two histories on one timeline"
+            ));
+        }
+        w.log(format!(
+            "{name}: postmaster {pid} promoted (timeline {tli})"
+        ));
         w.check_single_writer();
         Ok(())
     }
@@ -1414,6 +1517,27 @@ impl Host for SimHost {
             return Err("timeout expired".into());
         }
         Self::probe_of(&w, host)
+    }
+
+    async fn member_timeline_history(
+        &self,
+        host: &str,
+        _port: u16,
+        tli: u32,
+        _timeout: Duration,
+    ) -> Result<Vec<Switch>, String> {
+        self.pause(5, 50).await;
+        let w = lock(&self.world);
+        if !w.reachable(&self.name, host) {
+            return Err("timeout expired".into());
+        }
+        Self::probe_of(&w, host)?;
+        let d = w
+            .servers
+            .get(host)
+            .and_then(|s| s.data.as_ref())
+            .ok_or("no data")?;
+        Self::history_of(d, tli)
     }
 
     async fn checkpoint_member(
@@ -1654,7 +1778,7 @@ impl Agent {
 
 /// Whether members left behind after the faults count as a violation (turned on once the
 /// agent recognises a history that forked on the same timeline).
-const CHECK_STRAGGLERS: bool = false;
+const CHECK_STRAGGLERS: bool = true;
 
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -1708,6 +1832,8 @@ async fn simulate(plan: Plan) -> Outcome {
         trace: vec![],
         violations: vec![],
         started: Instant::now(),
+        timelines: BTreeMap::new(),
+        bootstrap_markers: BTreeMap::new(),
     }));
     lock(&world).log(format!("seed {} synchronous_mode {sync}", plan.seed));
     let _ = EPOCH.set(Instant::now());
@@ -1979,7 +2105,11 @@ async fn simulate(plan: Plan) -> Outcome {
             }
         }
     }
-    let promotions = w.trace.iter().filter(|l| l.ends_with("promoted")).count();
+    let promotions = w
+        .trace
+        .iter()
+        .filter(|l| l.contains(" promoted (timeline "))
+        .count();
     for (_, a) in std::mem::take(&mut agents) {
         for t in a.tasks {
             t.abort();

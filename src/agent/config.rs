@@ -491,6 +491,10 @@ impl Paths {
     pub fn pgbouncer_log(&self) -> String {
         format!("{}/pgbouncer.log", self.install_dir)
     }
+    /// The system identifier of the cluster this member's own bootstrap made.
+    pub fn bootstrap_marker(&self) -> String {
+        format!("{}/bootstrapped-sysid", self.install_dir)
+    }
     /// systemd unit name for a member.
     pub fn unit_name(cluster: &str, member: &str) -> String {
         format!("citus-reconcile-{cluster}-{member}.service")

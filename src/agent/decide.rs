@@ -14,6 +14,7 @@
 use crate::agent::config::SyncModeConfig;
 use crate::dcs::keys::{FailoverRequest, MemberInfo, SyncState};
 use crate::dcs::keys::{MemberRole, MemberState};
+pub use crate::postgres::timeline::Verdict;
 
 /// Where the data directory stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +97,8 @@ pub struct Snapshot {
     /// Set after a failed or slow start as leader: stop trying in place, let another member lead.
     pub give_up_leading: bool,
     /// A replica that cannot follow its leader's timeline (detected by the executor).
-    pub diverged: bool,
+    /// What a standby that cannot stream must do about its history (`Follows`: nothing).
+    pub history: Verdict,
     /// Roles, database, extension and authinfo are in place for the current configuration.
     pub setup_done: bool,
     pub coordinator: bool,
@@ -213,6 +215,8 @@ pub enum ReinitCause {
     RewindFailed,
     /// This member's own bootstrap failed, and another member bootstrapped the group.
     BootstrapFailed,
+    /// Its history forked from the leader's on the same timeline number.
+    ForkedTimeline,
 }
 
 impl ReinitCause {
@@ -222,6 +226,7 @@ impl ReinitCause {
             ReinitCause::StartFailed => "start-failed",
             ReinitCause::RewindFailed => "rewind-failed",
             ReinitCause::BootstrapFailed => "bootstrap-failed",
+            ReinitCause::ForkedTimeline => "forked-timeline",
         }
     }
 }
@@ -578,7 +583,18 @@ fn running_replica(
         return vec![Wait("leader key is ours but the lease is not valid".into())];
     }
     if let Some(l) = other_leader {
-        if s.diverged {
+        if s.history == Verdict::Reclone {
+            // Forked on one timeline number: pg_rewind would see one timeline and do
+            // nothing. The leader answered as primary just now (`check_history`).
+            return vec![Reinit {
+                cause: ReinitCause::ForkedTimeline,
+                reason: format!(
+                    "this standby's history forked from {l}'s on timeline {}; pg_rewind cannot repair that",
+                    r.timeline
+                ),
+            }];
+        }
+        if s.history == Verdict::Rewind {
             return vec![
                 Demote { immediate: false },
                 Rewind {
@@ -760,7 +776,7 @@ mod tests {
                 ..Default::default()
             })),
             give_up_leading: false,
-            diverged: false,
+            history: Verdict::Follows,
             setup_done: true,
             coordinator: false,
             clean_handoff: false,
@@ -1210,7 +1226,7 @@ mod tests {
         );
 
         let mut t = s.clone();
-        t.diverged = true;
+        t.history = Verdict::Rewind;
         check(
             "diverged timeline: rewind",
             t,
@@ -1221,6 +1237,16 @@ mod tests {
                     upstream: Some("m2".into()),
                 },
             ],
+        );
+        let mut t = s.clone();
+        t.history = Verdict::Reclone;
+        check(
+            "forked on the same timeline number: cloned again (pg_rewind would do nothing)",
+            t,
+            &[Reinit {
+                cause: ReinitCause::ForkedTimeline,
+                reason: String::new(),
+            }],
         );
 
         let mut t = s.clone();

@@ -3,8 +3,10 @@
 //!
 //! `{namespace}/{cluster}/{group}/` holds `leader` (member name, on the leader's lease),
 //! `members/{name}` (JSON, on the member's lease), `initialize` (system identifier),
-//! `config`, `sync`, `failover`, `status` and `history` — and one key of ours, `citus_pause`
-//! (the handshake between a worker group's leader and the coordinator around a switchover).
+//! `config`, `sync`, `failover`, `status` and `history` — and two keys of ours: `citus_pause`
+//! (the handshake between a worker group's leader and the coordinator around a switchover)
+//! and `max_timeline` (timeline numbers reserved for promotions, so that no two promotions
+//! ever pick the same one).
 
 use std::collections::BTreeMap;
 
@@ -57,6 +59,11 @@ impl ClusterKeys {
     }
     pub fn citus_pause(&self, group: u32) -> String {
         format!("{}citus_pause", self.group(group))
+    }
+    /// Ours: the highest timeline number any member of the group has reserved for a
+    /// promotion (see `postgres::timeline`).
+    pub fn max_timeline(&self, group: u32) -> String {
+        format!("{}max_timeline", self.group(group))
     }
     /// Outside the cluster's own tree, so Patroni tools that list groups never see it.
     pub fn apply_lock(&self) -> String {
@@ -438,6 +445,8 @@ pub struct GroupState {
     /// From the `status` key: see `Status::handed_to`.
     pub handed_to: Option<String>,
     pub citus_pause: Option<CitusPause>,
+    /// The `max_timeline` key, as read: its bytes (for a compare-and-set) and its number.
+    pub max_timeline: Option<(Vec<u8>, Option<u32>)>,
 }
 
 /// What `GroupState::sanitize` found wrong in a group's keys.
@@ -618,6 +627,9 @@ pub fn parse_cluster(keys: &ClusterKeys, kvs: &[RawKv]) -> BTreeMap<u32, GroupSt
                 }
             }
             "citus_pause" => g.citus_pause = serde_json::from_str(&text).ok(),
+            "max_timeline" => {
+                g.max_timeline = Some((kv.value.clone(), text.trim().parse::<u32>().ok()));
+            }
             other => {
                 if let Some(member) = other.strip_prefix("members/") {
                     if let Ok(info) = serde_json::from_str::<MemberInfo>(&text) {

@@ -7,3 +7,4 @@ pub mod pgbouncer;
 pub mod process;
 pub mod scram;
 pub mod sql;
+pub mod timeline;

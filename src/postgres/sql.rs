@@ -376,6 +376,29 @@ pub async fn oldest_wal(client: &Client, timeout: Duration) -> Result<Option<u64
     Ok(row.get::<_, Option<i64>>(0).map(|v| v.max(0) as u64))
 }
 
+/// The history file of timeline `tli` on the server behind `client` (superuser), parsed; an
+/// empty history for timeline 1.
+pub async fn timeline_history(
+    client: &Client,
+    tli: u32,
+    timeout: Duration,
+) -> Result<Vec<super::timeline::Switch>, SqlError> {
+    let Some(file) = super::timeline::history_file(tli) else {
+        return Ok(Vec::new());
+    };
+    let row = bounded(
+        "read a timeline history",
+        timeout,
+        client.query_one("SELECT pg_read_file($1)", &[&file]),
+    )
+    .await?;
+    let text: String = row.get(0);
+    super::timeline::parse_history(&text).ok_or_else(|| SqlError::Failed {
+        what: format!("read {file}"),
+        detail: "not a timeline history".into(),
+    })
+}
+
 /// Drop a replication slot unless something uses it.
 pub async fn drop_inactive_slot(
     client: &Client,

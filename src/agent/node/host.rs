@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
-use crate::agent::config::AgentConfig;
+use crate::agent::config::{AgentConfig, Paths};
 use crate::postgres::conf::Role;
 use crate::postgres::process::{Control, Pg, PgError, Postmaster, StopMode};
 use crate::postgres::sql::{self, Probe};
+use crate::postgres::timeline::{self, Switch};
 use crate::spec::model::PoolerSpec;
 
 /// A started postmaster.
@@ -69,10 +70,20 @@ pub trait Host {
     fn data_dir_exists(&self) -> bool;
     /// Rename the data directory out of the way (never deleted), tagged with `why`.
     fn set_aside(&self, why: &str) -> Result<(), String>;
+    /// Remember, across restarts of the agent, which cluster this member's own bootstrap
+    /// made (`Snapshot::bootstrapped_here`).
+    fn remember_bootstrap(&self, sysid: &str) -> Result<(), String>;
+    fn bootstrapped_here(&self) -> Option<String>;
     async fn initdb(&self) -> Result<(), PgError>;
     async fn basebackup(&self, host: &str, port: u16) -> Result<(), PgError>;
     async fn rewind(&self, host: &str, port: u16) -> Result<(), PgError>;
     async fn controldata(&self) -> Result<Option<Control>, PgError>;
+    /// The ancestors of timeline `tli` from this data directory's history file.
+    fn timeline_history(&self, tli: u32) -> Result<Vec<Switch>, String>;
+    /// Make PostgreSQL's next promotion from timeline `current` pick timeline `next`: a
+    /// history file for each number in between (PostgreSQL takes the newest history file
+    /// it finds, counting up from its own timeline, plus one).
+    fn skip_timelines(&self, current: u32, next: u32) -> Result<(), String>;
     fn start(&self) -> Result<Self::Postmaster, PgError>;
     fn write_pgbouncer_files(&self, pooler: &PoolerSpec) -> Result<bool, PgError>;
     fn start_pgbouncer(&self) -> Result<tokio::process::Child, PgError>;
@@ -119,6 +130,14 @@ pub trait Host {
         port: u16,
         timeout: Duration,
     ) -> Result<(), String>;
+    /// The ancestors of timeline `tli` on another member's server.
+    async fn member_timeline_history(
+        &self,
+        host: &str,
+        port: u16,
+        tli: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Switch>, String>;
 }
 
 /// This machine's PostgreSQL.
@@ -170,6 +189,28 @@ impl Host for LocalHost {
         self.pg.data_dir().exists()
     }
 
+    fn remember_bootstrap(&self, sysid: &str) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Paths::new(&self.pg.cfg.install_dir).bootstrap_marker();
+        // The install folder is root's; still, never through a link.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        std::io::Write::write_all(&mut f, sysid.as_bytes()).map_err(|e| format!("{path}: {e}"))
+    }
+
+    fn bootstrapped_here(&self) -> Option<String> {
+        let path = Paths::new(&self.pg.cfg.install_dir).bootstrap_marker();
+        let text = std::fs::read_to_string(path).ok()?;
+        let sysid = text.trim();
+        (!sysid.is_empty() && sysid.bytes().all(|b| b.is_ascii_digit())).then(|| sysid.to_string())
+    }
+
     fn set_aside(&self, why: &str) -> Result<(), String> {
         let dir = self.pg.data_dir();
         let secs = std::time::SystemTime::now()
@@ -194,6 +235,39 @@ impl Host for LocalHost {
 
     async fn controldata(&self) -> Result<Option<Control>, PgError> {
         self.pg.controldata().await
+    }
+
+    fn skip_timelines(&self, current: u32, next: u32) -> Result<(), String> {
+        let ancestors = self.timeline_history(current)?;
+        let begins = ancestors.last().map(|s| s.end).unwrap_or(0);
+        for tli in current.saturating_add(1)..next {
+            let Some(file) = timeline::history_file(tli) else {
+                continue;
+            };
+            let path = self.pg.data_dir().join(&file);
+            if path.exists() {
+                continue;
+            }
+            // A valid history (PostgreSQL may read it while it looks for the newest
+            // timeline) that forks off at the start of our timeline: before anything a
+            // standby has replayed, so recovery never switches to it.
+            let text = timeline::placeholder_history(&ancestors, current, begins);
+            self.pg
+                .write_owned(&path, &text, 0o600)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn timeline_history(&self, tli: u32) -> Result<Vec<Switch>, String> {
+        let Some(file) = timeline::history_file(tli) else {
+            return Ok(Vec::new());
+        };
+        let path = self.pg.data_dir().join(&file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        timeline::parse_history(&text)
+            .ok_or_else(|| format!("{}: not a timeline history", path.display()))
     }
 
     fn start(&self) -> Result<Postmaster, PgError> {
@@ -393,5 +467,18 @@ impl Host for LocalHost {
             .await
             .map_err(text)?;
         sql::checkpoint(&c, timeout).await.map_err(text)
+    }
+
+    async fn member_timeline_history(
+        &self,
+        host: &str,
+        port: u16,
+        tli: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Switch>, String> {
+        let c = sql::connect_member(&self.pg.cfg, host, port, timeout)
+            .await
+            .map_err(text)?;
+        sql::timeline_history(&c, tli, timeout).await.map_err(text)
     }
 }

@@ -31,6 +31,7 @@ use crate::dcs::{Dcs, GroupState, MemberInfo, Status};
 use crate::postgres::conf::{Role, member_slot_name};
 use crate::postgres::process::StopMode;
 use crate::postgres::sql;
+use crate::postgres::timeline::{self, Line, Verdict};
 
 /// What the member is doing, as published in its member key.
 fn state_label(server: &Server, busy: Option<&str>) -> (String, String) {
@@ -127,6 +128,7 @@ fn call_timeout(cfg: &AgentConfig) -> Duration {
 
 impl<H: Host> Node<H> {
     pub fn new(cfg: AgentConfig, pg: H, dcs: Dcs, lease: Arc<LeaseShared>) -> Node<H> {
+        let bootstrapped_here = pg.bootstrapped_here();
         Node {
             cfg,
             config_sha256: String::new(),
@@ -153,7 +155,7 @@ impl<H: Host> Node<H> {
             leader_changes: 0,
             last_probe: None,
             clean_handoff: false,
-            bootstrapped_here: None,
+            bootstrapped_here,
             handoff_started: None,
             ssn: String::new(),
             ssn_changed: None,
@@ -452,12 +454,25 @@ impl<H: Host> Node<H> {
                 }
                 self.take_sync_key().await?;
                 self.withdraw_old_handoff().await?;
+                let current = match &s.server {
+                    Server::Running(r) => r.timeline,
+                    _ => return Err("PostgreSQL is not running".into()),
+                };
+                let reserved = self.reserve_timeline(current).await?;
                 // Fenced before it can accept its first write: should the lease lapse during
                 // the promotion, the fence and the guard stop it.
                 let pid = self.postmaster.as_ref().map(|p| p.pid()).unwrap_or(0);
                 self.lease.arm_fence(pid);
                 let started = Instant::now();
                 self.pg.promote(Duration::from_secs(60)).await?;
+                match self.pg.probe(t).await.map(|p| p.timeline) {
+                    Ok(tli) if tli != reserved => tracing::warn!(
+                        timeline = tli,
+                        reserved,
+                        "promoted onto another timeline than the one reserved"
+                    ),
+                    _ => {}
+                }
                 let role = self.primary_role();
                 self.pg.write_conf(&role).map_err(|e| e.to_string())?;
                 let _ = self.pg.reload(t).await;
@@ -616,6 +631,9 @@ impl<H: Host> Node<H> {
         // Remember which cluster this attempt made: should the bootstrap fail and another
         // member's succeed, `decide` recognises the leftovers (`Snapshot::bootstrapped_here`).
         if let Ok(Some(control)) = self.pg.controldata().await {
+            if let Err(e) = self.pg.remember_bootstrap(&control.sysid) {
+                tracing::warn!(error = %e, "cannot record which cluster this bootstrap made");
+            }
             self.bootstrapped_here = Some(control.sysid);
         }
         let role = self.primary_role();

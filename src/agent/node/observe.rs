@@ -86,7 +86,7 @@ impl<H: Host> Node<H> {
             self.leader_start = None;
             self.slots_seen.clear();
         }
-        let diverged = self.detect_divergence(&server, &dcs).await;
+        let history = self.check_history(&server, &dcs).await;
         // Failed starts count only under the leader of now.
         let failed_replica_starts = match &dcs {
             DcsView::Available(g)
@@ -119,7 +119,7 @@ impl<H: Host> Node<H> {
             server,
             dcs,
             give_up_leading: self.give_up_leading,
-            diverged,
+            history,
             setup_done: self.setup_done,
             coordinator: self.cfg.is_coordinator(),
             clean_handoff: self.clean_handoff,
@@ -201,39 +201,70 @@ impl<H: Host> Node<H> {
 
     /// A replica that has an upstream but has not streamed for a while, on an older timeline
     /// than its leader: its history forked and it needs pg_rewind.
-    pub(super) async fn detect_divergence(&mut self, server: &Server, dcs: &DcsView) -> bool {
+    /// A standby that has not streamed for a while compares its timeline history with its
+    /// leader's (`postgres::timeline`).
+    pub(super) async fn check_history(&mut self, server: &Server, dcs: &DcsView) -> Verdict {
         let (Server::Running(r), DcsView::Available(g)) = (server, dcs) else {
             self.not_streaming_since = None;
-            return false;
+            return Verdict::Follows;
         };
         if r.primary || r.streaming || r.upstream.is_none() {
             self.not_streaming_since = None;
-            return false;
+            return Verdict::Follows;
         }
         let since = *self.not_streaming_since.get_or_insert_with(Instant::now);
-        let leader_tl = g
-            .leader
-            .as_ref()
-            .and_then(|l| g.members.get(l))
-            .map(|m| m.timeline)
-            .unwrap_or(0);
         let patience = Duration::from_secs(u64::from(self.cfg.ha.loop_wait).max(5));
-        if since.elapsed() <= patience || leader_tl <= r.timeline {
-            return false;
+        if since.elapsed() <= patience {
+            return Verdict::Follows;
         }
-        // Not proof yet: without a WAL receiver our timeline is read from the last
-        // restartpoint, which lags behind a replica that followed a promotion fine, and a dead
-        // leader stops streaming too. Only a live primary, on a later timeline, that we still
-        // cannot stream from means our history forked (rewinding wrongly is harmless; setting
+        // Only a live primary that we still cannot stream from says anything about our
+        // history: a dead leader stops streaming too (rewinding wrongly is harmless; setting
         // data aside because the leader died would not be).
-        let Some(leader) = g.leader.clone() else {
-            return false;
+        let Some(leader) = g.leader.clone().filter(|l| *l != self.cfg.member) else {
+            return Verdict::Follows;
         };
-        match self.probe_member(&leader).await {
-            Ok(p) => !p.in_recovery && p.timeline > r.timeline,
+        let probe = match self.probe_member(&leader).await {
+            Ok(p) if !p.in_recovery => p,
+            Ok(_) => return Verdict::Follows,
             Err(e) => {
                 tracing::debug!(%leader, error = %e, "cannot check the leader's timeline");
-                false
+                return Verdict::Follows;
+            }
+        };
+        let histories = match self.member_address(&leader) {
+            Some((host, port)) => {
+                let theirs = self
+                    .pg
+                    .member_timeline_history(&host, port, probe.timeline, self.timeout())
+                    .await;
+                theirs.and_then(|t| Ok((t, self.pg.timeline_history(r.timeline)?)))
+            }
+            None => Err(format!("no address published by {leader}")),
+        };
+        match histories {
+            Ok((theirs, ours)) => {
+                let mine = Line {
+                    tli: r.timeline,
+                    ancestors: ours,
+                };
+                let leader_line = Line {
+                    tli: probe.timeline,
+                    ancestors: theirs,
+                };
+                let end = r.wal;
+                timeline::verdict(&mine, end, &leader_line)
+            }
+            Err(e) => {
+                // Without the histories, only a later timeline on the leader is evidence.
+                // (Without a WAL receiver our timeline is read from the last restartpoint,
+                // which lags behind a standby that followed a promotion fine: a needless
+                // rewind then, never a needless clone.)
+                tracing::warn!(%leader, error = %e, "cannot compare timeline histories with the leader");
+                if probe.timeline > r.timeline {
+                    Verdict::Rewind
+                } else {
+                    Verdict::Follows
+                }
             }
         }
     }

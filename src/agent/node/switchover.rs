@@ -97,6 +97,51 @@ impl<H: Host> Node<H> {
         Ok(())
     }
 
+    /// Reserve the next timeline number in etcd (`max_timeline`) and make PostgreSQL's
+    /// promotion pick it. Without this, two members that promote from the same timeline
+    /// without seeing each other's history files (one promoted and was fenced at once, the
+    /// next promoted after it) pick the same number, and their histories fork on one
+    /// timeline: PostgreSQL then streams one history on top of the other, and pg_rewind
+    /// finds nothing to do (the simulation's seeds 25, 70, 129, …; see `postgres::timeline`).
+    /// If the reservation fails, this member does not promote.
+    pub(super) async fn reserve_timeline(&mut self, current: u32) -> Result<u32, String> {
+        let group = self.cfg.group;
+        let key = self.keys().max_timeline(group);
+        let state = self.cluster.get(&group);
+        let read = state.and_then(|g| g.max_timeline.clone());
+        let reserved = read.as_ref().and_then(|(_, n)| *n).unwrap_or(0);
+        // Timelines the members publish count too (a group from before this key existed).
+        let published = state
+            .and_then(|g| g.members.values().map(|m| m.timeline).max())
+            .unwrap_or(0);
+        let next = reserved
+            .max(published)
+            .max(current)
+            .checked_add(1)
+            .ok_or("timeline numbers exhausted")?;
+        let value = next.to_string().into_bytes();
+        let won = match &read {
+            Some((bytes, _)) => self.dcs.replace(&key, bytes, &value, None).await,
+            None => self.dcs.create(&key, &value, None).await,
+        }
+        .map_err(|e| format!("cannot reserve timeline {next} before promoting: {e}"))?;
+        if !won {
+            return Err(format!(
+                "cannot reserve timeline {next} before promoting: another member reserved one meanwhile"
+            ));
+        }
+        if let Some(g) = self.cluster.get_mut(&group) {
+            g.max_timeline = Some((value, Some(next)));
+        }
+        self.pg.skip_timelines(current, next)?;
+        tracing::info!(
+            from = current,
+            timeline = next,
+            "reserved the next timeline"
+        );
+        Ok(next)
+    }
+
     /// A worker group's leader about to stop for a switchover asks the coordinator primary to
     /// hold the group's writes (the `citus_pause` key) and waits, bounded, for the answer.
     /// True when the coordinator holds them; otherwise the switchover goes ahead without.
