@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::prober::{self, Prober};
 use common::{
-    TestLab, agent_pid, cli, cluster, etcd_get, lab_available, lab_spec, leader, members,
+    TestLab, agent_pid, cli, cluster, etcd_get, etcdctl, lab_available, lab_spec, leader, members,
     output_text, psql, status, sync_key, wait_for,
 };
 
@@ -430,6 +430,17 @@ fn manual_failover_promotes_the_chosen_member_of_a_leaderless_group() {
         .collect();
     replicas.sort();
     let chosen = replicas.last().cloned().expect("a replica");
+    // Timelines up to 5 are taken (as if promotions elsewhere had used them): the promotion
+    // must reserve 6 and PostgreSQL must pick exactly that (placeholder history files).
+    let key = format!(
+        "{}/{}/1/max_timeline",
+        t.spec.etcd.namespace.trim_end_matches('/'),
+        t.spec.cluster
+    );
+    assert!(
+        etcdctl(&t, &["put", &key, "5"]).is_some(),
+        "set max_timeline"
+    );
     let p = probe_group(&t, 1);
     std::thread::sleep(Duration::from_secs(1));
     t.lab.crash(&old).expect("crash the leader");
@@ -446,6 +457,27 @@ fn manual_failover_promotes_the_chosen_member_of_a_leaderless_group() {
     );
     assert!(o.status.success(), "{}", output_text(&o));
     assert_eq!(leader(&t, 1).as_deref(), Some(chosen.as_str()));
+    assert_eq!(etcd_get(&t, "1/max_timeline").as_deref(), Some("6"));
+    let tli = psql(
+        &t,
+        &chosen,
+        "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+    );
+    assert_eq!(tli.trim(), "00000006", "the timeline the promotion picked");
+    // The other replica follows onto it.
+    let other = replicas.first().cloned().expect("another replica");
+    wait_for(
+        "the other replica to stream on timeline 6",
+        Duration::from_secs(60),
+        || {
+            let r = psql(
+                &t,
+                &other,
+                "SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            );
+            (r.trim() == "6").then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     prober::assert_no_split_brain(&p.stop());
 }

@@ -402,6 +402,13 @@ fn stopped(s: &Snapshot, g: &GroupView, other_leader: Option<&str>, i_lead: bool
     if i_lead {
         if s.lease_valid && !s.give_up_leading && s.cannot_lead.is_none() {
             // PostgreSQL went down under a live leader: restart in place, keeping the key.
+            // Data still a standby's (a promotion cut short) starts as a standby and is
+            // promoted: started as a primary straight away, it would end recovery without
+            // a new timeline and write on the timeline the last primary wrote on — the
+            // histories would fork on one timeline (the simulation's seed 262).
+            if !was_primary {
+                return vec![StartReplica { upstream: None }];
+            }
             return vec![StartPrimary];
         }
         return vec![ReleaseLeader];
@@ -945,11 +952,25 @@ mod tests {
     #[test]
     fn stopped_server() {
         let mut s = base();
+        s.data = DataDir::Initialized {
+            sysid: "42".into(),
+            was_primary: true,
+        };
         set_leader(&mut s, "m1");
         check(
             "leader restarts in place while its lease holds",
             s.clone(),
             &[StartPrimary],
+        );
+        let mut u = s.clone();
+        u.data = DataDir::Initialized {
+            sysid: "42".into(),
+            was_primary: false,
+        };
+        check(
+            "a promotion cut short: started as a standby, promoted next (a new timeline)",
+            u,
+            &[StartReplica { upstream: None }],
         );
         let mut t = s.clone();
         t.give_up_leading = true;
