@@ -79,6 +79,27 @@ pub fn placeholder_history(ancestors: &[Switch], current: u32, begins: u64) -> S
     text
 }
 
+/// The most placeholder history files one promotion writes: a group's promotions since a
+/// member last saw one are few; thousands mean a bad value in etcd.
+pub const MAX_TIMELINE_GAP: u32 = 1000;
+
+/// The timeline a promotion from `current` reserves when etcd says numbers up to `taken`
+/// are used. etcd content is input: a number far ahead would have the member write a
+/// placeholder file for each one in between, so it is refused.
+pub fn next_timeline(current: u32, taken: u32) -> Result<u32, String> {
+    let next = current
+        .max(taken)
+        .checked_add(1)
+        .ok_or("timeline numbers exhausted")?;
+    if next - current > MAX_TIMELINE_GAP {
+        return Err(format!(
+            "etcd says timeline {taken} is taken, {} past this member's timeline {current}: more than {MAX_TIMELINE_GAP} is no promotion history but a bad value",
+            taken - current
+        ));
+    }
+    Ok(next)
+}
+
 /// Whether a standby on `mine`, whose WAL reaches `end`, can stream from a primary on
 /// `leader`.
 pub fn verdict(mine: &Line, end: u64, leader: &Line) -> Verdict {
@@ -159,6 +180,20 @@ mod tests {
             ])
         );
         assert_eq!(history_file(26).as_deref(), Some("pg_wal/0000001A.history"));
+    }
+
+    #[test]
+    fn the_next_timeline_is_above_every_one_taken_within_reason() {
+        assert_eq!(next_timeline(1, 0), Ok(2));
+        assert_eq!(next_timeline(4, 2), Ok(5));
+        assert_eq!(next_timeline(4, 9), Ok(10));
+        assert_eq!(
+            next_timeline(4, 4 + MAX_TIMELINE_GAP - 1),
+            Ok(4 + MAX_TIMELINE_GAP)
+        );
+        assert!(next_timeline(4, 4 + MAX_TIMELINE_GAP).is_err());
+        assert!(next_timeline(1, u32::MAX).is_err());
+        assert!(next_timeline(u32::MAX, 0).is_err());
     }
 
     #[test]

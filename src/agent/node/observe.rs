@@ -199,8 +199,6 @@ impl<H: Host> Node<H> {
         }
     }
 
-    /// A replica that has an upstream but has not streamed for a while, on an older timeline
-    /// than its leader: its history forked and it needs pg_rewind.
     /// A standby that has not streamed for a while compares its timeline history with its
     /// leader's (`postgres::timeline`).
     pub(super) async fn check_history(&mut self, server: &Server, dcs: &DcsView) -> Verdict {

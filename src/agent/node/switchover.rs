@@ -114,11 +114,8 @@ impl<H: Host> Node<H> {
         let published = state
             .and_then(|g| g.members.values().map(|m| m.timeline).max())
             .unwrap_or(0);
-        let next = reserved
-            .max(published)
-            .max(current)
-            .checked_add(1)
-            .ok_or("timeline numbers exhausted")?;
+        let next = timeline::next_timeline(current, reserved.max(published))
+            .map_err(|e| format!("cannot promote: {e} ({key} or a member key)"))?;
         let value = next.to_string().into_bytes();
         let won = match &read {
             Some((bytes, _)) => self.dcs.replace(&key, bytes, &value, None).await,
