@@ -76,6 +76,7 @@ fn pure_cores_import_no_io_modules() {
         "crate::dcs::keys",
         "crate::postgres::conf",
         "crate::postgres::scram",
+        "crate::postgres::timeline",
         "crate::agent::config",
         "crate::agent::decide",
         "crate::agent::sync",
@@ -95,6 +96,7 @@ fn pure_cores_import_no_io_modules() {
             "src/dcs/keys.rs",
             "src/postgres/conf.rs",
             "src/postgres/scram.rs",
+            "src/postgres/timeline.rs",
         ]
         .map(PathBuf::from),
     );

@@ -44,15 +44,7 @@ pub struct Control {
     pub checkpoint_lsn: u64,
 }
 
-/// Parse an LSN such as `0/3000060`.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    let (hi, lo) = (
-        u64::from_str_radix(hi, 16).ok()?,
-        u64::from_str_radix(lo, 16).ok()?,
-    );
-    (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some((hi << 32) | lo)
-}
+pub use super::timeline::parse_lsn;
 
 impl Control {
     pub fn was_primary(&self) -> bool {

@@ -9,8 +9,6 @@
 //! line per ancestor: its number and the WAL position where the next one began) tell such
 //! histories apart. Pure: the agent reads the files, `verdict` judges.
 
-use super::process::parse_lsn;
-
 /// One line of a history file: timeline `tli` ended (and its child began) at `end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Switch {
@@ -54,6 +52,16 @@ pub fn parse_history(text: &str) -> Option<Vec<Switch>> {
         out.push(Switch { tli, end });
     }
     Some(out)
+}
+
+/// Parse an LSN such as `0/3000060` (two hexadecimal halves of 32 bits each).
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let (hi, lo) = (
+        u64::from_str_radix(hi, 16).ok()?,
+        u64::from_str_radix(lo, 16).ok()?,
+    );
+    (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some((hi << 32) | lo)
 }
 
 /// The history file of timeline `tli`, relative to the data directory (timeline 1 has none).
