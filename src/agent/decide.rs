@@ -123,9 +123,10 @@ pub struct Snapshot {
     /// Why this member must not lead at all now (`ha.watchdog.mode: required` without a
     /// usable device): it neither bootstraps, races nor promotes, and a leader steps down.
     pub cannot_lead: Option<String>,
-    /// The system identifier of the cluster this agent's own bootstrap made (since it
-    /// started). If the group's is another, that bootstrap failed and another member's
-    /// succeeded: the leftovers were never the group's data.
+    /// The system identifier of the cluster this member's own bootstrap made (recorded in
+    /// its install folder, so it outlives an agent restart). If the group's is another, that
+    /// bootstrap failed and another member's succeeded: the leftovers were never the group's
+    /// data.
     pub bootstrapped_here: Option<String>,
 }
 
