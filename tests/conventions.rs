@@ -81,6 +81,7 @@ fn pure_cores_import_no_io_modules() {
         "crate::agent::decide",
         "crate::agent::sync",
         "crate::agent::slots",
+        "crate::agent::guard_core",
     ];
     let mut files = Vec::new();
     rust_files(Path::new("src/spec"), &mut files);
@@ -91,6 +92,7 @@ fn pure_cores_import_no_io_modules() {
             "src/agent/config.rs",
             "src/agent/sync.rs",
             "src/agent/slots.rs",
+            "src/agent/guard_core.rs",
             "src/citus/metadata.rs",
             "src/citus/pause.rs",
             "src/dcs/keys.rs",

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::config::{WatchdogConfig, WatchdogMode};
+use super::guard_core::{Armed, Effect, GuardCore, Message, message_for};
 
 /// Milliseconds on CLOCK_MONOTONIC, which every process on the host shares.
 pub fn monotonic_ms() -> u64 {
@@ -238,17 +239,15 @@ impl Guard {
         if (self.child.is_none() || self.exited()) && !self.try_spawn() {
             return;
         }
-        let line = match (pid, lease_end) {
-            (0, _) => "disarm".to_string(),
-            (pid, Some(end)) => format!("arm {pid} {}", instant_to_monotonic_ms(end)),
-            // No lease to trust: the agent's own fence stops this primary now, being able to
-            // say so. The guard keeps the deadline it has for it, or gets a short one.
-            (pid, None) if self.armed_pid == Some(pid) => return,
-            (pid, None) => format!(
-                "arm {pid} {}",
-                instant_to_monotonic_ms(Instant::now() + self.margin)
-            ),
+        let Some(message) = message_for(
+            pid,
+            lease_end.map(instant_to_monotonic_ms),
+            self.armed_pid,
+            instant_to_monotonic_ms(Instant::now() + self.margin),
+        ) else {
+            return;
         };
+        let line = message.to_string();
         if self.last.as_deref() == Some(line.as_str()) {
             return;
         }
@@ -407,43 +406,6 @@ pub struct GuardArgs {
     /// Kill a primary at once when the device cannot be activated
     #[arg(long, requires = "watchdog_device")]
     watchdog_required: bool,
-}
-
-/// What the guard watches over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Armed {
-    pid: u32,
-    /// The process's start time (/proc/PID/stat): a pid reused by another process is never
-    /// killed.
-    start_time: u64,
-    lease_end_ms: u64,
-}
-
-/// When the guard kills the postmaster: a little after the agent's own fence
-/// (`lease_end - margin`), so the agent, when it can, acts first; and early enough that a
-/// device petted until the last moment `may_pet` allows has not fired yet when the guard
-/// closes it after the kill (a healthy guard never has a host reset).
-fn kill_at(lease_end_ms: u64, margin_ms: u64) -> u64 {
-    lease_end_ms.saturating_sub(margin_ms) + (margin_ms / 4).min(250)
-}
-
-/// The watchdog may be kept from firing at `now` only if, fired `timeout` after, it still
-/// resets the host before the lease can have ended (with a little slack for the pet itself).
-fn may_pet(now_ms: u64, lease_end_ms: u64, timeout_s: u32) -> bool {
-    now_ms + u64::from(timeout_s) * 1000 + PET_SLACK_MS <= lease_end_ms
-}
-
-/// Room left between a reset the last pet allows and the lease's end: hardware timers tick
-/// coarsely, and a pet is a system call that can be late too.
-const PET_SLACK_MS: u64 = 500;
-/// How often the guard keeps the device from firing while that is safe.
-const PET_EVERY_MS: u64 = 100;
-
-/// The device timeout to ask for: a renewal comes every `ttl / 4` or so, and the device must
-/// be petted between two of them with its whole timeout still inside the lease.
-fn wanted_timeout_s(ttl_ms: u64, margin_ms: u64) -> u32 {
-    let room = ttl_ms.saturating_sub(margin_ms).saturating_sub(ttl_ms / 2);
-    ((room / 1000) as u32).max(1)
 }
 
 /// The fields of /proc/PID/stat after the command name (which may hold spaces and
@@ -620,30 +582,23 @@ pub fn run_guard(args: GuardArgs) -> ! {
     let fd = stdin.as_raw_fd();
     let mut buf: Vec<u8> = Vec::new();
     let mut eof = false;
-    let mut armed: Option<Armed> = None;
+    let mut core = GuardCore::new(
+        args.margin_ms,
+        args.ttl_ms,
+        args.watchdog_device.is_some(),
+        args.watchdog_required,
+    );
     let mut dog: Option<device::Watchdog> = None;
-    // The postmaster the device was last tried for: one attempt per primary, not one per
-    // lease renewal.
-    let mut tried_for: Option<u32> = None;
-    let want_s = wanted_timeout_s(args.ttl_ms, args.margin_ms);
     loop {
         let now = monotonic_ms();
         // Sleep until a message, the next pet, or the kill.
-        let wait_ms: i64 = match &armed {
-            Some(a) => {
-                let until_kill = kill_at(a.lease_end_ms, args.margin_ms).saturating_sub(now);
-                let next = if dog.is_some() {
-                    until_kill.min(PET_EVERY_MS)
-                } else {
-                    until_kill
-                };
-                next.min(60_000) as i64
-            }
+        let wait_ms = match core.wait_ms(now) {
+            Some(ms) => ms.min(60_000),
             None if eof => break,
             None => 60_000,
         };
         if eof {
-            std::thread::sleep(Duration::from_millis(wait_ms.max(0) as u64));
+            std::thread::sleep(Duration::from_millis(wait_ms));
         } else {
             let mut pfd = libc::pollfd {
                 fd,
@@ -651,7 +606,7 @@ pub fn run_guard(args: GuardArgs) -> ! {
                 revents: 0,
             };
             // SAFETY: poll(2) on one descriptor.
-            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms.max(0) as libc::c_int) };
+            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms as libc::c_int) };
             if n > 0 {
                 // Everything queued, not one chunk: acting on an old lease end after a stall
                 // could kill a healthy primary.
@@ -672,175 +627,63 @@ pub fn run_guard(args: GuardArgs) -> ! {
                 }
             }
         }
+        let mut effects = Vec::new();
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
             let line = String::from_utf8_lossy(&line).trim().to_string();
-            match parse_message(&line) {
-                Some(Message::Disarm) => {
-                    armed = None;
-                    tried_for = None;
+            let Some(message) = Message::parse(&line) else {
+                eprintln!("guard: ignoring an unreadable message");
+                continue;
+            };
+            let Some(Effect::OpenDevice { want_s }) =
+                core.receive(message, monotonic_ms(), start_time)
+            else {
+                continue;
+            };
+            let Some(path) = &args.watchdog_device else {
+                continue;
+            };
+            let more = match device::Watchdog::open(path, want_s) {
+                Ok(w) => {
+                    let (keep, more) = core.opened(Ok(w.timeout_s));
+                    if keep {
+                        dog = Some(w);
+                    } else {
+                        w.close();
+                    }
+                    more
                 }
-                Some(Message::Arm { pid, lease_end_ms }) => {
-                    let same = armed.filter(|a| a.pid == pid);
-                    armed = match same {
-                        Some(a) => Some(Armed { lease_end_ms, ..a }),
-                        None => start_time(pid).map(|start_time| Armed {
-                            pid,
-                            start_time,
-                            lease_end_ms,
-                        }),
-                    };
-                    // Opened once per primary, and only when a timer started now would still
-                    // fire before the lease ends.
-                    let untried = armed.is_some_and(|a| {
-                        tried_for != Some(a.pid) && may_pet(monotonic_ms(), a.lease_end_ms, want_s)
-                    });
-                    if let (true, None, Some(path)) = (untried, &dog, &args.watchdog_device) {
-                        tried_for = armed.map(|a| a.pid);
-                        let limit_ms = args.ttl_ms.saturating_sub(args.margin_ms);
-                        match device::Watchdog::open(path, want_s) {
-                            Ok(w)
-                                if w.timeout_s == 0
-                                    || u64::from(w.timeout_s) * 1000 + PET_SLACK_MS >= limit_ms =>
-                            {
-                                report(&format!(
-                                    "watchdog failed its timeout is {} s, which does not fit a lease of {} ms",
-                                    w.timeout_s, args.ttl_ms
-                                ));
-                                w.close();
-                            }
-                            Ok(w) => {
-                                report(&format!("watchdog active {}", w.timeout_s));
-                                dog = Some(w);
-                            }
-                            Err(e) => report(&format!("watchdog failed {e}")),
-                        }
-                        if dog.is_none() && args.watchdog_required {
-                            // No primary runs without the device the operator required.
-                            if let Some(a) = armed.take() {
-                                fence(&a);
-                            }
-                        }
+                Err(e) => core.opened(Err(e)).1,
+            };
+            effects.extend(more);
+        }
+        effects.extend(core.tick(monotonic_ms()));
+        for effect in effects {
+            match effect {
+                Effect::Kill(a) => {
+                    fence(&a);
+                }
+                Effect::Pet => {
+                    if let Some(w) = dog.as_mut() {
+                        w.keepalive();
                     }
                 }
-                None => eprintln!("guard: ignoring an unreadable message"),
-            }
-        }
-        let now = monotonic_ms();
-        if let Some(a) = armed {
-            if now >= kill_at(a.lease_end_ms, args.margin_ms) {
-                fence(&a);
-                armed = None;
-                tried_for = None;
-            }
-        }
-        match (&armed, dog.as_mut()) {
-            (Some(a), Some(w)) if may_pet(now, a.lease_end_ms, w.timeout_s) => w.keepalive(),
-            (Some(_), Some(_)) => {}
-            (None, Some(_)) => {
-                if let Some(w) = dog.take() {
-                    w.close();
-                    report("watchdog closed");
+                Effect::CloseDevice => {
+                    if let Some(w) = dog.take() {
+                        w.close();
+                    }
                 }
+                Effect::Report(line) => report(&line),
+                Effect::OpenDevice { .. } => {}
             }
-            (_, None) => {}
         }
     }
     std::process::exit(0)
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Message {
-    Arm { pid: u32, lease_end_ms: u64 },
-    Disarm,
-}
-
-fn parse_message(line: &str) -> Option<Message> {
-    let mut words = line.split_whitespace();
-    match words.next()? {
-        "disarm" => Some(Message::Disarm),
-        "arm" => {
-            let pid: u32 = words.next()?.parse().ok()?;
-            let lease_end_ms = words.next()?.parse().ok()?;
-            (pid > 1).then_some(Message::Arm { pid, lease_end_ms })
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn messages_parse_and_nothing_else_does() {
-        assert_eq!(
-            parse_message("arm 4242 1000"),
-            Some(Message::Arm {
-                pid: 4242,
-                lease_end_ms: 1000
-            })
-        );
-        assert_eq!(parse_message("disarm"), Some(Message::Disarm));
-        for bad in [
-            "",
-            "arm",
-            "arm x 1",
-            "arm 1 5",
-            "arm 0 5",
-            "arm 12 -3",
-            "kill 12",
-        ] {
-            assert_eq!(parse_message(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_guard_acts_after_the_fence_and_before_the_lease_ends() {
-        for margin in [1000u64, 3000] {
-            let end = 100_000;
-            let k = kill_at(end, margin);
-            assert!(k > end - margin && k < end, "{margin}: {k}");
-        }
-    }
-
-    #[test]
-    fn the_device_is_petted_only_while_its_timeout_fits_in_the_lease() {
-        // Lease ends at 10 s; a 2 s device may be petted until 7.5 s, never after.
-        assert!(may_pet(7_000, 10_000, 2));
-        assert!(may_pet(7_500, 10_000, 2));
-        assert!(!may_pet(7_501, 10_000, 2));
-        assert!(!may_pet(10_000, 10_000, 2));
-        for (ttl, margin) in [
-            (5_000u64, 1_000u64),
-            (10_000, 1_000),
-            (30_000, 3_000),
-            (60_000, 6_000),
-        ] {
-            let t = wanted_timeout_s(ttl, margin);
-            assert!(t >= 1 && u64::from(t) * 1000 < ttl - margin, "{ttl}: {t}");
-            let end = 1_000_000;
-            // Pets come every PET_EVERY_MS: the last one falls up to that much before the
-            // last moment allowed.
-            let last_allowed = (0..end).rev().find(|n| may_pet(*n, end, t)).unwrap_or(0);
-            let earliest_reset = last_allowed - PET_EVERY_MS + u64::from(t) * 1000;
-            let latest_reset = last_allowed + u64::from(t) * 1000;
-            // A hung guard: the host is reset before the lease can have ended.
-            assert!(
-                latest_reset < end,
-                "{ttl}: reset {latest_reset} after {end}"
-            );
-            // A healthy guard kills, then closes the device, before it can fire.
-            assert!(
-                kill_at(end, margin) < earliest_reset,
-                "{ttl}: kill after a reset"
-            );
-            // In steady state (a renewal every ttl / 4, each taking up to a second), the
-            // device can be kept: the lease end is always far enough ahead.
-            let worst_ahead = ttl - ttl / 4 - 1_000;
-            assert!(may_pet(end - worst_ahead, end, t), "{ttl}: never petted");
-        }
-    }
 
     /// PostgreSQL's children leave the postmaster's process group (setsid): a fence that
     /// signals the group, or the postmaster alone, leaves them running.
