@@ -45,7 +45,7 @@ use citus_reconcile::dcs::store::StoreFuture;
 use citus_reconcile::dcs::{
     ClusterKeys, Condition, Dcs, RawKv, Reply, Request, Store, StoreError, WatchBatch, WatchEvent,
 };
-use citus_reconcile::postgres::conf::Role;
+use citus_reconcile::postgres::conf::{Role, member_slot_name};
 use citus_reconcile::postgres::process::{Control, PgError, StopMode};
 use citus_reconcile::postgres::sql::Probe;
 use citus_reconcile::postgres::timeline::Switch;
@@ -57,6 +57,18 @@ const CLUSTER: &str = "sim";
 /// Simulated pids start here, far above any real pid (`pid_max` is at most 2^22): should
 /// one ever reach a real `kill(2)`, it finds no process.
 const FIRST_PID: u32 = 1 << 30;
+/// WAL a server keeps whatever its slots say (`wal_keep_size`), in entries: about 3 s of
+/// the client's writes, so a standby away for longer needs its slot.
+const WAL_KEEP: usize = 100;
+/// What a slot may hold back at most (`max_slot_wal_keep_size`), in entries (about 45 s of
+/// writes); a slot further behind is given up (`lost`).
+const MAX_SLOT_KEEP: usize = 1500;
+/// How often a primary checkpoints (and recycles WAL) on its own.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// A standby that streamed this long from a primary has had its member slot made there
+/// (the leader's loop runs every second): from then on its WAL must not be recycled while
+/// it is within `MAX_SLOT_KEEP`.
+const SLOT_GRACE: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ randomness
 
@@ -109,6 +121,19 @@ struct Data {
     /// number above its own timeline that has none (counting up through those it has), as
     /// PostgreSQL does.
     files: std::collections::BTreeSet<u32>,
+    /// WAL before this entry has been recycled: a standby that needs it can no longer
+    /// stream from this server.
+    oldest: usize,
+    /// Physical replication slots (pg_replslot): not copied by a base backup.
+    slots: BTreeMap<String, SimSlot>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SimSlot {
+    /// The first entry it holds.
+    restart: usize,
+    /// Given up past `MAX_SLOT_KEEP`.
+    lost: bool,
 }
 
 impl Data {
@@ -139,6 +164,11 @@ struct Pm {
     /// Its member held the leader key at some moment while it ran: clients find it (through
     /// the leader's key, a health check, Citus's metadata) and may keep writing to it.
     was_leader: bool,
+    /// As primary: its last checkpoint of its own, the standbys streaming from it now (since
+    /// when), and those that streamed for `SLOT_GRACE` (their WAL is kept for them).
+    last_checkpoint: Instant,
+    streaming_since: BTreeMap<String, Instant>,
+    kept_for: std::collections::BTreeSet<String>,
 }
 
 impl Pm {
@@ -225,6 +255,9 @@ struct World {
     etcd_cut: BTreeMap<String, bool>,
     net_cut: BTreeMap<String, bool>,
     etcd_down: bool,
+    /// etcd's NOSPACE alarm: every write but deletes refused (lease grants too; renewals
+    /// are no writes).
+    etcd_full: bool,
     /// Extra latency of every etcd request meanwhile.
     etcd_slow: Duration,
     next_pid: u32,
@@ -249,6 +282,11 @@ struct World {
     new_guard: GuardCore,
     /// Hosts the watchdog reset while hung (their agent is gone with them).
     reset_hosts: std::collections::BTreeSet<String>,
+    /// The later model (`Plan::extended`): checkpoints of their own, WAL recycled, member
+    /// slots (`ha.use_slots`).
+    extended: bool,
+    /// Standbys stream on member slots (`ha.use_slots`, on in the later model).
+    use_slots: bool,
 }
 
 /// A host's guard process: the production rules (`GuardCore`), its pipe from the agent, and
@@ -393,6 +431,16 @@ impl World {
     fn answer(&mut self, request: Request) -> Result<Reply, StoreError> {
         self.expire_leases();
         let now = Instant::now();
+        let writes = matches!(
+            request,
+            Request::Put { .. } | Request::PutIf { .. } | Request::Grant { .. }
+        );
+        if self.etcd_full && writes {
+            return Err(StoreError {
+                retry: false,
+                detail: "etcdserver: mvcc: database space exceeded".into(),
+            });
+        }
         Ok(match request {
             Request::Range { key, prefix } => Reply::Range {
                 kvs: self
@@ -585,6 +633,9 @@ impl World {
         // Streaming: a ready standby copies its upstream's WAL while its own is a prefix of
         // it (a forked history cannot stream).
         let names: Vec<String> = self.servers.keys().cloned().collect();
+        // Who streams from whom after this step, and how far each slot advanced.
+        let mut streamed: Vec<(String, String, usize)> = Vec::new();
+        let use_slots = self.use_slots;
         for n in &names {
             let Some(up) = self
                 .live_pm(n)
@@ -606,7 +657,17 @@ impl World {
                 }
                 continue;
             };
-            let streams = src.sysid == d.sysid && src.wal.starts_with(&d.wal);
+            // With member slots the standby names its slot, which must exist and hold its WAL
+            // (PostgreSQL refuses it otherwise); WAL recycled past it is gone for good.
+            let slot_ok = !use_slots
+                || src
+                    .slots
+                    .get(&member_slot_name(n))
+                    .is_some_and(|slot| !slot.lost);
+            let streams = src.sysid == d.sysid
+                && src.wal.starts_with(&d.wal)
+                && d.wal.len() >= src.oldest
+                && slot_ok;
             if streams {
                 // A lagging standby receives all but the newest `lag` entries.
                 let from = d.wal.len();
@@ -615,9 +676,16 @@ impl World {
                 d.timeline = d.wal.last().map(|e| e.timeline).unwrap_or(src.timeline);
                 d.learn_timelines(from);
             }
+            let at = d.wal.len();
             if let Some(p) = s.pm.as_mut() {
                 p.streaming = streams;
             }
+            if streams {
+                streamed.push((up, n.clone(), at));
+            }
+        }
+        if self.extended {
+            self.keep_slots(&streamed, now);
         }
         // Acknowledgements: async at once (see `write`); sync once a named standby has it.
         let pending = std::mem::take(&mut self.pending);
@@ -742,6 +810,123 @@ impl World {
                 Effect::Report(line) => self.log(format!("{member}: guard: {line}")),
                 Effect::OpenDevice { .. } => {}
             }
+        }
+    }
+
+    /// Slots follow the standbys that stream on them; primaries checkpoint on their own and
+    /// recycle WAL.
+    fn keep_slots(&mut self, streamed: &[(String, String, usize)], now: Instant) {
+        for (up, member, at) in streamed {
+            if let Some(slot) = self
+                .server(up)
+                .data
+                .as_mut()
+                .and_then(|d| d.slots.get_mut(&member_slot_name(member)))
+            {
+                slot.restart = slot.restart.max(*at);
+            }
+        }
+        let names: Vec<String> = self.servers.keys().cloned().collect();
+        for n in names {
+            let Some(p) = self
+                .server(&n)
+                .pm
+                .as_mut()
+                .filter(|p| p.exited.is_none() && p.primary)
+            else {
+                continue;
+            };
+            p.streaming_since
+                .retain(|m, _| streamed.iter().any(|(u, s, _)| *u == n && s == m));
+            for (_, m, _) in streamed.iter().filter(|(u, _, _)| *u == n) {
+                let since = *p.streaming_since.entry(m.clone()).or_insert(now);
+                if now.duration_since(since) >= SLOT_GRACE {
+                    p.kept_for.insert(m.clone());
+                }
+            }
+            let due = p.ready(now)
+                && p.stopping.is_none()
+                && now.duration_since(p.last_checkpoint) >= CHECKPOINT_EVERY;
+            if due {
+                p.last_checkpoint = now;
+                if let Some(d) = self.server(&n).data.as_mut() {
+                    d.checkpoint = d.wal.len();
+                }
+                self.recycle(&n);
+            }
+        }
+    }
+
+    /// A checkpoint's end on primary `name`: slots past `MAX_SLOT_KEEP` are given up, and
+    /// WAL that neither the checkpoint, `WAL_KEEP` nor a slot needs is recycled. Checked: the
+    /// leader never recycles WAL that a standby which streamed from it for `SLOT_GRACE`
+    /// still needs, unless that standby is more than `MAX_SLOT_KEEP` behind.
+    fn recycle(&mut self, name: &str) {
+        let Some(pm) = self.live_pm(name).filter(|p| p.primary) else {
+            return;
+        };
+        let kept_for = pm.kept_for.clone();
+        let leads = self.leader_key().as_deref() == Some(name);
+        let Some(d) = self.server(name).data.as_mut() else {
+            return;
+        };
+        let end = d.wal.len();
+        let mut given_up = Vec::new();
+        for (slot_name, slot) in d.slots.iter_mut() {
+            if !slot.lost && end - slot.restart.min(end) > MAX_SLOT_KEEP {
+                slot.lost = true;
+                given_up.push(slot_name.clone());
+            }
+        }
+        let keep_from = d
+            .slots
+            .values()
+            .filter(|slot| !slot.lost)
+            .map(|slot| slot.restart)
+            .chain([d.checkpoint, end.saturating_sub(WAL_KEEP)])
+            .min()
+            .unwrap_or(end);
+        let from = d.oldest;
+        if keep_from <= from {
+            return;
+        }
+        d.oldest = keep_from;
+        for slot_name in given_up {
+            self.log(format!(
+                "{name}: slot {slot_name} given up (max_slot_wal_keep_size)"
+            ));
+        }
+        if !leads {
+            return;
+        }
+        let Some(wal) = self
+            .servers
+            .get(name)
+            .and_then(|s| s.data.as_ref())
+            .map(|d| &d.wal)
+        else {
+            return;
+        };
+        let mut lost = Vec::new();
+        for m in kept_for {
+            let Some(theirs) = self.servers.get(&m).and_then(|s| s.data.as_ref()) else {
+                continue;
+            };
+            let behind = end.saturating_sub(theirs.wal.len());
+            if wal.starts_with(&theirs.wal)
+                && theirs.wal.len() < keep_from
+                && behind <= MAX_SLOT_KEEP
+            {
+                lost.push((m, behind));
+            }
+        }
+        for (m, behind) in lost {
+            self.log(format!(
+                "{name} recycled WAL {m} needs ({behind} entries behind)"
+            ));
+            self.violation(format!(
+                "{name} recycled WAL that {m} still needs, within max_slot_wal_keep_size"
+            ));
         }
     }
 
@@ -1086,6 +1271,18 @@ impl SimHost {
             .ok_or_else(|| "server closed the connection unexpectedly".to_string())
     }
 
+    /// A standby streams from this server on the slot `name`.
+    fn slot_active(&self, w: &World, name: &str) -> bool {
+        w.servers.iter().any(|(n, s)| {
+            member_slot_name(n) == name
+                && s.pm.as_ref().is_some_and(|p| {
+                    p.exited.is_none()
+                        && p.streaming
+                        && p.upstream.as_deref() == Some(self.name.as_str())
+                })
+        })
+    }
+
     fn probe_of(w: &World, name: &str) -> Result<Probe, String> {
         let pm = w.live_pm(name).ok_or("connection refused")?;
         if !pm.ready(Instant::now()) {
@@ -1223,6 +1420,8 @@ impl Host for SimHost {
             state: "shut down",
             checkpoint: 1,
             files: Default::default(),
+            oldest: 0,
+            slots: BTreeMap::new(),
         });
         w.log(format!("{}: initdb", self.name));
         Ok(())
@@ -1247,6 +1446,8 @@ impl Host for SimHost {
         s.data = Some(Data {
             state: "in archive recovery",
             checkpoint: source.wal.len(),
+            oldest: source.wal.len(),
+            slots: BTreeMap::new(),
             ..source
         });
         w.log(format!("{}: cloned from {host}", self.name));
@@ -1292,6 +1493,7 @@ impl Host for SimHost {
         d.timeline = source.timeline;
         d.files = source.files.clone();
         d.checkpoint = d.wal.len();
+        d.oldest = d.oldest.min(d.wal.len());
         d.state = "in archive recovery";
         w.log(format!("{name}: rewound from {host}"));
         Ok(())
@@ -1376,6 +1578,9 @@ impl Host for SimHost {
             stopping: None,
             exited: None,
             was_leader: false,
+            last_checkpoint: now,
+            streaming_since: BTreeMap::new(),
+            kept_for: Default::default(),
         });
         let primary = s.conf_primary;
         if forks {
@@ -1555,6 +1760,9 @@ impl Host for SimHost {
         if let (Some(begins), Some(d)) = (begins, w.server(&self.name).data.as_mut()) {
             d.checkpoint = d.checkpoint.max(begins);
         }
+        if w.extended {
+            w.recycle(&self.name);
+        }
         Ok(())
     }
 
@@ -1569,7 +1777,16 @@ impl Host for SimHost {
     }
 
     async fn oldest_wal(&self, _timeout: Duration) -> Option<u64> {
-        None
+        let w = lock(&self.world);
+        self.session_pm(&w).ok()?;
+        if !w.extended {
+            return None;
+        }
+        w.servers
+            .get(&self.name)?
+            .data
+            .as_ref()
+            .map(|d| d.oldest as u64)
     }
 
     async fn reset_alter_system(&self, _timeout: Duration) -> Result<Vec<String>, String> {
@@ -1622,15 +1839,55 @@ impl Host for SimHost {
         &self,
         _timeout: Duration,
     ) -> Result<Vec<(String, bool, bool)>, String> {
-        Ok(vec![])
+        let w = lock(&self.world);
+        self.session_pm(&w)?;
+        let Some(d) = w.servers.get(&self.name).and_then(|s| s.data.as_ref()) else {
+            return Ok(vec![]);
+        };
+        Ok(d.slots
+            .iter()
+            .map(|(name, slot)| (name.clone(), self.slot_active(&w, name), slot.lost))
+            .collect())
     }
 
-    async fn create_physical_slot(&self, _name: &str, _timeout: Duration) -> Result<u64, String> {
-        Ok(0)
+    /// Reserves WAL from the last checkpoint's redo point, as
+    /// `pg_create_physical_replication_slot(name, true)` does.
+    async fn create_physical_slot(&self, name: &str, _timeout: Duration) -> Result<u64, String> {
+        let mut w = lock(&self.world);
+        self.session_pm(&w)?;
+        let me = self.name.clone();
+        let d = w.server(&me).data.as_mut().ok_or("no data")?;
+        if d.slots.contains_key(name) {
+            return Err(format!("replication slot \"{name}\" already exists"));
+        }
+        let restart = d.checkpoint.min(d.wal.len()).max(d.oldest);
+        d.slots.insert(
+            name.to_string(),
+            SimSlot {
+                restart,
+                lost: false,
+            },
+        );
+        w.log(format!("{me}: slot {name} created at {restart}"));
+        Ok(restart as u64)
     }
 
-    async fn drop_inactive_slot(&self, _name: &str, _timeout: Duration) -> Result<bool, String> {
-        Ok(false)
+    async fn drop_inactive_slot(&self, name: &str, _timeout: Duration) -> Result<bool, String> {
+        let mut w = lock(&self.world);
+        self.session_pm(&w)?;
+        if self.slot_active(&w, name) {
+            return Ok(false);
+        }
+        let me = self.name.clone();
+        let dropped = w
+            .server(&me)
+            .data
+            .as_mut()
+            .is_some_and(|d| d.slots.remove(name).is_some());
+        if dropped {
+            w.log(format!("{me}: slot {name} dropped"));
+        }
+        Ok(dropped)
     }
 
     async fn ensure_setup(
@@ -1816,7 +2073,7 @@ impl Fencer for SimFencer {
 
 // ------------------------------------------------------------------ agents
 
-fn config(name: &str, sync: &str, watchdog: bool) -> AgentConfig {
+fn config(name: &str, sync: &str, watchdog: bool, slots: bool) -> AgentConfig {
     let watchdog = if watchdog { "automatic" } else { "off" };
     let text = format!(
         r#"
@@ -1855,7 +2112,7 @@ ha:
   synchronous_mode: {sync}
   maximum_lag_on_failover: 1048576
   primary_start_timeout: 10
-  use_slots: false
+  use_slots: {slots}
   member_slots_ttl: 1800
   watchdog: {{ mode: "{watchdog}", device: /dev/watchdog }}
 api:
@@ -2055,6 +2312,7 @@ async fn simulate(plan: Plan) -> Outcome {
         etcd_cut: BTreeMap::new(),
         net_cut: BTreeMap::new(),
         etcd_down: false,
+        etcd_full: false,
         etcd_slow: Duration::ZERO,
         next_pid: FIRST_PID,
         next_write: 0,
@@ -2076,6 +2334,8 @@ async fn simulate(plan: Plan) -> Outcome {
             false,
         ),
         reset_hosts: Default::default(),
+        extended: plan.extended,
+        use_slots: plan.extended,
     }));
     lock(&world).log(format!(
         "seed {} synchronous_mode {sync}{}",
@@ -2086,7 +2346,7 @@ async fn simulate(plan: Plan) -> Outcome {
     let names: Vec<String> = (1..=plan.members).map(|i| format!("m{i}")).collect();
     let configs: BTreeMap<String, AgentConfig> = names
         .iter()
-        .map(|n| (n.clone(), config(n, sync, watchdog)))
+        .map(|n| (n.clone(), config(n, sync, watchdog, lock(&world).use_slots)))
         .collect();
     let mut agents: BTreeMap<String, Agent> = names
         .iter()
@@ -2168,6 +2428,7 @@ async fn simulate(plan: Plan) -> Outcome {
                     w.net_cut.insert(n.clone(), false);
                 }
                 "etcd_down" => w.etcd_down = false,
+                "etcd_full" => w.etcd_full = false,
                 "etcd_slow" => w.etcd_slow = Duration::ZERO,
                 "lag" => w.server(&n).lag = 0,
                 _ => {}
@@ -2185,7 +2446,7 @@ async fn simulate(plan: Plan) -> Outcome {
             agents.insert(n.clone(), Agent::start(&world, &n, &configs[&n]));
         }
         let victim = names[rng.below(names.len() as u64) as usize].clone();
-        let fault = rng.below(if plan.extended { 112 } else { 100 });
+        let fault = rng.below(if plan.extended { 115 } else { 100 });
         let mut w = lock(&world);
         match fault {
             0..=14 => {
@@ -2312,6 +2573,15 @@ async fn simulate(plan: Plan) -> Outcome {
                     heal.push((now + rng.between_ms(1000, 15000), victim, "thaw"));
                 }
             }
+            112..=114 => {
+                w.log("FAULT etcd out of space (NOSPACE)".to_string());
+                w.etcd_full = true;
+                heal.push((
+                    now + rng.between_ms(2000, 20000),
+                    String::new(),
+                    "etcd_full",
+                ));
+            }
             98..=99 => {
                 let lag = rng.below(60) as usize + 5;
                 w.log(format!(
@@ -2331,6 +2601,7 @@ async fn simulate(plan: Plan) -> Outcome {
         w.etcd_cut.clear();
         w.net_cut.clear();
         w.etcd_down = false;
+        w.etcd_full = false;
         w.etcd_slow = Duration::ZERO;
         // Faults armed for a next stop or start that has not come yet end too.
         for g in w.guards.values_mut() {
@@ -2543,8 +2814,10 @@ fn the_protocol_holds_its_invariants_over_many_seeds() {
         ("hosts hung", "the host hangs"),
         ("guard kills", "the guard killed"),
         ("watchdog resets", "the watchdog fired"),
+        ("slots given up", "given up (max_slot_wal_keep_size)"),
+        ("NOSPACE", "etcd out of space"),
     ];
-    let mut counts = [0usize; 4];
+    let mut counts = [0usize; 6];
     let mut failures = Vec::new();
     for &seed in &seeds {
         let o = run(plan(seed));

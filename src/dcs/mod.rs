@@ -275,7 +275,7 @@ impl EndpointHealth {
         }
         if self.alarms.iter().any(|a| a == "NOSPACE") {
             return Some(format!(
-                "etcd {}: NOSPACE alarm — the database reached its space quota and etcd refuses writes (leases cannot be renewed, every primary stops); compact, defragment and disarm (see the README)",
+                "etcd {}: NOSPACE alarm — the database reached its space quota and etcd refuses writes (leases are still renewed and primaries keep serving, but no failover, switchover or agent restart can happen); compact, defragment and disarm (see the README)",
                 self.url
             ));
         }
