@@ -2956,16 +2956,28 @@ const REGRESSIONS: &[(u64, bool, &str)] = &[
          recovery ended without a new timeline (seed 262)",
     ),
     (
-        13,
+        12,
         true,
         "a frozen agent (SIGSTOP) cannot run its fence: without the guard process its \
          primary went on accepting writes after its lease ran out and another member took over",
     ),
     (
-        28,
+        16,
         true,
         "a host that hangs, guard and all: without the watchdog device its primary went on \
          accepting writes after its lease ran out and another member took over",
+    ),
+    (
+        17,
+        true,
+        "without member slots the leader recycled WAL a standby that had streamed from it \
+         still needed (down a few seconds): it could only be cloned again",
+    ),
+    (
+        4,
+        true,
+        "a standby whose WAL the leader no longer has (its slot given up past \
+         max_slot_wal_keep_size) waited for ever instead of being cloned again",
     ),
 ];
 
