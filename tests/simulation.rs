@@ -287,6 +287,10 @@ struct World {
     extended: bool,
     /// Standbys stream on member slots (`ha.use_slots`, on in the later model).
     use_slots: bool,
+    /// Each running agent's SIGSTOP switch.
+    gates: BTreeMap<String, Arc<Gate>>,
+    /// Hosts powered off at the worst moment, until when (the driver takes their agents).
+    power_offs: Vec<(String, Instant)>,
 }
 
 /// A host's guard process: the production rules (`GuardCore`), its pipe from the agent, and
@@ -371,6 +375,14 @@ impl World {
     }
 
     fn put_kv(&mut self, key: &str, value: Vec<u8>, lease: i64) {
+        if self.extended && key == ClusterKeys::new(NAMESPACE, CLUSTER).status(GROUP) {
+            let handed_to = serde_json::from_slice::<Status>(&value)
+                .ok()
+                .and_then(|s| s.handed_to);
+            if let Some(to) = handed_to {
+                self.power_off_at_worst_moment(&to);
+            }
+        }
         let rev = self.etcd.revision + 1;
         self.etcd.kv.insert(
             key.to_string(),
@@ -1051,6 +1063,27 @@ impl World {
             w.log(format!("heal etcd_cut {member}"));
         });
         true
+    }
+
+    /// The candidate of a switchover goes away for good (in this run: 30-90 s) just as the
+    /// old leader hands over to it: the request names a member that will not promote.
+    fn power_off_at_worst_moment(&mut self, member: &str) {
+        if !self.faults || self.power_offs.iter().any(|(n, _)| n == member) || !self.rng.chance(300)
+        {
+            return;
+        }
+        let until = Instant::now() + self.rng.between_ms(30_000, 90_000);
+        self.log(format!(
+            "FAULT {member}: host powered off at the worst moment (handed over to)"
+        ));
+        if let Some(g) = self.gates.get(member) {
+            g.freeze();
+        }
+        if let Some(g) = self.guards.get_mut(member) {
+            g.hung = true;
+        }
+        self.exit(member, false, "host powered off");
+        self.power_offs.push((member.to_string(), until));
     }
 
     /// The old leader whose clean handoff to `member` is on record (the `status` key's
@@ -2217,6 +2250,7 @@ impl Agent {
         let pacer_cfg = cfg.clone();
         let span = tracing::info_span!("agent", member = %name);
         let gate = Arc::new(Gate::default());
+        lock(world).gates.insert(name.to_string(), gate.clone());
         let stoppable = |task: Pin<Box<dyn Future<Output = ()>>>| Stoppable {
             gate: gate.clone(),
             task,
@@ -2336,6 +2370,8 @@ async fn simulate(plan: Plan) -> Outcome {
         reset_hosts: Default::default(),
         extended: plan.extended,
         use_slots: plan.extended,
+        gates: BTreeMap::new(),
+        power_offs: Vec::new(),
     }));
     lock(&world).log(format!(
         "seed {} synchronous_mode {sync}{}",
@@ -2382,12 +2418,28 @@ async fn simulate(plan: Plan) -> Outcome {
     // Faults, one every 0.5–4 s, each healed after a while.
     let start = Instant::now();
     let mut down: BTreeMap<String, Instant> = BTreeMap::new();
+    // Hosts powered off (see `power_off_at_worst_moment`): their agents die with them and
+    // start again when the host is back, even after the faults end.
+    let mut powered_off: BTreeMap<String, Instant> = BTreeMap::new();
+    let take_power_offs = |agents: &mut BTreeMap<String, Agent>,
+                           down: &mut BTreeMap<String, Instant>,
+                           powered_off: &mut BTreeMap<String, Instant>| {
+        let offs = std::mem::take(&mut lock(&world).power_offs);
+        for (n, until) in offs {
+            if let Some(a) = agents.remove(&n) {
+                a.crash(&world, &n);
+            }
+            down.insert(n.clone(), until);
+            powered_off.insert(n, until);
+        }
+    };
     let mut heal: Vec<(Instant, String, &'static str)> = Vec::new();
     let mut switchovers = Vec::new();
     tokio::time::sleep(Duration::from_secs(8)).await;
     while start.elapsed() < plan.chaos {
         tokio::time::sleep(rng.between_ms(500, 4000)).await;
         let now = Instant::now();
+        take_power_offs(&mut agents, &mut down, &mut powered_off);
         // Heal what is due.
         let due: Vec<(String, &'static str)> = heal
             .iter()
@@ -2442,6 +2494,7 @@ async fn simulate(plan: Plan) -> Outcome {
             .collect();
         for n in restart {
             down.remove(&n);
+            powered_off.remove(&n);
             lock(&world).log(format!("{n}: agent restarted"));
             agents.insert(n.clone(), Agent::start(&world, &n, &configs[&n]));
         }
@@ -2614,6 +2667,13 @@ async fn simulate(plan: Plan) -> Outcome {
             server.lag = 0;
         }
     }
+    take_power_offs(&mut agents, &mut down, &mut powered_off);
+    // A host powered off comes back at most 40 s into the quiet time, leaving it time to
+    // follow the leader again.
+    let back_by = Instant::now() + Duration::from_secs(40);
+    for until in powered_off.values_mut() {
+        *until = (*until).min(back_by);
+    }
     for n in names.iter() {
         let reset = lock(&world).reset_hosts.remove(n);
         if let Some(a) = agents.remove(n) {
@@ -2624,7 +2684,7 @@ async fn simulate(plan: Plan) -> Outcome {
                 agents.insert(n.clone(), a);
             }
         }
-        if !agents.contains_key(n) {
+        if !agents.contains_key(n) && !powered_off.contains_key(n) {
             agents.insert(n.clone(), Agent::start(&world, n, &configs[n]));
         }
     }
@@ -2632,6 +2692,7 @@ async fn simulate(plan: Plan) -> Outcome {
     let mut settled = false;
     while settle_start.elapsed() < plan.quiet {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        boot_due(&world, &configs, &mut agents, &mut powered_off);
         let w = lock(&world);
         if let Some(l) = w.leader_key() {
             if w.writers() == vec![l.clone()] {
@@ -2645,6 +2706,7 @@ async fn simulate(plan: Plan) -> Outcome {
     let mut stragglers = Vec::new();
     if settled && CHECK_STRAGGLERS {
         while settle_start.elapsed() < plan.quiet {
+            boot_due(&world, &configs, &mut agents, &mut powered_off);
             stragglers = {
                 let w = lock(&world);
                 w.leader_key()
@@ -2706,6 +2768,26 @@ async fn simulate(plan: Plan) -> Outcome {
         trace: w.trace.clone(),
         acked: w.acked.len(),
         promotions,
+    }
+}
+
+/// Hosts powered off whose time is up boot again, and their agents start.
+fn boot_due(
+    world: &Shared,
+    configs: &BTreeMap<String, AgentConfig>,
+    agents: &mut BTreeMap<String, Agent>,
+    powered_off: &mut BTreeMap<String, Instant>,
+) {
+    let now = Instant::now();
+    let due: Vec<String> = powered_off
+        .iter()
+        .filter(|(_, until)| **until <= now)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in due {
+        powered_off.remove(&n);
+        lock(world).log(format!("{n}: host back, agent started"));
+        agents.insert(n.clone(), Agent::start(world, &n, &configs[&n]));
     }
 }
 
@@ -2816,8 +2898,9 @@ fn the_protocol_holds_its_invariants_over_many_seeds() {
         ("watchdog resets", "the watchdog fired"),
         ("slots given up", "given up (max_slot_wal_keep_size)"),
         ("NOSPACE", "etcd out of space"),
+        ("powered off", "host powered off at the worst moment"),
     ];
-    let mut counts = [0usize; 6];
+    let mut counts = [0usize; 7];
     let mut failures = Vec::new();
     for &seed in &seeds {
         let o = run(plan(seed));
