@@ -2106,7 +2106,11 @@ impl Fencer for SimFencer {
 
 // ------------------------------------------------------------------ agents
 
-fn config(name: &str, sync: &str, watchdog: bool, slots: bool) -> AgentConfig {
+fn config(name: &str, sync: &str, watchdog: bool, later: bool) -> AgentConfig {
+    // The later model uses member slots, and a lag limit a slow standby can pass (a
+    // position is an entry here, not a byte).
+    let slots = later;
+    let max_lag = if later { 40 } else { 1048576 };
     let watchdog = if watchdog { "automatic" } else { "off" };
     let text = format!(
         r#"
@@ -2143,7 +2147,7 @@ ha:
   loop_wait: 1
   retry_timeout: 2
   synchronous_mode: {sync}
-  maximum_lag_on_failover: 1048576
+  maximum_lag_on_failover: {max_lag}
   primary_start_timeout: 10
   use_slots: {slots}
   member_slots_ttl: 1800
