@@ -114,7 +114,8 @@ impl<H: Host> Node<H> {
         let published = state
             .and_then(|g| g.members.values().map(|m| m.timeline).max())
             .unwrap_or(0);
-        let next = timeline::next_timeline(current, reserved.max(published))
+        let highest = reserved.max(published);
+        let next = timeline::next_timeline(current, highest)
             .map_err(|e| format!("cannot promote: {e} ({key} or a member key)"))?;
         let value = next.to_string().into_bytes();
         let won = match &read {
@@ -131,8 +132,11 @@ impl<H: Host> Node<H> {
             g.max_timeline = Some((value, Some(next)));
         }
         self.pg.skip_timelines(current, next)?;
+        // Both inputs are logged: the data's own timeline alone can look far behind (a
+        // standby's control file names the timeline of its last restartpoint).
         tracing::info!(
-            from = current,
+            data_timeline = current,
+            group_highest = highest,
             timeline = next,
             "reserved the next timeline"
         );
