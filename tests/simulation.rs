@@ -2491,17 +2491,8 @@ async fn simulate(plan: Plan) -> Outcome {
             }
             w.log(format!("heal {kind} {n}"));
         }
-        let restart: Vec<String> = down
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in restart {
-            down.remove(&n);
-            powered_off.remove(&n);
-            lock(&world).log(format!("{n}: agent restarted"));
-            agents.insert(n.clone(), Agent::start(&world, &n, &configs[&n]));
-        }
+        start_due(&world, &configs, &mut agents, &mut down, "agent restarted");
+        powered_off.retain(|n, _| !agents.contains_key(n));
         let victim = names[rng.below(names.len() as u64) as usize].clone();
         let fault = rng.below(if plan.extended { 115 } else { 100 });
         let mut w = lock(&world);
@@ -2696,7 +2687,13 @@ async fn simulate(plan: Plan) -> Outcome {
     let mut settled = false;
     while settle_start.elapsed() < plan.quiet {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        boot_due(&world, &configs, &mut agents, &mut powered_off);
+        start_due(
+            &world,
+            &configs,
+            &mut agents,
+            &mut powered_off,
+            "host back, agent started",
+        );
         let w = lock(&world);
         if let Some(l) = w.leader_key() {
             if w.writers() == vec![l.clone()] {
@@ -2710,7 +2707,13 @@ async fn simulate(plan: Plan) -> Outcome {
     let mut stragglers = Vec::new();
     if settled && CHECK_STRAGGLERS {
         while settle_start.elapsed() < plan.quiet {
-            boot_due(&world, &configs, &mut agents, &mut powered_off);
+            start_due(
+                &world,
+                &configs,
+                &mut agents,
+                &mut powered_off,
+                "host back, agent started",
+            );
             stragglers = {
                 let w = lock(&world);
                 w.leader_key()
@@ -2775,22 +2778,23 @@ async fn simulate(plan: Plan) -> Outcome {
     }
 }
 
-/// Hosts powered off whose time is up boot again, and their agents start.
-fn boot_due(
+/// The agents whose time to start again has come (`waiting`: member → when) start.
+fn start_due(
     world: &Shared,
     configs: &BTreeMap<String, AgentConfig>,
     agents: &mut BTreeMap<String, Agent>,
-    powered_off: &mut BTreeMap<String, Instant>,
+    waiting: &mut BTreeMap<String, Instant>,
+    what: &str,
 ) {
     let now = Instant::now();
-    let due: Vec<String> = powered_off
+    let due: Vec<String> = waiting
         .iter()
         .filter(|(_, until)| **until <= now)
         .map(|(n, _)| n.clone())
         .collect();
     for n in due {
-        powered_off.remove(&n);
-        lock(world).log(format!("{n}: host back, agent started"));
+        waiting.remove(&n);
+        lock(world).log(format!("{n}: {what}"));
         agents.insert(n.clone(), Agent::start(world, &n, &configs[&n]));
     }
 }
