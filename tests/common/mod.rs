@@ -546,6 +546,14 @@ pub fn apply_lock_key(t: &TestLab) -> String {
 
 /// Run one SQL statement with psql on a member's server (database `citus`); its output.
 pub fn psql(t: &TestLab, member: &str, sql: &str) -> String {
+    match try_psql(t, member, sql) {
+        Ok(out) => out,
+        Err(e) => panic!("psql on {member}: {e}"),
+    }
+}
+
+/// `psql`, for a server that may be restarting meanwhile: its error instead of a panic.
+pub fn try_psql(t: &TestLab, member: &str, sql: &str) -> Result<String, String> {
     let h = t.spec.host(member).expect("member");
     let out = std::process::Command::new("psql")
         .args([
@@ -564,10 +572,8 @@ pub fn psql(t: &TestLab, member: &str, sql: &str) -> String {
         .env("PGCONNECT_TIMEOUT", "5")
         .output()
         .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql on {member}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
