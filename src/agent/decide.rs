@@ -109,7 +109,8 @@ pub struct Snapshot {
     pub now_unix: i64,
     /// How long this replica has been running without a WAL receiver that streams.
     pub not_streaming_for: std::time::Duration,
-    /// This member handed over (switchover) more than a lease ago and nobody took the key.
+    /// A switchover or failover request has been pending for more than a lease with nobody
+    /// leading (timed from this member's handoff, or from when it first saw it so).
     pub handoff_overdue: bool,
     /// Failed starts as a standby in a row (reset by a start that succeeds).
     pub failed_replica_starts: u32,
@@ -251,8 +252,8 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
     let i_lead = named_me && g.leader_lease.is_some() && g.leader_lease == s.my_lease;
     let other_leader = leader.filter(|l| *l != me);
     if s.handoff_overdue && leader.is_none() && g.failover.is_some() {
-        // The candidate we handed over to did not take over: drop the request so that a
-        // normal election runs.
+        // The candidate did not take over within a lease (stuck, or gone with its key
+        // still alive): drop the request so that a normal election runs. Any member may.
         return vec![ClearFailover {
             reason: "the switchover candidate did not take over in time".into(),
         }];

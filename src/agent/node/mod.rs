@@ -102,7 +102,9 @@ pub struct Node<H: Host = LocalHost> {
     /// pg_rewind from this member failed (see `Snapshot::rewind_failed_from`); cleared by
     /// any start that works and by setting the data aside.
     rewind_failed_from: Option<String>,
-    handoff_started: Option<Instant>,
+    /// Since when a switchover or failover request has been pending with nobody leading
+    /// (`Snapshot::handoff_overdue`).
+    unled_request_since: Option<Instant>,
     /// The coordinator's write pauses (coordinator members only).
     pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
     /// PgBouncer in front of this worker (`citus.pooler`).
@@ -156,7 +158,7 @@ impl<H: Host> Node<H> {
             last_probe: None,
             clean_handoff: false,
             bootstrapped_here,
-            handoff_started: None,
+            unled_request_since: None,
             ssn: String::new(),
             ssn_changed: None,
             ssn_since_lsn: None,
@@ -586,7 +588,7 @@ impl<H: Host> Node<H> {
                     None => self.dcs.delete(&keys.failover(g)).await,
                 }
                 .map_err(|e| e.to_string())?;
-                self.handoff_started = None;
+                self.unled_request_since = None;
                 Ok(true)
             }
             Action::PublishOptime => {

@@ -72,11 +72,17 @@ impl<H: Host> Node<H> {
             }
         };
         let mut handoff_overdue = false;
-        if let (Some(t0), DcsView::Available(g)) = (self.handoff_started, &dcs) {
+        if let DcsView::Available(g) = &dcs {
             if g.leader.is_some() || g.failover.is_none() {
-                self.handoff_started = None;
+                self.unled_request_since = None;
             } else {
-                handoff_overdue = t0.elapsed() > self.lease.timing.ttl;
+                // Every member times a request that nobody leads under, from its handoff
+                // (the old leader) or from when it first sees one: a candidate that never
+                // takes over (its loop stuck while its key lives on) must not hold the group,
+                // and an old leader whose agent restarted meanwhile must not forget it (the
+                // simulation's seed 20).
+                let since = *self.unled_request_since.get_or_insert_with(Instant::now);
+                handoff_overdue = since.elapsed() > self.lease.timing.ttl;
             }
         }
         let i_lead = matches!(&dcs, DcsView::Available(g) if g.leader.as_deref() == Some(self.cfg.member.as_str())

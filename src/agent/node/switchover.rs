@@ -52,7 +52,7 @@ impl<H: Host> Node<H> {
             .await
             .map_err(|e| e.to_string())?;
         self.clean_handoff = clean;
-        self.handoff_started = Some(Instant::now());
+        self.unled_request_since = Some(Instant::now());
         tracing::info!(
             %to,
             checkpoint_ms = checkpointed.as_millis() as u64,
