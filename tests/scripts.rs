@@ -11,8 +11,9 @@ use std::process::{Command, Stdio};
 use citus_reconcile::agent::config::Paths;
 use citus_reconcile::observe::probe_script;
 use citus_reconcile::provision::{
-    UNIT_KEYS, install_packages_script, prepare_dirs_script, read_config_script,
-    record_hash_script, reload_script, set_aside_script, start_script, stop_script, unit_text,
+    UNIT_KEYS, hold_packages_script, install_packages_script, prepare_dirs_script,
+    read_config_script, record_hash_script, reload_script, set_aside_script, start_script,
+    stop_script, unit_text,
 };
 use citus_reconcile::spec::model::Service;
 use citus_reconcile::spec::{self, Context, Spec};
@@ -163,6 +164,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
             "install packages",
             install_packages_script(&[odd.to_string(), "citus".into()], Some(odd)),
         ),
+        ("hold packages", hold_packages_script(&[odd.to_string()])),
         ("prepare dirs", prepare_dirs_script(&paths)),
         ("record hash", record_hash_script(&paths, odd)),
         ("read config", read_config_script(&paths)),

@@ -17,7 +17,7 @@ use crate::dcs::{ClusterKeys, Dcs, keys};
 use crate::plan::{DataDirState, EtcdObserved, GroupObserved, HostFacts, HostObserved, Observed};
 use crate::spec::model::Service;
 use crate::spec::{HostSpec, Spec};
-use crate::ssh::{self, Script, Session, Target, quote};
+use crate::ssh::{self, Script, Session, Target, quote, quote_words};
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const SQL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,6 +95,17 @@ if [ -f {config} ]; then echo "config_sha=$(sha256sum {config} | cut -d' ' -f1)"
 [ -f {data}/postgresql.auto.conf ] && echo "autoconf_b64=$(base64 -w0 {data}/postgresql.auto.conf)"
 if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -qF -- {agent_args}; then echo agent_pid=$pid; fi; fi
 [ -f {unit} ] && echo unit=yes
+if command -v dpkg-query >/dev/null 2>&1; then
+  held=$(apt-mark showhold 2>/dev/null)
+  for p in {packages}; do
+    v=$(dpkg-query -W -f '${db:Status-Status} ${Version}' "$p" 2>/dev/null)
+    case "$v" in
+      "installed "*) echo "pkg=$p ${v#installed }" ;;
+      *) echo "cand=$p $(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: *//p')" ;;
+    esac
+    printf '%s\n' "$held" | grep -qxF -- "$p" && echo "held=$p"
+  done
+fi
 true
 "#,
         &[
@@ -110,6 +121,10 @@ true
             ("agent_args", &quote(&format!("--config {}", p.config()))),
             ("pid_file", &quote(&p.pid_file())),
             ("unit", &quote(&unit)),
+            (
+                "packages",
+                &quote_words(spec.apt_packages(h).iter().map(String::as_str)),
+            ),
         ],
     )
 }
@@ -196,6 +211,20 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
                     .unwrap_or_default()
             }
             "agent_pid" => f.agent_pid = v.trim().parse().ok(),
+            "pkg" | "cand" => {
+                let (name, version) = v.split_once(' ').unwrap_or((v, ""));
+                let version = version.trim();
+                // apt-cache says "(none)" for a package no list has.
+                let version =
+                    (!version.is_empty() && version != "(none)").then(|| version.to_string());
+                let p = f.packages.entry(name.to_string()).or_default();
+                if k == "pkg" {
+                    p.installed = version;
+                } else {
+                    p.candidate = version;
+                }
+            }
+            "held" => f.packages.entry(v.trim().to_string()).or_default().held = true,
             "unit" => f.unit_installed = true,
             _ => {}
         }
@@ -535,6 +564,30 @@ mod tests {
         assert_eq!(
             f.agent_config_redacted.as_deref(),
             Some("# (unreadable agent configuration; it will be replaced)\n")
+        );
+        // Packages: installed (held or not), or the version apt would install ("(none)": no
+        // package list has it).
+        let f = parse_probe(
+            "pkg=postgresql-15 15.14-0+deb12u1\nheld=postgresql-15\npkg=pgbouncer 1.24.1-1\ncand=postgresql-15-citus-13.2 (none)\ncand=postgresql-16 16.10-1.pgdg120+1\n",
+            Service::Process,
+            None,
+        );
+        let p = |n: &str| f.packages.get(n).cloned().unwrap_or_default();
+        assert_eq!(
+            (
+                p("postgresql-15").installed.as_deref(),
+                p("postgresql-15").held
+            ),
+            (Some("15.14-0+deb12u1"), true)
+        );
+        assert_eq!(
+            (p("pgbouncer").installed.as_deref(), p("pgbouncer").held),
+            (Some("1.24.1-1"), false)
+        );
+        assert_eq!(p("postgresql-15-citus-13.2"), Default::default());
+        assert_eq!(
+            p("postgresql-16").candidate.as_deref(),
+            Some("16.10-1.pgdg120+1")
         );
         let f = parse_probe("data=partial\n", Service::Systemd, Some(7));
         assert_eq!((f.data_dir, f.agent_pid), (DataDirState::Partial, Some(7)));

@@ -339,16 +339,33 @@ fn host_actions(
     }
     if !packages.is_empty() {
         if f.apt {
+            // The version each would get, as far as the host's package lists know today (the
+            // install runs `apt-get update` first, which may move it).
+            let versions: BTreeMap<String, String> = packages
+                .iter()
+                .filter_map(|p| {
+                    let v = f.packages.get(p)?.candidate.clone()?;
+                    Some((p.clone(), v))
+                })
+                .collect();
+            let listed = packages
+                .iter()
+                .map(|p| match versions.get(p) {
+                    Some(v) => format!("{p} {v}"),
+                    None => format!("{p} (not in the host's package lists yet)"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
             out.push(act(
                 Phase::Prepare,
                 target(),
                 Change::Add,
                 Kind::InstallPackages {
                     packages: packages.clone(),
+                    versions,
                 },
                 format!(
-                    "install packages: {} (then held, so that no unattended upgrade restarts them; no `main` cluster)",
-                    packages.join(" ")
+                    "install packages: {listed} (then held, so that no unattended upgrade restarts them; no `main` cluster)"
                 ),
             ));
         } else {
@@ -356,6 +373,39 @@ fn host_actions(
                 "{}: packages {} are needed but apt-get is not available",
                 h.name,
                 packages.join(" ")
+            ));
+        }
+    }
+
+    // Installed packages that are not held any more (`apt-mark unhold`, a restored image):
+    // an unattended upgrade could restart PostgreSQL behind the agent's back.
+    if h.install == InstallMode::Apt && f.apt {
+        let unheld: Vec<(String, String)> = h
+            .packages
+            .iter()
+            .chain(h.citus_package.iter())
+            .filter(|p| !packages.contains(p))
+            .filter_map(|p| {
+                let s = f.packages.get(p).filter(|s| !s.held)?;
+                Some((p.clone(), s.installed.clone()?))
+            })
+            .collect();
+        if !unheld.is_empty() {
+            out.push(act(
+                Phase::Prepare,
+                target(),
+                Change::Change,
+                Kind::HoldPackages {
+                    packages: unheld.iter().map(|(p, _)| p.clone()).collect(),
+                },
+                format!(
+                    "hold packages: {} (installed but not held: an unattended upgrade could restart PostgreSQL behind the agent)",
+                    unheld
+                        .iter()
+                        .map(|(p, v)| format!("{p} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
     }

@@ -59,6 +59,12 @@ pub enum Target {
 pub enum Kind {
     InstallPackages {
         packages: Vec<String>,
+        /// The version each package would get, when the host's package lists know it.
+        versions: std::collections::BTreeMap<String, String>,
+    },
+    /// Installed packages that are no longer held (`apt-mark hold` again).
+    HoldPackages {
+        packages: Vec<String>,
     },
     CreateDirectories,
     UploadAgentBinary {

@@ -139,6 +139,17 @@ pub struct HostFacts {
     /// The systemd unit's state (`agent.service: systemd`), e.g. "failed (exit-code),
     /// restarted 3 times".
     pub unit_state: Option<String>,
+    /// The spec's packages as dpkg and apt know them (hosts with dpkg only).
+    pub packages: BTreeMap<String, PackageState>,
+}
+
+/// One package on a host: its installed version, or the version apt would install from the
+/// package lists the host has (as of its last `apt-get update`), and whether it is held.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PackageState {
+    pub installed: Option<String>,
+    pub candidate: Option<String>,
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

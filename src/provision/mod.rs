@@ -63,6 +63,27 @@ pub async fn install_packages(
     .map(|_| ())
 }
 
+/// Hold installed packages again, so that no unattended upgrade restarts them.
+pub fn hold_packages_script(packages: &[String]) -> Script {
+    Script::render(
+        "apt-mark hold {packages} >/dev/null",
+        &[(
+            "packages",
+            &quote_words(packages.iter().map(String::as_str)),
+        )],
+    )
+}
+
+pub async fn hold_packages(s: &Session, packages: &[String]) -> Result<(), SshError> {
+    s.run(
+        "hold packages",
+        &hold_packages_script(packages),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
 /// The install folder: traversable by postgres (socket and passfile live below it), readable
 /// by root only otherwise.
 pub fn prepare_dirs_script(paths: &Paths) -> Script {

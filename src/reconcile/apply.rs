@@ -72,8 +72,11 @@ async fn run_host_actions(
                 progress.step(&host, &a.summary);
                 let t0 = Instant::now();
                 let r = match &a.kind {
-                    Kind::InstallPackages { packages } => {
+                    Kind::InstallPackages { packages, .. } => {
                         provision::install_packages(&session, packages, apt_proxy.as_deref()).await
+                    }
+                    Kind::HoldPackages { packages } => {
+                        provision::hold_packages(&session, packages).await
                     }
                     Kind::UploadAgentBinary { sha256 } => match &binary {
                         Some(b) => provision::upload_binary(&session, &paths, b, sha256).await,

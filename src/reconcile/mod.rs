@@ -105,13 +105,7 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                 pg_major: spec.postgres.version,
                 install: spec.postgres.install,
                 packages: match spec.postgres.install {
-                    InstallMode::Apt => {
-                        let mut p = vec![format!("postgresql-{}", spec.postgres.version)];
-                        if spec.citus.pooler.is_some() && h.group != 0 {
-                            p.push("pgbouncer".into());
-                        }
-                        p
-                    }
+                    InstallMode::Apt => spec.postgres_packages(h),
                     InstallMode::None => vec![],
                 },
                 citus_package: spec.citus.package.clone(),

@@ -27,6 +27,10 @@ pub struct MemberStatus {
     /// running; systemd unit failed (exit-code), restarted 3 times", "host unreachable".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The spec's packages installed on the member's host, with their versions ("held" when
+    /// apt-mark holds them).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub packages: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +109,7 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
                 lag_mb,
                 pending_restart: m.map(|m| m.pending_restart.clone()).unwrap_or_default(),
                 agent: agent_state(o.hosts.get(&name), &name, &mut problems),
+                packages: installed_packages(o.hosts.get(&name)),
             });
         }
     }
@@ -115,6 +120,49 @@ pub fn of(spec: &Spec, o: &Observed) -> Status {
         etcd: Vec::new(),
         problems,
     }
+}
+
+fn installed_packages(host: Option<&HostObserved>) -> std::collections::BTreeMap<String, String> {
+    let Some(HostObserved::Reachable(f)) = host else {
+        return Default::default();
+    };
+    f.packages
+        .iter()
+        .filter_map(|(name, p)| {
+            let v = p.installed.as_ref()?;
+            Some((
+                name.clone(),
+                if p.held {
+                    format!("{v} (held)")
+                } else {
+                    v.clone()
+                },
+            ))
+        })
+        .collect()
+}
+
+/// "postgresql-15: 15.14-0+deb12u1 (held) on every member" — one line per package and
+/// version, naming the members unless all have it.
+fn package_lines(s: &Status) -> Vec<String> {
+    let mut by: std::collections::BTreeMap<(&str, &str), Vec<&str>> = Default::default();
+    for m in &s.members {
+        for (p, v) in &m.packages {
+            by.entry((p.as_str(), v.as_str()))
+                .or_default()
+                .push(m.member.as_str());
+        }
+    }
+    by.into_iter()
+        .map(|((p, v), members)| {
+            let on = if members.len() == s.members.len() {
+                "every member".to_string()
+            } else {
+                members.join(", ")
+            };
+            format!("{p}: {v} on {on}")
+        })
+        .collect()
 }
 
 /// The agent's state on a host in words; a problem when it does not run.
@@ -166,6 +214,13 @@ pub fn text(s: &Status) -> String {
         ]);
     }
     let mut out = format!("Cluster: {}\n{t}\n", s.cluster);
+    let packages = package_lines(s);
+    if !packages.is_empty() {
+        out.push_str("Packages:\n");
+        for l in packages {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
     match &s.pg_dist_node {
         Some(rows) => {
             let mut n = Table::new();

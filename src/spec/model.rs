@@ -251,6 +251,22 @@ impl Spec {
         })
         .collect()
     }
+    /// The PostgreSQL packages a member needs (with `install: apt`, what apply installs):
+    /// `postgresql-{version}`, and PgBouncer on workers when `citus.pooler` is set.
+    pub fn postgres_packages(&self, h: &HostSpec) -> Vec<String> {
+        let mut p = vec![format!("postgresql-{}", self.postgres.version)];
+        if self.citus.pooler.is_some() && h.group != 0 {
+            p.push("pgbouncer".into());
+        }
+        p
+    }
+    /// Every package of a member that `plan` reports on: `postgres_packages` and
+    /// `citus.package`.
+    pub fn apt_packages(&self, h: &HostSpec) -> Vec<String> {
+        let mut p = self.postgres_packages(h);
+        p.extend(self.citus.package.iter().cloned());
+        p
+    }
     /// Install folder of a member by name, also for members no longer in the spec.
     pub fn install_dir_of(&self, member: &str) -> String {
         match self.host(member) {

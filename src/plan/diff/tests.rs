@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::citus::metadata::{AuthinfoRow, NodeRow};
 use crate::dcs::keys::MemberInfo;
-use crate::plan::model::{EtcdObserved, GroupObserved};
+use crate::plan::model::{EtcdObserved, GroupObserved, PackageState};
 use crate::spec::secret::Secret;
 
 const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -95,6 +95,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         agent_pid: Some(100),
         unit_installed: false,
         unit_state: None,
+        packages: BTreeMap::new(),
     }
 }
 
@@ -479,14 +480,77 @@ fn apt_installs_what_is_missing() {
     if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
         f.postgres_version = None;
         f.citus_available = false;
+        // The host's package lists know PostgreSQL, not yet Citus (its repository is new).
+        f.packages.insert(
+            "postgresql-15".into(),
+            PackageState {
+                candidate: Some("15.14-0+deb12u1".into()),
+                ..Default::default()
+            },
+        );
     }
     check(
         &d,
         &o,
         &[
-            "+ w1 install packages: postgresql-15 postgresql-15-citus-13.2 (then held, so that no unattended upgrade restarts them; no `main` cluster)",
+            "+ w1 install packages: postgresql-15 15.14-0+deb12u1, postgresql-15-citus-13.2 (not in the host's package lists yet) (then held, so that no unattended upgrade restarts them; no `main` cluster)",
         ],
     );
+    let plan = diff(&d, &o);
+    assert!(matches!(
+        &plan.actions[0].kind,
+        Kind::InstallPackages { versions, .. }
+            if versions.get("postgresql-15").map(String::as_str) == Some("15.14-0+deb12u1")
+            && versions.len() == 1
+    ));
+}
+
+#[test]
+fn installed_packages_that_lost_their_hold_are_held_again() {
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.citus_package = Some("postgresql-15-citus-13.2".into());
+    }
+    let installed = |v: &str, held: bool| PackageState {
+        installed: Some(v.into()),
+        candidate: None,
+        held,
+    };
+    let mut o = converged(&d);
+    for f in o.hosts.values_mut() {
+        if let HostObserved::Reachable(f) = f {
+            f.packages = BTreeMap::from([
+                ("postgresql-15".into(), installed("15.14-0+deb12u1", true)),
+                (
+                    "postgresql-15-citus-13.2".into(),
+                    installed("13.2.0.citus-1", true),
+                ),
+            ]);
+        }
+    }
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("c2") {
+        f.packages.insert(
+            "postgresql-15-citus-13.2".into(),
+            installed("13.2.0.citus-1", false),
+        );
+    }
+    // install: none: the operator's packages are the operator's business.
+    check(&d, &o, &[]);
+    for h in d.hosts.values_mut() {
+        h.install = InstallMode::Apt;
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "~ c2 hold packages: postgresql-15-citus-13.2 13.2.0.citus-1 (installed but not held: an unattended upgrade could restart PostgreSQL behind the agent)",
+        ],
+    );
+    // A package that is not installed is installed (and held then), not held now.
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("c2") {
+        f.packages.remove("postgresql-15-citus-13.2");
+    }
+    check(&d, &o, &[]);
 }
 
 #[test]
