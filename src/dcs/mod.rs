@@ -5,6 +5,7 @@
 pub mod diagnose;
 pub mod handover;
 pub mod keys;
+pub mod membership;
 pub mod store;
 
 use std::sync::Arc;
@@ -329,6 +330,19 @@ impl Dcs {
         keys: ClusterKeys,
         timeout: Duration,
     ) -> Result<Dcs, DcsError> {
+        let dcs = Self::unproven(endpoints, access, keys, timeout)?;
+        dcs.prove(endpoints, access, timeout).await?;
+        Ok(dcs)
+    }
+
+    /// A client that connects at its first call: for a managed etcd that `apply` is about
+    /// to form (nothing answers yet).
+    pub fn unproven(
+        endpoints: &[String],
+        access: &Access,
+        keys: ClusterKeys,
+        timeout: Duration,
+    ) -> Result<Dcs, DcsError> {
         for e in endpoints {
             match (e.starts_with("https://"), access.tls.is_some()) {
                 (true, false) => {
@@ -368,16 +382,25 @@ impl Dcs {
             keys,
             timeout,
         };
-        // Prove that one endpoint answers; later calls fail over on their own.
+        Ok(dcs)
+    }
+
+    /// Prove that one endpoint answers; later calls fail over on their own.
+    async fn prove(
+        &self,
+        endpoints: &[String],
+        access: &Access,
+        timeout: Duration,
+    ) -> Result<(), DcsError> {
         let answered = retried(
             "connect",
             timeout,
-            &dcs,
+            self,
             |mut c| async move { c.status().await },
         )
         .await;
         match answered {
-            Ok(_) => Ok(dcs),
+            Ok(_) => Ok(()),
             Err(e) => {
                 // A channel that cannot connect waits or gives up without saying why (a
                 // certificate refused either way shows as a timeout or "canceled"): probe

@@ -138,6 +138,21 @@ impl Lab {
         }
         state.cluster = t.cluster.clone();
         state.subnet = t.subnet;
+        // Every managed etcd member's folder this lab ever served (a replaced member's too).
+        for m in &self.spec.etcd.members {
+            let p = PathBuf::from(&m.dir);
+            if owned_by_member(&m.dir, &self.spec.cluster, &m.name)
+                && !state.member_dirs.contains(&p)
+            {
+                state.member_dirs.push(p);
+            }
+            if let Some(made) = first_missing_ancestor(Path::new(&m.dir)) {
+                if !state.made_dirs.iter().any(|d| made.starts_with(d)) {
+                    state.made_dirs.retain(|d| !d.starts_with(&made));
+                    state.made_dirs.push(made);
+                }
+            }
+        }
         for h in self.spec.hosts() {
             for dir in [&h.data_dir, &h.install_dir] {
                 let p = PathBuf::from(dir);
@@ -172,11 +187,21 @@ impl Lab {
 
         // Client keys at the paths the spec names, and the authorized_keys every sshd reads.
         let mut authorized = Vec::new();
-        for h in self.spec.hosts() {
-            let Some(identity) = &h.ssh.identity_file else {
+        let logins = self
+            .spec
+            .hosts()
+            .map(|h| (h.name.clone(), h.ssh.clone()))
+            .chain(
+                self.spec
+                    .etcd
+                    .members
+                    .iter()
+                    .map(|m| (format!("etcd member {}", m.name), m.ssh.clone())),
+            );
+        for (name, ssh) in logins {
+            let Some(identity) = &ssh.identity_file else {
                 return Err(LabError::Spec(format!(
-                    "host {} has no ssh.identity_file; the lab writes its key there",
-                    h.name
+                    "host {name} has no ssh.identity_file; the lab writes its key there"
                 )));
             };
             if !identity.exists() && !state.created_keys.contains(identity) {
@@ -219,13 +244,24 @@ impl Lab {
 
         // known_hosts with the real host keys, per known_hosts file the spec names.
         let mut per_file: BTreeMap<PathBuf, Vec<(String, String)>> = BTreeMap::new();
-        for h in self.spec.hosts() {
+        let logins = self
+            .spec
+            .hosts()
+            .map(|h| (h.name.clone(), h.ssh.clone()))
+            .chain(
+                self.spec
+                    .etcd
+                    .members
+                    .iter()
+                    .map(|m| (m.address.clone(), m.ssh.clone())),
+            );
+        for (name, ssh) in logins {
             let node = t
-                .node(&h.name)
-                .ok_or_else(|| LabError::UnknownNode(h.name.clone()))?;
+                .node(&name)
+                .ok_or_else(|| LabError::UnknownNode(name.clone()))?;
             let key = services::host_public_key(&self.state_dir, node)?;
-            let entry = (services::known_host_name(node, h.ssh.port), key);
-            let list = per_file.entry(h.ssh.known_hosts.clone()).or_default();
+            let entry = (services::known_host_name(node, ssh.port), key);
+            let list = per_file.entry(ssh.known_hosts.clone()).or_default();
             if !list.contains(&entry) {
                 list.push(entry);
             }
@@ -356,6 +392,13 @@ impl Lab {
                 if owned_by_member(dir, &self.spec.cluster, &h.name) {
                     dirs.push(PathBuf::from(dir));
                 }
+            }
+        }
+        // A managed etcd's members' folders (data, configuration, log), and the data they
+        // set aside when removed (`data.removed-*`, inside).
+        for m in &self.spec.etcd.members {
+            if owned_by_member(&m.dir, &self.spec.cluster, &m.name) {
+                dirs.push(PathBuf::from(&m.dir));
             }
         }
         for dir in &dirs {

@@ -140,7 +140,26 @@ pub fn of(spec: &Spec) -> Result<Topology, String> {
             node.ssh_ports.push(h.ssh.port);
         }
     }
-    for (i, url) in spec.etcd.endpoints.iter().enumerate() {
+    // A managed etcd's hosts: `apply` runs etcd there, the lab only makes the hosts.
+    for m in &spec.etcd.members {
+        let ip = check(&m.address, &format!("etcd member {}", m.name))?;
+        let node = by_address.entry(ip).or_insert_with(|| Node {
+            address: ip,
+            ns: String::new(),
+            members: Vec::new(),
+            ssh_ports: Vec::new(),
+            etcd: None,
+        });
+        if !node.ssh_ports.contains(&m.ssh.port) {
+            node.ssh_ports.push(m.ssh.port);
+        }
+    }
+    let lab_etcd = if spec.etcd.members.is_empty() {
+        &spec.etcd.endpoints[..]
+    } else {
+        &[]
+    };
+    for (i, url) in lab_etcd.iter().enumerate() {
         let ep = parse_endpoint(url).map_err(|e| format!("etcd.endpoints[{i}]: {e}"))?;
         let ip = check(&ep.host, &format!("etcd endpoint {url}"))?;
         let node = by_address.entry(ip).or_insert_with(|| Node {

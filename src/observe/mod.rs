@@ -28,6 +28,9 @@ pub const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Sessions {
     pub ok: BTreeMap<String, Arc<Session>>,
     pub failed: BTreeMap<String, String>,
+    /// The hosts of a managed etcd's members, by member name.
+    pub etcd_ok: BTreeMap<String, Arc<Session>>,
+    pub etcd_failed: BTreeMap<String, String>,
 }
 
 impl Sessions {
@@ -35,23 +38,37 @@ impl Sessions {
     pub async fn connect(spec: &Spec, options: ssh::Options, parallelism: usize) -> Sessions {
         let sem = Arc::new(Semaphore::new(parallelism.max(1)));
         let mut set = JoinSet::new();
-        for h in spec.hosts() {
-            let target = Target::of(h);
+        let targets = spec
+            .hosts()
+            .map(|h| (false, h.name.clone(), Target::of(h)))
+            .chain(
+                spec.etcd
+                    .members
+                    .iter()
+                    .map(|m| (true, m.name.clone(), Target::of_etcd(m))),
+            );
+        for (etcd, name, target) in targets {
             let sem = sem.clone();
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 let r = Session::connect(&target, options).await;
-                (target.name.clone(), r)
+                (etcd, name, r)
             });
         }
         let mut out = Sessions::default();
         while let Some(joined) = set.join_next().await {
             match joined {
-                Ok((name, Ok(s))) => {
+                Ok((false, name, Ok(s))) => {
                     out.ok.insert(name, Arc::new(s));
                 }
-                Ok((name, Err(e))) => {
+                Ok((false, name, Err(e))) => {
                     out.failed.insert(name, e.to_string());
+                }
+                Ok((true, name, Ok(s))) => {
+                    out.etcd_ok.insert(name, Arc::new(s));
+                }
+                Ok((true, name, Err(e))) => {
+                    out.etcd_failed.insert(name, e.to_string());
                 }
                 Err(e) => tracing::error!(error = %e, "connection task failed"),
             }
@@ -60,7 +77,7 @@ impl Sessions {
     }
 
     pub async fn close(&self) {
-        for s in self.ok.values() {
+        for s in self.ok.values().chain(self.etcd_ok.values()) {
             s.close().await;
         }
     }
@@ -265,6 +282,55 @@ pub async fn connect_etcd(spec: &Spec) -> Result<Dcs, String> {
     Dcs::connect(&spec.etcd.endpoints, &access, keys, ETCD_TIMEOUT)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// A managed etcd: each member's host over SSH, and the member list from any endpoint.
+pub async fn managed_etcd(
+    spec: &Spec,
+    sessions: &Sessions,
+    dcs: Option<&Dcs>,
+) -> crate::plan::etcd::ManagedEtcdObserved {
+    use crate::plan::etcd::EtcdHost;
+    let mut hosts = BTreeMap::new();
+    let mut set = JoinSet::new();
+    for m in &spec.etcd.members {
+        match (
+            sessions.etcd_ok.get(&m.name),
+            sessions.etcd_failed.get(&m.name),
+        ) {
+            (Some(s), _) => {
+                let (s, m) = (s.clone(), m.clone());
+                set.spawn(
+                    async move { (m.name.clone(), crate::provision::etcd::probe(&s, &m).await) },
+                );
+            }
+            (None, failed) => {
+                hosts.insert(
+                    m.name.clone(),
+                    EtcdHost::Unreachable {
+                        error: failed.cloned().unwrap_or_else(|| "not connected".into()),
+                    },
+                );
+            }
+        }
+    }
+    while let Some(joined) = set.join_next().await {
+        if let Ok((name, h)) = joined {
+            hosts.insert(name, h);
+        }
+    }
+    let members = match dcs {
+        Some(d) => Some(d.cluster_members().await.map_err(|e| e.to_string())),
+        None => Some(Err("not connected".into())),
+    };
+    crate::plan::etcd::ManagedEtcdObserved { hosts, members }
+}
+
+/// A client of the spec's etcd that connects at its first call (see `Dcs::unproven`).
+pub fn unproven_etcd(spec: &Spec) -> Result<Dcs, String> {
+    let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
+    let access = crate::dcs::Access::from_spec(&spec.etcd);
+    Dcs::unproven(&spec.etcd.endpoints, &access, keys, ETCD_TIMEOUT).map_err(|e| e.to_string())
 }
 
 pub async fn etcd_state(dcs: &Dcs) -> EtcdObserved {
@@ -500,6 +566,9 @@ pub async fn observe(
         },
     };
     tracing::debug!("etcd read");
+    if !spec.etcd.members.is_empty() {
+        o.managed_etcd = Some(managed_etcd(spec, sessions, dcs).await);
+    }
     if o.etcd.error.is_none() {
         let etcd = o.etcd.clone();
         metadata(spec, sessions, &etcd, &mut o).await;

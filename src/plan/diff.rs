@@ -32,7 +32,18 @@ fn short(sha: &str) -> &str {
 pub fn diff(d: &Desired, o: &Observed) -> Plan {
     let mut actions = Vec::new();
     let mut errors = Vec::new();
-    if let Some(e) = &o.etcd.error {
+    // A managed etcd comes first: until a new one is formed, an empty etcd is the truth for
+    // the rest of the plan (nothing was ever stored).
+    let forming = match (&o.managed_etcd, d.etcd_members.is_empty()) {
+        (Some(m), false) => {
+            let (a, e) = super::etcd::diff(&d.etcd_members, d.etcd_install, m);
+            actions.extend(a);
+            errors.extend(e);
+            m.forming()
+        }
+        _ => false,
+    };
+    if let Some(e) = o.etcd.error.as_ref().filter(|_| !forming) {
         errors.push(format!("etcd: {e}"));
     }
     for (name, hd) in &d.hosts {

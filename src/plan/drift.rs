@@ -54,6 +54,7 @@ fn target_text(t: &Target) -> String {
         Target::Host(h) => format!("host {h}"),
         Target::Group(g) => format!("group {g}"),
         Target::Cluster => "cluster".into(),
+        Target::Etcd(name) => format!("etcd member {name}"),
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod diff;
 pub mod drift;
+pub mod etcd;
 pub mod model;
 pub mod render;
 pub mod saved;
@@ -23,6 +24,8 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// A managed etcd's members: installed, started, added (before anything else needs it).
+    Etcd,
     /// Packages and folders.
     Prepare,
     /// Agent binary, configuration, service.
@@ -52,6 +55,8 @@ pub enum Target {
     Host(String),
     Group(u32),
     Cluster,
+    /// A member of a managed etcd.
+    Etcd(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,6 +66,20 @@ pub enum Kind {
         packages: Vec<String>,
         /// The version each package would get, when the host's package lists know it.
         versions: std::collections::BTreeMap<String, String>,
+    },
+    /// etcd onto a managed member's host (Debian's etcd-server).
+    EtcdInstall,
+    /// Write a managed etcd member's configuration and start it: with every desired member
+    /// as a new cluster, or as the member it is.
+    EtcdStart {
+        new_cluster: bool,
+    },
+    /// `member add`, then start it as a member of the existing cluster.
+    EtcdAdd,
+    /// `member remove` of a member the spec no longer has; its process stops.
+    EtcdRemove {
+        id: u64,
+        peer_urls: Vec<String>,
     },
     /// Installed packages that are no longer held (`apt-mark hold` again).
     HoldPackages {

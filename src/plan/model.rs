@@ -28,6 +28,10 @@ pub struct Desired {
     /// The passwords the superuser and the replication role should have, by role name.
     #[serde(skip)]
     pub role_passwords: BTreeMap<String, crate::spec::secret::Secret>,
+    /// A managed etcd's members (`etcd.members`; empty when etcd is the operator's).
+    pub etcd_members: Vec<super::etcd::EtcdMemberDesired>,
+    /// How etcd gets onto their hosts (`postgres.install`).
+    pub etcd_install: InstallMode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +58,8 @@ pub struct HostDesired {
 pub struct Observed {
     pub hosts: BTreeMap<String, HostObserved>,
     pub etcd: EtcdObserved,
+    /// A managed etcd's hosts and membership (None when etcd is the operator's).
+    pub managed_etcd: Option<super::etcd::ManagedEtcdObserved>,
     /// pg_dist_node as the coordinator's primary sees it (None: no coordinator primary yet,
     /// or it could not be read — see `metadata_error`).
     pub nodes: Option<Vec<NodeRow>>,

@@ -42,6 +42,7 @@ fn heading(t: &Target, desired: &Desired) -> String {
         Target::Group(0) => "group 0 (coordinator)".into(),
         Target::Group(g) => format!("group {g}"),
         Target::Cluster => "cluster".into(),
+        Target::Etcd(name) => format!("etcd member {name}"),
     }
 }
 

@@ -2,6 +2,8 @@
 //! service, starting and stopping the agent. Each step is idempotent, so a rerun after a failure
 //! simply continues.
 
+pub mod etcd;
+
 use std::time::Duration;
 
 use crate::agent::config::Paths;

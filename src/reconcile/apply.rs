@@ -158,6 +158,7 @@ async fn execute_host_phases(
         None
     };
     let phase = |p: Phase| plan.phase(p).cloned().collect::<Vec<_>>();
+    super::etcd::execute(run, plan, progress).await?;
     run_host_actions(run, &phase(Phase::Prepare), progress, &binary).await?;
     run_host_actions(run, &phase(Phase::Install), progress, &binary).await?;
     let (restarts, rest): (Vec<Action>, Vec<Action>) = phase(Phase::Start)
@@ -558,6 +559,25 @@ pub async fn apply(
             what.join("\n  ")
         )));
     }
+    // A managed etcd first: the lock lives in it. (Its membership changes are guarded by
+    // etcd itself: a second add of one peer URL, or a removal that costs the quorum, is
+    // refused.) Then everything else is planned again against it.
+    let replanned;
+    let (plan, observed) = if plan.phase(Phase::Etcd).next().is_some() {
+        super::etcd::execute(run, plan, progress).await?;
+        let o = run.observe().await;
+        let p = run.plan(&o);
+        if !p.errors.is_empty() {
+            return Err(ReconcileError::Blocked(format!(
+                "etcd runs, but the rest cannot be applied: {}",
+                p.errors.join("; ")
+            )));
+        }
+        replanned = (p, o);
+        (&replanned.0, &replanned.1)
+    } else {
+        (plan, observed)
+    };
     let dcs = run
         .dcs
         .as_ref()
@@ -671,6 +691,7 @@ async fn destroy(run: &Run, plan: &Plan, progress: &Arc<Progress>) -> Result<(),
                     .map_err(|e| ReconcileError::Blocked(e.to_string()))?;
                 remove_group_rows(run, &observed, *group).await?;
             }
+            Kind::EtcdRemove { .. } => super::etcd::remove(run, a, progress).await?,
             Kind::RemoveMember { member, address } => {
                 let group = match &a.target {
                     Target::Group(g) => *g,

@@ -3,6 +3,7 @@
 //! phase; `status` summarises the cluster like `patronictl list`.
 
 pub mod apply;
+pub mod etcd;
 pub mod lock;
 pub mod progress;
 pub mod rebalance;
@@ -148,6 +149,19 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
             .into_iter()
             .map(|c| (c.username.clone(), c.password.clone()))
             .collect(),
+        etcd_members: spec
+            .etcd
+            .members
+            .iter()
+            .map(|m| plan::etcd::EtcdMemberDesired {
+                name: m.name.clone(),
+                address: m.address.clone(),
+                peer_url: m.peer_url(),
+                client_url: m.client_url(),
+                dir: m.dir.clone(),
+            })
+            .collect(),
+        etcd_install: spec.postgres.install,
     }
 }
 
@@ -186,6 +200,8 @@ impl Run {
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "connected");
         let (dcs, etcd_error) = match dcs {
             Ok(d) => (Some(d), None),
+            // A managed etcd may not run yet: apply starts it, then this client connects.
+            Err(_) if !spec.etcd.members.is_empty() => (observe::unproven_etcd(spec).ok(), None),
             Err(e) => (None, Some(e)),
         };
         Ok(Run {

@@ -34,12 +34,49 @@ pub struct Spec {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EtcdSpec {
+    /// The endpoints: as given, or a managed etcd's members' client URLs.
     pub endpoints: Vec<String>,
+    /// Managed etcd (`etcd.members`): the hosts `apply` runs etcd on. Empty when etcd is the
+    /// operator's.
+    pub members: Vec<EtcdMemberSpec>,
+    /// `etcd.endpoints` was written (rules refuse it beside `members`).
+    #[serde(skip)]
+    pub endpoints_written: bool,
     pub namespace: String,
     /// etcd authentication (user and password), when etcd requires it.
     pub auth: Option<Credential>,
     /// TLS to etcd (`https://` endpoints).
     pub tls: Option<EtcdTls>,
+}
+
+/// One member of a managed etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EtcdMemberSpec {
+    pub name: String,
+    pub address: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    /// Its folder: `data/`, `etcd.conf.yml`, the pid file and the log.
+    pub dir: String,
+    pub ssh: SshSpec,
+}
+
+impl EtcdMemberSpec {
+    pub fn client_url(&self) -> String {
+        format!("http://{}:{}", url_host(&self.address), self.client_port)
+    }
+    pub fn peer_url(&self) -> String {
+        format!("http://{}:{}", url_host(&self.address), self.peer_port)
+    }
+}
+
+/// An address as the host part of a URL (IPv6 in brackets).
+fn url_host(address: &str) -> String {
+    if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]")
+    } else {
+        address.to_string()
+    }
 }
 
 /// PEM texts for TLS to etcd, as read from their sources.
@@ -155,7 +192,7 @@ pub struct GroupSpec {
     pub hosts: Vec<HostSpec>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SshSpec {
     pub user: String,
     pub port: u16,
@@ -402,6 +439,36 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         .clone()
         .unwrap_or_else(|| "/var/lib/citus-reconcile/{cluster}/{member}".into());
 
+    let etcd_members: Vec<EtcdMemberSpec> = raw
+        .etcd
+        .members
+        .iter()
+        .map(|m| {
+            let ssh_o = m.ssh.clone().unwrap_or_default();
+            let identity = ssh_o
+                .identity_file
+                .as_ref()
+                .or(raw.ssh.identity_file.as_ref());
+            EtcdMemberSpec {
+                name: m.name.clone(),
+                address: m.address.clone(),
+                client_port: m.client_port,
+                peer_port: m.peer_port,
+                dir: m
+                    .dir
+                    .replace("{cluster}", &raw.cluster)
+                    .replace("{member}", &m.name),
+                ssh: SshSpec {
+                    user: ssh_o.user.unwrap_or_else(|| raw.ssh.user.clone()),
+                    port: ssh_o.port.unwrap_or(raw.ssh.port),
+                    identity_file: identity.map(|p| ctx.local_path(p)),
+                    known_hosts: ctx
+                        .local_path(ssh_o.known_hosts.as_ref().unwrap_or(&raw.ssh.known_hosts)),
+                },
+            }
+        })
+        .collect();
+
     let mut groups = Vec::new();
     for (gi, g) in raw.groups.iter().enumerate() {
         let mut hosts = Vec::new();
@@ -466,7 +533,16 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
         api_version: raw.api_version.clone(),
         cluster: raw.cluster.clone(),
         etcd: EtcdSpec {
-            endpoints: raw.etcd.endpoints.clone(),
+            endpoints: if etcd_members.is_empty() {
+                raw.etcd.endpoints.clone()
+            } else {
+                etcd_members
+                    .iter()
+                    .map(EtcdMemberSpec::client_url)
+                    .collect()
+            },
+            members: etcd_members,
+            endpoints_written: !raw.etcd.endpoints.is_empty(),
             namespace: raw.etcd.namespace.clone(),
             auth: etcd_auth,
             tls: etcd_tls,

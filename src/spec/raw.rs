@@ -42,8 +42,15 @@ pub struct RawSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEtcd {
-    /// Client URLs, `http://host:port` (the port defaults to 2379).
+    /// Client URLs of an etcd you run, `http://host:port` (the port defaults to 2379). Give
+    /// either these or `members`.
+    #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Managed etcd: the hosts that run it (dedicated ones or database hosts), installed,
+    /// formed into one cluster and kept by `apply`, which adds and removes members one at a
+    /// time. The endpoints are theirs. Give either these or `endpoints`.
+    #[serde(default)]
+    pub members: Vec<RawEtcdMember>,
     /// Key prefix; keys live under `{namespace}/{cluster}/{group}/`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
@@ -55,6 +62,40 @@ pub struct RawEtcd {
     /// TLS to etcd: required by `https://` endpoints, refused with `http://` ones.
     #[serde(default)]
     pub tls: Option<RawEtcdTls>,
+}
+
+/// One member of a managed etcd.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdMember {
+    /// Member name, unique among the etcd members: a DNS label.
+    pub name: String,
+    /// IP address or DNS name of its host, which the reconciler reaches over SSH.
+    pub address: String,
+    /// Client port (the endpoint's).
+    #[serde(default = "default_client_port")]
+    #[schemars(range(min = 1))]
+    pub client_port: u16,
+    /// Peer port (between members).
+    #[serde(default = "default_peer_port")]
+    #[schemars(range(min = 1))]
+    pub peer_port: u16,
+    /// Folder of the member's data, configuration and log (`{cluster}` and `{member}` are
+    /// replaced).
+    #[serde(default = "default_etcd_dir")]
+    pub dir: String,
+    #[serde(default)]
+    pub ssh: Option<RawSshOverride>,
+}
+
+fn default_client_port() -> u16 {
+    2379
+}
+fn default_peer_port() -> u16 {
+    2380
+}
+fn default_etcd_dir() -> String {
+    "/var/lib/citus-reconcile/etcd/{cluster}-{member}".into()
 }
 
 /// TLS material for etcd, each a PEM text given as `{file: PATH}` or `{env: NAME}` on the

@@ -101,10 +101,18 @@ fn api(spec: &Spec, out: &mut Vec<Diagnostic>) {
 
 fn etcd(spec: &Spec, out: &mut Vec<Diagnostic>) {
     if spec.etcd.endpoints.is_empty() {
-        out.push(Diagnostic::error(
-            path("etcd.endpoints"),
-            "at least one etcd endpoint is required",
-        ));
+        out.push(
+            Diagnostic::error(
+                path("etcd.endpoints"),
+                "at least one etcd endpoint is required",
+            )
+            .with_hint("list the endpoints of an etcd you run, or etcd.members for one apply runs"),
+        );
+    }
+    if !spec.etcd.members.is_empty() {
+        etcd_members(spec, out);
+        // The members' URLs are the endpoints: checked there, not as written ones.
+        return;
     }
     let mut seen: HashMap<(String, u16), usize> = HashMap::new();
     for (i, e) in spec.etcd.endpoints.iter().enumerate() {
@@ -153,6 +161,87 @@ fn etcd(spec: &Spec, out: &mut Vec<Diagnostic>) {
                     "a key prefix such as `/service`: starts with `/`, no trailing `/`, no spaces",
                 ),
         );
+    }
+}
+
+/// A managed etcd (`etcd.members`).
+fn etcd_members(spec: &Spec, out: &mut Vec<Diagnostic>) {
+    let members = &spec.etcd.members;
+    if spec.etcd.endpoints_written {
+        out.push(
+            Diagnostic::error(
+                path("etcd.members"),
+                "etcd.endpoints and etcd.members together: give one of them",
+            )
+            .with_hint("the endpoints of a managed etcd are its members' client URLs"),
+        );
+    }
+    if spec.etcd.tls.is_some() || spec.etcd.auth.is_some() {
+        out.push(
+            Diagnostic::error(
+                path("etcd.members"),
+                "a managed etcd (etcd.members) runs without TLS and authentication for now",
+            )
+            .with_hint("run etcd yourself and list its endpoints to use etcd.tls or etcd.auth"),
+        );
+    }
+    if members.len() % 2 == 0 {
+        out.push(Diagnostic::warning(
+            path("etcd.members"),
+            format!(
+                "{} etcd members tolerate no more failures than {}: an odd number is usual",
+                members.len(),
+                members.len() - 1
+            ),
+        ));
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut ports: HashMap<(&str, u16), usize> = HashMap::new();
+    for (i, m) in members.iter().enumerate() {
+        let p = path("etcd.members").index(i);
+        if !is_dns_label(&m.name) {
+            out.push(Diagnostic::error(
+                p.clone().key("name"),
+                format!(
+                    "invalid etcd member name {:?}: lower-case letters, digits and `-`",
+                    m.name
+                ),
+            ));
+        }
+        if let Some(first) = names.insert(&m.name, i) {
+            out.push(Diagnostic::error(
+                p.clone().key("name"),
+                format!("etcd member {:?} repeats etcd.members[{first}]", m.name),
+            ));
+        }
+        if m.address.trim().is_empty() || m.address.chars().any(char::is_whitespace) {
+            out.push(Diagnostic::error(
+                p.clone().key("address"),
+                format!("invalid address {:?}", m.address),
+            ));
+        }
+        if m.client_port == m.peer_port {
+            out.push(Diagnostic::error(
+                p.clone().key("peer_port"),
+                format!("the peer port is the client port ({})", m.client_port),
+            ));
+        }
+        for (port, field) in [(m.client_port, "client_port"), (m.peer_port, "peer_port")] {
+            if let Some(first) = ports.insert((&m.address, port), i) {
+                if first != i {
+                    out.push(Diagnostic::error(
+                        p.clone().key(field),
+                        format!("{}:{port} is taken by etcd.members[{first}]", m.address),
+                    ));
+                }
+            }
+        }
+        if !m.dir.starts_with('/') || m.dir.split('/').any(|c| c == "..") {
+            out.push(Diagnostic::error(
+                p.key("dir"),
+                format!("{:?}: an absolute path without `..` is needed", m.dir),
+            ));
+        }
     }
 }
 

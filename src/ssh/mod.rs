@@ -31,6 +31,18 @@ pub struct Target {
 }
 
 impl Target {
+    /// The host of a managed etcd member.
+    pub fn of_etcd(m: &crate::spec::model::EtcdMemberSpec) -> Self {
+        Self {
+            name: format!("etcd member {}", m.name),
+            address: m.address.clone(),
+            port: m.ssh.port,
+            user: m.ssh.user.clone(),
+            identity_file: m.ssh.identity_file.clone(),
+            known_hosts: m.ssh.known_hosts.clone(),
+        }
+    }
+
     pub fn of(host: &crate::spec::HostSpec) -> Self {
         Self {
             name: host.name.clone(),

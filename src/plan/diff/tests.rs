@@ -70,6 +70,8 @@ fn desired() -> Desired {
             ("postgres".to_string(), Secret::new("s3cret")),
             ("replicator".to_string(), Secret::new("r3pl")),
         ]),
+        etcd_members: vec![],
+        etcd_install: InstallMode::None,
     }
 }
 
@@ -157,6 +159,7 @@ fn converged(d: &Desired) -> Observed {
         }
     }
     Observed {
+        managed_etcd: None,
         hosts,
         etcd: EtcdObserved {
             error: None,
@@ -209,6 +212,7 @@ fn lines(plan: &Plan) -> Vec<String> {
                 Target::Host(h) => h.clone(),
                 Target::Group(g) => format!("g{g}"),
                 Target::Cluster => "cluster".into(),
+                Target::Etcd(n) => format!("etcd {n}"),
             };
             let c = match a.change {
                 Change::Add => "+",

@@ -1,0 +1,221 @@
+//! Executing a managed etcd's actions (`plan::etcd`): install, start (a new cluster, or a
+//! member that stopped), add one member at a time, each healthy before the next, and remove.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::progress::Progress;
+use super::{ReconcileError, Run};
+use crate::dcs::Dcs;
+use crate::plan::{Action, Kind, Phase, Plan, Target};
+use crate::provision::etcd as member;
+use crate::spec::model::EtcdMemberSpec;
+
+fn step_error(name: &str, step: &str, detail: impl std::fmt::Display) -> ReconcileError {
+    ReconcileError::Step {
+        host: format!("etcd member {name}"),
+        step: step.into(),
+        detail: detail.to_string(),
+    }
+}
+
+fn dcs(run: &Run) -> Result<&Dcs, ReconcileError> {
+    run.dcs
+        .as_ref()
+        .ok_or_else(|| ReconcileError::Blocked("etcd: not connected".into()))
+}
+
+/// The Etcd phase of `plan`, in order.
+pub async fn execute(
+    run: &Run,
+    plan: &Plan,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let actions: Vec<&Action> = plan.phase(Phase::Etcd).collect();
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let mut formed_new = false;
+    for a in &actions {
+        let Target::Etcd(name) = &a.target else {
+            continue;
+        };
+        let m = run
+            .spec
+            .etcd
+            .members
+            .iter()
+            .find(|m| &m.name == name)
+            .ok_or_else(|| step_error(name, "find", "not in the spec"))?;
+        let session = run
+            .sessions
+            .etcd_ok
+            .get(name)
+            .ok_or_else(|| step_error(name, "connect", "its host is not reachable"))?;
+        progress.note(&format!("etcd: {}", a.summary));
+        match &a.kind {
+            Kind::EtcdInstall => member::install(session, run.spec.postgres.apt_proxy.as_deref())
+                .await
+                .map_err(|e| step_error(name, "install etcd", e))?,
+            Kind::EtcdStart { new_cluster: true } => {
+                let initial: Vec<(String, String)> = run
+                    .spec
+                    .etcd
+                    .members
+                    .iter()
+                    .map(|m| (m.name.clone(), m.peer_url()))
+                    .collect();
+                member::start(session, m, &run.spec.cluster, &initial, true)
+                    .await
+                    .map_err(|e| step_error(name, "start etcd", e))?;
+                formed_new = true;
+            }
+            Kind::EtcdStart { new_cluster: false } => {
+                // A member with data ignores the initial cluster; one without takes the
+                // members etcd lists now.
+                let initial = initial_cluster(run, m).await;
+                member::start(session, m, &run.spec.cluster, &initial, false)
+                    .await
+                    .map_err(|e| step_error(name, "start etcd", e))?;
+            }
+            Kind::EtcdAdd => add(run, session, m, progress).await?,
+            _ => {}
+        }
+    }
+    if formed_new {
+        wait_until(run, "the new etcd cluster to answer", |members| {
+            run.spec.etcd.members.iter().all(|m| {
+                members
+                    .iter()
+                    .any(|c| c.name == m.name && c.peer_urls.contains(&m.peer_url()))
+            })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The members etcd lists now as `name=peer URL` pairs (a member added but not started has
+/// no name yet: `m`'s, when it is that one).
+async fn initial_cluster(run: &Run, m: &EtcdMemberSpec) -> Vec<(String, String)> {
+    let listed = match dcs(run) {
+        Ok(d) => d.cluster_members().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let mut out: Vec<(String, String)> = listed
+        .iter()
+        .filter_map(|c| {
+            let url = c.peer_urls.first()?.clone();
+            let name = if c.peer_urls.contains(&m.peer_url()) {
+                m.name.clone()
+            } else if c.name.is_empty() {
+                return None;
+            } else {
+                c.name.clone()
+            };
+            Some((name, url))
+        })
+        .collect();
+    if !out.iter().any(|(n, _)| n == &m.name) {
+        out.push((m.name.clone(), m.peer_url()));
+    }
+    out
+}
+
+/// `member add`, start it with the cluster as listed, and wait until it has joined (etcd
+/// lists it by name): the next change waits for this one.
+async fn add(
+    run: &Run,
+    session: &crate::ssh::Session,
+    m: &EtcdMemberSpec,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let d = dcs(run)?;
+    // An add whose reply was lost took effect all the same: never add one peer URL twice.
+    let listed = d
+        .cluster_members()
+        .await
+        .map_err(|e| step_error(&m.name, "member list", e))?;
+    if !listed.iter().any(|c| c.peer_urls.contains(&m.peer_url())) {
+        d.add_cluster_member(&m.peer_url())
+            .await
+            .map_err(|e| step_error(&m.name, "member add", e))?;
+    }
+    let initial = initial_cluster(run, m).await;
+    member::start(session, m, &run.spec.cluster, &initial, false)
+        .await
+        .map_err(|e| step_error(&m.name, "start etcd", e))?;
+    wait_until(run, &format!("etcd member {} to join", m.name), |members| {
+        members
+            .iter()
+            .any(|c| c.name == m.name && c.peer_urls.contains(&m.peer_url()))
+    })
+    .await?;
+    progress.note(&format!("etcd: member {} joined", m.name));
+    Ok(())
+}
+
+/// `member remove` (etcd refuses one that would cost the cluster its quorum); a removed
+/// member's process stops by itself. Then its data is set aside if its host is the spec's.
+pub async fn remove(
+    run: &Run,
+    action: &Action,
+    progress: &Arc<Progress>,
+) -> Result<(), ReconcileError> {
+    let Kind::EtcdRemove { id, peer_urls } = &action.kind else {
+        return Ok(());
+    };
+    let name = match &action.target {
+        Target::Etcd(n) => n.clone(),
+        _ => format!("{id:x}"),
+    };
+    let d = dcs(run)?;
+    d.remove_cluster_member(*id)
+        .await
+        .map_err(|e| step_error(&name, "member remove", e))?;
+    wait_until(run, &format!("etcd member {name} to leave"), |members| {
+        !members.iter().any(|c| c.id == *id)
+    })
+    .await?;
+    progress.note(&format!(
+        "etcd: member {name} ({}) removed",
+        peer_urls.join(", ")
+    ));
+    Ok(())
+}
+
+/// Poll the member list until `done` holds, for at most `member::START_TIMEOUT`.
+async fn wait_until(
+    run: &Run,
+    what: &str,
+    done: impl Fn(&[crate::dcs::membership::ClusterMember]) -> bool,
+) -> Result<(), ReconcileError> {
+    let d = dcs(run)?;
+    let deadline = Instant::now() + member::START_TIMEOUT;
+    loop {
+        let last = match d.cluster_members().await {
+            Ok(members) if done(&members) => return Ok(()),
+            Ok(members) => members
+                .iter()
+                .map(|c| {
+                    if c.name.is_empty() {
+                        format!("{:x} (not started)", c.id)
+                    } else {
+                        c.name.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(ReconcileError::Timeout(format!(
+                "waited {} s for {what}; last seen: {last}",
+                member::START_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
