@@ -10,12 +10,13 @@ use std::process::{Command, Stdio};
 
 use citus_reconcile::agent::config::Paths;
 use citus_reconcile::observe::probe_script;
+use citus_reconcile::provision::etcd;
 use citus_reconcile::provision::{
     UNIT_KEYS, hold_packages_script, install_packages_script, prepare_dirs_script,
     read_config_script, record_hash_script, reload_script, set_aside_script, start_script,
     stop_script, unit_text,
 };
-use citus_reconcile::spec::model::Service;
+use citus_reconcile::spec::model::{EtcdMemberSpec, Service};
 use citus_reconcile::spec::{self, Context, Spec};
 use citus_reconcile::ssh::{Script, upload_script};
 use proptest::prelude::*;
@@ -50,6 +51,11 @@ const STUBS: &[&str] = &[
     "postgres",
     "pg_config",
     "pg_controldata",
+    "etcd",
+    "kill",
+    "date",
+    "apt-mark",
+    "update-rc.d",
 ];
 
 /// A folder of stubs, and a `touch` that marks `$MARK`.
@@ -177,7 +183,21 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
             upload_script(&h.install_dir, odd, &paths.config(), 0o600, odd),
         ),
     ];
+    // A managed etcd member whose name, address and folder are the odd value.
+    let m = EtcdMemberSpec {
+        name: odd.to_string(),
+        address: odd.to_string(),
+        client_port: 2379,
+        peer_port: 2380,
+        dir: format!("/tmp/{odd}"),
+        ssh: h.ssh.clone(),
+    };
+    out.push(("etcd start", etcd::start_script(&m)));
+    out.push(("etcd start unit", etcd::start_unit_script(odd, odd)));
+    out.push(("etcd retire", etcd::retire_script(&m, odd)));
+    out.push(("etcd install", etcd::install_script(Some(odd))));
     for service in [Service::Process, Service::Systemd] {
+        out.push(("etcd probe", etcd::probe_script(&m, service, odd)));
         out.push(("start", start_script(service, &paths, odd, odd)));
         out.push(("stop", stop_script(service, &paths, odd, odd)));
         out.push(("reload", reload_script(service, &paths, odd, odd)));
@@ -277,6 +297,37 @@ fn systemd_analyze_verifies_the_agent_unit() {
         o.status.success() && said.trim().is_empty(),
         "systemd-analyze verify: {said}\n{}",
         std::fs::read_to_string(&unit).unwrap_or_default()
+    );
+    // A managed etcd member's unit, its folder as odd as the agent's.
+    let etcd_unit = tmp.path().join("citus-reconcile-etcd-verify-test.service");
+    let m = EtcdMemberSpec {
+        name: "e1".into(),
+        address: "10.0.0.5".into(),
+        client_port: 2379,
+        peer_port: 2380,
+        dir: install.to_string_lossy().into_owned(),
+        ssh: citus_reconcile::spec::model::SshSpec {
+            user: "root".into(),
+            port: 22,
+            identity_file: None,
+            known_hosts: "/k".into(),
+        },
+    };
+    std::fs::write(&etcd_unit, etcd::unit_text(&m, "c%n$x")).expect("write the unit");
+    let o = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&etcd_unit)
+        .output()
+        .expect("systemd-analyze runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify (etcd): {said}\n{}",
+        std::fs::read_to_string(&etcd_unit).unwrap_or_default()
     );
     // The check bites: the same unit pointing at a binary that is not there is refused.
     std::fs::remove_file(&binary).expect("remove the binary");

@@ -55,13 +55,14 @@ fn the_vagrantfile_makes_the_hosts_the_spec_names() {
         .map(|h| (h.name.clone(), h.address.clone()))
         .collect();
     assert_eq!(machines("DATABASE"), hosts);
-    let etcd: Vec<String> = machines("ETCD")
-        .values()
-        .map(|a| format!("http://{a}:2379"))
+    // etcd's VMs are the managed etcd's members.
+    let etcd: BTreeMap<String, String> = spec
+        .etcd
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), m.address.clone()))
         .collect();
-    let mut endpoints = spec.etcd.endpoints.clone();
-    endpoints.sort();
-    assert_eq!(etcd, endpoints);
+    assert_eq!(machines("ETCD"), etcd);
     // The seed's shape: 3 coordinators, 2 worker groups of 2, 3 etcd members.
     let sizes: Vec<usize> = spec.groups.iter().map(|g| g.hosts.len()).collect();
     assert_eq!(sizes, vec![3, 2, 2]);
@@ -101,12 +102,12 @@ fn vagrant_validates_the_vagrantfile() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    // What `vagrant up` leaves for citus-reconcile: a key, known_hosts for every database
-    // VM, the passwords — private files private.
+    // What `vagrant up` leaves for citus-reconcile: a key, known_hosts for every VM (etcd's
+    // too: apply logs in there to run it), the passwords — private files private.
     use std::os::unix::fs::PermissionsExt;
     let generated = dir.path().join(".generated");
     let known = std::fs::read_to_string(generated.join("known_hosts")).expect("known_hosts");
-    assert_eq!(known.lines().count(), 7, "{known}");
+    assert_eq!(known.lines().count(), 10, "{known}");
     for f in [
         "id_ed25519",
         "superuser.password",

@@ -300,9 +300,11 @@ pub async fn managed_etcd(
         ) {
             (Some(s), _) => {
                 let (s, m) = (s.clone(), m.clone());
-                set.spawn(
-                    async move { (m.name.clone(), crate::provision::etcd::probe(&s, &m).await) },
-                );
+                let (service, cluster) = (spec.agent.service, spec.cluster.clone());
+                set.spawn(async move {
+                    let h = crate::provision::etcd::probe(&s, &m, service, &cluster).await;
+                    (m.name.clone(), h)
+                });
             }
             (None, failed) => {
                 hosts.insert(

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::plan::etcd::{EtcdHost, EtcdHostFacts};
-use crate::spec::model::EtcdMemberSpec;
+use crate::spec::model::{EtcdMemberSpec, Service};
 use crate::ssh::{Script, Session, SshError, quote, quote_words};
 
 /// How long a started member may take to answer on its client URL.
@@ -95,25 +95,62 @@ fn needle(p: &MemberPaths) -> String {
     format!("--config-file {}", p.config())
 }
 
-/// What the member's host says: `etcd=VERSION`, `data=yes`, `running=PID`.
-pub fn probe_script(m: &EtcdMemberSpec) -> Script {
+/// The member's systemd unit (`agent.service: systemd`): `citus-reconcile-etcd-{cluster}-{member}`.
+pub fn unit_name(cluster: &str, member: &str) -> String {
+    format!("citus-reconcile-etcd-{cluster}-{member}.service")
+}
+
+/// The member's unit: back after a crash or a reboot without an apply. `Type=simple`: a
+/// member of a new cluster is ready only once the others are up, so starting one must not
+/// wait for it (apply waits on the member list instead). etcd is found on the service PATH
+/// (Debian's is /usr/bin/etcd). Hardening as the agent's, with its folder the one place it
+/// writes.
+pub fn unit_text(m: &EtcdMemberSpec, cluster: &str) -> String {
+    let p = MemberPaths::of(m);
+    format!(
+        "# Written by citus-reconcile apply: a managed etcd member.\n[Unit]\nDescription={}\nAfter=network-online.target\nWants=network-online.target\nStartLimitIntervalSec=0\n\n\
+         [Service]\nType=simple\nEnvironment=PATH={}\nExecStart=/usr/bin/env etcd --config-file {}\nRestart=always\nRestartSec=2\nTimeoutStopSec=30\nLimitNOFILE=65536\n\
+         NoNewPrivileges=yes\nProtectSystem=full\nPrivateTmp=yes\nProtectKernelTunables=yes\nProtectKernelModules=yes\nProtectControlGroups=yes\nRestrictRealtime=yes\nLockPersonality=yes\n\n\
+         [Install]\nWantedBy=multi-user.target\n",
+        super::systemd_text(&format!(
+            "citus-reconcile etcd member ({cluster}/{})",
+            m.name
+        )),
+        crate::postgres::process::SERVICE_PATH,
+        super::systemd_quote(&p.config()),
+    )
+}
+
+/// What the member's host says: `etcd=VERSION`, `data=yes`, `running=PID` (its process, or
+/// its unit active).
+pub fn probe_script(m: &EtcdMemberSpec, service: Service, cluster: &str) -> Script {
     let p = MemberPaths::of(m);
     Script::render(
         concat!(
             "PATH={path}\n",
             "command -v etcd >/dev/null 2>&1 && echo \"etcd=$(etcd --version 2>/dev/null | head -n 1)\"\n",
             "[ -d {data}/member ] && echo data=yes\n",
-            "if ",
+            "if [ {service} = systemd ]; then systemctl is-active --quiet {unit} && echo running=unit\n",
+            "elif ",
             alive!(),
             "; then echo running=$pid; fi\ntrue\n"
         ),
         &[
             ("path", &quote(crate::postgres::process::SERVICE_PATH)),
             ("data", &quote(&p.data())),
+            ("service", &quote(service_word(service))),
+            ("unit", &quote(&unit_name(cluster, &m.name))),
             ("pid", &quote(&p.pid())),
             ("needle", &quote(&needle(&p))),
         ],
     )
+}
+
+fn service_word(service: Service) -> &'static str {
+    match service {
+        Service::Systemd => "systemd",
+        Service::Process => "process",
+    }
 }
 
 pub fn parse_probe(output: &str) -> EtcdHost {
@@ -136,6 +173,14 @@ pub fn install_script(proxy: Option<&str>) -> Script {
     Script::render(
         "export DEBIAN_FRONTEND=noninteractive; apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends etcd-server && apt-mark hold etcd-server >/dev/null && { systemctl disable --now etcd.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/etcd ] || /etc/init.d/etcd stop >/dev/null 2>&1; update-rc.d etcd disable >/dev/null 2>&1; true; }; }",
         &[("proxy", &quote_words(proxy_option.as_deref()))],
+    )
+}
+
+/// Start the member's unit (written before): enabled, so a reboot brings it back.
+pub fn start_unit_script(cluster: &str, member: &str) -> Script {
+    Script::render(
+        "systemctl daemon-reload && systemctl enable --now {unit}",
+        &[("unit", &quote(&unit_name(cluster, member)))],
     )
 }
 
@@ -167,12 +212,13 @@ pub fn start_script(m: &EtcdMemberSpec) -> Script {
     )
 }
 
-/// Stop the member (SIGTERM, then SIGKILL after 30 s) and set its data aside, never deleted:
-/// a removed member must not come back with it.
-pub fn retire_script(m: &EtcdMemberSpec) -> Script {
+/// Stop the member (its unit disabled and removed; its process SIGTERM, then SIGKILL after
+/// 30 s) and set its data aside, never deleted: a removed member must not come back with it.
+pub fn retire_script(m: &EtcdMemberSpec, cluster: &str) -> Script {
     let p = MemberPaths::of(m);
     Script::render(
         concat!(
+            "if [ -f /etc/systemd/system/{unit} ]; then systemctl disable --now {unit} >/dev/null 2>&1 || true; rm -f /etc/systemd/system/{unit}; systemctl daemon-reload >/dev/null 2>&1 || true; fi; ",
             "if ",
             alive!(),
             "; then kill -TERM $pid; i=0; while [ -d /proc/$pid ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; ",
@@ -180,6 +226,7 @@ pub fn retire_script(m: &EtcdMemberSpec) -> Script {
             "if [ -d {data} ]; then mv {data} {data}.removed-$(date +%s); fi; true"
         ),
         &[
+            ("unit", &quote(&unit_name(cluster, &m.name))),
             ("pid", &quote(&p.pid())),
             ("needle", &quote(&needle(&p))),
             ("data", &quote(&p.data())),
@@ -187,9 +234,13 @@ pub fn retire_script(m: &EtcdMemberSpec) -> Script {
     )
 }
 
-pub async fn probe(s: &Session, m: &EtcdMemberSpec) -> EtcdHost {
+pub async fn probe(s: &Session, m: &EtcdMemberSpec, service: Service, cluster: &str) -> EtcdHost {
     match s
-        .run("probe etcd", &probe_script(m), Duration::from_secs(20))
+        .run(
+            "probe etcd",
+            &probe_script(m, service, cluster),
+            Duration::from_secs(20),
+        )
         .await
     {
         Ok(out) => parse_probe(&out),
@@ -209,9 +260,11 @@ pub async fn install(s: &Session, proxy: Option<&str>) -> Result<(), SshError> {
     .map(drop)
 }
 
-/// Write the configuration (0600 from its first byte), then start.
+/// Write the configuration (0600 from its first byte) and, with systemd, the unit; then
+/// start.
 pub async fn start(
     s: &Session,
+    service: Service,
     m: &EtcdMemberSpec,
     cluster: &str,
     initial: &[(String, String)],
@@ -235,13 +288,33 @@ pub async fn start(
         super::STEP_TIMEOUT,
     )
     .await?;
-    s.run("start etcd", &start_script(m), super::STEP_TIMEOUT)
-        .await
-        .map(drop)
+    match service {
+        Service::Process => {
+            s.run("start etcd", &start_script(m), super::STEP_TIMEOUT)
+                .await
+        }
+        Service::Systemd => {
+            s.upload(
+                &format!("/etc/systemd/system/{}", unit_name(cluster, &m.name)),
+                unit_text(m, cluster).as_bytes(),
+                0o644,
+                "root:root",
+                super::STEP_TIMEOUT,
+            )
+            .await?;
+            s.run(
+                "start etcd's unit",
+                &start_unit_script(cluster, &m.name),
+                super::STEP_TIMEOUT,
+            )
+            .await
+        }
+    }
+    .map(drop)
 }
 
-pub async fn retire(s: &Session, m: &EtcdMemberSpec) -> Result<(), SshError> {
-    s.run("stop etcd", &retire_script(m), super::STEP_TIMEOUT)
+pub async fn retire(s: &Session, m: &EtcdMemberSpec, cluster: &str) -> Result<(), SshError> {
+    s.run("stop etcd", &retire_script(m, cluster), super::STEP_TIMEOUT)
         .await
         .map(drop)
 }

@@ -184,7 +184,7 @@ fn systemd_word(word: &str, expands_variables: bool) -> String {
 }
 
 /// Text for a unit file's free-form values (Description=): specifiers escaped, one line.
-fn systemd_text(value: &str) -> String {
+pub(crate) fn systemd_text(value: &str) -> String {
     value
         .replace('%', "%%")
         .chars()

@@ -67,18 +67,32 @@ pub async fn execute(
                     .iter()
                     .map(|m| (m.name.clone(), m.peer_url()))
                     .collect();
-                member::start(session, m, &run.spec.cluster, &initial, true)
-                    .await
-                    .map_err(|e| step_error(name, "start etcd", e))?;
+                member::start(
+                    session,
+                    run.spec.agent.service,
+                    m,
+                    &run.spec.cluster,
+                    &initial,
+                    true,
+                )
+                .await
+                .map_err(|e| step_error(name, "start etcd", e))?;
                 formed_new = true;
             }
             Kind::EtcdStart { new_cluster: false } => {
                 // A member with data ignores the initial cluster; one without takes the
                 // members etcd lists now.
                 let initial = initial_cluster(run, m).await;
-                member::start(session, m, &run.spec.cluster, &initial, false)
-                    .await
-                    .map_err(|e| step_error(name, "start etcd", e))?;
+                member::start(
+                    session,
+                    run.spec.agent.service,
+                    m,
+                    &run.spec.cluster,
+                    &initial,
+                    false,
+                )
+                .await
+                .map_err(|e| step_error(name, "start etcd", e))?;
             }
             Kind::EtcdAdd => add(run, session, m, progress).await?,
             _ => {}
@@ -144,9 +158,16 @@ async fn add(
             .map_err(|e| step_error(&m.name, "member add", e))?;
     }
     let initial = initial_cluster(run, m).await;
-    member::start(session, m, &run.spec.cluster, &initial, false)
-        .await
-        .map_err(|e| step_error(&m.name, "start etcd", e))?;
+    member::start(
+        session,
+        run.spec.agent.service,
+        m,
+        &run.spec.cluster,
+        &initial,
+        false,
+    )
+    .await
+    .map_err(|e| step_error(&m.name, "start etcd", e))?;
     wait_until(run, &format!("etcd member {} to join", m.name), |members| {
         members
             .iter()
@@ -183,7 +204,53 @@ pub async fn remove(
         "etcd: member {name} ({}) removed",
         peer_urls.join(", ")
     ));
+    retire_removed(run, &name, peer_urls, progress).await;
     Ok(())
+}
+
+/// A removed member's host, reached with the spec's default SSH settings (it left the
+/// spec): its unit disabled (a removed etcd exits, and `Restart=always` would start it again
+/// and again), its data set aside under the default folder. Best effort: an unreachable host
+/// is only reported.
+async fn retire_removed(run: &Run, name: &str, peer_urls: &[String], progress: &Arc<Progress>) {
+    let Some((address, peer_port)) = peer_urls.first().and_then(|u| host_port(u)) else {
+        return;
+    };
+    let m = EtcdMemberSpec {
+        name: name.to_string(),
+        address,
+        client_port: 2379,
+        peer_port,
+        dir: format!("/var/lib/citus-reconcile/etcd/{}-{name}", run.spec.cluster),
+        ssh: run.spec.ssh_defaults.clone(),
+    };
+    let options = crate::ssh::Options {
+        accept_new_host_keys: run.options.accept_new_host_keys,
+        ..Default::default()
+    };
+    match crate::ssh::Session::connect(&crate::ssh::Target::of_etcd(&m), options).await {
+        Ok(s) => {
+            if let Err(e) = member::retire(&s, &m, &run.spec.cluster).await {
+                progress.note(&format!("etcd member {name}: could not stop it: {e}"));
+            }
+            s.close().await;
+        }
+        Err(e) => progress.note(&format!(
+            "etcd member {name}: its host is not reachable ({e}); it stops by itself once removed"
+        )),
+    }
+}
+
+/// `http://host:port` → (host, port).
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let rest = url.split_once("://")?.1.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':')?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port.parse().ok()?,
+    ))
 }
 
 /// Poll the member list until `done` holds, for at most `member::START_TIMEOUT`.
