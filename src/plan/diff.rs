@@ -39,7 +39,25 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
             let (a, e) = super::etcd::diff(&d.etcd_members, d.etcd_install, m);
             actions.extend(a);
             errors.extend(e);
-            m.forming()
+            // A new etcd beside PostgreSQL data: that data was led through another etcd
+            // (the spec moved from endpoints to members, or every member moved at once).
+            // Forming an empty one would let its replicas elect a second primary.
+            let led: Vec<&String> = o
+                .hosts
+                .iter()
+                .filter(|(_, h)| matches!(h, HostObserved::Reachable(f) if f.data_dir == DataDirState::Initialized))
+                .map(|(n, _)| n)
+                .collect();
+            if m.forming() && !led.is_empty() {
+                actions.retain(|a| a.phase != Phase::Etcd);
+                errors.push(format!(
+                    "refusing to form a new etcd: no member of etcd.members answers, yet PostgreSQL data exists on {} (led through another etcd); bring that etcd's members back, or migrate it by hand",
+                    led.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+                false
+            } else {
+                m.forming()
+            }
         }
         _ => false,
     };

@@ -146,6 +146,12 @@ pub fn diff(
                         }
                     }
                     (Some(_), Some(f)) if f.running => {}
+                    // A member that joined once but has no data (a reimaged host): started
+                    // again it would have forgotten its votes.
+                    (Some(c), Some(f)) if !c.name.is_empty() && !f.data => errors.push(format!(
+                        "etcd member {}: etcd lists it as a started member, but {} has no data in {}/data; remove it from the spec, apply with --allow-destroy, then add it again",
+                        m.name, m.address, m.dir
+                    )),
                     (Some(_), Some(_)) => {
                         if install_on(m, &mut out, &mut errors) {
                             out.push(act(
@@ -487,6 +493,22 @@ mod tests {
                     Some(Ok(listed(&["e1", "e2", "e3"]))),
                 ),
                 vec!["+ e4 add Etcd", "! etcd member e5: cannot add it: no route"],
+            ),
+            (
+                "a started member whose data is gone is never started empty",
+                three.clone(),
+                InstallMode::Apt,
+                observed(
+                    &[
+                        ("e1", host(true, true, true)),
+                        ("e2", host(true, true, true)),
+                        ("e3", host(true, false, false)),
+                    ],
+                    Some(Ok(listed(&["e1", "e2", "e3"]))),
+                ),
+                vec![
+                    "! etcd member e3: etcd lists it as a started member, but 10.0.0.3 has no data in /var/lib/e/e3/data; remove it from the spec, apply with --allow-destroy, then add it again",
+                ],
             ),
             (
                 "stale data of a removed member is never reused",

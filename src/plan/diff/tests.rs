@@ -1093,3 +1093,68 @@ fn a_pending_restart_is_shown_and_rolled_unless_something_else_takes_care_of_it(
 fn member_mut<'a>(o: &'a mut Observed, group: u32, name: &str) -> Option<&'a mut MemberInfo> {
     o.etcd.groups.get_mut(&group)?.members.get_mut(name)
 }
+
+#[test]
+fn no_new_etcd_is_formed_beside_postgres_data() {
+    use crate::plan::etcd::{EtcdHost, EtcdHostFacts, EtcdMemberDesired, ManagedEtcdObserved};
+    let mut d = desired();
+    d.etcd_members = vec![EtcdMemberDesired {
+        name: "e1".into(),
+        address: "10.0.0.5".into(),
+        peer_url: "http://10.0.0.5:2380".into(),
+        client_url: "http://10.0.0.5:2379".into(),
+        dir: "/e".into(),
+    }];
+    let mut o = converged(&d);
+    o.etcd.error = Some("connection refused".into());
+    o.managed_etcd = Some(ManagedEtcdObserved {
+        hosts: BTreeMap::from([(
+            "e1".to_string(),
+            EtcdHost::Reachable(EtcdHostFacts {
+                binary: Some("etcd 3.4".into()),
+                data: false,
+                running: false,
+            }),
+        )]),
+        members: Some(Err("connection refused".into())),
+    });
+    let plan = diff(&d, &o);
+    assert!(
+        plan.actions.iter().all(|a| a.phase != Phase::Etcd),
+        "{:?}",
+        plan.actions
+    );
+    assert!(
+        plan.errors
+            .iter()
+            .any(|e| e.starts_with("refusing to form a new etcd")),
+        "{:?}",
+        plan.errors
+    );
+    // Bare hosts: formed.
+    let mut o = bare(&d);
+    o.etcd.error = Some("connection refused".into());
+    o.managed_etcd = converged_etcd_none();
+    let plan = diff(&d, &o);
+    assert!(
+        plan.actions.iter().any(|a| a.phase == Phase::Etcd),
+        "{:?}",
+        plan.errors
+    );
+    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+}
+
+fn converged_etcd_none() -> Option<crate::plan::etcd::ManagedEtcdObserved> {
+    use crate::plan::etcd::{EtcdHost, EtcdHostFacts, ManagedEtcdObserved};
+    Some(ManagedEtcdObserved {
+        hosts: BTreeMap::from([(
+            "e1".to_string(),
+            EtcdHost::Reachable(EtcdHostFacts {
+                binary: Some("etcd 3.4".into()),
+                data: false,
+                running: false,
+            }),
+        )]),
+        members: Some(Err("connection refused".into())),
+    })
+}
