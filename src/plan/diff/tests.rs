@@ -1096,7 +1096,7 @@ fn member_mut<'a>(o: &'a mut Observed, group: u32, name: &str) -> Option<&'a mut
 
 #[test]
 fn no_new_etcd_is_formed_beside_postgres_data() {
-    use crate::plan::etcd::{EtcdHost, EtcdHostFacts, EtcdMemberDesired, ManagedEtcdObserved};
+    use crate::plan::etcd::EtcdMemberDesired;
     let mut d = desired();
     d.etcd_members = vec![EtcdMemberDesired {
         name: "e1".into(),
@@ -1107,17 +1107,7 @@ fn no_new_etcd_is_formed_beside_postgres_data() {
     }];
     let mut o = converged(&d);
     o.etcd.error = Some("connection refused".into());
-    o.managed_etcd = Some(ManagedEtcdObserved {
-        hosts: BTreeMap::from([(
-            "e1".to_string(),
-            EtcdHost::Reachable(EtcdHostFacts {
-                binary: Some("etcd 3.4".into()),
-                data: false,
-                running: false,
-            }),
-        )]),
-        members: Some(Err("connection refused".into())),
-    });
+    o.managed_etcd = converged_etcd_none();
     let plan = diff(&d, &o);
     assert!(
         plan.actions.iter().all(|a| a.phase != Phase::Etcd),
@@ -1144,6 +1134,7 @@ fn no_new_etcd_is_formed_beside_postgres_data() {
     assert!(plan.errors.is_empty(), "{:?}", plan.errors);
 }
 
+/// A managed etcd of one member, e1, that nothing answers for and that has no data.
 fn converged_etcd_none() -> Option<crate::plan::etcd::ManagedEtcdObserved> {
     use crate::plan::etcd::{EtcdHost, EtcdHostFacts, ManagedEtcdObserved};
     Some(ManagedEtcdObserved {
