@@ -108,19 +108,20 @@ if [ -f {binary} ]; then
   else echo "binary_sha=$(sha256sum {binary} | cut -d' ' -f1)"; fi
 fi
 if [ -f {config} ]; then echo "config_sha=$(sha256sum {config} | cut -d' ' -f1)"; echo "config_b64=$(base64 -w0 {config})"; fi
+[ -f {data}/postmaster.pid ] && echo "pm_status=$(sed -n 8p {data}/postmaster.pid)"
 [ -f {data}/postgresql.conf ] && echo "pgconf_b64=$(base64 -w0 {data}/postgresql.conf)"
 [ -f {data}/postgresql.auto.conf ] && echo "autoconf_b64=$(base64 -w0 {data}/postgresql.auto.conf)"
 if [ -f {pid_file} ]; then pid=$(cat {pid_file}); if [ -r /proc/$pid/cmdline ] && tr '\0' ' ' < /proc/$pid/cmdline | grep -qF -- {agent_args}; then echo agent_pid=$pid; fi; fi
 [ -f {unit} ] && echo unit=yes
 if command -v dpkg-query >/dev/null 2>&1; then
-  held=$(apt-mark showhold 2>/dev/null)
   for p in {packages}; do
-    v=$(dpkg-query -W -f '${db:Status-Status} ${Version}' "$p" 2>/dev/null)
+    v=$(dpkg-query -W -f '${db:Status-Want} ${db:Status-Status} ${Version}' "$p" 2>/dev/null)
+    [ "${v%% *}" = hold ] && echo "held=$p"
+    v=${v#* }
     case "$v" in
       "installed "*) echo "pkg=$p ${v#installed }" ;;
-      *) echo "cand=$p $(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: *//p')" ;;
+      *) if [ {lookup} = yes ]; then echo "cand=$p $(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: *//p')"; fi ;;
     esac
-    printf '%s\n' "$held" | grep -qxF -- "$p" && echo "held=$p"
   done
 fi
 true
@@ -141,6 +142,17 @@ true
             (
                 "packages",
                 &quote_words(spec.apt_packages(h).iter().map(String::as_str)),
+            ),
+            // apt's candidate (half a second a package) only where apply may install.
+            (
+                "lookup",
+                &quote(
+                    if spec.postgres.install == crate::spec::model::InstallMode::Apt {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                ),
             ),
         ],
     )
@@ -228,6 +240,7 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
                     .unwrap_or_default()
             }
             "agent_pid" => f.agent_pid = v.trim().parse().ok(),
+            "pm_status" => f.postgres_ready = matches!(v.trim(), "ready" | "standby"),
             "pkg" | "cand" => {
                 let (name, version) = v.split_once(' ').unwrap_or((v, ""));
                 let version = version.trim();

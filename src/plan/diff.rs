@@ -585,7 +585,7 @@ fn host_actions(
         Some(_) => {}
     }
     // postgresql.conf drift (the agent rewrites it whenever it starts PostgreSQL).
-    if f.data_dir == DataDirState::Initialized && member_up {
+    if f.data_dir == DataDirState::Initialized && member_up && f.postgres_ready {
         if let Some(current) = &f.postgresql_conf {
             if let Some(text) = unified(
                 current,
@@ -635,7 +635,11 @@ fn alter_system_actions(d: &Desired, o: &Observed, out: &mut Vec<Action>) {
             .get(&hd.group)
             .and_then(|g| g.members.get(name))
             .is_some_and(running);
-        if f.alter_system.is_empty() || !up || f.data_dir != DataDirState::Initialized {
+        if f.alter_system.is_empty()
+            || !up
+            || !f.postgres_ready
+            || f.data_dir != DataDirState::Initialized
+        {
             continue;
         }
         out.push(act(

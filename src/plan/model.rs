@@ -136,6 +136,10 @@ pub struct HostFacts {
     /// Digests of the secrets in that config (see `AgentConfig::secret_digests`); never shown.
     #[serde(skip)]
     pub secret_digests: BTreeMap<String, String>,
+    /// The postmaster's pid file said "ready" or "standby" just before postgresql.conf was
+    /// read: the file is then the one the agent wrote before it started the server, not
+    /// initdb's or a clone's copy of the leader's, which the agent has yet to replace.
+    pub postgres_ready: bool,
     pub postgresql_conf: Option<String>,
     /// Parameters set with `ALTER SYSTEM` (postgresql.auto.conf), which override the spec.
     /// Names only: values may hold secrets (a conninfo, say).

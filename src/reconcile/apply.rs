@@ -632,12 +632,17 @@ async fn converge(run: &Run, progress: &Arc<Progress>) -> Result<Observed, Recon
         }
         // A setup recheck planned mid-convergence only means an agent has not yet set up
         // what it was just given: it will, unasked.
-        let host_work = pending
+        let host_work: Vec<String> = pending
             .iter()
-            .any(|a| a.phase < Phase::Converge && a.kind != Kind::RecheckSetup);
-        if host_work && redo < 3 && p.errors.is_empty() {
+            .filter(|a| a.phase < Phase::Converge && a.kind != Kind::RecheckSetup)
+            .map(|a| format!("{:?}: {}", a.target, a.summary))
+            .collect();
+        if !host_work.is_empty() && redo < 3 && p.errors.is_empty() {
             redo += 1;
-            progress.note("host-level work reappeared while converging; doing it again");
+            progress.note(&format!(
+                "host-level work reappeared while converging; doing it again:\n  {}",
+                host_work.join("\n  ")
+            ));
             execute_host_phases(run, &p, &o, progress).await?;
             continue;
         }

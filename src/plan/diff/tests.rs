@@ -92,6 +92,7 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
         agent_config_sha256: Some(h.agent_config_sha256.clone()),
         agent_config_redacted: Some(h.agent_config_redacted.clone()),
         secret_digests: h.secret_digests.clone(),
+        postgres_ready: true,
         postgresql_conf: Some(h.postgresql_conf.clone()),
         alter_system: vec![],
         agent_pid: Some(100),
@@ -982,6 +983,47 @@ fn the_pooler_shows_as_pg_dist_poolinfo_rows_and_blocks_logical_moves() {
             "~ g1 pg_dist_poolinfo: - (2) port=6432",
         ],
     );
+}
+
+#[test]
+fn a_hand_edited_postgresql_conf_is_drift_only_on_a_running_server() {
+    let d = desired();
+    let edited = "port = '5432'\nwork_mem = '1GB'\n";
+    let drift = vec![
+        "~ w1 restart the agent (postgresql.conf drifted); leads group 1, no streaming replica: in place, the group is down meanwhile".to_string(),
+        "~ w1 PostgreSQL parameters".to_string(),
+    ];
+    // (member state in etcd, the postmaster's pid file said ready, plan for w1)
+    let cases: [(&str, bool, Vec<String>); 4] = [
+        ("running", true, drift),
+        // initdb's file, or a clone's copy of the leader's, read just before the agent
+        // replaced it and started the server: the server's state in etcd is newer.
+        ("running", false, vec![]),
+        ("starting", true, vec![]),
+        ("stopped", false, vec![]),
+    ];
+    for (state, ready, want) in cases {
+        let mut o = converged(&d);
+        if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+            f.postgresql_conf = Some(edited.into());
+            f.postgres_ready = ready;
+        }
+        if let Some(m) = o
+            .etcd
+            .groups
+            .get_mut(&1)
+            .and_then(|g| g.members.get_mut("w1"))
+        {
+            m.state = state.into();
+        }
+        let got: Vec<String> = lines(&diff(&d, &o))
+            .into_iter()
+            .filter(|l| {
+                l.starts_with("~ w1 PostgreSQL parameters") || l.starts_with("~ w1 restart")
+            })
+            .collect();
+        assert_eq!(got, want, "state {state}, ready {ready}");
+    }
 }
 
 #[test]
