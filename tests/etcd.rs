@@ -1,7 +1,8 @@
 //! Lab test of a managed etcd (`etcd.members`): `apply` forms a three-member etcd from
 //! nothing on hosts of their own, then replaces one member (added before the old one goes,
 //! one at a time) while a database group fails over; no two primaries, nothing
-//! acknowledged lost (synchronous mode), and the lab leaves no etcd folder behind.
+//! acknowledged lost (synchronous mode). Then a dead member is replaced (removed first: etcd
+//! adds none while a voter is down), and the lab leaves no etcd folder behind.
 
 mod common;
 
@@ -190,13 +191,54 @@ fn a_managed_etcd_is_formed_then_a_member_replaced_while_a_group_fails_over() {
         output_text(&o)
     );
 
-    // 3. Nothing left behind: the removed member's folder included.
+    // 3. A dead member replaced: e3's host crashes (its etcd with it), and the spec swaps it
+    // for e6. etcd adds no member while a voter is down, so apply removes e3 first.
+    t.lab
+        .crash(&format!("10.213.{SUBNET}.3"))
+        .expect("crash e3's host");
+    let third = spec(&[2, 5, 6]);
+    std::fs::write(&t.spec_path, &third).expect("write the third spec");
+    let lab3 = citus_reconcile::lab::Lab::new(
+        &citus_reconcile::spec::load_file(
+            &t.spec_path,
+            citus_reconcile::spec::LoadOptions {
+                resolve_secrets: true,
+                resolve_etcd_secret: true,
+            },
+        )
+        .spec
+        .expect("the third spec loads"),
+    )
+    .expect("the third lab");
+    lab3.up().expect("e6's host");
+    let o = cli(&t, &["plan"]);
+    let text = output_text(&o);
+    let dead_first = text.find("remove etcd member e3");
+    let add = text.find("add etcd member e6");
+    assert!(
+        dead_first.is_some()
+            && add.is_some()
+            && dead_first < add
+            && text.contains("does not answer"),
+        "the dead member is not removed first:\n{text}"
+    );
+    let o = cli(&t, &["apply", "--auto-approve", "--allow-destroy"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert_eq!(member_names(&t), ["e2", "e5", "e6"]);
+    let o = cli(&t, &["plan"]);
+    assert!(
+        output_text(&o).contains("No changes"),
+        "{}",
+        output_text(&o)
+    );
+
+    // 4. Nothing left behind: the removed members' folders included.
+    drop(lab3);
     drop(lab2);
     let dirs: Vec<String> = shape.etcd.members.iter().map(|m| m.dir.clone()).collect();
     drop(t);
-    for d in dirs.iter().chain(std::iter::once(
-        &"/var/lib/citus-reconcile/etcd/mgdetcd-e5".to_string(),
-    )) {
+    let later = ["e5", "e6"].map(|m| format!("/var/lib/citus-reconcile/etcd/mgdetcd-{m}"));
+    for d in dirs.iter().chain(later.iter()) {
         assert!(!std::path::Path::new(d).exists(), "{d} left behind");
     }
 }

@@ -192,6 +192,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
         dir: format!("/tmp/{odd}"),
         ssh: h.ssh.clone(),
     };
+    out.push(("etcd prepare dir", etcd::prepare_dir_script(&m.dir)));
     out.push(("etcd start", etcd::start_script(&m)));
     out.push(("etcd start unit", etcd::start_unit_script(odd, odd)));
     out.push(("etcd retire", etcd::retire_script(&m, odd)));
@@ -340,4 +341,46 @@ fn systemd_analyze_verifies_the_agent_unit() {
         !o.status.success(),
         "a missing ExecStart binary went unnoticed"
     );
+}
+
+/// A managed etcd member's folder: root writes its configuration there, so the path must not
+/// pass through a link or a folder another user owns or can write to.
+#[test]
+fn an_etcd_folder_another_user_could_redirect_is_refused() {
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let b = base.path();
+    let run = |dir: &Path| {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(etcd::prepare_dir_script(&dir.to_string_lossy()).text())
+            .output()
+            .expect("sh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // The checkout's own folders must be safe for the cases below to mean anything.
+    let (ok, err) = run(&b.join("good/etcd"));
+    assert!(ok, "a root-owned path is refused: {err}");
+    assert!(b.join("good/etcd").is_dir());
+    std::fs::create_dir(b.join("shared")).expect("mkdir");
+    std::fs::set_permissions(
+        b.join("shared"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    std::fs::create_dir(b.join("owned")).expect("mkdir");
+    std::os::unix::fs::chown(b.join("owned"), Some(65534), Some(65534)).expect("chown");
+    std::fs::create_dir(b.join("elsewhere")).expect("mkdir");
+    std::os::unix::fs::symlink(b.join("elsewhere"), b.join("link")).expect("symlink");
+    for (dir, why) in [
+        (b.join("shared/etcd"), "others can write to"),
+        (b.join("owned/etcd"), "belongs to uid 65534"),
+        (b.join("link/etcd"), "is a symbolic link"),
+    ] {
+        let (ok, err) = run(&dir);
+        assert!(!ok && err.contains(why), "{}: {err}", dir.display());
+        assert!(!dir.exists(), "{} was created", dir.display());
+    }
 }

@@ -255,7 +255,8 @@ pub fn decide(s: &Snapshot) -> Vec<Action> {
         // The candidate did not take over within a lease (stuck, or gone with its key
         // still alive): drop the request so that a normal election runs. Any member may.
         return vec![ClearFailover {
-            reason: "the switchover candidate did not take over in time".into(),
+            reason: "nobody took over under the switchover or failover request within a lease"
+                .into(),
         }];
     }
     if named_me && !i_lead {

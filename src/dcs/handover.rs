@@ -77,6 +77,20 @@ pub async fn request(
                 after: started.elapsed(),
             });
         }
+        // Gone while the old leader still leads: that leader refused the request (a
+        // candidate that is not eligible, say), or an operator withdrew it. Waiting on would
+        // only run into the timeout.
+        let requested = g.failover_raw.as_deref() == Some(body.as_slice());
+        if !requested
+            && req.leader.is_some()
+            && leader.as_deref() == req.leader.as_deref()
+            && running
+        {
+            return Err(format!(
+                "group {group}: its leader {} dropped the request without handing over (its agent log says why)",
+                leader.unwrap_or_default()
+            ));
+        }
         if started.elapsed() > timeout {
             let _ = dcs.delete_if(&key, &body).await;
             return Err(format!(

@@ -11,6 +11,7 @@ fn member_of(m: &etcd_client::Member) -> ClusterMember {
         peer_urls: m.peer_urls().to_vec(),
         client_urls: m.client_urls().to_vec(),
         learner: m.is_learner(),
+        answers: None,
     }
 }
 
@@ -60,6 +61,26 @@ impl Dcs {
             c.member_remove(id).await.map(drop)
         })
         .await
+    }
+
+    /// Whether a member answers a status call on `url`, one of the client URLs etcd lists for
+    /// it. The URL is etcd's content: the call carries no password (a status needs none).
+    pub async fn member_answers(&self, url: &str, timeout: std::time::Duration) -> bool {
+        let Some(inner) = self.endpoints() else {
+            return false;
+        };
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout);
+        let options = match &inner.tls {
+            Some(tls) => options.with_tls(tls.clone()),
+            None => options,
+        };
+        let call = async {
+            let mut c = etcd_client::Client::connect([url.to_string()], Some(options)).await?;
+            c.status().await
+        };
+        matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(_)))
     }
 
     fn endpoint_count(&self) -> usize {

@@ -20,6 +20,9 @@ pub struct ClusterMember {
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
     pub learner: bool,
+    /// Whether it answered on its client URL; asked only of members the spec dropped (a
+    /// dead one is removed before any member is added).
+    pub answers: Option<bool>,
 }
 
 /// One member the spec wants.
@@ -69,6 +72,15 @@ impl ManagedEtcdObserved {
                 .hosts
                 .values()
                 .any(|h| matches!(h, EtcdHost::Reachable(f) if f.data))
+    }
+}
+
+/// A listed member's name, or its id in hex while it has not started (and so has no name).
+pub fn listed_name(c: &ClusterMember) -> String {
+    if c.name.is_empty() {
+        format!("{:x}", c.id)
+    } else {
+        c.name.clone()
     }
 }
 
@@ -132,6 +144,29 @@ pub fn diff(
 
     match &o.members {
         Some(Ok(members)) => {
+            // A member the spec dropped that does not answer goes first: etcd's strict
+            // reconfiguration check refuses to add a member while a voter is down, so a dead
+            // member could otherwise never be replaced. (With it gone, the quorum counts
+            // only the members that answer.)
+            for c in members.iter().filter(|c| c.answers == Some(false)) {
+                if desired.iter().any(|m| c.peer_urls.contains(&m.peer_url)) {
+                    continue;
+                }
+                let name = listed_name(c);
+                out.push(act(
+                    Phase::Etcd,
+                    &name,
+                    Change::Destroy,
+                    Kind::EtcdRemove {
+                        id: c.id,
+                        peer_urls: c.peer_urls.clone(),
+                    },
+                    format!(
+                        "remove etcd member {name} ({}) first: it does not answer, and etcd adds no member while a voter is down",
+                        c.peer_urls.join(", ")
+                    ),
+                ));
+            }
             for m in desired {
                 let listed = members.iter().find(|c| c.peer_urls.contains(&m.peer_url));
                 match (listed, facts(&m.name)) {
@@ -183,15 +218,11 @@ pub fn diff(
                     }
                 }
             }
-            for c in members {
+            for c in members.iter().filter(|c| c.answers != Some(false)) {
                 if desired.iter().any(|m| c.peer_urls.contains(&m.peer_url)) {
                     continue;
                 }
-                let name = if c.name.is_empty() {
-                    format!("{:x}", c.id)
-                } else {
-                    c.name.clone()
-                };
+                let name = listed_name(c);
                 out.push(act(
                     Phase::Destroy,
                     &name,
@@ -310,9 +341,19 @@ mod tests {
                     peer_urls: vec![format!("http://10.0.0.{octet}:2380")],
                     client_urls: vec![format!("http://10.0.0.{octet}:2379")],
                     learner: false,
+                    answers: None,
                 }
             })
             .collect()
+    }
+
+    /// `listed`, with what the members the spec dropped said to a status call.
+    fn listed_answering(names: &[&str], dropped: &[(&str, bool)]) -> Vec<ClusterMember> {
+        let mut out = listed(names);
+        for c in out.iter_mut() {
+            c.answers = dropped.iter().find(|(n, _)| *n == c.name).map(|(_, a)| *a);
+        }
+        out
     }
 
     fn lines(
@@ -470,6 +511,34 @@ mod tests {
                         ("e4", host(true, false, false)),
                     ],
                     Some(Ok(listed(&["e1", "e2", "e3"]))),
+                ),
+                vec!["+ e4 add Etcd", "- e3 remove 102 Destroy"],
+            ),
+            (
+                "a dead member replaced: removed first, since etcd adds none while a voter is down",
+                want(&["e1", "e2", "e4"]),
+                InstallMode::Apt,
+                observed(
+                    &[
+                        ("e1", host(true, true, true)),
+                        ("e2", host(true, true, true)),
+                        ("e4", host(true, false, false)),
+                    ],
+                    Some(Ok(listed_answering(&["e1", "e2", "e3"], &[("e3", false)]))),
+                ),
+                vec!["- e3 remove 102 Etcd", "+ e4 add Etcd"],
+            ),
+            (
+                "a dropped member that answers waits for the end",
+                want(&["e1", "e2", "e4"]),
+                InstallMode::Apt,
+                observed(
+                    &[
+                        ("e1", host(true, true, true)),
+                        ("e2", host(true, true, true)),
+                        ("e4", host(true, false, false)),
+                    ],
+                    Some(Ok(listed_answering(&["e1", "e2", "e3"], &[("e3", true)]))),
                 ),
                 vec!["+ e4 add Etcd", "- e3 remove 102 Destroy"],
             ),

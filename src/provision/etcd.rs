@@ -273,10 +273,7 @@ pub async fn start(
     let p = MemberPaths::of(m);
     s.run(
         "prepare etcd's folder",
-        &Script::render(
-            "mkdir -p {dir} && chmod 0700 {dir}",
-            &[("dir", &quote(&p.dir))],
-        ),
+        &prepare_dir_script(&p.dir),
         super::STEP_TIMEOUT,
     )
     .await?;
@@ -311,6 +308,30 @@ pub async fn start(
         }
     }
     .map(drop)
+}
+
+/// Create the member's folder (0700) after checking its path: root writes the
+/// configuration there and etcd its data, so no folder on the way may be a link, or
+/// belong to or be writable by another user, who could redirect those writes (a `dir` under
+/// a folder that postgres owns, say).
+pub fn prepare_dir_script(dir: &str) -> Script {
+    Script::render(
+        r#"set -e
+d={dir}
+while [ "$d" != / ] && [ -n "$d" ]; do
+  if [ -L "$d" ]; then echo "refusing etcd's folder: $d is a symbolic link" >&2; exit 3; fi
+  if [ -e "$d" ]; then
+    set -- $(stat -c '%u %a' "$d")
+    if [ "$1" != 0 ]; then echo "refusing etcd's folder: $d belongs to uid $1, not root" >&2; exit 3; fi
+    if [ $(( 0$2 & 022 )) -ne 0 ]; then echo "refusing etcd's folder: others can write to $d (mode $2)" >&2; exit 3; fi
+  fi
+  d=$(dirname "$d")
+done
+mkdir -p {dir}
+chmod 0700 {dir}
+"#,
+        &[("dir", &quote(dir))],
+    )
 }
 
 pub async fn retire(s: &Session, m: &EtcdMemberSpec, cluster: &str) -> Result<(), SshError> {

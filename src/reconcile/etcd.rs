@@ -42,6 +42,11 @@ pub async fn execute(
         let Target::Etcd(name) = &a.target else {
             continue;
         };
+        if let Kind::EtcdRemove { .. } = &a.kind {
+            progress.note(&format!("etcd: {}", a.summary));
+            remove(run, a, progress).await?;
+            continue;
+        }
         let m = run
             .spec
             .etcd
@@ -82,7 +87,7 @@ pub async fn execute(
             Kind::EtcdStart { new_cluster: false } => {
                 // A member with data ignores the initial cluster; one without takes the
                 // members etcd lists now.
-                let initial = initial_cluster(run, m).await;
+                let initial = initial_cluster(run, m).await?;
                 member::start(
                     session,
                     run.spec.agent.service,
@@ -111,27 +116,34 @@ pub async fn execute(
     Ok(())
 }
 
-/// The members etcd lists now as `name=peer URL` pairs (a member added but not started has
-/// no name yet: `m`'s, when it is that one).
-async fn initial_cluster(run: &Run, m: &EtcdMemberSpec) -> Vec<(String, String)> {
-    let listed = match dcs(run) {
-        Ok(d) => d.cluster_members().await.unwrap_or_default(),
-        Err(_) => Vec::new(),
-    };
-    let mut out: Vec<(String, String)> = listed
-        .iter()
-        .filter_map(|c| {
-            let url = c.peer_urls.first()?.clone();
-            let name = if c.peer_urls.contains(&m.peer_url()) {
-                m.name.clone()
-            } else if c.name.is_empty() {
-                return None;
-            } else {
-                c.name.clone()
-            };
-            Some((name, url))
-        })
-        .collect();
+/// The members etcd lists now as `name=peer URL` pairs, every peer URL of every member:
+/// etcd refuses to join with an initial cluster of another size. A member added but not
+/// started has no name yet: `m`'s when it is that one, its id otherwise (names only have to
+/// be unique here).
+async fn initial_cluster(
+    run: &Run,
+    m: &EtcdMemberSpec,
+) -> Result<Vec<(String, String)>, ReconcileError> {
+    let listed = dcs(run)?
+        .cluster_members()
+        .await
+        .map_err(|e| step_error(&m.name, "member list (for its initial cluster)", e))?;
+    Ok(initial_of(&listed, m))
+}
+
+fn initial_of(
+    listed: &[crate::dcs::membership::ClusterMember],
+    m: &EtcdMemberSpec,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for c in listed {
+        let name = if c.peer_urls.contains(&m.peer_url()) {
+            m.name.clone()
+        } else {
+            crate::plan::etcd::listed_name(c)
+        };
+        out.extend(c.peer_urls.iter().map(|u| (name.clone(), u.clone())));
+    }
     if !out.iter().any(|(n, _)| n == &m.name) {
         out.push((m.name.clone(), m.peer_url()));
     }
@@ -157,7 +169,7 @@ async fn add(
             .await
             .map_err(|e| step_error(&m.name, "member add", e))?;
     }
-    let initial = initial_cluster(run, m).await;
+    let initial = initial_cluster(run, m).await?;
     member::start(
         session,
         run.spec.agent.service,
@@ -193,9 +205,38 @@ pub async fn remove(
         _ => format!("{id:x}"),
     };
     let d = dcs(run)?;
-    d.remove_cluster_member(*id)
-        .await
-        .map_err(|e| step_error(&name, "member remove", e))?;
+    // A member that answers leaves only once every member of the spec has joined and
+    // answers: a member added but never started would otherwise count for nothing once the
+    // old one is gone. (A dead one is removed first, with nothing to wait for.)
+    if action.phase == Phase::Destroy {
+        let listed = d
+            .cluster_members()
+            .await
+            .map_err(|e| step_error(&name, "member list", e))?;
+        for m in &run.spec.etcd.members {
+            let joined = listed
+                .iter()
+                .any(|c| c.name == m.name && c.peer_urls.contains(&m.peer_url()));
+            if !joined || !d.member_answers(&m.client_url(), d.timeout()).await {
+                return Err(ReconcileError::Blocked(format!(
+                    "etcd member {name} stays: {} has not joined or does not answer on {}; apply again once it does",
+                    m.name,
+                    m.client_url()
+                )));
+            }
+        }
+    }
+    if let Err(e) = d.remove_cluster_member(*id).await {
+        // The reply may be lost while the removal took effect: the list says.
+        let still = d
+            .cluster_members()
+            .await
+            .map(|l| l.iter().any(|c| c.id == *id))
+            .unwrap_or(true);
+        if still {
+            return Err(step_error(&name, "member remove", e));
+        }
+    }
     wait_until(run, &format!("etcd member {name} to leave"), |members| {
         !members.iter().any(|c| c.id == *id)
     })
@@ -224,8 +265,10 @@ async fn retire_removed(run: &Run, name: &str, peer_urls: &[String], progress: &
         dir: format!("/var/lib/citus-reconcile/etcd/{}-{name}", run.spec.cluster),
         ssh: run.spec.ssh_defaults.clone(),
     };
+    // Its address is etcd's content: only a host whose key is known already (one the spec
+    // named once), never one met for the first time.
     let options = crate::ssh::Options {
-        accept_new_host_keys: run.options.accept_new_host_keys,
+        accept_new_host_keys: false,
         ..Default::default()
     };
     match crate::ssh::Session::connect(&crate::ssh::Target::of_etcd(&m), options).await {

@@ -103,8 +103,9 @@ pub struct Node<H: Host = LocalHost> {
     /// any start that works and by setting the data aside.
     rewind_failed_from: Option<String>,
     /// Since when a switchover or failover request has been pending with nobody leading
-    /// (`Snapshot::handoff_overdue`).
-    unled_request_since: Option<Instant>,
+    /// (`Snapshot::handoff_overdue`), and which request (the `failover` key's bytes; None:
+    /// the one this member just acted on, whatever its bytes): a new request starts anew.
+    unled_request: Option<(Option<Vec<u8>>, Instant)>,
     /// The coordinator's write pauses (coordinator members only).
     pub pauses: Option<Arc<super::citus_pause::PauseShared>>,
     /// PgBouncer in front of this worker (`citus.pooler`).
@@ -158,7 +159,7 @@ impl<H: Host> Node<H> {
             last_probe: None,
             clean_handoff: false,
             bootstrapped_here,
-            unled_request_since: None,
+            unled_request: None,
             ssn: String::new(),
             ssn_changed: None,
             ssn_since_lsn: None,
@@ -588,7 +589,7 @@ impl<H: Host> Node<H> {
                     None => self.dcs.delete(&keys.failover(g)).await,
                 }
                 .map_err(|e| e.to_string())?;
-                self.unled_request_since = None;
+                self.unled_request = None;
                 Ok(true)
             }
             Action::PublishOptime => {

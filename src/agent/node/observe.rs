@@ -74,14 +74,23 @@ impl<H: Host> Node<H> {
         let mut handoff_overdue = false;
         if let DcsView::Available(g) = &dcs {
             if g.leader.is_some() || g.failover.is_none() {
-                self.unled_request_since = None;
+                self.unled_request = None;
             } else {
                 // Every member times a request that nobody leads under, from its handoff
                 // (the old leader) or from when it first sees one: a candidate that never
                 // takes over (its loop stuck while its key lives on) must not hold the group,
                 // and an old leader whose agent restarted meanwhile must not forget it (the
                 // simulation's seed 20).
-                let since = *self.unled_request_since.get_or_insert_with(Instant::now);
+                // Timed per request: one written since (its bytes differ) starts anew.
+                let raw = self
+                    .cluster
+                    .get(&self.cfg.group)
+                    .and_then(|s| s.failover_raw.clone());
+                let since = match &self.unled_request {
+                    Some((seen, at)) if seen.is_none() || *seen == raw => *at,
+                    _ => Instant::now(),
+                };
+                self.unled_request = Some((raw, since));
                 handoff_overdue = since.elapsed() > self.lease.timing.ttl;
             }
         }

@@ -52,7 +52,7 @@ impl<H: Host> Node<H> {
             .await
             .map_err(|e| e.to_string())?;
         self.clean_handoff = clean;
-        self.unled_request_since = Some(Instant::now());
+        self.unled_request = Some((None, Instant::now()));
         tracing::info!(
             %to,
             checkpoint_ms = checkpointed.as_millis() as u64,
