@@ -456,17 +456,36 @@ async fn hand_over(
         step: "switchover before the restart".into(),
         detail,
     };
-    let state = crate::dcs::handover::group_state(dcs, group)
-        .await
-        .map_err(step)?;
-    if state.leader.as_ref().map(|l| l.name.as_str()) != Some(leader) {
-        // Leadership moved since the plan: it restarts as a replica anyway.
-        return Ok(state
-            .members
-            .get(leader)
-            .is_some_and(|m| m.state() == MemberState::Streaming));
-    }
-    let candidate = match state.switchover_candidate(leader) {
+    // A replica restarted a moment ago streams before its leader names it synchronous
+    // standby again; in synchronous mode only that standby may take over (the leader drops
+    // a request for any other), so wait a little for it.
+    let synchronous = run.spec.ha.synchronous_mode != crate::spec::model::SyncMode::Off;
+    let deadline = Instant::now() + CANDIDATE_WAIT;
+    let (state, chosen) = loop {
+        let state = crate::dcs::handover::group_state(dcs, group)
+            .await
+            .map_err(step)?;
+        if state.leader.as_ref().map(|l| l.name.as_str()) != Some(leader) {
+            // Leadership moved since the plan: it restarts as a replica anyway.
+            return Ok(state
+                .members
+                .get(leader)
+                .is_some_and(|m| m.state() == MemberState::Streaming));
+        }
+        let chosen = state.switchover_candidate(leader).and_then(|c| {
+            match state.sync.as_ref().map(|k| k.sync_standby.as_deref()) {
+                Some(named) if synchronous && named != Some(c.as_str()) => Err(format!(
+                    "synchronous mode: {c} streams but is not the synchronous standby yet"
+                )),
+                _ => Ok(c),
+            }
+        });
+        if chosen.is_ok() || Instant::now() >= deadline {
+            break (state, chosen);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let candidate = match chosen {
         Ok(c) => c,
         // Other members that cannot take over now could still win the key if the leader let
         // go of it: restarting the leader would be a failover. Refuse instead.
@@ -511,6 +530,10 @@ async fn hand_over(
 /// How long a planned switchover before a restart may take.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a leader's restart waits for a replica to become a switchover candidate (a
+/// replica restarted just before is named synchronous standby again within a few cycles).
+const CANDIDATE_WAIT: Duration = Duration::from_secs(30);
+
 /// After its agent restarted: wait until `member` streams again, as its new agent says (a key
 /// written after revision `after`, the one it had once the restart returned).
 async fn wait_streaming(
@@ -549,32 +572,17 @@ pub async fn apply(
             plan.errors.join("; ")
         )));
     }
-    if plan.has_destroys() && !run.options.allow_destroy {
-        let what: Vec<&str> = plan
-            .phase(Phase::Destroy)
-            .map(|a| a.summary.as_str())
-            .collect();
-        return Err(ReconcileError::Blocked(format!(
-            "nothing applied: the plan removes what left the spec, which needs --allow-destroy:\n  {}\nreview the plan, then rerun with --allow-destroy",
-            what.join("\n  ")
-        )));
-    }
-    // A managed etcd first: the lock lives in it. (Its membership changes are guarded by
-    // etcd itself: a second add of one peer URL, or a removal that costs the quorum, is
-    // refused.) Then everything else is planned again against it.
-    let replanned;
-    let (plan, observed) = if plan.phase(Phase::Etcd).next().is_some() {
-        super::etcd::execute(run, plan, progress).await?;
-        let o = run.observe().await;
-        let p = run.plan(&o);
-        if !p.errors.is_empty() {
-            return Err(ReconcileError::Blocked(format!(
-                "etcd runs, but the rest cannot be applied: {}",
-                p.errors.join("; ")
-            )));
-        }
-        replanned = (p, o);
-        (&replanned.0, &replanned.1)
+    refuse_unallowed_destroys(run, plan)?;
+    // A managed etcd's membership changes come first, for the rest runs against it. (etcd
+    // guards them itself: a second add of one peer URL, or a removal that costs the quorum,
+    // is refused.) Under the lock, which lives in etcd, unless there is no etcd yet to hold
+    // it: then it is formed first.
+    let has_etcd_work = plan.phase(Phase::Etcd).next().is_some();
+    let forming = observed.managed_etcd.as_ref().is_some_and(|m| m.forming());
+    let formed;
+    let (plan, observed) = if has_etcd_work && forming {
+        formed = etcd_then_plan_again(run, plan, progress).await?;
+        (&formed.0, &formed.1)
     } else {
         (plan, observed)
     };
@@ -583,9 +591,55 @@ pub async fn apply(
         .as_ref()
         .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
     let lock = Lock::take(dcs, run.options.lock_timeout, run.lock_lost.clone()).await?;
-    let result = apply_locked(run, plan, observed, progress).await;
+    let result = async {
+        if has_etcd_work && !forming {
+            let (plan, observed) = etcd_then_plan_again(run, plan, progress).await?;
+            apply_locked(run, &plan, &observed, progress).await
+        } else {
+            apply_locked(run, plan, observed, progress).await
+        }
+    }
+    .await;
     lock.release().await;
     result
+}
+
+/// Removals need `--allow-destroy`: the plan shown, and the plan made again once a managed
+/// etcd changed.
+fn refuse_unallowed_destroys(run: &Run, plan: &Plan) -> Result<(), ReconcileError> {
+    if !plan.has_destroys() || run.options.allow_destroy {
+        return Ok(());
+    }
+    let what: Vec<&str> = plan
+        .actions
+        .iter()
+        .filter(|a| a.change == crate::plan::Change::Destroy)
+        .map(|a| a.summary.as_str())
+        .collect();
+    Err(ReconcileError::Blocked(format!(
+        "nothing applied: the plan removes what left the spec, which needs --allow-destroy:\n  {}\nreview the plan, then rerun with --allow-destroy",
+        what.join("\n  ")
+    )))
+}
+
+/// The managed etcd's actions, then everything else planned again against the etcd that
+/// now runs (and checked as the first plan was).
+async fn etcd_then_plan_again(
+    run: &Run,
+    plan: &Plan,
+    progress: &Arc<Progress>,
+) -> Result<(Plan, Observed), ReconcileError> {
+    super::etcd::execute(run, plan, progress).await?;
+    let o = run.observe().await;
+    let p = run.plan(&o);
+    if !p.errors.is_empty() {
+        return Err(ReconcileError::Blocked(format!(
+            "etcd runs, but the rest cannot be applied: {}",
+            p.errors.join("; ")
+        )));
+    }
+    refuse_unallowed_destroys(run, &p)?;
+    Ok((p, o))
 }
 
 async fn apply_locked(
