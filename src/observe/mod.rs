@@ -288,6 +288,9 @@ async fn host_facts(spec: &Spec, h: &HostSpec, s: &Session) -> Result<HostFacts,
     Ok(facts)
 }
 
+/// How long a member the spec dropped has to answer a status call.
+const DROPPED_MEMBER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Connect to etcd (bounded); the error is part of the observation.
 pub async fn connect_etcd(spec: &Spec) -> Result<Dcs, String> {
     let keys = ClusterKeys::new(&spec.etcd.namespace, &spec.cluster);
@@ -335,7 +338,24 @@ pub async fn managed_etcd(
         }
     }
     let members = match dcs {
-        Some(d) => Some(d.cluster_members().await.map_err(|e| e.to_string())),
+        Some(d) => Some(match d.cluster_members().await {
+            Ok(mut listed) => {
+                // Members the spec dropped: a dead one must go before any is added (etcd
+                // refuses an add while a voter is down).
+                let wanted: Vec<String> = spec.etcd.members.iter().map(|m| m.peer_url()).collect();
+                for c in listed.iter_mut() {
+                    if c.peer_urls.iter().any(|u| wanted.contains(u)) {
+                        continue;
+                    }
+                    c.answers = Some(match c.client_urls.first() {
+                        Some(url) => d.member_answers(url, DROPPED_MEMBER_TIMEOUT).await,
+                        None => false,
+                    });
+                }
+                Ok(listed)
+            }
+            Err(e) => Err(e.to_string()),
+        }),
         None => Some(Err("not connected".into())),
     };
     crate::plan::etcd::ManagedEtcdObserved { hosts, members }

@@ -366,6 +366,16 @@ fn host_actions(
             )),
         }
     }
+    // Extra packages (extensions, say) on a host that has PostgreSQL already: as dpkg lists
+    // them.
+    if h.install == InstallMode::Apt && f.apt {
+        for p in &h.extra_packages {
+            let installed = f.packages.get(p).is_some_and(|s| s.installed.is_some());
+            if !installed && !packages.contains(p) {
+                packages.push(p.clone());
+            }
+        }
+    }
     if !packages.is_empty() {
         if f.apt {
             // The version each would get, as far as the host's package lists know today (the

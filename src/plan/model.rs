@@ -45,6 +45,9 @@ pub struct HostDesired {
     pub install: InstallMode,
     /// apt packages to install (empty with `install: none`).
     pub packages: Vec<String>,
+    /// `postgres.extra_packages`: installed wherever dpkg does not list them (also on hosts
+    /// that have PostgreSQL already).
+    pub extra_packages: Vec<String>,
     pub citus_package: Option<String>,
     pub service: Service,
     pub agent_config_sha256: String,

@@ -109,6 +109,10 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                     InstallMode::Apt => spec.postgres_packages(h),
                     InstallMode::None => vec![],
                 },
+                extra_packages: match spec.postgres.install {
+                    InstallMode::Apt => spec.postgres.extra_packages.clone(),
+                    InstallMode::None => vec![],
+                },
                 citus_package: spec.citus.package.clone(),
                 service: spec.agent.service,
                 agent_config_sha256: sha256_hex(rendered.as_bytes()),

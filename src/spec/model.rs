@@ -107,6 +107,8 @@ pub struct PostgresSpec {
     pub version: u32,
     pub install: Install,
     pub apt_proxy: Option<String>,
+    /// Installed with PostgreSQL on every member (`install: apt`).
+    pub extra_packages: Vec<String>,
     pub bin_dir: String,
     pub superuser: Credential,
     pub replication: Credential,
@@ -295,6 +297,7 @@ impl Spec {
         if self.citus.pooler.is_some() && h.group != 0 {
             p.push("pgbouncer".into());
         }
+        p.extend(self.postgres.extra_packages.iter().cloned());
         p
     }
     /// Every package of a member that `plan` reports on: `postgres_packages` and
@@ -551,6 +554,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             version,
             install: raw.postgres.install,
             apt_proxy: raw.postgres.apt_proxy.clone(),
+            extra_packages: raw.postgres.extra_packages.clone(),
             bin_dir: raw
                 .postgres
                 .bin_dir

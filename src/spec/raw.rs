@@ -201,6 +201,10 @@ pub struct RawPostgres {
     /// archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apt_proxy: Option<String>,
+    /// With `install: apt`: more Debian packages every member gets with PostgreSQL, and
+    /// holds, such as extensions (`postgresql-15-hll`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_packages: Vec<String>,
     /// Folder of the PostgreSQL programs; default `/usr/lib/postgresql/{version}/bin`.
     #[serde(default)]
     pub bin_dir: Option<String>,

@@ -356,6 +356,26 @@ fn postgres(spec: &Spec, out: &mut Vec<Diagnostic>) {
             );
         }
     }
+    for (i, pkg) in pg.extra_packages.iter().enumerate() {
+        if !is_package_name(pkg) {
+            out.push(
+                Diagnostic::error(
+                    path(&format!("postgres.extra_packages[{i}]")),
+                    format!("invalid package name {pkg:?}"),
+                )
+                .with_hint(PACKAGE_NAME_HINT),
+            );
+        }
+    }
+    if !pg.extra_packages.is_empty() && pg.install != super::model::InstallMode::Apt {
+        out.push(
+            Diagnostic::error(
+                path("postgres.extra_packages"),
+                "extra packages are installed only with `install: apt`",
+            )
+            .with_hint("set postgres.install: apt, or install them on the hosts yourself"),
+        );
+    }
     if !pg.bin_dir.starts_with('/') {
         out.push(Diagnostic::error(
             path("postgres.bin_dir"),
@@ -533,17 +553,28 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
         }
     }
     if let Some(pkg) = &spec.citus.package {
-        if pkg.is_empty()
-            || !pkg
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c))
-        {
-            out.push(Diagnostic::error(
-                path("citus.package"),
-                format!("invalid package name {pkg:?}"),
-            ));
+        if !is_package_name(pkg) {
+            out.push(
+                Diagnostic::error(
+                    path("citus.package"),
+                    format!("invalid package name {pkg:?}"),
+                )
+                .with_hint(PACKAGE_NAME_HINT),
+            );
         }
     }
+}
+
+const PACKAGE_NAME_HINT: &str = "a Debian package name: lower-case letters, digits, `+`, `-` and `.`, starting with a letter or digit";
+
+/// A Debian package name (policy 5.6.1), which apt-get can never take for an option.
+fn is_package_name(v: &str) -> bool {
+    let mut chars = v.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && v.len() >= 2
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
 /// `http://host[:port][/]`: a host name or an IPv4 address, nothing that a shell or apt's

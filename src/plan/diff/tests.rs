@@ -19,6 +19,7 @@ fn host(name: &str, group: u32, address: &str) -> HostDesired {
         pg_major: 15,
         install: InstallMode::None,
         packages: vec!["postgresql-15".into()],
+        extra_packages: vec![],
         citus_package: None,
         service: Service::Process,
         agent_config_sha256: format!("cfg-{name}"),
@@ -508,6 +509,47 @@ fn apt_installs_what_is_missing() {
             if versions.get("postgresql-15").map(String::as_str) == Some("15.14-0+deb12u1")
             && versions.len() == 1
     ));
+}
+
+#[test]
+fn extra_packages_are_installed_beside_a_running_postgresql() {
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.install = InstallMode::Apt;
+        h.packages = vec!["postgresql-15".into(), "postgresql-15-hll".into()];
+        h.extra_packages = vec!["postgresql-15-hll".into()];
+    }
+    let held = |v: &str| PackageState {
+        installed: Some(v.into()),
+        candidate: None,
+        held: true,
+    };
+    let mut o = converged(&d);
+    for f in o.hosts.values_mut() {
+        if let HostObserved::Reachable(f) = f {
+            f.packages = BTreeMap::from([
+                ("postgresql-15".into(), held("15.14-0+deb12u1")),
+                ("postgresql-15-hll".into(), held("2.17-1+b1")),
+            ]);
+        }
+    }
+    check(&d, &o, &[]);
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.packages.insert(
+            "postgresql-15-hll".into(),
+            PackageState {
+                candidate: Some("2.17-1+b1".into()),
+                ..Default::default()
+            },
+        );
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "+ w1 install packages: postgresql-15-hll 2.17-1+b1 (then held, so that no unattended upgrade restarts them; no `main` cluster)",
+        ],
+    );
 }
 
 #[test]
