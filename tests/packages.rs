@@ -1,7 +1,8 @@
 //! Lab test of `install: apt` through a caching proxy: the lab's hosts reach Debian's archive
 //! only through the machine, so an apt-cacher-ng listens on the lab link and the spec points
 //! `postgres.apt_proxy` at it. `apply` installs an extension package that is not on the host
-//! (`postgres.extra_packages`), holds every package, and the next plan is empty.
+//! (`postgres.extra_packages`), holds every package, and the next plan is empty. Then
+//! `postgres.repository: pgdg` adds the PostgreSQL project's repository, its key checked.
 //!
 //! The lab's hosts share the machine's filesystem: the package lands on the machine itself.
 //! The test removes it first (so it is really downloaded) and afterwards, and gives back the
@@ -20,6 +21,8 @@ const SUBNET: u8 = 164;
 /// `.ci/setup`, so `apply` has to download it.
 const PACKAGE: &str = "postgresql-15-hll";
 const PROXY_PORT: u16 = 3142;
+/// The sources file `postgres.repository: pgdg` makes apply write.
+const PGDG_SOURCES: &str = "/etc/apt/sources.list.d/citus-reconcile-pgdg.sources";
 
 fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh")
@@ -78,6 +81,7 @@ impl Drop for Restore {
                 let _ = sh(&format!("apt-mark unhold {h}"));
             }
         }
+        let _ = std::fs::remove_file(PGDG_SOURCES);
     }
 }
 
@@ -200,6 +204,44 @@ fn extra_packages_install_through_an_apt_cacher_ng_on_the_lab_link() {
         again.status.code(),
         Some(0),
         "a second plan is not empty:\n{}",
+        output_text(&again)
+    );
+
+    // The PostgreSQL project's repository: the keyring postgresql-common ships is read from
+    // the host and checked against the pinned key before the sources file is written. (The
+    // lab cannot reach apt.postgresql.org: nothing is installed from it here.)
+    assert!(
+        !Path::new(PGDG_SOURCES).exists(),
+        "{PGDG_SOURCES} exists before the test wrote it"
+    );
+    let spec = std::fs::read_to_string(&t.spec_path).expect("spec");
+    std::fs::write(
+        &t.spec_path,
+        spec.replacen(
+            "  install: apt\n",
+            "  install: apt\n  repository: pgdg\n",
+            1,
+        ),
+    )
+    .expect("write spec");
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    let text = output_text(&o);
+    assert!(
+        o.status.success() && text.contains("add the PostgreSQL project's apt repository"),
+        "{text}"
+    );
+    let sources = std::fs::read_to_string(PGDG_SOURCES).unwrap_or_default();
+    assert!(
+        sources.contains("-pgdg\n")
+            && sources
+                .contains("Signed-By: /usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg"),
+        "{sources}"
+    );
+    let again = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "a plan after the repository was added is not empty:\n{}",
         output_text(&again)
     );
     drop(t);

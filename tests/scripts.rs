@@ -13,8 +13,8 @@ use citus_reconcile::observe::probe_script;
 use citus_reconcile::provision::etcd;
 use citus_reconcile::provision::{
     UNIT_KEYS, hold_packages_script, install_packages_script, prepare_dirs_script,
-    read_config_script, record_hash_script, reload_script, set_aside_script, start_script,
-    stop_script, unit_text,
+    read_config_script, read_keyring_script, record_hash_script, reload_script, set_aside_script,
+    start_script, stop_script, unit_text,
 };
 use citus_reconcile::spec::model::{EtcdMemberSpec, Service};
 use citus_reconcile::spec::{self, Context, Spec};
@@ -171,6 +171,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
             install_packages_script(&[odd.to_string(), "citus".into()], Some(odd)),
         ),
         ("hold packages", hold_packages_script(&[odd.to_string()])),
+        ("read keyring", read_keyring_script(odd, odd, Some(odd))),
         ("prepare dirs", prepare_dirs_script(&paths)),
         ("record hash", record_hash_script(&paths, odd)),
         ("read config", read_config_script(&paths)),
@@ -383,4 +384,38 @@ fn an_etcd_folder_another_user_could_redirect_is_refused() {
         assert!(!ok && err.contains(why), "{}: {err}", dir.display());
         assert!(!dir.exists(), "{} was created", dir.display());
     }
+}
+
+/// The PostgreSQL project's key, pinned in `plan::repository`, is the one Debian's
+/// postgresql-common ships (installed here with postgresql-15).
+#[test]
+fn the_pinned_pgdg_key_is_the_one_postgresql_common_ships() {
+    use citus_reconcile::plan::repository as repo;
+    let keyring = match std::fs::read(repo::PGDG_KEYRING) {
+        Ok(b) => b,
+        Err(e) if std::env::var("CITUS_RECONCILE_REQUIRE_LAB").as_deref() == Ok("1") => {
+            panic!(
+                "{}: {e} (.ci/setup installs postgresql-common)",
+                repo::PGDG_KEYRING
+            )
+        }
+        Err(e) => {
+            eprintln!("skipped: {}: {e}", repo::PGDG_KEYRING);
+            return;
+        }
+    };
+    assert_eq!(
+        repo::primary_key_fingerprints(&keyring),
+        Ok(vec![repo::PGDG_KEY_FINGERPRINT.to_string()])
+    );
+    assert_eq!(
+        repo::check_keyring(&keyring, repo::PGDG_KEY_FINGERPRINT),
+        Ok(())
+    );
+    // Flip one bit of the key material: another fingerprint, refused.
+    let mut tampered = keyring.clone();
+    if let Some(b) = tampered.get_mut(20) {
+        *b ^= 1;
+    }
+    assert!(repo::check_keyring(&tampered, repo::PGDG_KEY_FINGERPRINT).is_err());
 }

@@ -93,6 +93,8 @@ pub fn probe_script(spec: &Spec, h: &HostSpec) -> Script {
     );
     Script::render(
         r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${ID:-unknown}-${VERSION_ID:-})"
+echo "codename=$(. /etc/os-release 2>/dev/null; echo ${VERSION_CODENAME:-})"
+[ -f {pgdg_sources} ] && echo "repo=pgdg $(sha256sum {pgdg_sources} | cut -d' ' -f1)"
 echo "user=$(id -un)"
 command -v apt-get >/dev/null 2>&1 && echo apt=yes
 if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
@@ -139,6 +141,12 @@ true
             ("agent_args", &quote(&format!("--config {}", p.config()))),
             ("pid_file", &quote(&p.pid_file())),
             ("unit", &quote(&unit)),
+            (
+                "pgdg_sources",
+                &quote(&crate::plan::repository::sources_path(
+                    crate::plan::repository::PGDG,
+                )),
+            ),
             (
                 "packages",
                 &quote_words(spec.apt_packages(h).iter().map(String::as_str)),
@@ -240,6 +248,14 @@ pub fn parse_probe(output: &str, service: Service, systemd_active: Option<u32>) 
                     .unwrap_or_default()
             }
             "agent_pid" => f.agent_pid = v.trim().parse().ok(),
+            "codename" => {
+                f.codename = Some(v.trim().to_string()).filter(|c| !c.is_empty());
+            }
+            "repo" => {
+                if let Some((name, sha)) = v.trim().split_once(' ') {
+                    f.repositories.insert(name.to_string(), sha.to_string());
+                }
+            }
             "pm_status" => f.postgres_ready = matches!(v.trim(), "ready" | "standby"),
             "pkg" | "cand" => {
                 let (name, version) = v.split_once(' ').unwrap_or((v, ""));
@@ -693,6 +709,20 @@ mod tests {
             p("postgresql-16").candidate.as_deref(),
             Some("16.10-1.pgdg120+1")
         );
+        // The release and the repositories apply wrote; the postmaster's state.
+        let f = parse_probe(
+            "codename=bookworm\nrepo=pgdg 0123abcd\npm_status=standby\n",
+            Service::Process,
+            None,
+        );
+        assert_eq!(f.codename.as_deref(), Some("bookworm"));
+        assert_eq!(
+            f.repositories.get("pgdg").map(String::as_str),
+            Some("0123abcd")
+        );
+        assert!(f.postgres_ready);
+        let f = parse_probe("codename=\npm_status=starting\n", Service::Process, None);
+        assert_eq!((f.codename, f.postgres_ready), (None, false));
         let f = parse_probe("data=partial\n", Service::Systemd, Some(7));
         assert_eq!((f.data_dir, f.agent_pid), (DataDirState::Partial, Some(7)));
     }

@@ -332,6 +332,36 @@ fn host_actions(
         ));
         return;
     }
+    // The PostgreSQL project's repository, before any package is installed from it.
+    if h.pgdg && f.apt {
+        use super::repository as repo;
+        match f.codename.as_deref().filter(|c| repo::valid_codename(c)) {
+            Some(codename) => {
+                let sources = repo::pgdg_sources(codename);
+                let have = f.repositories.get(repo::PGDG);
+                if have != Some(&repo::sources_sha256(&sources)) {
+                    out.push(act(
+                        Phase::Prepare,
+                        target(),
+                        if have.is_none() { Change::Add } else { Change::Change },
+                        Kind::AddAptRepository {
+                            name: repo::PGDG.into(),
+                            sources,
+                        },
+                        format!(
+                            "add the PostgreSQL project's apt repository ({} {codename}-pgdg), signed by key {} as Debian's postgresql-common ships it (checked against the pinned fingerprint)",
+                            repo::PGDG_URL,
+                            repo::PGDG_KEY_FINGERPRINT
+                        ),
+                    ));
+                }
+            }
+            None => errors.push(format!(
+                "{}: postgres.repository: pgdg needs the host's release codename (VERSION_CODENAME in /etc/os-release), and it has none apt could use",
+                h.name
+            )),
+        }
+    }
     // Software.
     let mut packages = Vec::new();
     if f.postgres_version.is_none() {

@@ -7,6 +7,7 @@ pub mod drift;
 pub mod etcd;
 pub mod model;
 pub mod render;
+pub mod repository;
 pub mod saved;
 
 use serde::Serialize;
@@ -80,6 +81,12 @@ pub enum Kind {
     EtcdRemove {
         id: u64,
         peer_urls: Vec<String>,
+    },
+    /// An apt repository's sources file, written once the keyring it names was checked
+    /// against the pinned key (`plan::repository`).
+    AddAptRepository {
+        name: String,
+        sources: String,
     },
     /// Installed packages that are no longer held (`apt-mark hold` again).
     HoldPackages {

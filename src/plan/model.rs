@@ -48,6 +48,8 @@ pub struct HostDesired {
     /// `postgres.extra_packages`: installed wherever dpkg does not list them (also on hosts
     /// that have PostgreSQL already).
     pub extra_packages: Vec<String>,
+    /// `postgres.repository: pgdg`: the PostgreSQL project's apt repository is added first.
+    pub pgdg: bool,
     pub citus_package: Option<String>,
     pub service: Service,
     pub agent_config_sha256: String,
@@ -120,6 +122,10 @@ pub enum HostObserved {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostFacts {
     pub os: String,
+    /// The release codename (`VERSION_CODENAME` of /etc/os-release), for apt repositories.
+    pub codename: Option<String>,
+    /// SHA-256 of the sources files `apply` wrote, by repository name.
+    pub repositories: BTreeMap<String, String>,
     pub login_user: String,
     pub apt: bool,
     /// `postgres --version` output, when the binaries are present.

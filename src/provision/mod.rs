@@ -51,6 +51,67 @@ pub fn install_packages_script(packages: &[String], proxy: Option<&str>) -> Scri
     )
 }
 
+/// The keyring a repository is signed with, as the host has it (postgresql-common installed
+/// from the distribution first when it is missing), base64 on one line.
+pub fn read_keyring_script(keyring: &str, package: &str, proxy: Option<&str>) -> Script {
+    let proxy_option = proxy.map(|p| format!("-oAcquire::http::Proxy={p}"));
+    Script::render(
+        "export DEBIAN_FRONTEND=noninteractive; if [ ! -f {keyring} ]; then apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends {package} >/dev/null; fi && base64 -w0 {keyring}",
+        &[
+            ("keyring", &quote(keyring)),
+            ("package", &quote(package)),
+            ("proxy", &quote_words(proxy_option.as_deref())),
+        ],
+    )
+}
+
+/// Add an apt repository: its keyring must hold exactly the pinned key (checked here, on
+/// this side), and only then is its sources file written; the next `apt-get update` (the
+/// package install's) reads it.
+pub async fn add_apt_repository(
+    s: &Session,
+    name: &str,
+    sources: &str,
+    proxy: Option<&str>,
+) -> Result<(), SshError> {
+    use crate::plan::repository as repo;
+    let (keyring, package, pinned) = match name {
+        repo::PGDG => (
+            repo::PGDG_KEYRING,
+            "postgresql-common",
+            repo::PGDG_KEY_FINGERPRINT,
+        ),
+        other => {
+            return Err(SshError::Protocol {
+                host: s.target.name.clone(),
+                detail: format!("unknown apt repository {other:?}"),
+            });
+        }
+    };
+    let out = s
+        .run(
+            "read the repository's keyring",
+            &read_keyring_script(keyring, package, proxy),
+            PACKAGE_TIMEOUT,
+        )
+        .await?;
+    let refuse = |detail: String| SshError::Protocol {
+        host: s.target.name.clone(),
+        detail: format!("{keyring}: {detail}; the {name} repository was not added"),
+    };
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, out.trim())
+        .map_err(|e| refuse(format!("not base64 ({e})")))?;
+    repo::check_keyring(&bytes, pinned).map_err(refuse)?;
+    s.upload(
+        &repo::sources_path(name),
+        sources.as_bytes(),
+        0o644,
+        "root:root",
+        STEP_TIMEOUT,
+    )
+    .await
+}
+
 pub async fn install_packages(
     s: &Session,
     packages: &[String],

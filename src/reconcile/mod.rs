@@ -113,6 +113,8 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                     InstallMode::Apt => spec.postgres.extra_packages.clone(),
                     InstallMode::None => vec![],
                 },
+                pgdg: spec.postgres.install == InstallMode::Apt
+                    && spec.postgres.repository == crate::spec::raw::PgRepository::Pgdg,
                 citus_package: spec.citus.package.clone(),
                 service: spec.agent.service,
                 agent_config_sha256: sha256_hex(rendered.as_bytes()),

@@ -109,6 +109,7 @@ pub struct PostgresSpec {
     pub apt_proxy: Option<String>,
     /// Installed with PostgreSQL on every member (`install: apt`).
     pub extra_packages: Vec<String>,
+    pub repository: super::raw::PgRepository,
     pub bin_dir: String,
     pub superuser: Credential,
     pub replication: Credential,
@@ -555,6 +556,7 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             install: raw.postgres.install,
             apt_proxy: raw.postgres.apt_proxy.clone(),
             extra_packages: raw.postgres.extra_packages.clone(),
+            repository: raw.postgres.repository,
             bin_dir: raw
                 .postgres
                 .bin_dir

@@ -174,6 +174,18 @@ pub struct RawSshOverride {
     pub known_hosts: Option<String>,
 }
 
+/// Where `install: apt` takes PostgreSQL from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PgRepository {
+    /// The distribution's own archive (Debian 12 has PostgreSQL 15, Ubuntu 24.04 has 16).
+    #[default]
+    Distribution,
+    /// The PostgreSQL project's repository (apt.postgresql.org), for the other versions; its
+    /// key is the one Debian's postgresql-common ships, checked against a pinned fingerprint.
+    Pgdg,
+}
+
 /// How PostgreSQL gets onto a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +217,9 @@ pub struct RawPostgres {
     /// holds, such as extensions (`postgresql-15-hll`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_packages: Vec<String>,
+    /// With `install: apt`: where PostgreSQL's packages come from.
+    #[serde(default)]
+    pub repository: PgRepository,
     /// Folder of the PostgreSQL programs; default `/usr/lib/postgresql/{version}/bin`.
     #[serde(default)]
     pub bin_dir: Option<String>,

@@ -367,6 +367,17 @@ fn postgres(spec: &Spec, out: &mut Vec<Diagnostic>) {
             );
         }
     }
+    if pg.repository == super::raw::PgRepository::Pgdg
+        && pg.install != super::model::InstallMode::Apt
+    {
+        out.push(
+            Diagnostic::error(
+                path("postgres.repository"),
+                "the PostgreSQL project's repository is added only with `install: apt`",
+            )
+            .with_hint("set postgres.install: apt, or leave postgres.repository out"),
+        );
+    }
     if !pg.extra_packages.is_empty() && pg.install != super::model::InstallMode::Apt {
         out.push(
             Diagnostic::error(

@@ -20,6 +20,7 @@ fn host(name: &str, group: u32, address: &str) -> HostDesired {
         install: InstallMode::None,
         packages: vec!["postgresql-15".into()],
         extra_packages: vec![],
+        pgdg: false,
         citus_package: None,
         service: Service::Process,
         agent_config_sha256: format!("cfg-{name}"),
@@ -81,6 +82,8 @@ fn converged_facts(d: &Desired, name: &str) -> HostFacts {
     let h = &d.hosts[name];
     HostFacts {
         os: "debian-12".into(),
+        codename: Some("bookworm".into()),
+        repositories: BTreeMap::new(),
         login_user: "root".into(),
         apt: true,
         postgres_version: Some("postgres (PostgreSQL) 15.18".into()),
@@ -548,6 +551,57 @@ fn extra_packages_are_installed_beside_a_running_postgresql() {
         &o,
         &[
             "+ w1 install packages: postgresql-15-hll 2.17-1+b1 (then held, so that no unattended upgrade restarts them; no `main` cluster)",
+        ],
+    );
+}
+
+#[test]
+fn the_postgresql_projects_repository_comes_before_its_packages() {
+    use crate::plan::repository as repo;
+    let mut d = desired();
+    for h in d.hosts.values_mut() {
+        h.install = InstallMode::Apt;
+        h.pgdg = true;
+    }
+    let mut o = converged(&d);
+    let current = repo::sources_sha256(&repo::pgdg_sources("bookworm"));
+    for f in o.hosts.values_mut() {
+        if let HostObserved::Reachable(f) = f {
+            f.repositories.insert("pgdg".into(), current.clone());
+        }
+    }
+    check(&d, &o, &[]);
+    let add = "+ w1 add the PostgreSQL project's apt repository (http://apt.postgresql.org/pub/repos/apt bookworm-pgdg), signed by key B97B0AFCAA1A47F044F244A07FCC7D46ACCC4CF8 as Debian's postgresql-common ships it (checked against the pinned fingerprint)";
+    // A bare host: the repository first, then PostgreSQL from it.
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.repositories.clear();
+        f.postgres_version = None;
+    }
+    let got = lines(&diff(&d, &o));
+    let at = |prefix: &str| got.iter().position(|l| l.starts_with(prefix));
+    assert_eq!(at(add), Some(0), "{got:#?}");
+    assert!(
+        at("+ w1 install packages: postgresql-15").is_some_and(|i| i > 0),
+        "{got:#?}"
+    );
+    // A file edited by hand is written again; a host without a usable codename is an error.
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.postgres_version = Some("postgres (PostgreSQL) 15.18".into());
+        f.repositories.insert("pgdg".into(), "0".repeat(64));
+    }
+    assert!(
+        lines(&diff(&d, &o))
+            .iter()
+            .any(|l| l.starts_with("~ w1 add the PostgreSQL project's apt repository"))
+    );
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.codename = Some("bookworm\nURIs: http://evil".into());
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "! w1: postgres.repository: pgdg needs the host's release codename (VERSION_CODENAME in /etc/os-release), and it has none apt could use",
         ],
     );
 }
