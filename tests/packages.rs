@@ -23,6 +23,27 @@ const PACKAGE: &str = "postgresql-15-hll";
 const PROXY_PORT: u16 = 3142;
 /// The sources file `postgres.repository: pgdg` makes apply write.
 const PGDG_SOURCES: &str = "/etc/apt/sources.list.d/citus-reconcile-pgdg.sources";
+/// What `citus.repository` makes apply write.
+const CITUS_SOURCES: &str = "/etc/apt/sources.list.d/citus-reconcile-citus.sources";
+const CITUS_KEYRING: &str = "/etc/apt/keyrings/citus-reconcile-citus.gpg";
+
+/// A key server of the test's own on the lab link (the lab cannot reach
+/// repos.citusdata.com): every GET is answered with `body`. On port 80 of the lab's own
+/// address, the one port apt-cacher-ng proxies to by default.
+fn serve_key(address: &str, body: Vec<u8>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((address, 80)).expect("key server");
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
+            let _ = c.write_all(&body);
+        }
+    });
+}
 
 fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh")
@@ -81,7 +102,9 @@ impl Drop for Restore {
                 let _ = sh(&format!("apt-mark unhold {h}"));
             }
         }
-        let _ = std::fs::remove_file(PGDG_SOURCES);
+        for f in [PGDG_SOURCES, CITUS_SOURCES, CITUS_KEYRING] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -242,6 +265,73 @@ fn extra_packages_install_through_an_apt_cacher_ng_on_the_lab_link() {
         again.status.code(),
         Some(0),
         "a plan after the repository was added is not empty:\n{}",
+        output_text(&again)
+    );
+
+    // Citus's repository: its key is downloaded on the host (through the proxy) and trusted
+    // only with the spec's fingerprint. The key served is the PostgreSQL project's armored
+    // key, whose fingerprint is known; a spec naming another is refused, nothing written.
+    let armored = std::fs::read("/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc")
+        .expect("postgresql-common's armored key");
+    serve_key(&gateway, armored);
+    let with_citus_repo = |fingerprint: &str| {
+        // The spec without a citus line, then with this one.
+        let text = std::fs::read_to_string(&t.spec_path).expect("spec");
+        let base = match text.find("citus: {") {
+            Some(i) => {
+                let end = text[i..]
+                    .find('\n')
+                    .map(|e| i + e + 1)
+                    .unwrap_or(text.len());
+                format!("{}{}", &text[..i], &text[end..])
+            }
+            None => text,
+        };
+        base.replacen(
+            "groups:\n",
+            &format!(
+                "citus: {{ package: postgresql-15-citus-13.2, repository: {{ url: \"http://{gateway}/citus\", key_url: \"http://{gateway}/key.asc\", key_fingerprint: \"{fingerprint}\" }} }}\ngroups:\n"
+            ),
+            1,
+        )
+    };
+    std::fs::write(&t.spec_path, with_citus_repo(&"A".repeat(40))).expect("write spec");
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    let text = output_text(&o);
+    assert!(
+        !o.status.success() && text.contains("not the pinned"),
+        "a key with another fingerprint was not refused:\n{text}"
+    );
+    assert!(
+        !Path::new(CITUS_SOURCES).exists() && !Path::new(CITUS_KEYRING).exists(),
+        "files written for a refused key"
+    );
+    std::fs::write(
+        &t.spec_path,
+        with_citus_repo("B97B 0AFC AA1A 47F0 44F2  44A0 7FCC 7D46 ACCC 4CF8"),
+    )
+    .expect("write spec");
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    let text = output_text(&o);
+    assert!(o.status.success(), "{text}");
+    let sources = std::fs::read_to_string(CITUS_SOURCES).unwrap_or_default();
+    assert!(
+        sources.contains(&format!(
+            "URIs: http://{gateway}/citus/debian/\nSuites: bookworm\n"
+        )),
+        "{sources}"
+    );
+    let keyring = std::fs::read(CITUS_KEYRING).unwrap_or_default();
+    assert_eq!(
+        citus_reconcile::plan::repository::primary_key_fingerprints(&keyring),
+        Ok(vec!["B97B0AFCAA1A47F044F244A07FCC7D46ACCC4CF8".to_string()]),
+        "the keyring written is the binary key"
+    );
+    let again = cli(&t, &["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "a plan after Citus's repository was added is not empty:\n{}",
         output_text(&again)
     );
     drop(t);

@@ -12,9 +12,9 @@ use citus_reconcile::agent::config::Paths;
 use citus_reconcile::observe::probe_script;
 use citus_reconcile::provision::etcd;
 use citus_reconcile::provision::{
-    UNIT_KEYS, hold_packages_script, install_packages_script, prepare_dirs_script,
-    read_config_script, read_keyring_script, record_hash_script, reload_script, set_aside_script,
-    start_script, stop_script, unit_text,
+    UNIT_KEYS, download_key_script, hold_packages_script, install_packages_script,
+    prepare_dirs_script, read_config_script, read_keyring_script, record_hash_script,
+    reload_script, set_aside_script, start_script, stop_script, unit_text,
 };
 use citus_reconcile::spec::model::{EtcdMemberSpec, Service};
 use citus_reconcile::spec::{self, Context, Spec};
@@ -172,6 +172,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
         ),
         ("hold packages", hold_packages_script(&[odd.to_string()])),
         ("read keyring", read_keyring_script(odd, odd, Some(odd))),
+        ("download key", download_key_script(odd, Some(odd))),
         ("prepare dirs", prepare_dirs_script(&paths)),
         ("record hash", record_hash_script(&paths, odd)),
         ("read config", read_config_script(&paths)),
@@ -418,4 +419,13 @@ fn the_pinned_pgdg_key_is_the_one_postgresql_common_ships() {
         *b ^= 1;
     }
     assert!(repo::check_keyring(&tampered, repo::PGDG_KEY_FINGERPRINT).is_err());
+    // The armored copy beside it (what a repository's `gpgkey` URL serves) gives the same.
+    let armored_path = repo::PGDG_KEYRING.replace(".gpg", ".asc");
+    if let Ok(armored) = std::fs::read(&armored_path) {
+        let keyring = repo::dearmor(&armored).expect("dearmor");
+        assert_eq!(
+            repo::check_keyring(&keyring, repo::PGDG_KEY_FINGERPRINT),
+            Ok(())
+        );
+    }
 }

@@ -95,6 +95,7 @@ pub fn probe_script(spec: &Spec, h: &HostSpec) -> Script {
         r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${ID:-unknown}-${VERSION_ID:-})"
 echo "codename=$(. /etc/os-release 2>/dev/null; echo ${VERSION_CODENAME:-})"
 [ -f {pgdg_sources} ] && echo "repo=pgdg $(sha256sum {pgdg_sources} | cut -d' ' -f1)"
+[ -f {citus_sources} ] && [ -f {citus_keyring} ] && echo "repo=citus $(sha256sum {citus_sources} | cut -d' ' -f1)"
 echo "user=$(id -un)"
 command -v apt-get >/dev/null 2>&1 && echo apt=yes
 if [ -x {bin}/postgres ]; then echo "pg=$({bin}/postgres --version 2>/dev/null)"; fi
@@ -141,6 +142,18 @@ true
             ("agent_args", &quote(&format!("--config {}", p.config()))),
             ("pid_file", &quote(&p.pid_file())),
             ("unit", &quote(&unit)),
+            (
+                "citus_sources",
+                &quote(&crate::plan::repository::sources_path(
+                    crate::plan::repository::CITUS,
+                )),
+            ),
+            (
+                "citus_keyring",
+                &quote(&crate::plan::repository::keyring_path(
+                    crate::plan::repository::CITUS,
+                )),
+            ),
             (
                 "pgdg_sources",
                 &quote(&crate::plan::repository::sources_path(

@@ -347,6 +347,8 @@ fn host_actions(
                         Kind::AddAptRepository {
                             name: repo::PGDG.into(),
                             sources,
+                            key_url: None,
+                            fingerprint: repo::PGDG_KEY_FINGERPRINT.into(),
                         },
                         format!(
                             "add the PostgreSQL project's apt repository ({} {codename}-pgdg), signed by key {} as Debian's postgresql-common ships it (checked against the pinned fingerprint)",
@@ -359,6 +361,38 @@ fn host_actions(
             None => errors.push(format!(
                 "{}: postgres.repository: pgdg needs the host's release codename (VERSION_CODENAME in /etc/os-release), and it has none apt could use",
                 h.name
+            )),
+        }
+    }
+    // Citus's repository, for its package.
+    if let (Some(r), true) = (&h.citus_repository, f.apt) {
+        use super::repository as repo;
+        let os_id = f.os.split('-').next().unwrap_or_default();
+        match f.codename.as_deref().filter(|c| repo::valid_codename(c)) {
+            Some(codename) if matches!(os_id, "debian" | "ubuntu") => {
+                let sources = repo::citus_sources(r, os_id, codename);
+                let have = f.repositories.get(repo::CITUS);
+                if have != Some(&repo::sources_sha256(&sources)) {
+                    out.push(act(
+                        Phase::Prepare,
+                        target(),
+                        if have.is_none() { Change::Add } else { Change::Change },
+                        Kind::AddAptRepository {
+                            name: repo::CITUS.into(),
+                            sources,
+                            key_url: Some(r.key_url.clone()),
+                            fingerprint: r.fingerprint.clone(),
+                        },
+                        format!(
+                            "add Citus's apt repository ({}/{os_id}/ {codename}), its key downloaded from {} and trusted only as {}",
+                            r.url, r.key_url, r.fingerprint
+                        ),
+                    ));
+                }
+            }
+            _ => errors.push(format!(
+                "{}: citus.repository needs a Debian or Ubuntu host with a release codename (found {:?}, codename {:?})",
+                h.name, f.os, f.codename
             )),
         }
     }

@@ -87,6 +87,10 @@ pub enum Kind {
     AddAptRepository {
         name: String,
         sources: String,
+        /// Where the host downloads the key; None: a keyring a distribution package ships.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key_url: Option<String>,
+        fingerprint: String,
     },
     /// Installed packages that are no longer held (`apt-mark hold` again).
     HoldPackages {

@@ -51,6 +51,8 @@ pub struct HostDesired {
     /// `postgres.repository: pgdg`: the PostgreSQL project's apt repository is added first.
     pub pgdg: bool,
     pub citus_package: Option<String>,
+    /// Citus's apt repository (`citus.repository`, with `install: apt`).
+    pub citus_repository: Option<super::repository::CitusRepository>,
     pub service: Service,
     pub agent_config_sha256: String,
     pub agent_config_redacted: String,

@@ -17,6 +17,79 @@ pub const PGDG_KEY_FINGERPRINT: &str = "B97B0AFCAA1A47F044F244A07FCC7D46ACCC4CF8
 pub const PGDG_KEYRING: &str = "/usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg";
 pub const PGDG_URL: &str = "http://apt.postgresql.org/pub/repos/apt";
 
+/// Citus's repository as the spec gives it (`citus.repository`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CitusRepository {
+    /// Base URL, without a trailing `/`.
+    pub url: String,
+    pub key_url: String,
+    /// Upper-case hex, 40 digits.
+    pub fingerprint: String,
+}
+
+pub const CITUS: &str = "citus";
+
+/// Where `apply` keeps a downloaded repository key (binary keyring; apt reads it for that
+/// repository only).
+pub fn keyring_path(name: &str) -> String {
+    format!("/etc/apt/keyrings/citus-reconcile-{name}.gpg")
+}
+
+/// A URL that can stand in a sources file and a shell word: http(s), and none of the
+/// characters that end a field or a line.
+pub fn valid_url(u: &str) -> bool {
+    (u.starts_with("https://") || u.starts_with("http://"))
+        && u.len() > "https://".len()
+        && u.chars()
+            .all(|c| c.is_ascii_graphic() && !"\"'`$\\<>{}|^;".contains(c))
+}
+
+/// Citus's repository for a distribution (`debian`, `ubuntu`) and release.
+pub fn citus_sources(r: &CitusRepository, os_id: &str, codename: &str) -> String {
+    format!(
+        "# Written by citus-reconcile apply (citus.repository).\nTypes: deb\nURIs: {}/{os_id}/\nSuites: {codename}\nComponents: main\nSigned-By: {}\n",
+        r.url,
+        keyring_path(CITUS)
+    )
+}
+
+/// The binary packets of an ASCII-armored key (RFC 4880 6.2); binary input comes back as
+/// it is.
+pub fn dearmor(input: &[u8]) -> Result<Vec<u8>, String> {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return Ok(input.to_vec());
+    };
+    let Some(start) = text.find("-----BEGIN PGP PUBLIC KEY BLOCK-----") else {
+        return Ok(input.to_vec());
+    };
+    let mut lines = text[start..].lines().skip(1);
+    // Armor headers ("Version: …") end at the first empty line.
+    for l in lines.by_ref() {
+        if l.trim().is_empty() {
+            break;
+        }
+    }
+    let mut b64 = String::new();
+    let mut ended = false;
+    for l in lines {
+        let l = l.trim();
+        if l.starts_with("-----END PGP PUBLIC KEY BLOCK-----") {
+            ended = true;
+            break;
+        }
+        // The checksum line; the key's fingerprint is checked anyway.
+        if l.starts_with('=') {
+            continue;
+        }
+        b64.push_str(l);
+    }
+    if !ended {
+        return Err("an armored key without its END line".into());
+    }
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+        .map_err(|e| format!("an armored key that is not base64: {e}"))
+}
+
 /// The sources file `apply` writes for a repository.
 pub fn sources_path(name: &str) -> String {
     format!("/etc/apt/sources.list.d/citus-reconcile-{name}.sources")
@@ -206,6 +279,47 @@ mod tests {
             primary_key_fingerprints(&old).expect("old format"),
             vec![fp_a]
         );
+    }
+
+    #[test]
+    fn armored_keys_and_citus_sources() {
+        let a = key_packet(6, b"key a");
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &a);
+        let armored = format!(
+            "-----BEGIN PGP PUBLIC KEY BLOCK-----\nVersion: x\n\n{}\n{}\n=abcd\n-----END PGP PUBLIC KEY BLOCK-----\n",
+            &b64[..8],
+            &b64[8..]
+        );
+        assert_eq!(dearmor(armored.as_bytes()), Ok(a.clone()));
+        assert_eq!(dearmor(&a), Ok(a.clone()));
+        assert!(dearmor(b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nAAAA\n").is_err());
+        let r = CitusRepository {
+            url: "https://repos.citusdata.com/community".into(),
+            key_url: "https://repos.citusdata.com/community/gpgkey".into(),
+            fingerprint: "0".repeat(40),
+        };
+        let text = citus_sources(&r, "debian", "bookworm");
+        assert!(
+            text.contains(
+                "URIs: https://repos.citusdata.com/community/debian/\nSuites: bookworm\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("Signed-By: /etc/apt/keyrings/citus-reconcile-citus.gpg\n"),
+            "{text}"
+        );
+        for (u, ok) in [
+            ("https://repos.citusdata.com/community", true),
+            ("http://mirror.local:8080/citus", true),
+            ("ftp://x", false),
+            ("https://", false),
+            ("https://a b", false),
+            ("https://a\nSigned-By: /x", false),
+            ("https://a;reboot", false),
+        ] {
+            assert_eq!(valid_url(u), ok, "{u:?}");
+        }
     }
 
     #[test]

@@ -65,43 +65,71 @@ pub fn read_keyring_script(keyring: &str, package: &str, proxy: Option<&str>) ->
     )
 }
 
-/// Add an apt repository: its keyring must hold exactly the pinned key (checked here, on
-/// this side), and only then is its sources file written; the next `apt-get update` (the
-/// package install's) reads it.
+/// Download a repository's key on the host (apt's own downloader, through the proxy when
+/// there is one), base64 on one line; the file is removed again.
+pub fn download_key_script(key_url: &str, proxy: Option<&str>) -> Script {
+    let proxy_options =
+        proxy.map(|p| format!("-oAcquire::http::Proxy={p} -oAcquire::https::Proxy={p}"));
+    Script::render(
+        "set -e; f=$(mktemp); trap 'rm -f \"$f\"' EXIT; /usr/lib/apt/apt-helper {proxy} download-file {url} \"$f\" >/dev/null; base64 -w0 \"$f\"",
+        &[
+            ("url", &quote(key_url)),
+            (
+                "proxy",
+                &quote_words(proxy_options.iter().flat_map(|o| o.split(' '))),
+            ),
+        ],
+    )
+}
+
+/// Add an apt repository: its key (a keyring a distribution package ships, or one downloaded
+/// from `key_url`) must be exactly the pinned key, checked on this side; only then are the
+/// keyring (when downloaded) and the sources file written. The next `apt-get update` (the
+/// package install's) reads them.
 pub async fn add_apt_repository(
     s: &Session,
     name: &str,
     sources: &str,
+    key_url: Option<&str>,
+    fingerprint: &str,
     proxy: Option<&str>,
 ) -> Result<(), SshError> {
     use crate::plan::repository as repo;
-    let (keyring, package, pinned) = match name {
-        repo::PGDG => (
-            repo::PGDG_KEYRING,
-            "postgresql-common",
-            repo::PGDG_KEY_FINGERPRINT,
-        ),
-        other => {
-            return Err(SshError::Protocol {
-                host: s.target.name.clone(),
-                detail: format!("unknown apt repository {other:?}"),
-            });
-        }
-    };
-    let out = s
-        .run(
-            "read the repository's keyring",
-            &read_keyring_script(keyring, package, proxy),
-            PACKAGE_TIMEOUT,
-        )
-        .await?;
     let refuse = |detail: String| SshError::Protocol {
         host: s.target.name.clone(),
-        detail: format!("{keyring}: {detail}; the {name} repository was not added"),
+        detail: format!("{detail}; the {name} repository was not added"),
     };
+    let (script, source) = match key_url {
+        Some(url) => (download_key_script(url, proxy), url.to_string()),
+        None if name == repo::PGDG => (
+            read_keyring_script(repo::PGDG_KEYRING, "postgresql-common", proxy),
+            repo::PGDG_KEYRING.to_string(),
+        ),
+        None => return Err(refuse(format!("no key for apt repository {name:?}"))),
+    };
+    let out = s
+        .run("read the repository's key", &script, PACKAGE_TIMEOUT)
+        .await?;
     let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, out.trim())
-        .map_err(|e| refuse(format!("not base64 ({e})")))?;
-    repo::check_keyring(&bytes, pinned).map_err(refuse)?;
+        .map_err(|e| refuse(format!("{source}: not base64 ({e})")))?;
+    let keyring = repo::dearmor(&bytes).map_err(|e| refuse(format!("{source}: {e}")))?;
+    repo::check_keyring(&keyring, fingerprint).map_err(|e| refuse(format!("{source}: {e}")))?;
+    if key_url.is_some() {
+        s.run(
+            "create /etc/apt/keyrings",
+            &Script::render("mkdir -p -m 0755 /etc/apt/keyrings", &[]),
+            STEP_TIMEOUT,
+        )
+        .await?;
+        s.upload(
+            &repo::keyring_path(name),
+            &keyring,
+            0o644,
+            "root:root",
+            STEP_TIMEOUT,
+        )
+        .await?;
+    }
     s.upload(
         &repo::sources_path(name),
         sources.as_bytes(),

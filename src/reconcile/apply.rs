@@ -75,9 +75,21 @@ async fn run_host_actions(
                     Kind::InstallPackages { packages, .. } => {
                         provision::install_packages(&session, packages, apt_proxy.as_deref()).await
                     }
-                    Kind::AddAptRepository { name, sources } => {
-                        provision::add_apt_repository(&session, name, sources, apt_proxy.as_deref())
-                            .await
+                    Kind::AddAptRepository {
+                        name,
+                        sources,
+                        key_url,
+                        fingerprint,
+                    } => {
+                        provision::add_apt_repository(
+                            &session,
+                            name,
+                            sources,
+                            key_url.as_deref(),
+                            fingerprint,
+                            apt_proxy.as_deref(),
+                        )
+                        .await
                     }
                     Kind::HoldPackages { packages } => {
                         provision::hold_packages(&session, packages).await

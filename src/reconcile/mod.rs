@@ -116,6 +116,10 @@ pub fn desired(spec: &Spec, binary_sha256: &str) -> Desired {
                 pgdg: spec.postgres.install == InstallMode::Apt
                     && spec.postgres.repository == crate::spec::raw::PgRepository::Pgdg,
                 citus_package: spec.citus.package.clone(),
+                citus_repository: match spec.postgres.install {
+                    InstallMode::Apt => spec.citus.repository.clone(),
+                    InstallMode::None => None,
+                },
                 service: spec.agent.service,
                 agent_config_sha256: sha256_hex(rendered.as_bytes()),
                 agent_config_redacted: cfg.render_redacted(),

@@ -132,6 +132,8 @@ pub struct CitusSpec {
     pub secondaries: bool,
     pub rebalance: bool,
     pub package: Option<String>,
+    /// Citus's apt repository (`citus.repository`), its key URL resolved.
+    pub repository: Option<crate::plan::repository::CitusRepository>,
     pub pause_timeout: u32,
     pub lock_cooldown_ms: u32,
     pub pause_on_switchover: bool,
@@ -582,6 +584,19 @@ pub fn build(raw: &RawSpec, file: &Path, ctx: &Context<'_>) -> (Spec, Vec<Diagno
             secondaries: raw.citus.secondaries,
             rebalance: raw.citus.rebalance,
             package: raw.citus.package.clone(),
+            repository: raw.citus.repository.as_ref().map(|r| {
+                let url = r.url.trim_end_matches('/').to_string();
+                crate::plan::repository::CitusRepository {
+                    key_url: r.key_url.clone().unwrap_or_else(|| format!("{url}/gpgkey")),
+                    url,
+                    fingerprint: r
+                        .key_fingerprint
+                        .chars()
+                        .filter(|c| !c.is_whitespace())
+                        .collect::<String>()
+                        .to_ascii_uppercase(),
+                }
+            }),
             pause_timeout: raw.citus.pause_timeout,
             lock_cooldown_ms: raw.citus.lock_cooldown_ms,
             pause_on_switchover: raw.citus.pause_on_switchover,

@@ -174,6 +174,25 @@ pub struct RawSshOverride {
     pub known_hosts: Option<String>,
 }
 
+/// Citus's apt repository (packagecloud's layout: `{url}/{debian|ubuntu}/ {codename} main`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCitusRepository {
+    /// Base URL; default `https://repos.citusdata.com/community`.
+    #[serde(default = "default_citus_repository_url")]
+    pub url: String,
+    /// Where its signing key is downloaded from (on the host); default `{url}/gpgkey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_url: Option<String>,
+    /// The signing key's fingerprint (40 hex digits, spaces allowed): the downloaded key is
+    /// refused unless it is exactly this key. Compare it with the one Citus publishes.
+    pub key_fingerprint: String,
+}
+
+fn default_citus_repository_url() -> String {
+    "https://repos.citusdata.com/community".into()
+}
+
 /// Where `install: apt` takes PostgreSQL from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -324,6 +343,10 @@ pub struct RawCitus {
     /// when `postgres.install` is `apt`. When absent, the extension must already be present.
     #[serde(default)]
     pub package: Option<String>,
+    /// With `install: apt`: Citus's apt repository, from which `package` is installed. Its
+    /// key is trusted only if its fingerprint is the one given here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RawCitusRepository>,
     /// Seconds a worker group's writes may be held (paused) on the coordinator while its
     /// leadership changes hands; the pause is rolled back after that, whatever happened.
     #[serde(default = "default_pause_timeout")]
@@ -382,6 +405,7 @@ impl Default for RawCitus {
             secondaries: false,
             rebalance: false,
             package: None,
+            repository: None,
             pause_timeout: default_pause_timeout(),
             lock_cooldown_ms: default_lock_cooldown_ms(),
             pause_on_switchover: true,

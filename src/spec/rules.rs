@@ -563,6 +563,40 @@ fn citus(spec: &Spec, out: &mut Vec<Diagnostic>) {
             );
         }
     }
+    if let Some(r) = &spec.citus.repository {
+        // The default key URL is derived from `url`: one error for both.
+        let derived = r.key_url == format!("{}/gpgkey", r.url);
+        for (field, url) in [("url", &r.url), ("key_url", &r.key_url)] {
+            if field == "key_url" && derived {
+                continue;
+            }
+            if !crate::plan::repository::valid_url(url) {
+                out.push(
+                    Diagnostic::error(
+                        path(&format!("citus.repository.{field}")),
+                        format!("expected an http:// or https:// URL without spaces or quotes, found {url:?}"),
+                    ),
+                );
+            }
+        }
+        if r.fingerprint.len() != 40 || !r.fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+            out.push(
+                Diagnostic::error(
+                    path("citus.repository.key_fingerprint"),
+                    "expected the key's full fingerprint: 40 hex digits",
+                )
+                .with_hint("a short key id can be forged; copy the fingerprint Citus publishes"),
+            );
+        }
+        if spec.postgres.install != super::model::InstallMode::Apt || spec.citus.package.is_none() {
+            out.push(
+                Diagnostic::error(
+                    path("citus.repository"),
+                    "Citus's repository is added only with `postgres.install: apt` and a `citus.package` to install from it",
+                ),
+            );
+        }
+    }
     if let Some(pkg) = &spec.citus.package {
         if !is_package_name(pkg) {
             out.push(

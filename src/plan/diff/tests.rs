@@ -22,6 +22,7 @@ fn host(name: &str, group: u32, address: &str) -> HostDesired {
         extra_packages: vec![],
         pgdg: false,
         citus_package: None,
+        citus_repository: None,
         service: Service::Process,
         agent_config_sha256: format!("cfg-{name}"),
         agent_config_redacted: format!("member: {name}\npassword: <redacted>\n"),
@@ -602,6 +603,50 @@ fn the_postgresql_projects_repository_comes_before_its_packages() {
         &o,
         &[
             "! w1: postgres.repository: pgdg needs the host's release codename (VERSION_CODENAME in /etc/os-release), and it has none apt could use",
+        ],
+    );
+}
+
+#[test]
+fn citus_repository_is_added_with_its_pinned_key() {
+    use crate::plan::repository::{self as repo, CitusRepository};
+    let mut d = desired();
+    let r = CitusRepository {
+        url: "https://repos.citusdata.com/community".into(),
+        key_url: "https://repos.citusdata.com/community/gpgkey".into(),
+        fingerprint: "A".repeat(40),
+    };
+    for h in d.hosts.values_mut() {
+        h.install = InstallMode::Apt;
+        h.citus_repository = Some(r.clone());
+    }
+    let mut o = converged(&d);
+    let current = repo::sources_sha256(&repo::citus_sources(&r, "debian", "bookworm"));
+    for f in o.hosts.values_mut() {
+        if let HostObserved::Reachable(f) = f {
+            f.repositories.insert("citus".into(), current.clone());
+        }
+    }
+    check(&d, &o, &[]);
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.repositories.clear();
+    }
+    check(
+        &d,
+        &o,
+        &[&format!(
+            "+ w1 add Citus's apt repository (https://repos.citusdata.com/community/debian/ bookworm), its key downloaded from https://repos.citusdata.com/community/gpgkey and trusted only as {}",
+            "A".repeat(40)
+        )],
+    );
+    if let Some(HostObserved::Reachable(f)) = o.hosts.get_mut("w1") {
+        f.os = "rocky-9".into();
+    }
+    check(
+        &d,
+        &o,
+        &[
+            "! w1: citus.repository needs a Debian or Ubuntu host with a release codename (found \"rocky-9\", codename Some(\"bookworm\"))",
         ],
     );
 }
