@@ -134,6 +134,7 @@ fn the_vagrant_spec_converges_on_the_lab() {
     let mut text = original.replace("192.168.56.", "10.213.158.");
     for (from, to) in [
         ("  install: apt\n", "  install: none\n"),
+        ("  repository: {}\n", ""),
         ("  service: systemd\n", "  service: process\n"),
         (".generated/id_ed25519", ".lab/id_ed25519"),
         (".generated/known_hosts", ".lab/known_hosts"),

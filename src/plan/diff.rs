@@ -455,6 +455,12 @@ fn host_actions(
                 .iter()
                 .map(|p| match versions.get(p) {
                     Some(v) => format!("{p} {v}"),
+                    // PostgreSQL itself missing from the distribution's lists: most likely a
+                    // version it does not ship.
+                    None if *p == format!("postgresql-{}", h.pg_major) && !h.pgdg => format!(
+                        "{p} (not in the host's package lists yet; if the distribution does not ship PostgreSQL {}, set postgres.repository: pgdg)",
+                        h.pg_major
+                    ),
                     None => format!("{p} (not in the host's package lists yet)"),
                 })
                 .collect::<Vec<_>>()

@@ -28,6 +28,11 @@ pub struct CitusRepository {
 }
 
 pub const CITUS: &str = "citus";
+/// The key packagecloud made for Citus's community repository in 2016 (RSA 4096, no expiry;
+/// its signing subkey `0D750985D6AF6C22` is the id apt names in `NO_PUBKEY` errors reported
+/// against repos.citusdata.com). Read off a public copy of the key, not the live URL: the
+/// spec can pin another.
+pub const CITUS_KEY_FINGERPRINT: &str = "E6FFC1A8E2561FC004D1847F56F4FA441530DF18";
 
 /// Where `apply` keeps a downloaded repository key (binary keyring; apt reads it for that
 /// repository only).

@@ -185,8 +185,14 @@ pub struct RawCitusRepository {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_url: Option<String>,
     /// The signing key's fingerprint (40 hex digits, spaces allowed): the downloaded key is
-    /// refused unless it is exactly this key. Compare it with the one Citus publishes.
+    /// refused unless it is exactly this key. Default: the key of packagecloud's
+    /// citusdata/community repository (see `plan::repository::CITUS_KEY_FINGERPRINT`).
+    #[serde(default = "default_citus_key_fingerprint")]
     pub key_fingerprint: String,
+}
+
+fn default_citus_key_fingerprint() -> String {
+    crate::plan::repository::CITUS_KEY_FINGERPRINT.into()
 }
 
 fn default_citus_repository_url() -> String {
