@@ -2,7 +2,8 @@
 //! nothing on hosts of their own, then replaces one member (added before the old one goes,
 //! one at a time) while a database group fails over; no two primaries, nothing
 //! acknowledged lost (synchronous mode). Then a dead member is replaced (removed first: etcd
-//! adds none while a voter is down), and the lab leaves no etcd folder behind.
+//! adds none while a voter is down), then two members' hosts crash (quorum lost) and apply
+//! starts them again before it can take its lock; the lab leaves no etcd folder behind.
 
 mod common;
 
@@ -232,7 +233,42 @@ fn a_managed_etcd_is_formed_then_a_member_replaced_while_a_group_fails_over() {
         output_text(&o)
     );
 
-    // 4. Nothing left behind: the removed members' folders included.
+    // 4. Quorum lost: two of the three members' hosts crash and come back without etcd (as
+    // after a reboot with `agent.service: process`). The apply lock lives in etcd, so apply
+    // starts the members first, then takes it.
+    t.lab
+        .crash(&format!("10.213.{SUBNET}.2"))
+        .expect("crash e2's host");
+    lab2.crash(&format!("10.213.{SUBNET}.5"))
+        .expect("crash e5's host");
+    t.lab.up().expect("e2's host reboots");
+    lab2.up().expect("e5's host reboots");
+    assert!(
+        etcdctl(&t, &["endpoint", "health"]).is_none(),
+        "etcd still answers without a quorum"
+    );
+    let o = cli(&t, &["apply", "--auto-approve"]);
+    let text = output_text(&o);
+    assert!(
+        o.status.success()
+            && text.contains("start etcd member e2")
+            && text.contains("start etcd member e5"),
+        "apply did not start the members of an etcd without quorum:\n{text}"
+    );
+    assert_eq!(member_names(&t), ["e2", "e5", "e6"]);
+    wait_for(
+        "a leader after the quorum came back",
+        Duration::from_secs(60),
+        || leader(&t, 0),
+    );
+    let o = cli(&t, &["plan"]);
+    assert!(
+        output_text(&o).contains("No changes"),
+        "{}",
+        output_text(&o)
+    );
+
+    // 5. Nothing left behind: the removed members' folders included.
     drop(lab3);
     drop(lab2);
     let dirs: Vec<String> = shape.etcd.members.iter().map(|m| m.dir.clone()).collect();

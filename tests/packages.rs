@@ -23,6 +23,7 @@ const PACKAGE: &str = "postgresql-15-hll";
 const PROXY_PORT: u16 = 3142;
 /// The sources file `postgres.repository: pgdg` makes apply write.
 const PGDG_SOURCES: &str = "/etc/apt/sources.list.d/citus-reconcile-pgdg.sources";
+const PGDG_KEYRING: &str = "/etc/apt/keyrings/citus-reconcile-pgdg.gpg";
 /// What `citus.repository` makes apply write.
 const CITUS_SOURCES: &str = "/etc/apt/sources.list.d/citus-reconcile-citus.sources";
 const CITUS_KEYRING: &str = "/etc/apt/keyrings/citus-reconcile-citus.gpg";
@@ -102,7 +103,7 @@ impl Drop for Restore {
                 let _ = sh(&format!("apt-mark unhold {h}"));
             }
         }
-        for f in [PGDG_SOURCES, CITUS_SOURCES, CITUS_KEYRING] {
+        for f in [PGDG_SOURCES, PGDG_KEYRING, CITUS_SOURCES, CITUS_KEYRING] {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -256,8 +257,7 @@ fn extra_packages_install_through_an_apt_cacher_ng_on_the_lab_link() {
     let sources = std::fs::read_to_string(PGDG_SOURCES).unwrap_or_default();
     assert!(
         sources.contains("-pgdg\n")
-            && sources
-                .contains("Signed-By: /usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg"),
+            && sources.contains("Signed-By: /etc/apt/keyrings/citus-reconcile-pgdg.gpg"),
         "{sources}"
     );
     let again = cli(&t, &["plan", "--detailed-exitcode"]);

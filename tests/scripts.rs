@@ -168,7 +168,7 @@ fn every_script(spec: &Spec, odd: &str) -> Vec<(&'static str, Script)> {
         ("probe", probe_script(spec, h)),
         (
             "install packages",
-            install_packages_script(&[odd.to_string(), "citus".into()], Some(odd)),
+            install_packages_script(&[odd.to_string(), "citus".into()], Some(odd), true),
         ),
         ("hold packages", hold_packages_script(&[odd.to_string()])),
         ("read keyring", read_keyring_script(odd, odd, Some(odd))),

@@ -94,7 +94,7 @@ pub fn probe_script(spec: &Spec, h: &HostSpec) -> Script {
     Script::render(
         r#"echo "os=$(. /etc/os-release 2>/dev/null; echo ${ID:-unknown}-${VERSION_ID:-})"
 echo "codename=$(. /etc/os-release 2>/dev/null; echo ${VERSION_CODENAME:-})"
-[ -f {pgdg_sources} ] && echo "repo=pgdg $(sha256sum {pgdg_sources} | cut -d' ' -f1)"
+[ -f {pgdg_sources} ] && [ -f {pgdg_keyring} ] && echo "repo=pgdg $(sha256sum {pgdg_sources} | cut -d' ' -f1)"
 [ -f {citus_sources} ] && [ -f {citus_keyring} ] && echo "repo=citus $(sha256sum {citus_sources} | cut -d' ' -f1)"
 echo "user=$(id -un)"
 command -v apt-get >/dev/null 2>&1 && echo apt=yes
@@ -152,6 +152,12 @@ true
                 "citus_keyring",
                 &quote(&crate::plan::repository::keyring_path(
                     crate::plan::repository::CITUS,
+                )),
+            ),
+            (
+                "pgdg_keyring",
+                &quote(&crate::plan::repository::keyring_path(
+                    crate::plan::repository::PGDG,
                 )),
             ),
             (

@@ -34,9 +34,14 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
     let mut errors = Vec::new();
     // A managed etcd comes first: until a new one is formed, an empty etcd is the truth for
     // the rest of the plan (nothing was ever stored).
+    let mut starting = false;
     let forming = match (&o.managed_etcd, d.etcd_members.is_empty()) {
         (Some(m), false) => {
             let (a, e) = super::etcd::diff(&d.etcd_members, d.etcd_install, m);
+            // Members to start: while etcd cannot be read (a reboot, a lost quorum — a
+            // member may still list the members alone), that is what apply repairs first,
+            // then it plans the rest again.
+            starting = a.iter().any(|x| matches!(x.kind, Kind::EtcdStart { .. }));
             actions.extend(a);
             errors.extend(e);
             // A new etcd beside PostgreSQL data: that data was led through another etcd
@@ -61,7 +66,7 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
         }
         _ => false,
     };
-    if let Some(e) = o.etcd.error.as_ref().filter(|_| !forming) {
+    if let Some(e) = o.etcd.error.as_ref().filter(|_| !forming && !starting) {
         errors.push(format!("etcd: {e}"));
     }
     for (name, hd) in &d.hosts {
@@ -113,7 +118,13 @@ pub fn diff(d: &Desired, o: &Observed) -> Plan {
     }
     reload_or_restart(d, o, &mut actions);
     errors.extend(rolling_notes(d, o, &mut actions));
-    actions.sort_by(|a, b| (a.phase, &a.target).cmp(&(b.phase, &b.target)));
+    // By phase, then target; within the etcd phase a removal comes before anything else (a
+    // dead member must go before etcd accepts an add), whatever the members are called.
+    let rank = |a: &Action| {
+        let later = !(a.phase == Phase::Etcd && matches!(a.kind, Kind::EtcdRemove { .. }));
+        (a.phase, later)
+    };
+    actions.sort_by(|a, b| (rank(a), &a.target).cmp(&(rank(b), &b.target)));
     let mut summary = Summary::default();
     for a in &actions {
         match a.change {
@@ -472,6 +483,7 @@ fn host_actions(
                 Kind::InstallPackages {
                     packages: packages.clone(),
                     versions,
+                    through_holds: f.postgres_version.is_none(),
                 },
                 format!(
                     "install packages: {listed} (then held, so that no unattended upgrade restarts them; no `main` cluster)"

@@ -67,6 +67,8 @@ pub enum Kind {
         packages: Vec<String>,
         /// The version each package would get, when the host's package lists know it.
         versions: std::collections::BTreeMap<String, String>,
+        /// apt may change held packages: only where PostgreSQL is not installed yet.
+        through_holds: bool,
     },
     /// etcd onto a managed member's host (Debian's etcd-server).
     EtcdInstall,

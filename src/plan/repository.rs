@@ -2,10 +2,11 @@
 //! (`postgres.repository: pgdg`), its sources file, and the check that the keyring apt will
 //! trust holds exactly the key pinned here.
 //!
-//! The key comes from Debian's own `postgresql-common` package (installed from the
-//! distribution, which signs it), not from the network; the fingerprint check guards against
-//! a keyring that holds anything else. apt then trusts that keyring for this repository only
-//! (`Signed-By`), never for the distribution's.
+//! The PostgreSQL project's key comes from Debian's own `postgresql-common` package
+//! (installed from the distribution, which signs it), Citus's from its URL; either is checked
+//! against its pinned fingerprint, and the checked bytes are what `apply` writes under
+//! `/etc/apt/keyrings`, the one keyring apt trusts for that repository (`Signed-By`), never
+//! for the distribution's. The sources file names the pinned key, so a new pin is a new file.
 
 use sha2::Digest as _;
 
@@ -46,13 +47,15 @@ pub fn valid_url(u: &str) -> bool {
     (u.starts_with("https://") || u.starts_with("http://"))
         && u.len() > "https://".len()
         && u.chars()
-            .all(|c| c.is_ascii_graphic() && !"\"'`$\\<>{}|^;".contains(c))
+            .all(|c| c.is_ascii_graphic() && !"\"'`$\\<>{}|^;@".contains(c))
 }
 
 /// Citus's repository for a distribution (`debian`, `ubuntu`) and release.
 pub fn citus_sources(r: &CitusRepository, os_id: &str, codename: &str) -> String {
     format!(
-        "# Written by citus-reconcile apply (citus.repository).\nTypes: deb\nURIs: {}/{os_id}/\nSuites: {codename}\nComponents: main\nSigned-By: {}\n",
+        "# Written by citus-reconcile apply (citus.repository).\n# Key {}, from {}.\nTypes: deb\nURIs: {}/{os_id}/\nSuites: {codename}\nComponents: main\nSigned-By: {}\n",
+        r.fingerprint,
+        r.key_url,
         r.url,
         keyring_path(CITUS)
     )
@@ -109,7 +112,8 @@ pub fn valid_codename(c: &str) -> bool {
 /// The PostgreSQL project's repository for a release, in apt's deb822 format.
 pub fn pgdg_sources(codename: &str) -> String {
     format!(
-        "# Written by citus-reconcile apply (postgres.repository: pgdg).\nTypes: deb\nURIs: {PGDG_URL}\nSuites: {codename}-pgdg\nComponents: main\nSigned-By: {PGDG_KEYRING}\n"
+        "# Written by citus-reconcile apply (postgres.repository: pgdg).\n# Key {PGDG_KEY_FINGERPRINT}, from {PGDG_KEYRING}.\nTypes: deb\nURIs: {PGDG_URL}\nSuites: {codename}-pgdg\nComponents: main\nSigned-By: {}\n",
+        keyring_path(PGDG)
     )
 }
 
@@ -176,11 +180,13 @@ fn packets(bytes: &[u8]) -> Result<Vec<(u8, &[u8])>, String> {
                 _ => return Err("indeterminate-length packets have no place in a keyring".into()),
             }
         };
-        let body = bytes
-            .get(i + header..i + header + len)
-            .ok_or("truncated packet")?;
+        let end = i
+            .checked_add(header)
+            .and_then(|s| s.checked_add(len))
+            .ok_or("a packet longer than memory")?;
+        let body = bytes.get(i + header..end).ok_or("truncated packet")?;
         out.push((tag, body));
-        i += header + len;
+        i = end;
     }
     Ok(out)
 }
@@ -214,8 +220,22 @@ pub fn primary_key_fingerprints(keyring: &[u8]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// The keyring holds exactly one primary key, and it is `pinned` (its subkeys come with it).
+/// Packets a public keyring may hold: signatures (2), trust (12), user ids (13), public keys
+/// and subkeys (6, 14), user attributes (17), the marker (10). Anything else — a secret key
+/// (5, 7) a verifier could take for a certificate of its own, say — is refused.
+const PUBLIC_KEYRING_TAGS: [u8; 7] = [2, 6, 10, 12, 13, 14, 17];
+
+/// The keyring holds only public-key packets and exactly one primary key, the `pinned` one
+/// (its subkeys come with it).
 pub fn check_keyring(keyring: &[u8], pinned: &str) -> Result<(), String> {
+    if let Some((tag, _)) = packets(keyring)?
+        .iter()
+        .find(|(tag, _)| !PUBLIC_KEYRING_TAGS.contains(tag))
+    {
+        return Err(format!(
+            "the keyring holds a packet of type {tag}, which has no place in a public keyring"
+        ));
+    }
     match primary_key_fingerprints(keyring)?.as_slice() {
         [one] if one.eq_ignore_ascii_case(pinned) => Ok(()),
         [] => Err("the keyring holds no key".into()),
@@ -266,6 +286,11 @@ mod tests {
             ("armored", b"-----BEGIN PGP".to_vec(), Err("armored")),
             ("truncated", a[..a.len() - 1].to_vec(), Err("truncated")),
             ("version 5", cat(&[&[0xc6, 2, 5, 0]]), Err("version 5")),
+            (
+                "the pinned key and a secret key",
+                cat(&[&a, &key_packet(5, b"secret of another")]),
+                Err("type 5"),
+            ),
         ];
         for (what, keyring, want) in cases {
             let got = check_keyring(&keyring, &fp_a);
@@ -322,6 +347,8 @@ mod tests {
             ("https://a b", false),
             ("https://a\nSigned-By: /x", false),
             ("https://a;reboot", false),
+            // Credentials would end up in plans and a world-readable sources file.
+            ("https://user:token@packagecloud.io/x", false),
         ] {
             assert_eq!(valid_url(u), ok, "{u:?}");
         }
@@ -332,9 +359,10 @@ mod tests {
         let text = pgdg_sources("bookworm");
         assert!(text.contains("Suites: bookworm-pgdg\n"), "{text}");
         assert!(
-            text.contains(&format!("Signed-By: {PGDG_KEYRING}\n")),
+            text.contains("Signed-By: /etc/apt/keyrings/citus-reconcile-pgdg.gpg\n"),
             "{text}"
         );
+        assert!(text.contains(PGDG_KEY_FINGERPRINT), "{text}");
         for (c, ok) in [
             ("bookworm", true),
             ("noble", true),

@@ -24,13 +24,19 @@ pub const NO_MAIN_CLUSTER_CONF: &str =
 ///   install: a drop-in with `create_main_cluster = false` comes first, so none appears
 ///   beside the agent's.
 /// - The packages are held afterwards: an unattended upgrade must never restart PostgreSQL
-///   (or PgBouncer) behind the agent's back. Installing them again (a rerun, a new Citus
-///   package) is allowed through the hold, which apply owns.
+///   (or PgBouncer) behind the agent's back. On a host without PostgreSQL yet (a rerun of a
+///   failed install) apt may change what apply held; beside a PostgreSQL that is installed
+///   (an extension, a new Citus package) it may not: apt then refuses a package that would
+///   upgrade the server under its running postmaster, instead of doing it.
 /// - Debian's pgbouncer package starts a PgBouncer of its own (on localhost): the agent runs
 ///   the one Citus uses, so the packaged service is stopped and never starts again.
-pub fn install_packages_script(packages: &[String], proxy: Option<&str>) -> Script {
-    const INSTALL: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends --allow-change-held-packages -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null";
-    const WITH_PGBOUNCER: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends --allow-change-held-packages -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null && { systemctl disable --now pgbouncer.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/pgbouncer ] || /etc/init.d/pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }; }";
+pub fn install_packages_script(
+    packages: &[String],
+    proxy: Option<&str>,
+    through_holds: bool,
+) -> Script {
+    const INSTALL: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends {through_holds} -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null";
+    const WITH_PGBOUNCER: &str = "export DEBIAN_FRONTEND=noninteractive; mkdir -p /etc/postgresql-common/createcluster.d && printf '%s\\n' 'create_main_cluster = false' > {no_main} && apt-get {proxy} update -qq && apt-get {proxy} install -y -qq --no-install-recommends {through_holds} -o Dpkg::Options::=--force-confold {packages} && apt-mark hold {packages} >/dev/null && { systemctl disable --now pgbouncer.service >/dev/null 2>&1 || { [ ! -x /etc/init.d/pgbouncer ] || /etc/init.d/pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }; }";
     let template = if packages.iter().any(|p| p == "pgbouncer") {
         WITH_PGBOUNCER
     } else {
@@ -43,6 +49,10 @@ pub fn install_packages_script(packages: &[String], proxy: Option<&str>) -> Scri
         &[
             ("no_main", &quote(NO_MAIN_CLUSTER_CONF)),
             ("proxy", &quote_words(proxy_option.as_deref())),
+            (
+                "through_holds",
+                &quote_words(through_holds.then_some("--allow-change-held-packages")),
+            ),
             (
                 "packages",
                 &quote_words(packages.iter().map(String::as_str)),
@@ -71,7 +81,7 @@ pub fn download_key_script(key_url: &str, proxy: Option<&str>) -> Script {
     let proxy_options =
         proxy.map(|p| format!("-oAcquire::http::Proxy={p} -oAcquire::https::Proxy={p}"));
     Script::render(
-        "set -e; f=$(mktemp); trap 'rm -f \"$f\"' EXIT; /usr/lib/apt/apt-helper {proxy} download-file {url} \"$f\" >/dev/null; base64 -w0 \"$f\"",
+        "set -e; f=$(mktemp); trap 'rm -f \"$f\"' EXIT; chown _apt \"$f\" 2>/dev/null || true; /usr/lib/apt/apt-helper {proxy} download-file {url} \"$f\" >/dev/null; base64 -w0 \"$f\"",
         &[
             ("url", &quote(key_url)),
             (
@@ -84,7 +94,7 @@ pub fn download_key_script(key_url: &str, proxy: Option<&str>) -> Script {
 
 /// Add an apt repository: its key (a keyring a distribution package ships, or one downloaded
 /// from `key_url`) must be exactly the pinned key, checked on this side; only then are the
-/// keyring (when downloaded) and the sources file written. The next `apt-get update` (the
+/// checked keyring and the sources file written. The next `apt-get update` (the
 /// package install's) reads them.
 pub async fn add_apt_repository(
     s: &Session,
@@ -114,22 +124,22 @@ pub async fn add_apt_repository(
         .map_err(|e| refuse(format!("{source}: not base64 ({e})")))?;
     let keyring = repo::dearmor(&bytes).map_err(|e| refuse(format!("{source}: {e}")))?;
     repo::check_keyring(&keyring, fingerprint).map_err(|e| refuse(format!("{source}: {e}")))?;
-    if key_url.is_some() {
-        s.run(
-            "create /etc/apt/keyrings",
-            &Script::render("mkdir -p -m 0755 /etc/apt/keyrings", &[]),
-            STEP_TIMEOUT,
-        )
-        .await?;
-        s.upload(
-            &repo::keyring_path(name),
-            &keyring,
-            0o644,
-            "root:root",
-            STEP_TIMEOUT,
-        )
-        .await?;
-    }
+    // The checked bytes, not the file they came from: a later package upgrade cannot add a
+    // key apt would trust for this repository.
+    s.run(
+        "create /etc/apt/keyrings",
+        &Script::render("mkdir -p -m 0755 /etc/apt/keyrings", &[]),
+        STEP_TIMEOUT,
+    )
+    .await?;
+    s.upload(
+        &repo::keyring_path(name),
+        &keyring,
+        0o644,
+        "root:root",
+        STEP_TIMEOUT,
+    )
+    .await?;
     s.upload(
         &repo::sources_path(name),
         sources.as_bytes(),
@@ -144,10 +154,11 @@ pub async fn install_packages(
     s: &Session,
     packages: &[String],
     proxy: Option<&str>,
+    through_holds: bool,
 ) -> Result<(), SshError> {
     s.run(
         "install packages",
-        &install_packages_script(packages, proxy),
+        &install_packages_script(packages, proxy, through_holds),
         PACKAGE_TIMEOUT,
     )
     .await
@@ -574,10 +585,12 @@ mod tests {
             "postgresql-15".to_string(),
             "postgresql-15-citus-13.2".into(),
         ];
-        let direct = install_packages_script(&pkgs, None).text().to_string();
+        let direct = install_packages_script(&pkgs, None, true)
+            .text()
+            .to_string();
         // No proxy in the spec: no option, so the host's own apt configuration holds.
         assert!(!direct.contains("Acquire::http::Proxy"), "{direct}");
-        let proxied = install_packages_script(&pkgs, Some("http://10.0.0.1:3142"))
+        let proxied = install_packages_script(&pkgs, Some("http://10.0.0.1:3142"), true)
             .text()
             .to_string();
         assert_eq!(
@@ -603,7 +616,12 @@ mod tests {
             assert!(script.contains("--allow-change-held-packages"));
             assert!(!script.contains("pgbouncer"), "{script}");
         }
-        let with_pooler = install_packages_script(&["pgbouncer".to_string()], None)
+        // Beside an installed PostgreSQL: apt may not change a held package.
+        let beside = install_packages_script(&pkgs, None, false)
+            .text()
+            .to_string();
+        assert!(!beside.contains("--allow-change-held-packages"), "{beside}");
+        let with_pooler = install_packages_script(&["pgbouncer".to_string()], None, true)
             .text()
             .to_string();
         assert!(with_pooler.contains("apt-mark hold pgbouncer"));

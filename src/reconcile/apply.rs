@@ -72,8 +72,18 @@ async fn run_host_actions(
                 progress.step(&host, &a.summary);
                 let t0 = Instant::now();
                 let r = match &a.kind {
-                    Kind::InstallPackages { packages, .. } => {
-                        provision::install_packages(&session, packages, apt_proxy.as_deref()).await
+                    Kind::InstallPackages {
+                        packages,
+                        through_holds,
+                        ..
+                    } => {
+                        provision::install_packages(
+                            &session,
+                            packages,
+                            apt_proxy.as_deref(),
+                            *through_holds,
+                        )
+                        .await
                     }
                     Kind::AddAptRepository {
                         name,
@@ -174,7 +184,7 @@ async fn execute_host_phases(
         None
     };
     let phase = |p: Phase| plan.phase(p).cloned().collect::<Vec<_>>();
-    super::etcd::execute(run, plan, progress).await?;
+    super::etcd::execute(run, plan, observed, progress).await?;
     run_host_actions(run, &phase(Phase::Prepare), progress, &binary).await?;
     run_host_actions(run, &phase(Phase::Install), progress, &binary).await?;
     let (restarts, rest): (Vec<Action>, Vec<Action>) = phase(Phase::Start)
@@ -591,14 +601,15 @@ pub async fn apply(
     refuse_unallowed_destroys(run, plan)?;
     // A managed etcd's membership changes come first, for the rest runs against it. (etcd
     // guards them itself: a second add of one peer URL, or a removal that costs the quorum,
-    // is refused.) Under the lock, which lives in etcd, unless there is no etcd yet to hold
-    // it: then it is formed first.
+    // is refused.) Under the lock, which lives in etcd, unless etcd does not answer — not
+    // formed yet, or its members stopped (a reboot, a lost quorum): then there is nothing to
+    // hold a lock in, and it is formed or started first.
     let has_etcd_work = plan.phase(Phase::Etcd).next().is_some();
-    let forming = observed.managed_etcd.as_ref().is_some_and(|m| m.forming());
-    let formed;
-    let (plan, observed) = if has_etcd_work && forming {
-        formed = etcd_then_plan_again(run, plan, progress).await?;
-        (&formed.0, &formed.1)
+    let etcd_down = observed.managed_etcd.is_some() && observed.etcd.error.is_some();
+    let started;
+    let (plan, observed) = if has_etcd_work && etcd_down {
+        started = etcd_then_plan_again(run, plan, observed, progress).await?;
+        (&started.0, &started.1)
     } else {
         (plan, observed)
     };
@@ -608,8 +619,8 @@ pub async fn apply(
         .ok_or_else(|| ReconcileError::Blocked("etcd is not reachable".into()))?;
     let lock = Lock::take(dcs, run.options.lock_timeout, run.lock_lost.clone()).await?;
     let result = async {
-        if has_etcd_work && !forming {
-            let (plan, observed) = etcd_then_plan_again(run, plan, progress).await?;
+        if has_etcd_work && !etcd_down {
+            let (plan, observed) = etcd_then_plan_again(run, plan, observed, progress).await?;
             apply_locked(run, &plan, &observed, progress).await
         } else {
             apply_locked(run, plan, observed, progress).await
@@ -643,9 +654,10 @@ fn refuse_unallowed_destroys(run: &Run, plan: &Plan) -> Result<(), ReconcileErro
 async fn etcd_then_plan_again(
     run: &Run,
     plan: &Plan,
+    observed: &Observed,
     progress: &Arc<Progress>,
 ) -> Result<(Plan, Observed), ReconcileError> {
-    super::etcd::execute(run, plan, progress).await?;
+    super::etcd::execute(run, plan, observed, progress).await?;
     let o = run.observe().await;
     let p = run.plan(&o);
     if !p.errors.is_empty() {

@@ -31,6 +31,7 @@ fn dcs(run: &Run) -> Result<&Dcs, ReconcileError> {
 pub async fn execute(
     run: &Run,
     plan: &Plan,
+    observed: &crate::plan::Observed,
     progress: &Arc<Progress>,
 ) -> Result<(), ReconcileError> {
     let actions: Vec<&Action> = plan.phase(Phase::Etcd).collect();
@@ -85,9 +86,21 @@ pub async fn execute(
                 formed_new = true;
             }
             Kind::EtcdStart { new_cluster: false } => {
-                // A member with data ignores the initial cluster; one without takes the
-                // members etcd lists now.
-                let initial = initial_cluster(run, m).await?;
+                // A member with data ignores the initial cluster (and when every member
+                // stopped, nothing can list it); one without takes the members etcd lists
+                // now, or does not start.
+                let has_data = observed
+                    .managed_etcd
+                    .as_ref()
+                    .and_then(|o| o.hosts.get(name))
+                    .is_some_and(
+                        |h| matches!(h, crate::plan::etcd::EtcdHost::Reachable(f) if f.data),
+                    );
+                let initial = match initial_cluster(run, m).await {
+                    Ok(i) => i,
+                    Err(_) if has_data => vec![(m.name.clone(), m.peer_url())],
+                    Err(e) => return Err(e),
+                };
                 member::start(
                     session,
                     run.spec.agent.service,

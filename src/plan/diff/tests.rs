@@ -1317,6 +1317,67 @@ fn no_new_etcd_is_formed_beside_postgres_data() {
     assert!(plan.errors.is_empty(), "{:?}", plan.errors);
 }
 
+#[test]
+fn a_dead_etcd_member_goes_before_the_add_whatever_the_names() {
+    use crate::plan::etcd::{
+        ClusterMember, EtcdHost, EtcdHostFacts, EtcdMemberDesired, ManagedEtcdObserved,
+    };
+    let member = |name: &str, octet: u8| EtcdMemberDesired {
+        name: name.into(),
+        address: format!("10.0.0.{octet}"),
+        peer_url: format!("http://10.0.0.{octet}:2380"),
+        client_url: format!("http://10.0.0.{octet}:2379"),
+        dir: format!("/e/{name}"),
+    };
+    let mut d = desired();
+    // `zeta` (dead) is replaced by `alpha`, which sorts first.
+    d.etcd_members = vec![member("alpha", 4), member("beta", 5), member("gamma", 6)];
+    let mut o = converged(&d);
+    let listed = |name: &str, octet: u8, id: u64, answers: Option<bool>| ClusterMember {
+        id,
+        name: name.into(),
+        peer_urls: vec![format!("http://10.0.0.{octet}:2380")],
+        client_urls: vec![format!("http://10.0.0.{octet}:2379")],
+        learner: false,
+        answers,
+    };
+    let up = |data: bool| {
+        EtcdHost::Reachable(EtcdHostFacts {
+            binary: Some("etcd 3.4".into()),
+            data,
+            running: data,
+        })
+    };
+    o.managed_etcd = Some(ManagedEtcdObserved {
+        hosts: BTreeMap::from([
+            ("alpha".to_string(), up(false)),
+            ("beta".to_string(), up(true)),
+            ("gamma".to_string(), up(true)),
+        ]),
+        members: Some(Ok(vec![
+            listed("beta", 5, 1, None),
+            listed("gamma", 6, 2, None),
+            listed("zeta", 9, 3, Some(false)),
+        ])),
+    });
+    let plan = diff(&d, &o);
+    let etcd: Vec<String> = plan
+        .actions
+        .iter()
+        .filter(|a| a.phase == Phase::Etcd)
+        .map(|a| format!("{:?} {:?}", a.target, a.change))
+        .collect();
+    assert_eq!(
+        etcd,
+        [
+            "Etcd(\"zeta\") Destroy".to_string(),
+            "Etcd(\"alpha\") Add".to_string()
+        ],
+        "{:?}",
+        plan.errors
+    );
+}
+
 /// A managed etcd of one member, e1, that nothing answers for and that has no data.
 fn converged_etcd_none() -> Option<crate::plan::etcd::ManagedEtcdObserved> {
     use crate::plan::etcd::{EtcdHost, EtcdHostFacts, ManagedEtcdObserved};
