@@ -41,6 +41,20 @@ fn member_names(t: &TestLab) -> Vec<String> {
     names
 }
 
+/// The lab of the spec the test wrote last (the new members' hosts).
+fn lab_of(t: &TestLab) -> citus_reconcile::lab::Lab {
+    let spec = citus_reconcile::spec::load_file(
+        &t.spec_path,
+        citus_reconcile::spec::LoadOptions {
+            resolve_secrets: true,
+            resolve_etcd_secret: true,
+        },
+    )
+    .spec
+    .expect("the new spec loads");
+    citus_reconcile::lab::Lab::new(&spec).expect("the new lab")
+}
+
 #[test]
 fn a_managed_etcd_is_formed_then_a_member_replaced_while_a_group_fails_over() {
     if !lab_available("managed etcd") {
@@ -79,18 +93,7 @@ fn a_managed_etcd_is_formed_then_a_member_replaced_while_a_group_fails_over() {
     let second = spec(&[2, 3, 5]);
     std::fs::write(&t.spec_path, &second).expect("write the new spec");
     let shape = t.spec.clone();
-    let lab2 = citus_reconcile::lab::Lab::new(
-        &citus_reconcile::spec::load_file(
-            &t.spec_path,
-            citus_reconcile::spec::LoadOptions {
-                resolve_secrets: true,
-                resolve_etcd_secret: true,
-            },
-        )
-        .spec
-        .expect("the new spec loads"),
-    )
-    .expect("the new lab");
+    let lab2 = lab_of(&t);
     lab2.up().expect("the new etcd member's host");
     let p = Prober::start(&members(&t, 0), Duration::from_millis(20));
     std::thread::sleep(Duration::from_secs(2));
@@ -199,18 +202,7 @@ fn a_managed_etcd_is_formed_then_a_member_replaced_while_a_group_fails_over() {
         .expect("crash e3's host");
     let third = spec(&[2, 5, 6]);
     std::fs::write(&t.spec_path, &third).expect("write the third spec");
-    let lab3 = citus_reconcile::lab::Lab::new(
-        &citus_reconcile::spec::load_file(
-            &t.spec_path,
-            citus_reconcile::spec::LoadOptions {
-                resolve_secrets: true,
-                resolve_etcd_secret: true,
-            },
-        )
-        .spec
-        .expect("the third spec loads"),
-    )
-    .expect("the third lab");
+    let lab3 = lab_of(&t);
     lab3.up().expect("e6's host");
     let o = cli(&t, &["plan"]);
     let text = output_text(&o);

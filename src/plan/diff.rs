@@ -343,69 +343,70 @@ fn host_actions(
         ));
         return;
     }
-    // The PostgreSQL project's repository, before any package is installed from it.
+    // The PostgreSQL project's repository and Citus's, before any package is installed from
+    // them: (name, sources file, where the key comes from, its pinned fingerprint, summary).
+    use super::repository as repo;
+    let mut repositories: Vec<(&str, String, Option<String>, String, String)> = Vec::new();
+    let codename = f.codename.as_deref().filter(|c| repo::valid_codename(c));
+    let os_id = f.os.split('-').next().unwrap_or_default();
     if h.pgdg && f.apt {
-        use super::repository as repo;
-        match f.codename.as_deref().filter(|c| repo::valid_codename(c)) {
-            Some(codename) => {
-                let sources = repo::pgdg_sources(codename);
-                let have = f.repositories.get(repo::PGDG);
-                if have != Some(&repo::sources_sha256(&sources)) {
-                    out.push(act(
-                        Phase::Prepare,
-                        target(),
-                        if have.is_none() { Change::Add } else { Change::Change },
-                        Kind::AddAptRepository {
-                            name: repo::PGDG.into(),
-                            sources,
-                            key_url: None,
-                            fingerprint: repo::PGDG_KEY_FINGERPRINT.into(),
-                        },
-                        format!(
-                            "add the PostgreSQL project's apt repository ({} {codename}-pgdg), signed by key {} as Debian's postgresql-common ships it (checked against the pinned fingerprint)",
-                            repo::PGDG_URL,
-                            repo::PGDG_KEY_FINGERPRINT
-                        ),
-                    ));
-                }
-            }
+        match codename {
+            Some(codename) => repositories.push((
+                repo::PGDG,
+                repo::pgdg_sources(codename),
+                None,
+                repo::PGDG_KEY_FINGERPRINT.into(),
+                format!(
+                    "add the PostgreSQL project's apt repository ({} {codename}-pgdg), signed by key {} as Debian's postgresql-common ships it (checked against the pinned fingerprint)",
+                    repo::PGDG_URL,
+                    repo::PGDG_KEY_FINGERPRINT
+                ),
+            )),
             None => errors.push(format!(
                 "{}: postgres.repository: pgdg needs the host's release codename (VERSION_CODENAME in /etc/os-release), and it has none apt could use",
                 h.name
             )),
         }
     }
-    // Citus's repository, for its package.
     if let (Some(r), true) = (&h.citus_repository, f.apt) {
-        use super::repository as repo;
-        let os_id = f.os.split('-').next().unwrap_or_default();
-        match f.codename.as_deref().filter(|c| repo::valid_codename(c)) {
-            Some(codename) if matches!(os_id, "debian" | "ubuntu") => {
-                let sources = repo::citus_sources(r, os_id, codename);
-                let have = f.repositories.get(repo::CITUS);
-                if have != Some(&repo::sources_sha256(&sources)) {
-                    out.push(act(
-                        Phase::Prepare,
-                        target(),
-                        if have.is_none() { Change::Add } else { Change::Change },
-                        Kind::AddAptRepository {
-                            name: repo::CITUS.into(),
-                            sources,
-                            key_url: Some(r.key_url.clone()),
-                            fingerprint: r.fingerprint.clone(),
-                        },
-                        format!(
-                            "add Citus's apt repository ({}/{os_id}/ {codename}), its key downloaded from {} and trusted only as {}",
-                            r.url, r.key_url, r.fingerprint
-                        ),
-                    ));
-                }
-            }
+        match codename {
+            Some(codename) if matches!(os_id, "debian" | "ubuntu") => repositories.push((
+                repo::CITUS,
+                repo::citus_sources(r, os_id, codename),
+                Some(r.key_url.clone()),
+                r.fingerprint.clone(),
+                format!(
+                    "add Citus's apt repository ({}/{os_id}/ {codename}), its key downloaded from {} and trusted only as {}",
+                    r.url, r.key_url, r.fingerprint
+                ),
+            )),
             _ => errors.push(format!(
                 "{}: citus.repository needs a Debian or Ubuntu host with a release codename (found {:?}, codename {:?})",
                 h.name, f.os, f.codename
             )),
         }
+    }
+    for (name, sources, key_url, fingerprint, summary) in repositories {
+        let have = f.repositories.get(name);
+        if have == Some(&repo::sources_sha256(&sources)) {
+            continue;
+        }
+        out.push(act(
+            Phase::Prepare,
+            target(),
+            if have.is_none() {
+                Change::Add
+            } else {
+                Change::Change
+            },
+            Kind::AddAptRepository {
+                name: name.into(),
+                sources,
+                key_url,
+                fingerprint,
+            },
+            summary,
+        ));
     }
     // Software.
     let mut packages = Vec::new();
