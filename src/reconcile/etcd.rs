@@ -342,3 +342,76 @@ async fn wait_until(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dcs::membership::ClusterMember;
+
+    fn member(name: &str, octet: u8) -> EtcdMemberSpec {
+        EtcdMemberSpec {
+            name: name.into(),
+            address: format!("10.0.0.{octet}"),
+            client_port: 2379,
+            peer_port: 2380,
+            dir: format!("/e/{name}"),
+            ssh: crate::spec::model::SshSpec {
+                user: "root".into(),
+                port: 22,
+                identity_file: None,
+                known_hosts: "/k".into(),
+            },
+        }
+    }
+
+    fn listed(id: u64, name: &str, peers: &[&str]) -> ClusterMember {
+        ClusterMember {
+            id,
+            name: name.into(),
+            peer_urls: peers.iter().map(|p| p.to_string()).collect(),
+            client_urls: vec![],
+            learner: false,
+            answers: None,
+        }
+    }
+
+    #[test]
+    fn the_initial_cluster_names_every_member_and_peer_url() {
+        let e4 = member("e4", 4);
+        let pairs = |v: Vec<(String, String)>| -> Vec<String> {
+            v.into_iter().map(|(n, u)| format!("{n}={u}")).collect()
+        };
+        let cases: Vec<(&str, Vec<ClusterMember>, Vec<&str>)> = vec![
+            (
+                "added, not started yet: its own name",
+                vec![
+                    listed(1, "e1", &["http://10.0.0.1:2380"]),
+                    listed(0x2a, "", &["http://10.0.0.4:2380"]),
+                ],
+                vec!["e1=http://10.0.0.1:2380", "e4=http://10.0.0.4:2380"],
+            ),
+            (
+                "another unstarted member keeps its place under its id; two peer URLs both listed",
+                vec![
+                    listed(1, "e1", &["http://10.0.0.1:2380", "http://10.1.0.1:2380"]),
+                    listed(0x2b, "", &["http://10.0.0.9:2380"]),
+                    listed(0x2a, "", &["http://10.0.0.4:2380"]),
+                ],
+                vec![
+                    "e1=http://10.0.0.1:2380",
+                    "e1=http://10.1.0.1:2380",
+                    "2b=http://10.0.0.9:2380",
+                    "e4=http://10.0.0.4:2380",
+                ],
+            ),
+            (
+                "not listed at all: itself added at the end",
+                vec![listed(1, "e1", &["http://10.0.0.1:2380"])],
+                vec!["e1=http://10.0.0.1:2380", "e4=http://10.0.0.4:2380"],
+            ),
+        ];
+        for (what, members, want) in cases {
+            assert_eq!(pairs(initial_of(&members, &e4)), want, "{what}");
+        }
+    }
+}
